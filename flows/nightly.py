@@ -1,0 +1,100 @@
+"""The nightly flow: seeds → trees → S3 → GX → one DuckLake snapshot → report."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+
+from orchard.config import Config, load_config
+from tasks.grow import grow_shard_task
+from tasks.materialise import materialise_task
+from tasks.report import report_task, run_totals, summary_text
+from tasks.seeds import plan_shards_task
+from tasks.validate import validate_shard_task
+
+
+def default_run_id() -> str:
+    """Return today's nightly run id (UTC), so a re-run on the same day resumes the same run."""
+    return "nightly-" + datetime.now(timezone.utc).strftime("%Y-%m-%d")
+
+
+@flow(name="nightly", log_prints=True)
+def nightly(config: dict | None = None, run_id: str | None = None) -> dict:
+    """Grow, land, validate and publish one run; return its summary."""
+    cfg = Config.from_dict(config) if config else load_config()
+    config = cfg.to_dict()
+    run_id = run_id or default_run_id()
+    logger = get_run_logger()
+    started_at = datetime.now(timezone.utc)
+
+    plans = plan_shards_task(config)
+    logger.info("run %s: %d shards of up to %d instructions", run_id, len(plans), cfg.run.instructions_per_shard)
+    progress = create_progress_artifact(progress=0.0, description=f"shards of run {run_id} grown and validated")
+
+    growth_started = time.monotonic()
+    grown = [grow_shard_task.submit(config, run_id, plan) for plan in plans]
+    validations, receipts, shards, problems = [], [], [], []
+    for future in as_completed(grown):
+        receipt = future.result(raise_on_failure=False)
+        if isinstance(receipt, BaseException):
+            plan = plans[grown.index(future)]
+            problems.append(f"shard {plan.shard_id} failed: {receipt}")
+            shards.append({"shard_id": plan.shard_id, "state": "failed", "reason": str(receipt)[:300]})
+            continue
+        receipts.append(receipt)
+        validations.append(validate_shard_task.submit(config, run_id, receipt))
+    growth_wall_s = time.monotonic() - growth_started
+
+    publish, validation_rows, data_docs = [], [], None
+    for done, future in enumerate(as_completed(validations), start=1):
+        checked = future.result(raise_on_failure=False)
+        update_progress_artifact(progress, progress=100.0 * done / max(1, len(plans)))
+        if isinstance(checked, BaseException):
+            problems.append(f"validation failed to run: {checked}")
+            continue
+        receipt = next(r for r in receipts if r["shard_id"] == checked["shard_id"])
+        data_docs = checked.get("data_docs") or data_docs
+        validation_rows.extend(checked["rows"])
+        state = receipt["state"] if checked["passed"] else "quarantined"
+        if checked["passed"]:
+            publish.append(receipt["manifest"])
+        else:
+            problems.append(f"shard {checked['shard_id']} quarantined: {checked['summary']}")
+        shards.append({"shard_id": checked["shard_id"], "state": state, "reason": "" if checked["passed"] else checked["summary"],
+                       "trees": receipt["stats"].get("trees"), "pairs": receipt["stats"].get("pairs")})
+
+    fresh = [r["stats"] for r in receipts if r["state"] == "landed"]
+    published_stats = [r["stats"] for r in receipts if r["manifest"] in publish]
+    totals = run_totals(published_stats, growth_wall_s)
+    totals.update({k: v for k, v in run_totals(fresh, growth_wall_s).items() if k in ("prompt_tokens", "completion_tokens", "tokens_per_s")})
+    failed = sum(s["state"] == "failed" for s in shards)
+    quarantined = sum(s["state"] == "quarantined" for s in shards)
+    status = "complete" if not failed and not quarantined else ("failed" if not publish else "partial")
+    summary = {
+        "run_id": run_id,
+        "flow_run_id": str(flow_run.id) if flow_run.id else None,
+        "config_hash": cfg.content_hash(),
+        "status": status,
+        "started_at": started_at.isoformat(),
+        "shards_planned": len(plans),
+        "shards_published": len(publish),
+        "shards_reused": sum(r["state"] == "reused" for r in receipts),
+        "shards_quarantined": quarantined,
+        "shards_failed": failed,
+        **totals,
+        "problems": problems,
+        "data_docs": data_docs,
+    }
+    summary["snapshot_id"] = materialise_task(config, summary, publish, validation_rows)
+    report_task(summary, shards)
+    print(summary_text(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    nightly()

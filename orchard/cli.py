@@ -1,0 +1,92 @@
+"""`orchard`: run the nightly flow on the embedded default (or a config file), and query the lake."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from orchard.config import Config, ConfigError, load_config
+
+
+def _prefect_env(cfg: Config) -> None:
+    """Point Prefect at the state directory unless the user already chose an API or a home."""
+    home = cfg.state_path / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(home))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "true")
+    # The ephemeral API needs a little longer than the default 20 s to start on 2 busy cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    _prefect_env(cfg)
+    from flows.nightly import nightly  # imports Prefect: only after its environment is set
+    from orchard.services import embedded_services
+
+    with embedded_services(cfg) as live:
+        summary = nightly(config=live.to_dict(), run_id=args.run_id)
+    return 0 if summary["status"] == "complete" else (1 if summary["status"] == "failed" else 3)
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    from orchard.lake import query
+    from orchard.services import embedded_services
+
+    with embedded_services(cfg, model=False) as live:
+        columns, rows = query(live, args.query, version=args.version)
+    print(_format_table(columns, rows))
+    return 0
+
+
+def _format_table(columns: Sequence[str], rows: Sequence[Sequence[object]], width: int = 60) -> str:
+    def cell(value: object) -> str:
+        text = "NULL" if value is None else str(value).replace("\n", "\\n")
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    line = lambda values: " | ".join(v.ljust(w) for v, w in zip(values, widths))  # noqa: E731
+    out = [line(columns), "-+-".join("-" * w for w in widths), *map(line, cells)]
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchard", description=__doc__)
+    parser.add_argument("--config", type=Path, default=os.environ.get("ORCHARD_CONFIG"),
+                        help="TOML config file (default: $ORCHARD_CONFIG, else the embedded preset)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the nightly flow once")
+    run.add_argument("--run-id", help="run id (default: nightly-<UTC date>; the same id resumes that run)")
+    run.set_defaults(func=cmd_run)
+    sql = sub.add_parser("sql", help="query the lake with SQL")
+    sql.add_argument("query")
+    sql.add_argument("--version", type=int, help="answer as of this lake snapshot")
+    sql.set_defaults(func=cmd_sql)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("orchard: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line for the user; the traceback is in the logs
+        from orchard.errors import user_errors
+
+        if isinstance(exc, user_errors()):
+            print(f"orchard: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

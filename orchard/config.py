@@ -1,0 +1,255 @@
+"""One configuration object: the embedded preset, a TOML file on top, environment overrides last.
+
+Loaded once (by the CLI or a flow's entry) and passed down as plain values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "ORCHARD__"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or contradictory; the message names the key."""
+
+
+@dataclass(frozen=True)
+class SeedSource:
+    """Where instructions come from: a generator (`arithmetic`) or a local file (`gsm8k`)."""
+
+    kind: str = "arithmetic"
+    count: int = 8
+    difficulty: int = 2
+    seed: int = 7
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """An OpenAI-compatible endpoint set. `kind = "embedded"` means Orchard starts llama.cpp itself."""
+
+    kind: str = "openai"
+    model: str = ""
+    base_urls: tuple[str, ...] = ()
+    api_key: str = "orchard"
+    max_concurrency: int = 2
+    timeout_s: float = 120.0
+    retries: int = 3
+    backoff_s: float = 1.0
+    n_ctx: int = 2048
+
+
+@dataclass(frozen=True)
+class ObjectStoreConfig:
+    """An S3-compatible store; an empty `endpoint_url` means Orchard starts SeaweedFS on 127.0.0.1."""
+
+    endpoint_url: str = ""
+    bucket: str = "orchard"
+    access_key_id: str = "orchard"
+    secret_access_key: str = "orchard-embedded-secret"
+    region: str = "us-east-1"
+    retries: int = 4
+
+
+@dataclass(frozen=True)
+class LakeConfig:
+    """DuckLake catalog and data path. Empty values resolve to the state directory and the bucket."""
+
+    catalog: str = ""
+    data_path: str = ""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How big one run is and how trees are grown."""
+
+    instructions_per_shard: int = 4
+    strategies: tuple[str, ...] = ("step_by_step", "plan_first", "work_backwards")
+    samples_per_strategy: int = 3
+    max_tokens: int = 160
+    temperature: float = 0.9
+    top_p: float = 0.95
+    seed: int = 0
+    verify_workers: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs, as values."""
+
+    state_dir: str = ".orchard"
+    run: RunConfig = field(default_factory=RunConfig)
+    seeds: tuple[SeedSource, ...] = (SeedSource(),)
+    engines: Mapping[str, EngineConfig] = field(
+        default_factory=lambda: {"embedded": EngineConfig(kind="embedded", model="SmolLM2-135M-Instruct")}
+    )
+    roles: Mapping[str, str] = field(default_factory=lambda: {"generator": "embedded"})
+    object_store: ObjectStoreConfig = field(default_factory=ObjectStoreConfig)
+    lake: LakeConfig = field(default_factory=LakeConfig)
+
+    # --- derived values ---------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).resolve()
+
+    @property
+    def lake_catalog(self) -> str:
+        """The DuckLake catalog: a path to a DuckDB file, or `postgres:…`/`sqlite:…`."""
+        return self.lake.catalog or str(self.state_path / "lake.ducklake")
+
+    @property
+    def lake_data_path(self) -> str:
+        return self.lake.data_path or f"s3://{self.object_store.bucket}/lake/"
+
+    def engine_for(self, role: str) -> EngineConfig:
+        """The engine that plays `role`."""
+        try:
+            name = self.roles[role]
+        except KeyError:
+            raise ConfigError(f"roles.{role}: no engine is named for this role") from None
+        try:
+            return self.engines[name]
+        except KeyError:
+            raise ConfigError(f"roles.{role}: engine {name!r} is not defined under [engines]") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict that `Config.from_dict` turns back into an equal Config."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "Config":
+        return _build(cls, raw, "")
+
+    def content_hash(self) -> str:
+        """A hash of what changes the grown data (not where it is stored or who serves it)."""
+        relevant = {
+            "run": dataclasses.asdict(self.run),
+            "models": {role: self.engine_for(role).model for role in sorted(self.roles)},
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Turn nested plain values into the dataclass `cls`, naming the key of any bad value."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a table, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(f"{path}: unknown key (known: {', '.join(sorted(fields))})")
+        values[key] = _coerce(cls, key, value, path)
+    return cls(**values)
+
+
+_NESTED = {
+    (Config, "run"): RunConfig,
+    (Config, "object_store"): ObjectStoreConfig,
+    (Config, "lake"): LakeConfig,
+}
+
+
+def _coerce(cls: type, key: str, value: Any, path: str) -> Any:
+    if (cls, key) in _NESTED:
+        return _build(_NESTED[(cls, key)], value, path)
+    if cls is Config and key == "seeds":
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected an array of tables")
+        return tuple(_build(SeedSource, item, f"{path}[{i}]") for i, item in enumerate(value))
+    if cls is Config and key == "engines":
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a table of engines")
+        return {name: _build(EngineConfig, item, f"{path}.{name}") for name, item in value.items()}
+    if cls is Config and key == "roles":
+        if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(f"{path}: expected a table of role = engine name")
+        return dict(value)
+    default = {f.name: f for f in dataclasses.fields(cls)}[key].default
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list")
+        return tuple(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int | float) and not isinstance(default, bool):
+        try:
+            return type(default)(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) and key != "roles":
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """`ORCHARD__RUN__MAX_TOKENS=64` → {"run": {"max_tokens": 64}}; values are read as TOML if they parse."""
+    overrides: dict[str, Any] = {}
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__") if k]
+        try:
+            value: Any = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        node = overrides
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return overrides
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Return the embedded preset, overlaid by the TOML file at `path` and then `ORCHARD__…` variables."""
+    raw = Config().to_dict()
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+        try:
+            file_values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        if "engines" in file_values:  # a file that defines engines replaces the preset's engines
+            raw["engines"] = {}
+        if "seeds" in file_values:
+            raw["seeds"] = []
+        raw = _merge(raw, file_values)
+    raw = _merge(raw, _env_overrides(os.environ if environ is None else environ))
+    config = Config.from_dict(raw)
+    for role in config.roles:
+        config.engine_for(role)
+    for name, engine in config.engines.items():
+        if engine.kind not in ("embedded", "openai"):
+            raise ConfigError(f"engines.{name}.kind: must be 'embedded' or 'openai', got {engine.kind!r}")
+        if engine.kind == "openai" and not engine.base_urls:
+            raise ConfigError(f"engines.{name}.base_urls: an 'openai' engine needs at least one URL")
+    return config

@@ -1,0 +1,228 @@
+"""One client for every OpenAI-compatible endpoint (vLLM, llama.cpp server, hosted APIs).
+
+Bounded concurrency per endpoint, retries with backoff, timeouts, and token usage on every answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import httpx
+
+from orchard.config import EngineConfig
+
+Message = dict[str, str]
+
+
+class EngineError(RuntimeError):
+    """An endpoint failed after all retries, or answered something that is not a completion."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters of one request; recorded on every node the request produced."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_tokens: int = 128
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One choice of an answer, with the usage of the request it came from."""
+
+    text: str
+    finish_reason: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int | None = None
+
+
+@dataclass
+class Usage:
+    """Running totals for everything an engine client sent."""
+
+    requests: int = 0
+    failed_requests: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    busy_s: float = 0.0
+    _first_start: float | None = field(default=None, repr=False)
+    _last_end: float | None = field(default=None, repr=False)
+
+    @property
+    def wall_s(self) -> float:
+        """Seconds from the first request's start to the last answer's end."""
+        if self._first_start is None or self._last_end is None:
+            return 0.0
+        return self._last_end - self._first_start
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "failed_requests": self.failed_requests,
+            "retries": self.retries,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+            "wall_s": round(self.wall_s, 3),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+        }
+
+
+class ChatEngine(Protocol):
+    """What tree growth needs from an engine: `n` chat completions for one prompt."""
+
+    model: str
+    usage: Usage
+
+    async def chat(self, messages: Sequence[Message], sampling: Sampling, n: int = 1) -> list[Completion]: ...
+
+
+class EngineClient:
+    """Async client over one engine's endpoints; requests are spread round-robin over `base_urls`."""
+
+    def __init__(self, engine: EngineConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        if not engine.base_urls:
+            raise EngineError(f"engine {engine.model!r} has no base_urls (was the embedded server started?)")
+        self.engine = engine
+        self.model = engine.model
+        self.usage = Usage()
+        self._urls = [u.rstrip("/") for u in engine.base_urls]
+        self._next_url = itertools.cycle(range(len(self._urls)))
+        self._slots = [asyncio.Semaphore(engine.max_concurrency) for _ in self._urls]
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(engine.timeout_s, connect=10.0),
+            headers={"Authorization": f"Bearer {engine.api_key}"},
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> "EngineClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def chat(self, messages: Sequence[Message], sampling: Sampling, n: int = 1) -> list[Completion]:
+        """Return `n` chat completions of `messages`."""
+        body: dict[str, Any] = {"model": self.model, "messages": list(messages), **_sampling_body(sampling)}
+        if n != 1:
+            body["n"] = n
+        answer = await self._post("/v1/chat/completions", body)
+        return _completions(answer, self.model, key="message")
+
+    async def complete(self, prompt: str, sampling: Sampling, n: int = 1) -> list[Completion]:
+        """Return `n` raw-text completions of `prompt` (for continuing an exact prefix)."""
+        body: dict[str, Any] = {"model": self.model, "prompt": prompt, **_sampling_body(sampling)}
+        if n != 1:
+            body["n"] = n
+        answer = await self._post("/v1/completions", body)
+        return _completions(answer, self.model, key="text")
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        index = next(self._next_url)
+        url = self._urls[index] + path
+        last_error = "no attempt made"
+        for attempt in range(self.engine.retries + 1):
+            if attempt:
+                self.usage.retries += 1
+                await asyncio.sleep(self.engine.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
+            async with self._slots[index]:
+                started = time.monotonic()
+                if self.usage._first_start is None:
+                    self.usage._first_start = started
+                try:
+                    response = await self._http.post(url, json=body)
+                except httpx.HTTPError as exc:
+                    last_error = f"{type(exc).__name__}: {exc}"
+                    continue
+                finally:
+                    ended = time.monotonic()
+                    self.usage.busy_s += ended - started
+                    self.usage._last_end = ended
+            if response.status_code >= 500 or response.status_code == 429:
+                last_error = f"HTTP {response.status_code}: {response.text[:200]}"
+                continue
+            if response.status_code >= 400:
+                self.usage.failed_requests += 1
+                raise EngineError(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
+            try:
+                answer = response.json()
+                _check_answer(answer)
+            except (ValueError, EngineError) as exc:
+                last_error = f"unusable answer: {exc}"
+                continue
+            usage = answer.get("usage") or {}
+            self.usage.requests += 1
+            self.usage.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+            self.usage.completion_tokens += int(usage.get("completion_tokens") or 0)
+            self.usage.cached_tokens += _cached_tokens(usage) or 0
+            return answer
+        self.usage.failed_requests += 1
+        raise EngineError(f"{url}: gave up after {self.engine.retries + 1} attempts: {last_error}")
+
+
+def _sampling_body(sampling: Sampling) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        # vLLM defaults max_tokens to 16: always send it.
+        "max_tokens": sampling.max_tokens,
+    }
+    if sampling.seed is not None:
+        body["seed"] = sampling.seed
+    if sampling.stop:
+        body["stop"] = list(sampling.stop)
+    return body
+
+
+def _check_answer(answer: Any) -> None:
+    if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list) or not answer["choices"]:
+        raise EngineError(f"no choices in {str(answer)[:200]!r}")
+
+
+def _cached_tokens(usage: dict[str, Any]) -> int | None:
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return int(cached) if cached is not None else None
+
+
+def _completions(answer: dict[str, Any], model: str, *, key: str) -> list[Completion]:
+    usage = answer.get("usage") or {}
+    choices = sorted(answer["choices"], key=lambda c: c.get("index", 0))
+    prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    completion_tokens = int(usage.get("completion_tokens") or 0)
+    completions = []
+    for choice in choices:
+        text = choice["message"].get("content") if key == "message" else choice.get("text")
+        if not isinstance(text, str):
+            raise EngineError(f"choice {choice.get('index', 0)} has no text: {str(choice)[:200]!r}")
+        completions.append(
+            Completion(
+                text=text,
+                finish_reason=str(choice.get("finish_reason") or "unknown"),
+                model=str(answer.get("model") or model),
+                prompt_tokens=prompt_tokens,
+                # usage covers all choices of the request; share it out so per-node counts add up.
+                completion_tokens=completion_tokens // len(choices),
+                cached_tokens=_cached_tokens(usage),
+            )
+        )
+    return completions

@@ -1,0 +1,16 @@
+"""The errors a user can act on: the CLI prints them as one line instead of a traceback."""
+
+from __future__ import annotations
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Return the exception types whose message alone tells the user what to fix."""
+    from orchard.config import ConfigError
+    from orchard.engine import EngineError
+    from orchard.lake import LakeError
+    from orchard.services import ServiceError
+    from orchard.store import StoreError
+    from tasks.grow import GrowError
+    from tasks.seeds import SeedError
+
+    return (ConfigError, EngineError, LakeError, ServiceError, StoreError, GrowError, SeedError)

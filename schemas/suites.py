@@ -1,0 +1,230 @@
+"""Expectation suites of a shard: loaded from schemas/suites/<table>.json, plus the derived check columns they use.
+
+A suite file is GX's own expectation vocabulary without GX's bookkeeping (ids, meta), so a person can read and
+edit it:
+
+    {"table": "pairs", "row_id": "pair_id", "description": "...",
+     "expectations": [{"type": "expect_column_values_to_be_unique", "kwargs": {"column": "pair_id"},
+                       "notes": "why (optional)"}, ...]}
+
+Rules GX has no built-in for (across columns or tables) are boolean columns named `check_*`, derived here by one
+function per table and expected to be in {true}. This module does not import Great Expectations (slow to import).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import pandas as pd
+
+from schemas.rows import SHARD_TABLES
+
+SUITES_DIR = Path(__file__).parent / "suites"
+CHECK_PREFIX = "check_"
+# kwargs that name the columns an expectation reads, in the order they are reported.
+COLUMN_KWARGS = ("column", "column_A", "column_B", "column_list")
+
+
+class SuiteError(ValueError):
+    """A suite file is missing, malformed or names a column or check that does not exist; the message names it."""
+
+
+@dataclass(frozen=True)
+class ExpectationSpec:
+    """One expectation of a suite file: GX type name, its kwargs, and why it exists."""
+
+    type: str
+    kwargs: dict[str, Any]
+    notes: str = ""
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Return the columns this expectation reads (empty for table-level expectations)."""
+        return columns_of(self.kwargs)
+
+
+def columns_of(kwargs: Mapping[str, Any]) -> tuple[str, ...]:
+    """Return the columns an expectation's kwargs name, in reporting order (column, column_A, column_B, column_list)."""
+    found: list[str] = []
+    for key in COLUMN_KWARGS:
+        value = kwargs.get(key)
+        if isinstance(value, str):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(str(v) for v in value)
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    """The expectations one shard table must meet, as read from its suite file."""
+
+    table: str
+    row_id: str
+    description: str
+    expectations: tuple[ExpectationSpec, ...]
+    path: Path
+
+    @property
+    def check_columns(self) -> tuple[str, ...]:
+        """Return the derived `check_*` columns this suite expects, in file order, without repeats."""
+        seen: dict[str, None] = {}
+        for expectation in self.expectations:
+            for column in expectation.columns:
+                if column.startswith(CHECK_PREFIX):
+                    seen.setdefault(column, None)
+        return tuple(seen)
+
+    @property
+    def data_columns(self) -> tuple[str, ...]:
+        """Return the shard-table columns the suite reads (row id first, then expectation and condition columns)."""
+        seen: dict[str, None] = {self.row_id: None}
+        for expectation in self.expectations:
+            for column in (*expectation.columns, *_condition_columns(expectation.kwargs.get("row_condition"))):
+                if not column.startswith(CHECK_PREFIX):
+                    seen.setdefault(column, None)
+        return tuple(seen)
+
+
+def _condition_columns(condition: Any) -> list[str]:
+    """Return the column names a GX row_condition dict mentions (nested and/or conditions included)."""
+    if not isinstance(condition, dict):
+        return []
+    found = []
+    column = condition.get("column")
+    if isinstance(column, dict) and isinstance(column.get("name"), str):
+        found.append(column["name"])
+    for inner in condition.get("conditions", []) or []:
+        found.extend(_condition_columns(inner))
+    return found
+
+
+def load_suite(table: str, suites_dir: Path = SUITES_DIR) -> SuiteSpec:
+    """Return the suite of shard table `table` read from `<suites_dir>/<table>.json`, checked against its schema."""
+    if table not in SHARD_TABLES:
+        raise SuiteError(f"no shard table {table!r}; known: {sorted(SHARD_TABLES)}")
+    path = Path(suites_dir) / f"{table}.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise SuiteError(f"{path}: suite file not found") from error
+    except json.JSONDecodeError as error:
+        raise SuiteError(f"{path}: not valid JSON: {error}") from error
+    if not isinstance(raw, dict):
+        raise SuiteError(f"{path}: top level must be an object")
+    if raw.get("table") != table:
+        raise SuiteError(f"{path}: field 'table' is {raw.get('table')!r}, expected {table!r}")
+    schema_columns = set(SHARD_TABLES[table].names)
+    row_id = raw.get("row_id")
+    if row_id not in schema_columns:
+        raise SuiteError(f"{path}: field 'row_id' is {row_id!r}, not a column of {table}")
+    entries = raw.get("expectations")
+    if not isinstance(entries, list) or not entries:
+        raise SuiteError(f"{path}: field 'expectations' must be a non-empty list")
+    expectations = []
+    for i, entry in enumerate(entries):
+        where = f"{path}: expectations[{i}]"
+        if not isinstance(entry, dict):
+            raise SuiteError(f"{where}: must be an object")
+        unknown = set(entry) - {"type", "kwargs", "notes"}
+        if unknown:
+            raise SuiteError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: type, kwargs, notes")
+        kind, kwargs, notes = entry.get("type"), entry.get("kwargs", {}), entry.get("notes", "")
+        if not isinstance(kind, str) or not kind.startswith("expect_"):
+            raise SuiteError(f"{where}: field 'type' must be an expectation name (expect_...), got {kind!r}")
+        if not isinstance(kwargs, dict):
+            raise SuiteError(f"{where}: field 'kwargs' must be an object")
+        if not isinstance(notes, str):
+            raise SuiteError(f"{where}: field 'notes' must be a string")
+        spec = ExpectationSpec(type=kind, kwargs=kwargs, notes=notes)
+        for column in (*spec.columns, *_condition_columns(kwargs.get("row_condition"))):
+            if column not in schema_columns and not column.startswith(CHECK_PREFIX):
+                raise SuiteError(f"{where} ({kind}): column {column!r} is neither a {table} column nor check_*")
+        expectations.append(spec)
+    suite = SuiteSpec(
+        table=table,
+        row_id=row_id,
+        description=str(raw.get("description", "")),
+        expectations=tuple(expectations),
+        path=path,
+    )
+    unknown_checks = set(suite.check_columns) - set(check_names(table))
+    if unknown_checks:
+        raise SuiteError(
+            f"{path}: check column(s) {sorted(unknown_checks)} are not derived for {table}; "
+            f"known: {sorted(check_names(table))} (add them to schemas/suites.py)"
+        )
+    return suite
+
+
+def load_suites(suites_dir: Path = SUITES_DIR) -> dict[str, SuiteSpec]:
+    """Return the suite of every shard table, in landing order."""
+    return {table: load_suite(table, suites_dir) for table in SHARD_TABLES}
+
+
+def _instruction_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
+    """Return the derived checks of the instructions table (none yet: its rules are all built-in)."""
+    return {}
+
+
+def _node_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
+    """Return the derived checks of the nodes table: parents and instructions resolve inside the shard."""
+    nodes, instructions = frames["nodes"], frames["instructions"]
+    tree_of = pd.Series(nodes["tree_id"].to_numpy(), index=nodes["node_id"].to_numpy())
+    tree_of = tree_of[~tree_of.index.duplicated()]  # duplicate ids are the uniqueness expectation's finding
+    has_parent = nodes["parent_id"].notna()
+    parent_tree = nodes["parent_id"].map(tree_of)
+    return {
+        "check_parent_exists": ~has_parent | nodes["parent_id"].isin(nodes["node_id"]),
+        # A dangling parent is reported once, by check_parent_exists, not here as well.
+        "check_parent_in_same_tree": ~has_parent | parent_tree.isna() | (parent_tree == nodes["tree_id"]),
+        "check_instruction_exists": nodes["instruction_id"].isin(instructions["instruction_id"]),
+    }
+
+
+def _pair_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
+    """Return the derived checks of the pairs table: two different, existing nodes and a consistent margin."""
+    pairs, nodes, instructions = frames["pairs"], frames["nodes"], frames["instructions"]
+    difference = pairs["chosen_score"] - pairs["rejected_score"]
+    return {
+        # fillna: a null text is reported by not_be_null; comparing NA would make the check itself null.
+        "check_chosen_differs_from_rejected": (
+            pairs["chosen_text"].fillna("").str.strip() != pairs["rejected_text"].fillna("").str.strip()
+        ),
+        "check_chosen_node_differs_from_rejected_node": (
+            pairs["chosen_node_id"].fillna("") != pairs["rejected_node_id"].fillna("")
+        ),
+        "check_margin_is_score_difference": ((pairs["margin"] - difference).abs() <= 1e-9).fillna(False),
+        "check_chosen_node_exists": pairs["chosen_node_id"].isin(nodes["node_id"]),
+        "check_rejected_node_exists": pairs["rejected_node_id"].isin(nodes["node_id"]),
+        "check_instruction_exists": pairs["instruction_id"].isin(instructions["instruction_id"]),
+    }
+
+
+CHECKS: dict[str, Callable[[Mapping[str, pd.DataFrame]], dict[str, pd.Series]]] = {
+    "instructions": _instruction_checks,
+    "nodes": _node_checks,
+    "pairs": _pair_checks,
+}
+
+
+@functools.cache
+def check_names(table: str) -> tuple[str, ...]:
+    """Return the names of the check columns derived for `table` (found by deriving them on empty tables)."""
+    empty = {name: schema.empty_table().to_pandas() for name, schema in SHARD_TABLES.items()}
+    return tuple(CHECKS[table](empty))
+
+
+def with_checks(suite: SuiteSpec, frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Return a copy of `frames[suite.table]` with the suite's data columns and the check columns it expects."""
+    frame = frames[suite.table]
+    derived = CHECKS[suite.table](frames)
+    checked = frame.loc[:, list(suite.data_columns)].copy()
+    for name in suite.check_columns:
+        # eq(True): GX sees plain booleans, and a check that came out NA counts as failed, never as passed.
+        checked[name] = derived[name].eq(True).to_numpy()
+    return checked

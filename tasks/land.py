@@ -1,0 +1,239 @@
+"""Land a shard in the object store: its Parquet files first, `manifest.json` last; quarantine a shard that failed.
+
+Layout (one prefix per shard; a shard is visible only through its manifest):
+
+    runs/<run_id>/shards/<shard_id>/{instructions,nodes,pairs}.parquet + manifest.json
+    runs/<run_id>/quarantine/<shard_id>/{...}.parquet + validation.json + manifest.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchard.store import ObjectMissing, ObjectStore
+from schemas.rows import SHARD_TABLES
+
+MANIFEST = "manifest.json"
+VALIDATION = "validation.json"
+
+
+class LandingError(RuntimeError):
+    """A shard cannot be landed, read or quarantined; the message names the shard, file or column."""
+
+
+class ShardSchemaError(LandingError):
+    """A shard table does not have the schema of its contract in schemas/rows.py."""
+
+
+class ShardChecksumError(LandingError):
+    """A shard file's bytes differ from what its manifest recorded."""
+
+
+def shard_prefix(run_id: str, shard_id: str) -> str:
+    """Return the key prefix of a landed shard."""
+    return f"runs/{run_id}/shards/{shard_id}/"
+
+
+def quarantine_prefix(run_id: str, shard_id: str) -> str:
+    """Return the key prefix of a quarantined shard."""
+    return f"runs/{run_id}/quarantine/{shard_id}/"
+
+
+def land_shard(
+    store: ObjectStore,
+    run_id: str,
+    shard_id: str,
+    tables: Mapping[str, pa.Table],
+    *,
+    config_hash: str,
+    stats: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Write the shard's Parquet files, then its manifest; return the manifest (the existing one if already landed)."""
+    prefix = shard_prefix(run_id, shard_id)
+    existing = landed_manifest(store, run_id, shard_id)
+    if existing is not None:
+        return _same_landing(store, prefix, existing, config_hash)
+
+    _check_tables(shard_id, tables)
+    try:
+        stats_json = json.loads(json.dumps(stats))
+    except (TypeError, ValueError) as exc:
+        raise LandingError(f"shard {shard_id}: stats are not JSON-serialisable: {exc}") from None
+
+    files: dict[str, dict[str, Any]] = {}
+    for name in SHARD_TABLES:
+        body = _parquet_bytes(tables[name])
+        key = f"{prefix}{name}.parquet"
+        # No manifest yet, so a file already here is an orphan of an unfinished landing: replace it.
+        _put_replacing(store, key, body)
+        files[name] = {"key": key, "rows": tables[name].num_rows, "bytes": len(body), "sha256": _sha256(body)}
+
+    manifest = {
+        "run_id": run_id,
+        "shard_id": shard_id,
+        "config_hash": config_hash,
+        "files": files,
+        "stats": stats_json,
+        "landed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    if not store.put_new(prefix + MANIFEST, body):
+        # Another lander of the same shard finished first; its manifest is the truth.
+        other = landed_manifest(store, run_id, shard_id)
+        if other is None:
+            raise LandingError(f"{store.uri(prefix + MANIFEST)}: write refused as existing, yet it cannot be read")
+        return _same_landing(store, prefix, other, config_hash)
+    return json.loads(body)
+
+
+def landed_manifest(store: ObjectStore, run_id: str, shard_id: str) -> dict[str, Any] | None:
+    """Return the manifest of the landed shard, or None if it has not landed (or was quarantined)."""
+    return _manifest_at(store, shard_prefix(run_id, shard_id) + MANIFEST)
+
+
+def quarantined_manifest(store: ObjectStore, run_id: str, shard_id: str) -> dict[str, Any] | None:
+    """Return the manifest of the quarantined shard, or None if it is not in quarantine."""
+    return _manifest_at(store, quarantine_prefix(run_id, shard_id) + MANIFEST)
+
+
+def read_shard_table(store: ObjectStore, manifest: Mapping[str, Any], name: str) -> pa.Table:
+    """Return table `name` of the shard described by `manifest`, after checking its size, sha256 and row count."""
+    shard_id = manifest.get("shard_id", "?")
+    entry = (manifest.get("files") or {}).get(name)
+    if not isinstance(entry, Mapping) or not all(k in entry for k in ("key", "bytes", "sha256", "rows")):
+        raise LandingError(f"shard {shard_id}: manifest has no complete files.{name} entry (got {entry!r})")
+    key = entry["key"]
+    try:
+        body = store.get(key)
+    except ObjectMissing:
+        raise LandingError(f"{store.uri(key)}: listed in the manifest of shard {shard_id} but missing") from None
+    digest = _sha256(body)
+    if len(body) != entry["bytes"] or digest != entry["sha256"]:
+        raise ShardChecksumError(
+            f"{store.uri(key)}: {len(body)} bytes with sha256 {digest}, "
+            f"manifest says {entry['bytes']} bytes with sha256 {entry['sha256']}"
+        )
+    table = pq.read_table(io.BytesIO(body))
+    if table.num_rows != entry["rows"]:
+        raise LandingError(f"{store.uri(key)}: {table.num_rows} rows, manifest says {entry['rows']}")
+    return table
+
+
+def quarantine_shard(store: ObjectStore, run_id: str, shard_id: str, validation: Mapping[str, Any]) -> str:
+    """Move a landed shard to quarantine with its validation result; return the quarantine prefix URI."""
+    source = shard_prefix(run_id, shard_id)
+    target = quarantine_prefix(run_id, shard_id)
+    manifest = landed_manifest(store, run_id, shard_id)
+    if manifest is None:
+        if quarantined_manifest(store, run_id, shard_id) is not None:
+            # An earlier quarantine wrote its manifest, then stopped before removing all of shards/.
+            _delete_prefix(store, source)
+            return store.uri(target)
+        raise LandingError(f"{store.uri(source + MANIFEST)}: no landed shard to quarantine")
+    try:
+        validation_body = json.dumps(validation, indent=2, sort_keys=True, default=str).encode()
+    except (TypeError, ValueError) as exc:
+        raise LandingError(f"shard {shard_id}: validation result is not JSON-serialisable: {exc}") from None
+
+    files: dict[str, dict[str, Any]] = {}
+    for name, entry in manifest["files"].items():
+        key = target + entry["key"].rsplit("/", 1)[-1]
+        # Bytes are copied as they are, unverified: a shard may be quarantined because they are bad.
+        _put_replacing(store, key, store.get(entry["key"]))
+        files[name] = {**entry, "key": key}
+    _put_replacing(store, target + VALIDATION, validation_body)
+    quarantined = {
+        **manifest,
+        "files": files,
+        "validation_key": target + VALIDATION,
+        "quarantined_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    # Written last among the quarantine files so it only ever describes a complete copy.
+    _put_replacing(store, target + MANIFEST, json.dumps(quarantined, indent=2, sort_keys=True).encode())
+    _delete_prefix(store, source)
+    return store.uri(target)
+
+
+# --- internals ----------------------------------------------------------------------------------------
+
+
+def _same_landing(store: ObjectStore, prefix: str, manifest: dict[str, Any], config_hash: str) -> dict[str, Any]:
+    """Return `manifest` if it was landed with `config_hash`; a shard is written once, so fail otherwise."""
+    if manifest.get("config_hash") != config_hash:
+        raise LandingError(
+            f"{store.uri(prefix + MANIFEST)}: already landed with config_hash {manifest.get('config_hash')!r}, "
+            f"not {config_hash!r}; a shard is written once (start a new run to grow it again)"
+        )
+    return manifest
+
+
+def _check_tables(shard_id: str, tables: Mapping[str, pa.Table]) -> None:
+    """Fail unless `tables` holds exactly the shard tables, each with its contract's columns and types."""
+    missing = sorted(set(SHARD_TABLES) - set(tables))
+    unknown = sorted(set(tables) - set(SHARD_TABLES))
+    if missing or unknown:
+        raise ShardSchemaError(
+            f"shard {shard_id}: expected tables {sorted(SHARD_TABLES)}; "
+            + "; ".join(filter(None, [missing and f"missing {missing}", unknown and f"unknown {unknown}"]))
+        )
+    for name, expected in SHARD_TABLES.items():
+        actual = tables[name].schema
+        for column in expected.names:
+            if column not in actual.names:
+                raise ShardSchemaError(f"shard {shard_id}, table {name}: column {column!r} is missing")
+            want, got = expected.field(column).type, actual.field(column).type
+            if not got.equals(want):
+                raise ShardSchemaError(f"shard {shard_id}, table {name}: column {column!r} is {got}, expected {want}")
+        extra = [c for c in actual.names if c not in expected.names]
+        if extra:
+            raise ShardSchemaError(f"shard {shard_id}, table {name}: unexpected column(s) {extra}")
+        if actual.names != expected.names:
+            raise ShardSchemaError(
+                f"shard {shard_id}, table {name}: columns are in order {actual.names}, expected {expected.names}"
+            )
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def _sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def _put_replacing(store: ObjectStore, key: str, body: bytes) -> None:
+    """Create `key` with `body`, replacing an object left there by an unfinished earlier attempt."""
+    if store.put_new(key, body):
+        return
+    store.delete(key)
+    if not store.put_new(key, body):
+        raise LandingError(f"{store.uri(key)}: recreated by another writer while replacing it (concurrent landing?)")
+
+
+def _manifest_at(store: ObjectStore, key: str) -> dict[str, Any] | None:
+    try:
+        manifest = store.get_json(key)
+    except ObjectMissing:
+        return None
+    if not isinstance(manifest, dict):
+        raise LandingError(f"{store.uri(key)}: manifest is not a JSON object")
+    return manifest
+
+
+def _delete_prefix(store: ObjectStore, prefix: str) -> None:
+    """Delete every object under `prefix`, the manifest first so the shard stops being visible at once."""
+    keys = store.list_keys(prefix)
+    if prefix + MANIFEST in keys:
+        store.delete(prefix + MANIFEST)
+    for key in keys:
+        if key != prefix + MANIFEST:
+            store.delete(key)

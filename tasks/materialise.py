@@ -1,0 +1,232 @@
+"""Materialise a run: publish its validated shards, validation results and run row as one lake snapshot.
+
+Everything happens in one DuckLake transaction, so a run is published whole or not at all, and a
+re-run of the same run id adds only the shards the lake does not hold yet and replaces the run row.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from orchard import lake
+from orchard.config import Config
+from orchard.lake import LakeError
+from schemas.rows import SHARD_TABLES
+
+RUN_COLUMNS = (
+    "run_id", "flow_run_id", "snapshot_id", "config_hash", "started_at", "finished_at", "status",
+    "shards_planned", "shards_published", "shards_quarantined", "shards_failed", "trees", "nodes", "pairs",
+    "pass_rate", "prompt_tokens", "completion_tokens", "wall_s", "tokens_per_s", "summary",
+)  # fmt: skip
+RUN_STATUSES = ("complete", "partial", "failed")
+
+VALIDATIONS = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("shard_id", pa.string()),
+        ("suite", pa.string()),
+        ("expectation", pa.string()),
+        ("column", pa.string()),
+        ("success", pa.bool_()),
+        ("observed", pa.string()),
+    ]
+)
+
+
+def materialise_run(
+    config: Config,
+    run_row: Mapping[str, Any],
+    shards: Sequence[Mapping[str, Any]],
+    validations: Iterable[Mapping[str, Any]] = (),
+) -> int:
+    """Publish `shards` (landed manifests that passed validation) and the run's rows; return the new snapshot id.
+
+    `run_row` holds the `runs` columns except `snapshot_id`; `validations` are rows of the
+    `validations` table (shard_id, suite, expectation, column, success, observed), for published
+    and quarantined shards alike. Shards and validation results already in the lake for this run
+    are skipped; the run row is replaced. If anything fails, nothing is published.
+    """
+    run = _run_values(run_row)
+    run_id = run["run_id"]
+    for manifest in shards:
+        _check_manifest(manifest, run_id)
+
+    with lake.connect(config) as con:
+        con.execute("BEGIN")
+        try:
+            # Snapshot ids are sequential: this transaction started from `current_snapshot()` and its
+            # COMMIT creates the next one. Nothing else can commit in between while we hold a DuckDB-file
+            # catalog (one writer process); with a shared Postgres/SQLite catalog a concurrent writer
+            # could take that id first, which the check after COMMIT turns into an error.
+            base = con.execute(f"SELECT id FROM {lake.LAKE}.current_snapshot()").fetchone()[0]
+            snapshot_id = base + 1
+
+            present = _shards_in_lake(con, run_id)
+            new_shards = [m for m in shards if m["shard_id"] not in present]
+            for table in SHARD_TABLES:
+                _insert_shard_table(con, config.object_store.bucket, table, new_shards)
+
+            _insert_validations(con, run_id, validations)
+
+            con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
+            run["snapshot_id"] = snapshot_id
+            con.execute(
+                f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' for _ in RUN_COLUMNS)})",
+                [run[c] for c in RUN_COLUMNS],
+            )
+            con.execute(
+                f"CALL {lake.LAKE}.set_commit_message('orchard', ?, extra_info => ?)",
+                [f"run {run_id}", json.dumps({"run_id": run_id, "shards_added": [m["shard_id"] for m in new_shards]})],
+            )
+            con.execute("COMMIT")
+        except BaseException as exc:
+            lake.rollback(con)
+            if isinstance(exc, duckdb.Error | LakeError):
+                raise LakeError(f"run {run_id}: nothing published: {exc}") from None
+            raise
+
+        # The id this connection committed, and the snapshot carrying this run's commit message, must
+        # both be the one written into runs.snapshot_id.
+        committed = con.execute(f"SELECT id FROM {lake.LAKE}.last_committed_snapshot()").fetchone()[0]
+        published = {row["snapshot_id"]: row for row in lake.snapshot_rows(con)}.get(snapshot_id)
+        tagged = published is not None and json.loads(published["commit_extra_info"] or "{}").get("run_id") == run_id
+        if committed != snapshot_id or not tagged:
+            raise LakeError(
+                f"run {run_id}: published as snapshot {committed}, but runs.snapshot_id says {snapshot_id} "
+                "(another writer committed in between); fix the runs row by hand"
+            )
+    return snapshot_id
+
+
+def shard_uri(bucket: str, manifest: Mapping[str, Any], table: str) -> str:
+    """Return the s3:// URI of `table`'s Parquet file in a landed shard's manifest."""
+    return f"s3://{bucket}/{manifest['files'][table]['key']}"
+
+
+# --- internals --------------------------------------------------------------------------------
+
+
+def _run_values(run_row: Mapping[str, Any]) -> dict[str, Any]:
+    """The runs-table values of `run_row`, checked: every column but snapshot_id, a known status."""
+    expected = set(RUN_COLUMNS) - {"snapshot_id"}
+    missing = sorted(expected - set(run_row))
+    unknown = sorted(set(run_row) - expected)
+    if missing or unknown:
+        raise LakeError(
+            f"run row {run_row.get('run_id', '?')}: "
+            + "; ".join(filter(None, [missing and f"missing {missing}", unknown and f"unknown {unknown}"]))
+        )
+    if run_row["status"] not in RUN_STATUSES:
+        raise LakeError(f"run row {run_row['run_id']}: status must be one of {RUN_STATUSES}, got {run_row['status']!r}")
+    values = dict(run_row)
+    if values["summary"] is not None and not isinstance(values["summary"], str):
+        values["summary"] = json.dumps(values["summary"], sort_keys=True, default=str)
+    return values
+
+
+def _check_manifest(manifest: Mapping[str, Any], run_id: str) -> None:
+    """Fail unless `manifest` is a landed shard of run `run_id` that names a file for every shard table."""
+    shard_id = manifest.get("shard_id", "?")
+    if manifest.get("run_id") != run_id:
+        raise LakeError(f"shard {shard_id}: manifest belongs to run {manifest.get('run_id')!r}, not {run_id!r}")
+    files = manifest.get("files") or {}
+    for table in SHARD_TABLES:
+        entry = files.get(table)
+        if not isinstance(entry, Mapping) or not entry.get("key") or not isinstance(entry.get("rows"), int):
+            raise LakeError(f"shard {shard_id}: manifest files.{table} needs a key and a row count, got {entry!r}")
+
+
+def _shards_in_lake(con: duckdb.DuckDBPyConnection, run_id: str) -> set[str]:
+    """The shard ids of run `run_id` whose rows are already in the lake."""
+    union = " UNION ".join(f"SELECT shard_id FROM {table} WHERE run_id = $run_id" for table in SHARD_TABLES)
+    return {row[0] for row in con.execute(union, {"run_id": run_id}).fetchall()}
+
+
+def _insert_shard_table(
+    con: duckdb.DuckDBPyConnection, bucket: str, table: str, manifests: Sequence[Mapping[str, Any]]
+) -> None:
+    """Copy `table`'s Parquet files of `manifests` into the lake table, checking the manifests' row counts."""
+    uris = [shard_uri(bucket, m, table) for m in manifests if m["files"][table]["rows"] > 0]
+    if not uris:
+        return
+    columns = ", ".join(f'"{name}"' for name in SHARD_TABLES[table].names)
+    # One INSERT for all shards of the run: one set of data files per table instead of one per shard.
+    inserted = con.execute(
+        f"INSERT INTO {table} ({columns}) SELECT {columns} FROM read_parquet(?)", [uris]
+    ).fetchone()[0]
+    expected = sum(m["files"][table]["rows"] for m in manifests)
+    if inserted != expected:
+        counts = dict(
+            con.execute("SELECT filename, count(*) FROM read_parquet(?, filename = true) GROUP BY filename", [uris])
+            .fetchall()
+        )
+        wrong = [
+            f"{uri} has {counts.get(uri, 0)} rows, manifest says {m['files'][table]['rows']}"
+            for m in manifests
+            if (uri := shard_uri(bucket, m, table)) in uris and counts.get(uri, 0) != m["files"][table]["rows"]
+        ]
+        raise LakeError(f"{table}: read {inserted} rows, manifests say {expected}: " + "; ".join(wrong))
+
+
+def _insert_validations(
+    con: duckdb.DuckDBPyConnection, run_id: str, validations: Iterable[Mapping[str, Any]]
+) -> None:
+    """Insert the validation rows of shards that have none in the lake yet for this run."""
+    done = {
+        row[0] for row in con.execute("SELECT DISTINCT shard_id FROM validations WHERE run_id = ?", [run_id]).fetchall()
+    }
+    rows = []
+    for i, v in enumerate(validations):
+        missing = [k for k in ("shard_id", "suite", "expectation", "success") if k not in v]
+        if missing:
+            raise LakeError(f"run {run_id}: validation row {i} lacks {missing}")
+        if v.get("run_id", run_id) != run_id:
+            raise LakeError(f"run {run_id}: validation row {i} belongs to run {v['run_id']!r}")
+        if v["shard_id"] in done:
+            continue
+        observed = v.get("observed")
+        rows.append(
+            {
+                "run_id": run_id,
+                "shard_id": v["shard_id"],
+                "suite": v["suite"],
+                "expectation": v["expectation"],
+                "column": v.get("column"),
+                "success": bool(v["success"]),
+                "observed": observed if observed is None or isinstance(observed, str)
+                else json.dumps(observed, sort_keys=True, default=str),
+            }
+        )
+    if not rows:
+        return
+    con.register("validation_rows", pa.Table.from_pylist(rows, schema=VALIDATIONS))
+    try:
+        con.execute(
+            'INSERT INTO validations (run_id, shard_id, suite, expectation, "column", success, observed) '
+            'SELECT run_id, shard_id, suite, expectation, "column", success, observed FROM validation_rows'
+        )
+    finally:
+        con.unregister("validation_rows")
+
+
+
+# --- Prefect task: one per run ----------------------------------------------------------------
+
+
+@task(name="materialise", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def materialise_task(config: dict, summary: dict, shards: list[dict], validations: list[dict]) -> int:
+    """Publish the run's validated shards and its runs row as one lake snapshot; return the snapshot id."""
+    run_row = {column: summary.get(column) for column in RUN_COLUMNS if column != "snapshot_id"}
+    run_row["finished_at"] = datetime.now(timezone.utc).isoformat()
+    run_row["summary"] = {"problems": summary.get("problems", []), "shards_reused": summary.get("shards_reused", 0)}
+    snapshot_id = materialise_run(Config.from_dict(config), run_row, shards, validations)
+    get_run_logger().info("run %s published as lake snapshot %d", summary["run_id"], snapshot_id)
+    return snapshot_id

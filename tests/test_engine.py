@@ -1,0 +1,127 @@
+"""The engine client against real HTTP servers on loopback: a scripted OpenAI-compatible one and broken ones."""
+
+import asyncio
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from orchard.config import EngineConfig
+from orchard.engine import EngineClient, EngineError, Sampling
+
+
+class _Handler(BaseHTTPRequestHandler):
+    script: list = []  # (status, body) answered in turn; the last one repeats
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append((self.path, body))
+        status, answer = self.script[min(len(self.seen) - 1, len(self.script) - 1)]
+        payload = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    handler = type("Handler", (_Handler,), {"script": [], "seen": []})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield handler, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def completion(text="Answer: 6", n=1):
+    return {
+        "model": "m",
+        "choices": [{"index": i, "message": {"role": "assistant", "content": f"{text} {i}"}, "finish_reason": "stop"}
+                    for i in range(n)],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 4 * n, "prompt_tokens_details": {"cached_tokens": 8}},
+    }
+
+
+def engine(url, **kw):
+    return EngineConfig(model="m", base_urls=(url,), retries=2, backoff_s=0.01, timeout_s=5, **kw)
+
+
+def chat(cfg, n=1):
+    async def go():
+        async with EngineClient(cfg) as client:
+            answers = await client.chat([{"role": "user", "content": "hi"}], Sampling(max_tokens=7, seed=3), n=n)
+            return answers, client.usage
+
+    return asyncio.run(go())
+
+
+def test_usage_and_sampling_are_sent_and_recorded(server):
+    handler, url = server
+    handler.script = [(200, completion(n=2))]
+    answers, usage = chat(engine(url), n=2)
+    assert [a.text for a in answers] == ["Answer: 6 0", "Answer: 6 1"]
+    path, body = handler.seen[0]
+    assert path == "/v1/chat/completions"
+    assert (body["max_tokens"], body["seed"], body["n"], body["model"]) == (7, 3, 2, "m")
+    assert (usage.requests, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) == (1, 11, 8, 8)
+
+
+def test_server_errors_and_garbage_are_retried(server):
+    handler, url = server
+    handler.script = [(500, {"error": "busy"}), (200, b"<html>not json"), (200, completion())]
+    answers, usage = chat(engine(url))
+    assert answers[0].text == "Answer: 6 0"
+    assert usage.retries == 2
+
+
+def test_garbage_forever_fails_with_the_reason(server):
+    handler, url = server
+    handler.script = [(200, {"no": "choices"})]
+    with pytest.raises(EngineError, match="gave up after 3 attempts: unusable answer"):
+        chat(engine(url))
+
+
+def test_client_errors_are_not_retried(server):
+    handler, url = server
+    handler.script = [(400, {"error": "bad model"})]
+    with pytest.raises(EngineError, match="HTTP 400"):
+        chat(engine(url))
+    assert len(handler.seen) == 1
+
+
+def test_server_down_fails_after_retries():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(EngineError, match="gave up after 3 attempts: ConnectError"):
+        chat(engine(f"http://127.0.0.1:{port}"))
+
+
+def test_requests_spread_over_every_base_url(server):
+    handler, url = server
+    handler.script = [(200, completion())]
+    other_handler = type("Other", (_Handler,), {"script": [(200, completion())], "seen": []})
+    other = ThreadingHTTPServer(("127.0.0.1", 0), other_handler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        cfg = EngineConfig(model="m", base_urls=(url, f"http://127.0.0.1:{other.server_address[1]}"))
+
+        async def go():
+            async with EngineClient(cfg) as client:
+                await asyncio.gather(*(client.chat([{"role": "user", "content": "x"}], Sampling()) for _ in range(4)))
+                return client.usage.requests
+
+        assert asyncio.run(go()) == 4
+        assert len(handler.seen) == len(other_handler.seen) == 2
+    finally:
+        other.shutdown()
+        other.server_close()

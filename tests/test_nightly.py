@@ -1,0 +1,227 @@
+"""The nightly flow end to end on real parts: llama.cpp server, SeaweedFS, Prefect test harness, GX, DuckLake."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orchard import lake
+from orchard.cli import main as orchard_main
+from orchard.config import Config, EngineConfig, RunConfig, SeedSource
+from schemas import rows
+from tasks.grow import grow_shard
+from tasks.land import land_shard, landed_manifest, quarantine_prefix
+from tasks.seeds import SeedError, load_seeds, plan_shards
+from tasks.verify import check_math_answer
+
+from builders import ScriptedEngine
+
+pytestmark = pytest.mark.integration
+
+SMALL_RUN = RunConfig(
+    instructions_per_shard=2,
+    strategies=("step_by_step", "plan_first", "work_backwards"),
+    samples_per_strategy=2,
+    max_tokens=64,
+)
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def config(tmp_path, store, llama, prefect_api) -> Config:
+    return Config(
+        state_dir=str(tmp_path / "state"),
+        run=SMALL_RUN,
+        seeds=(SeedSource(kind="arithmetic", count=4, difficulty=1, seed=11),),
+        engines={"embedded": dataclasses.replace(llama, retries=1, backoff_s=0.1)},
+        roles={"generator": "embedded"},
+        object_store=store.cfg,
+    )
+
+
+def run(config: Config, run_id: str) -> dict:
+    from flows.nightly import nightly
+
+    return nightly(config=config.to_dict(), run_id=run_id)
+
+
+def count(config: Config, sql: str) -> int:
+    return lake.query(config, sql)[1][0][0]
+
+
+def test_nightly_publishes_one_snapshot_and_a_rerun_adds_no_duplicates(config, store):
+    first = run(config, "it-1")
+    assert first["status"] == "complete", first["problems"]
+    assert first["shards_planned"] == first["shards_published"] == 2
+    assert first["trees"] == 4 and first["nodes"] == 4 * (1 + 3 * 2)
+    assert first["completion_tokens"] > 0 and first["tokens_per_s"] > 0
+
+    for shard in plan_shards(load_seeds(config.seeds), per_shard=2, config_hash=config.content_hash()):
+        manifest = landed_manifest(store, "it-1", shard.shard_id)
+        assert manifest["files"]["nodes"]["rows"] == 2 * (1 + 3 * 2)
+
+    assert count(config, "SELECT count(*) FROM nodes") == first["nodes"]
+    assert count(config, "SELECT count(*) FROM pairs") == first["pairs"]
+    assert count(config, "SELECT count(*) FROM dpo_pairs") == first["pairs"]
+    (runs_row,) = lake.query(config, "SELECT snapshot_id, flow_run_id, status FROM runs WHERE run_id = 'it-1'")[1]
+    assert runs_row[0] == first["snapshot_id"] and runs_row[1] and runs_row[2] == "complete"
+    assert count(config, "SELECT count(*) FROM validations WHERE NOT success") == 0
+
+    again = run(config, "it-1")
+    assert again["shards_reused"] == 2 and again["completion_tokens"] == 0
+    assert again["snapshot_id"] == first["snapshot_id"] + 1
+    assert count(config, "SELECT count(*) FROM nodes") == first["nodes"]
+    assert count(config, "SELECT count(DISTINCT node_id) FROM nodes") == first["nodes"]
+    assert count(config, "SELECT count(*) FROM runs") == 1
+    assert lake.query(config, "SELECT count(*) FROM nodes", version=first["snapshot_id"])[1][0][0] == first["nodes"]
+
+
+def test_run_report_is_in_prefect(config):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    summary = run(config, "it-report")
+
+    async def artifacts():
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="orchard-run-it-report"))
+            )
+            return {a.key: a for a in found}
+
+    found = asyncio.run(artifacts())
+    assert {"orchard-run-it-report", "orchard-run-it-report-report"} <= set(found)
+    assert f"| {summary['pairs']} |" in found["orchard-run-it-report-report"].data
+
+
+def test_sql_command_answers_from_the_lake(config, tmp_path, capsys):
+    summary = run(config, "it-sql")
+    path = tmp_path / "orchard.toml"
+    engine = config.engines["embedded"]
+    store = config.object_store
+    path.write_text(
+        f"""state_dir = "{config.state_dir}"
+[object_store]
+endpoint_url = "{store.endpoint_url}"
+bucket = "{store.bucket}"
+access_key_id = "{store.access_key_id}"
+secret_access_key = "{store.secret_access_key}"
+[engines.embedded]
+kind = "openai"
+model = "{engine.model}"
+base_urls = ["{engine.base_urls[0]}"]
+"""
+    )
+    assert orchard_main(["--config", str(path), "sql", "SELECT count(*) AS n FROM nodes"]) == 0
+    assert f"\n{summary['nodes']}" in capsys.readouterr().out
+    assert orchard_main(["--config", str(path), "sql", "--version", "999", "SELECT 1"]) == 2
+    assert "999" in capsys.readouterr().err
+
+
+class _GarbageForPoison(BaseHTTPRequestHandler):
+    """Forwards to the real model server, but answers garbage to any prompt that mentions POISON."""
+
+    upstream = ""
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if b"POISON" in body:
+            status, payload = 200, b'{"choices": "nope"'
+        else:
+            answer = httpx.post(self.upstream + self.path, content=body, headers={"Content-Type": "application/json"},
+                                timeout=120)
+            status, payload = answer.status_code, answer.content
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_garbage_from_the_model_fails_one_shard_and_the_others_publish(config, tmp_path):
+    handler = type("Proxy", (_GarbageForPoison,), {"upstream": config.engines["embedded"].base_urls[0]})
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    seeds = tmp_path / "gsm8k.jsonl"
+    questions = ["What is 2 + 2?", "What is 3 + 3?", "What is POISON 4 + 4?", "What is 5 + 5?"]
+    seeds.write_text("\n".join(json.dumps({"question": q, "answer": f"#### {eval(q[8:-1].replace('POISON', ''))}"})
+                               for q in questions))
+    engine = dataclasses.replace(config.engines["embedded"], base_urls=(f"http://127.0.0.1:{proxy.server_address[1]}",))
+    broken = config.replace(engines={"embedded": engine}, seeds=(SeedSource(kind="gsm8k", path=str(seeds), count=0),))
+    try:
+        summary = run(broken, "it-garbage")
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert summary["status"] == "partial"
+    assert (summary["shards_failed"], summary["shards_published"]) == (1, 1)
+    assert any("gave up after 2 attempts: unusable answer" in p for p in summary["problems"])
+    texts = {r[0] for r in lake.query(broken, "SELECT text FROM instructions WHERE run_id = 'it-garbage'")[1]}
+    assert texts == {"What is 2 + 2?", "What is 3 + 3?"}
+
+
+def test_shard_violating_a_suite_is_quarantined_and_not_published(config, store):
+    plans = plan_shards(load_seeds(config.seeds), per_shard=2, config_hash=config.content_hash())
+    bad_plan = plans[0]
+    def check(items):
+        return [check_math_answer(text, ref) for text, ref in items]
+
+    grown = asyncio.run(grow_shard(bad_plan, run_id="it-bad", run=config.run, engine=_RightOrWrong(bad_plan),
+                                   check=check))
+    assert grown.pairs
+    grown.pairs[0]["chosen_text"] = ""  # the injected violation: an empty chosen response
+    tables = {name: rows.table(name, getattr(grown, name)) for name in rows.SHARD_TABLES}
+    land_shard(store, "it-bad", bad_plan.shard_id, tables, config_hash=config.content_hash(), stats=grown.stats)
+
+    summary = run(config, "it-bad")
+    assert summary["status"] == "partial" and summary["shards_quarantined"] == 1
+    assert any(bad_plan.shard_id in p and "chosen_text" in p for p in summary["problems"])
+    assert landed_manifest(store, "it-bad", bad_plan.shard_id) is None
+    assert store.exists(f"{quarantine_prefix('it-bad', bad_plan.shard_id)}validation.json")
+    published = {r[0] for r in lake.query(config, "SELECT DISTINCT shard_id FROM nodes WHERE run_id = 'it-bad'")[1]}
+    assert published == {plans[1].shard_id}
+    failed = lake.query(config, "SELECT shard_id FROM validations WHERE run_id = 'it-bad' AND NOT success")[1]
+    assert {r[0] for r in failed} == {bad_plan.shard_id}
+
+
+class _RightOrWrong:
+    """A scripted engine that answers right on even sample seeds and wrong on odd ones."""
+
+    def __init__(self, plan):
+        self.references = {i.text: i.reference for i in plan.instructions}
+        self.inner = ScriptedEngine(self.answer)
+        self.model, self.usage = self.inner.model, self.inner.usage
+
+    def answer(self, messages, sampling):
+        reference = self.references[messages[-1]["content"]]
+        return f"Answer: {reference}" if sampling.seed % 2 == 0 else f"Answer: {int(reference) + 1}"
+
+    async def chat(self, messages, sampling, n=1):
+        return await self.inner.chat(messages, sampling, n)
+
+
+def test_malformed_seed_file_names_the_line_and_publishes_nothing(config, store, tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"question": "What is 1+1?", "answer": "#### 2"}\n{"question": "What is 2+2?"}\n')
+    broken = config.replace(seeds=(SeedSource(kind="gsm8k", path=str(seeds)),))
+    with pytest.raises(SeedError, match=r"seeds\.jsonl: line 2: field 'answer' is missing"):
+        run(broken, "it-bad-seeds")
+    assert store.list_keys("") == []
+    assert not Path(broken.lake_catalog).exists()

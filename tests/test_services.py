@@ -1,0 +1,177 @@
+"""The embedded servers: real SeaweedFS and llama.cpp processes, on loopback, stopped without leftovers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from orchard import services
+from orchard.config import Config, EngineConfig, ObjectStoreConfig
+from orchard.services import Service, ServiceError, embedded_services, start_seaweedfs
+from orchard.store import ObjectStore
+
+STORE = ObjectStoreConfig(bucket="orchard", access_key_id="orchard", secret_access_key="orchard-test-secret")
+
+
+def listening_addresses(pid: int) -> set[str]:
+    """The local IPv4/IPv6 addresses (hex, as in /proc/net/tcp*) of the TCP sockets `pid` listens on."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:
+            continue  # closed between listing and reading
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in inodes:  # 0A = LISTEN
+                addresses.add(local.split(":")[0])
+    return addresses
+
+
+def process_group_is_gone(service: Service) -> bool:
+    try:
+        os.killpg(service.process.pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def store_at(service: Service, bucket: str = "orchard") -> ObjectStore:
+    return ObjectStore(dataclasses.replace(STORE, endpoint_url=service.url, bucket=bucket))
+
+
+@pytest.mark.integration
+def test_seaweedfs_listens_only_on_loopback_and_stops_without_leftovers(tmp_path: Path) -> None:
+    service = start_seaweedfs(STORE, tmp_path)
+    try:
+        assert service.url.startswith("http://127.0.0.1:")
+        assert listening_addresses(service.process.pid) == {"0100007F"}  # 127.0.0.1, nothing else
+        assert store_at(service).put_new("hello.txt", b"hi")
+        assert (tmp_path / "logs" / "seaweedfs.log").is_file()
+        assert (tmp_path / "seaweedfs").is_dir()
+    finally:
+        service.stop()
+    assert service.process.returncode is not None
+    assert process_group_is_gone(service)
+
+
+@pytest.mark.integration
+def test_two_seaweedfs_run_side_by_side_with_separate_data(tmp_path: Path) -> None:
+    first = start_seaweedfs(STORE, tmp_path / "a")
+    try:
+        second = start_seaweedfs(STORE, tmp_path / "b")
+        try:
+            assert first.url != second.url
+            assert store_at(first).put_new("only-in-a.txt", b"a")
+            assert store_at(second).put_new("only-in-b.txt", b"b")
+            assert store_at(first).list_keys("") == ["only-in-a.txt"]
+            assert store_at(second).list_keys("") == ["only-in-b.txt"]
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+
+
+@pytest.mark.integration
+def test_bucket_contents_survive_a_restart_on_other_ports(tmp_path: Path) -> None:
+    service = start_seaweedfs(STORE, tmp_path)
+    try:
+        assert store_at(service).put_new("runs/r1/kept.txt", b"still here")
+    finally:
+        service.stop()
+    again = start_seaweedfs(STORE, tmp_path)
+    try:
+        assert store_at(again).get("runs/r1/kept.txt") == b"still here"
+    finally:
+        again.stop()
+
+
+def test_a_server_that_exits_at_start_is_reported_with_its_log(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(services, "weed_binary", lambda: Path("/bin/false"))
+    with pytest.raises(ServiceError, match=r"seaweedfs exited with code 1 while starting; log .*seaweedfs\.log"):
+        start_seaweedfs(STORE, tmp_path)
+
+
+def test_packaged_model_and_store_binary_are_found_without_path_lookups() -> None:
+    assert services.smollm2_gguf().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert services.smollm2_gguf().stat().st_size > 50_000_000
+    assert os.access(services.weed_binary(), os.X_OK)
+
+
+def test_free_ports_are_distinct() -> None:
+    ports = services.free_ports(10)
+    assert len(set(ports)) == 10
+
+
+def test_llama_server_answers_a_chat_under_the_configured_model_name(llama: EngineConfig) -> None:
+    (url,) = llama.base_urls
+    assert url.startswith("http://127.0.0.1:")
+    response = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={
+            "model": llama.model,
+            "messages": [{"role": "user", "content": "What is 2 + 3? Answer with a number."}],
+            "max_tokens": 12,
+            "temperature": 0.0,
+        },
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["model"] == llama.model
+    assert isinstance(answer["choices"][0]["message"]["content"], str)
+    assert 0 < answer["usage"]["completion_tokens"] <= 12
+    models = httpx.get(f"{url}/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == [llama.model]
+
+
+@pytest.mark.integration
+def test_embedded_services_serve_the_config_and_stop_even_on_interrupt(tmp_path: Path) -> None:
+    config = Config(state_dir=str(tmp_path / "state"))
+    seen: dict[str, str] = {}
+    with pytest.raises(KeyboardInterrupt):
+        with embedded_services(config) as resolved:
+            engine = resolved.engines["embedded"]
+            assert engine.kind == "openai" and engine.model == config.engines["embedded"].model
+            assert resolved.object_store.endpoint_url.startswith("http://127.0.0.1:")
+            assert httpx.get(f"{engine.base_urls[0]}/v1/models", timeout=10).status_code == 200
+            assert ObjectStore(resolved.object_store).put_new("probe.txt", b"ok")
+            assert config.object_store.endpoint_url == ""  # the caller's config is left as it was
+            seen = {"model": engine.base_urls[0], "store": resolved.object_store.endpoint_url}
+            raise KeyboardInterrupt
+    for url in seen.values():
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url, timeout=2)
+    assert (tmp_path / "state" / "logs" / "llama-embedded.log").is_file()
+
+
+def test_external_endpoints_start_nothing(tmp_path: Path) -> None:
+    config = Config(
+        state_dir=str(tmp_path / "state"),
+        object_store=dataclasses.replace(STORE, endpoint_url="http://s3.example.invalid"),
+        engines={"remote": EngineConfig(kind="openai", model="m", base_urls=("http://llm.example.invalid",))},
+        roles={"generator": "remote"},
+    )
+    with embedded_services(config) as resolved:
+        assert resolved == config
+    assert not (tmp_path / "state").exists()
+
+
+def test_model_false_leaves_embedded_engines_unstarted(tmp_path: Path) -> None:
+    config = Config(
+        state_dir=str(tmp_path / "state"),
+        object_store=dataclasses.replace(STORE, endpoint_url="http://s3.example.invalid"),
+    )
+    with embedded_services(config, model=False) as resolved:
+        assert resolved.engines["embedded"].kind == "embedded"
+        assert resolved.engines["embedded"].base_urls == ()
+    assert not (tmp_path / "state").exists()
