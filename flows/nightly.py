@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime, timezone
 
@@ -26,7 +27,8 @@ def default_run_id() -> str:
 @flow(name="nightly", log_prints=True)
 def nightly(config: dict | None = None, run_id: str | None = None) -> dict:
     """Grow, land, validate and publish one run; return its summary."""
-    cfg = Config.from_dict(config) if config else load_config()
+    # A deployment run passes no config: the worker's $ORCHARD_CONFIG (or the preset) with its environment applies.
+    cfg = Config.from_dict(config) if config else load_config(os.environ.get("ORCHARD_CONFIG") or None)
     config = cfg.to_dict()
     run_id = run_id or default_run_id()
     logger = get_run_logger()

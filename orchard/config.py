@@ -87,7 +87,11 @@ class Config:
 
     state_dir: str = ".orchard"
     run: RunConfig = field(default_factory=RunConfig)
-    seeds: tuple[SeedSource, ...] = (SeedSource(),)
+    # The embedded default: easy and moderate generated problems, so the small model gets some right and some wrong.
+    seeds: tuple[SeedSource, ...] = (
+        SeedSource(kind="arithmetic", count=8, difficulty=1, seed=7),
+        SeedSource(kind="arithmetic", count=4, difficulty=2, seed=7),
+    )
     engines: Mapping[str, EngineConfig] = field(
         default_factory=lambda: {"embedded": EngineConfig(kind="embedded", model="SmolLM2-135M-Instruct")}
     )

@@ -76,9 +76,18 @@ def sample_seed(base: int, tree_id: str, strategy: str, k: int) -> int:
 
 
 async def grow_shard(
-    plan: ShardPlan, *, run_id: str, run: RunConfig, engine: ChatEngine, check: Checker
+    plan: ShardPlan,
+    *,
+    run_id: str,
+    run: RunConfig,
+    engine: ChatEngine,
+    check: Checker,
+    progress: Callable[[int, int], None] | None = None,
 ) -> GrownShard:
-    """Return the instructions, nodes and pairs of every tree of `plan`, each action verified by `check`."""
+    """Return the instructions, nodes and pairs of every tree of `plan`, each action verified by `check`.
+
+    `progress(done, total)` is called as answers arrive (about every tenth of them).
+    """
     for strategy in run.strategies:
         if strategy not in STRATEGIES:
             raise GrowError(f"run.strategies: unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
@@ -127,8 +136,14 @@ async def grow_shard(
                 )
                 requests.append((tree_id, instruction, strategy, k, messages, sampling))
 
+    done, step = 0, max(1, len(requests) // 10)
+
     async def ask(messages: list[dict[str, str]], sampling: Sampling) -> Completion:
+        nonlocal done
         (completion,) = await engine.chat(messages, sampling, n=1)
+        done += 1
+        if progress is not None and (done % step == 0 or done == len(requests)):
+            progress(done, len(requests))
         return completion
 
     results = await asyncio.gather(*(ask(r[4], r[5]) for r in requests), return_exceptions=True)
@@ -205,7 +220,9 @@ def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
 
     async def grow() -> GrownShard:
         async with EngineClient(cfg.engine_for("generator")) as engine:
-            return await grow_shard(plan, run_id=run_id, run=cfg.run, engine=engine, check=verifier.check)
+            return await grow_shard(plan, run_id=run_id, run=cfg.run, engine=engine, check=verifier.check,
+                                    progress=lambda done, total: logger.info(
+                                        "shard %s: %d/%d actions answered", plan.shard_id, done, total))
 
     with MathVerifier(cfg.run.verify_workers) as verifier:
         grown = asyncio.run(grow())

@@ -107,3 +107,11 @@ def test_identical_texts_never_pair():
             "instruction_id": instruction().instruction_id, "verdict": "correct", "text": "Answer: 6"}
     nodes = [{**node, "node_id": "a"}, {**node, "node_id": "b", "score": 0.0, "verdict": "incorrect"}]
     assert extract_pairs(nodes, {instruction().instruction_id: instruction()}) == []
+
+
+def test_progress_is_reported_as_answers_arrive():
+    seen = []
+    run = RunConfig(strategies=("step_by_step",), samples_per_strategy=4)
+    asyncio.run(grow_shard(plan(instruction()), run_id="r1", run=run, engine=ScriptedEngine(lambda m, s: "Answer: 6"),
+                           check=check, progress=lambda done, total: seen.append((done, total))))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
