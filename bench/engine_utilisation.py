@@ -1,16 +1,19 @@
-"""How busy does the nightly flow keep the engine? Same requests, two ways, measured side by side in one run.
+"""How busy does the nightly flow keep the engine? The same requests, two ways, measured side by side in one run.
 
-(a) raw: every request of every shard sent straight through the engine client, all in flight together;
-(b) factory: the nightly flow (plan → grow → verify → land → validate → materialise) on the same seeds.
+(a) factory: the nightly flow (plan → grow level by level with critiques and refinements → verify → land →
+    validate → materialise) on a shard of `--instructions` trees;
+(b) raw: every request the flow sent — read back from the nodes it landed: messages, sampling, seed — sent
+    straight through the engine client, all in flight together, with nothing else to do.
 
 Prints completion tokens/s of both and their ratio (factory ÷ raw). Usage:
-    .venv/bin/python bench/engine_utilisation.py [--instructions 12] [--per-shard 4]
+    .venv/bin/python bench/engine_utilisation.py [--instructions 32] [--per-shard 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import tempfile
@@ -22,30 +25,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from orchard.config import Config, RunConfig, SeedSource  # noqa: E402
 from orchard.engine import EngineClient, Sampling  # noqa: E402
 
+ROLE_OF = {"action": "generator", "critique": "critic", "refinement": "refiner"}
 
-async def raw_tokens_per_s(cfg: Config, run_id: str) -> tuple[int, float]:
-    """Send the flow's exact requests straight to the engine; return (completion tokens, wall seconds)."""
-    from tasks.grow import _id, action_messages, sample_seed
-    from tasks.seeds import load_seeds
 
-    run = cfg.run
-    requests = []
-    for instruction in load_seeds(cfg.seeds):
-        tree_id = _id(run_id, instruction.instruction_id)
-        for strategy in run.strategies:
-            for k in range(run.samples_per_strategy):
-                sampling = Sampling(run.temperature, run.top_p, run.max_tokens, sample_seed(run.seed, tree_id, strategy, k))
-                requests.append((action_messages(instruction, strategy), sampling))
-    async with EngineClient(cfg.engine_for("generator")) as client:
+async def replay(cfg: Config, requests: list[tuple[str, list[dict], Sampling]]) -> tuple[int, float]:
+    """Send `requests` straight to the engines, all at once; return (completion tokens, wall seconds)."""
+    clients = {name: EngineClient(cfg.engines[name]) for name in set(cfg.roles.values())}
+    try:
         started = time.monotonic()
-        await asyncio.gather(*(client.chat(m, s) for m, s in requests))
-        return client.usage.completion_tokens, time.monotonic() - started
+        await asyncio.gather(*(clients[cfg.roles[role]].chat(m, s) for role, m, s in requests))
+        wall = time.monotonic() - started
+        return sum(c.usage.completion_tokens for c in clients.values()), wall
+    finally:
+        for client in clients.values():
+            await client.aclose()
+
+
+def landed_requests(cfg: Config, run_id: str) -> list[tuple[str, list[dict], Sampling]]:
+    """Return every request the run sent, one per node, as (role, messages, sampling with the node's seed)."""
+    from orchard.lake import query
+
+    _, found = query(cfg, f"""
+        SELECT role, to_json(prompt), temperature, top_p, max_tokens, sample_seed FROM nodes
+        WHERE run_id = '{run_id}' AND role <> 'instruction'""")
+    return [
+        (ROLE_OF[role], json.loads(prompt), Sampling(temperature, top_p, max_tokens, seed))
+        for role, prompt, temperature, top_p, max_tokens, seed in found
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instructions", type=int, default=12)
-    parser.add_argument("--per-shard", type=int, default=4)
+    parser.add_argument("--instructions", type=int, default=32)
+    parser.add_argument("--per-shard", type=int, default=32)
     args = parser.parse_args()
 
     state = Path(tempfile.mkdtemp(prefix="orchard-bench-"))
@@ -54,29 +66,28 @@ def main() -> None:
     from flows.nightly import nightly
     from orchard.services import embedded_services
 
-    cfg = Config(
-        state_dir=str(state),
-        run=RunConfig(instructions_per_shard=args.per_shard),
-        seeds=(SeedSource(kind="arithmetic", count=args.instructions, difficulty=1, seed=3),),
-    )
-    run_id = "bench"
+    run = RunConfig(instructions_per_shard=args.per_shard, samples_per_strategy=2, turns=2, refine_per_tree=1,
+                    refine_samples=2, max_tokens=96, critique_max_tokens=64)
+    cfg = Config(state_dir=str(state), run=run,
+                 seeds=(SeedSource(kind="arithmetic", count=args.instructions, difficulty=1, seed=3),))
     with embedded_services(cfg) as live:
-        # Warm the server once so neither side pays for the first load.
-        asyncio.run(raw_tokens_per_s(live.replace(seeds=(SeedSource(count=1, difficulty=1, seed=99),)), "warm"))
-        raw_tokens, raw_wall = asyncio.run(raw_tokens_per_s(live, run_id))
+        warm = live.replace(seeds=(SeedSource(count=1, difficulty=1, seed=99),))
+        asyncio.run(replay(warm, [("generator", [{"role": "user", "content": "Say hi."}], Sampling(max_tokens=8))]))
         flow_started = time.monotonic()
-        summary = nightly(config=live.to_dict(), run_id=run_id)
+        summary = nightly(config=live.to_dict(), run_id="bench")
         flow_wall = time.monotonic() - flow_started
+        requests = landed_requests(live, "bench")
+        raw_tokens, raw_wall = asyncio.run(replay(live, requests))
 
     raw = raw_tokens / raw_wall
     factory = summary["completion_tokens"] / summary["wall_s"]
-    end_to_end = summary["completion_tokens"] / flow_wall
-    print(f"requests: {args.instructions} instructions × {len(cfg.run.strategies)} strategies × "
-          f"{cfg.run.samples_per_strategy} samples, shards of {args.per_shard}")
+    whole = summary["completion_tokens"] / flow_wall
+    print(f"shape: {args.instructions} trees in shards of {args.per_shard}; {len(requests)} requests "
+          f"(actions, critiques, refinements over {run.turns} turns)")
     print(f"raw engine client : {raw_tokens} completion tokens in {raw_wall:.1f} s = {raw:.1f} tokens/s")
-    print(f"nightly flow      : {summary['completion_tokens']} completion tokens in {summary['wall_s']:.1f} s "
-          f"of growth = {factory:.1f} tokens/s ({flow_wall:.1f} s for the whole flow = {end_to_end:.1f} tokens/s)")
-    print(f"ratio factory/raw : {factory / raw:.3f} (growth phase), {end_to_end / raw:.3f} (whole flow)")
+    print(f"nightly flow      : {summary['completion_tokens']} completion tokens in {summary['wall_s']:.1f} s of "
+          f"growth = {factory:.1f} tokens/s ({flow_wall:.1f} s for the whole flow = {whole:.1f} tokens/s)")
+    print(f"ratio factory/raw : {factory / raw:.3f} (growth phase), {whole / raw:.3f} (whole flow)")
 
 
 if __name__ == "__main__":

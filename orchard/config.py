@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from orchard.sandbox import SandboxConfig
+
 ENV_PREFIX = "ORCHARD__"
 
 
@@ -72,8 +74,13 @@ class RunConfig:
     """How big one run is and how trees are grown."""
 
     instructions_per_shard: int = 4
-    strategies: tuple[str, ...] = ("step_by_step", "plan_first", "work_backwards")
+    strategies: tuple[str, ...] = ("step_by_step", "plan_first", "work_backwards")  # math
+    code_strategies: tuple[str, ...] = ("direct", "plan_in_comments", "examples_first")
     samples_per_strategy: int = 3
+    turns: int = 2  # 1 = first attempts only; each further turn critiques wrong nodes and refines them
+    refine_per_tree: int = 2  # wrong nodes per tree and turn that get a critique and refinements
+    refine_samples: int = 2  # refinements per critique (siblings that can pair)
+    critique_max_tokens: int = 96
     max_tokens: int = 160
     temperature: float = 0.9
     top_p: float = 0.95
@@ -89,15 +96,20 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     # The embedded default: easy and moderate generated problems, so the small model gets some right and some wrong.
     seeds: tuple[SeedSource, ...] = (
-        SeedSource(kind="arithmetic", count=8, difficulty=1, seed=7),
-        SeedSource(kind="arithmetic", count=4, difficulty=2, seed=7),
+        SeedSource(kind="arithmetic", count=6, difficulty=1, seed=7),
+        SeedSource(kind="arithmetic", count=2, difficulty=2, seed=7),
+        SeedSource(kind="code", count=3, difficulty=1, seed=7),
+        SeedSource(kind="humaneval", count=1),
     )
     engines: Mapping[str, EngineConfig] = field(
         default_factory=lambda: {"embedded": EngineConfig(kind="embedded", model="SmolLM2-135M-Instruct")}
     )
-    roles: Mapping[str, str] = field(default_factory=lambda: {"generator": "embedded"})
+    roles: Mapping[str, str] = field(
+        default_factory=lambda: {"generator": "embedded", "critic": "embedded", "refiner": "embedded"}
+    )
     object_store: ObjectStoreConfig = field(default_factory=ObjectStoreConfig)
     lake: LakeConfig = field(default_factory=LakeConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
     # --- derived values ---------------------------------------------------------------------
     @property
@@ -136,6 +148,8 @@ class Config:
         """A hash of what changes the grown data (not where it is stored or who serves it)."""
         relevant = {
             "run": dataclasses.asdict(self.run),
+            # Limits decide verdicts (a slow answer times out); where the binaries live does not.
+            "sandbox": {k: v for k, v in dataclasses.asdict(self.sandbox).items() if k not in ("bwrap", "python", "uid")},
             "models": {role: self.engine_for(role).model for role in sorted(self.roles)},
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
@@ -162,6 +176,7 @@ _NESTED = {
     (Config, "run"): RunConfig,
     (Config, "object_store"): ObjectStoreConfig,
     (Config, "lake"): LakeConfig,
+    (Config, "sandbox"): SandboxConfig,
 }
 
 
@@ -204,7 +219,7 @@ def _coerce(cls: type, key: str, value: Any, path: str) -> Any:
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) and key != "roles":
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
             merged[key] = _merge(dict(merged[key]), value)
         else:
             merged[key] = value
@@ -242,8 +257,12 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             file_values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-        if "engines" in file_values:  # a file that defines engines replaces the preset's engines
+        if "engines" in file_values:  # a file that defines engines replaces the preset's engines ...
             raw["engines"] = {}
+            # ... and a role it leaves unnamed is played by its generator (or its first engine).
+            named = file_values.get("roles", {})
+            fallback = named.get("generator") or next(iter(file_values["engines"]), "")
+            raw["roles"] = {role: named.get(role, fallback) for role in raw["roles"]}
         if "seeds" in file_values:
             raw["seeds"] = []
         raw = _merge(raw, file_values)

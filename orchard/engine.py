@@ -9,7 +9,7 @@ import asyncio
 import itertools
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, Sequence
 
 import httpx
@@ -44,6 +44,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int | None = None
+    seed: int | None = None  # the seed of the request this choice came from
 
 
 @dataclass
@@ -105,6 +106,8 @@ class EngineClient:
         self._urls = [u.rstrip("/") for u in engine.base_urls]
         self._next_url = itertools.cycle(range(len(self._urls)))
         self._slots = [asyncio.Semaphore(engine.max_concurrency) for _ in self._urls]
+        # Whether the server honours `n` (vLLM does; llama.cpp's server answers one choice): None = not known yet.
+        self.supports_n: bool | None = None
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(engine.timeout_s, connect=10.0),
             headers={"Authorization": f"Bearer {engine.api_key}"},
@@ -121,20 +124,30 @@ class EngineClient:
         await self._http.aclose()
 
     async def chat(self, messages: Sequence[Message], sampling: Sampling, n: int = 1) -> list[Completion]:
-        """Return `n` chat completions of `messages`."""
-        body: dict[str, Any] = {"model": self.model, "messages": list(messages), **_sampling_body(sampling)}
-        if n != 1:
-            body["n"] = n
-        answer = await self._post("/v1/chat/completions", body)
-        return _completions(answer, self.model, key="message")
+        """Return `n` chat completions of `messages` (one request with `n` where the server honours it)."""
+        return await self._sample("/v1/chat/completions", {"messages": list(messages)}, sampling, n, key="message")
 
     async def complete(self, prompt: str, sampling: Sampling, n: int = 1) -> list[Completion]:
         """Return `n` raw-text completions of `prompt` (for continuing an exact prefix)."""
-        body: dict[str, Any] = {"model": self.model, "prompt": prompt, **_sampling_body(sampling)}
-        if n != 1:
-            body["n"] = n
-        answer = await self._post("/v1/completions", body)
-        return _completions(answer, self.model, key="text")
+        return await self._sample("/v1/completions", {"prompt": prompt}, sampling, n, key="text")
+
+    async def _sample(self, path: str, request: dict[str, Any], sampling: Sampling, n: int, *, key: str) -> list[Completion]:
+        got: list[Completion] = []
+        if n == 1 or self.supports_n is not False:
+            body = {"model": self.model, **request, **_sampling_body(sampling)}
+            if n != 1:
+                body["n"] = n
+            got = _completions(await self._post(path, body), self.model, key=key, seed=sampling.seed)[:n]
+            if n > 1:
+                self.supports_n = len(got) == n
+        # A server that ignores `n` gets the missing siblings as separate requests, each with its own seed.
+        missing = range(len(got), n)
+        extra = await asyncio.gather(*(
+            self._post(path, {"model": self.model, **request, **_sampling_body(_nth(sampling, k))}) for k in missing
+        ))
+        for k, answer in zip(missing, extra):
+            got.extend(_completions(answer, self.model, key=key, seed=_nth(sampling, k).seed)[:1])
+        return got
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         index = next(self._next_url)
@@ -179,6 +192,11 @@ class EngineClient:
         raise EngineError(f"{url}: gave up after {self.engine.retries + 1} attempts: {last_error}")
 
 
+def _nth(sampling: Sampling, k: int) -> Sampling:
+    """The sampling of the k-th sibling when siblings are separate requests: the seed moves on by k."""
+    return sampling if sampling.seed is None or k == 0 else replace(sampling, seed=sampling.seed + k)
+
+
 def _sampling_body(sampling: Sampling) -> dict[str, Any]:
     body: dict[str, Any] = {
         "temperature": sampling.temperature,
@@ -204,7 +222,7 @@ def _cached_tokens(usage: dict[str, Any]) -> int | None:
     return int(cached) if cached is not None else None
 
 
-def _completions(answer: dict[str, Any], model: str, *, key: str) -> list[Completion]:
+def _completions(answer: dict[str, Any], model: str, *, key: str, seed: int | None = None) -> list[Completion]:
     usage = answer.get("usage") or {}
     choices = sorted(answer["choices"], key=lambda c: c.get("index", 0))
     prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -223,6 +241,7 @@ def _completions(answer: dict[str, Any], model: str, *, key: str) -> list[Comple
                 # usage covers all choices of the request; share it out so per-node counts add up.
                 completion_tokens=completion_tokens // len(choices),
                 cached_tokens=_cached_tokens(usage),
+                seed=seed,
             )
         )
     return completions

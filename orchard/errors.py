@@ -8,9 +8,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from orchard.config import ConfigError
     from orchard.engine import EngineError
     from orchard.lake import LakeError
+    from orchard.sandbox import SandboxUnavailable
     from orchard.services import ServiceError
     from orchard.store import StoreError
     from tasks.grow import GrowError
     from tasks.seeds import SeedError
+    from tasks.verify import VerificationError
 
-    return (ConfigError, EngineError, LakeError, ServiceError, StoreError, GrowError, SeedError)
+    return (ConfigError, EngineError, LakeError, ServiceError, StoreError, GrowError, SeedError, SandboxUnavailable,
+            VerificationError)

@@ -14,8 +14,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import duckdb
+import pyarrow as pa
 
 from orchard.config import Config, ObjectStoreConfig
+from schemas.rows import SHARD_TABLES
 
 LAKE = "lake"  # the name the lake is attached under; queries may say `lake.pairs` or just `pairs`
 _SCHEMA_MARK = "orchard-schema sha256:"  # prefix of the comment on `runs` that records the applied DDL
@@ -147,13 +149,17 @@ def _secret_sql(store: ObjectStoreConfig) -> str:
 
 
 def _apply_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Apply schemas/lake.sql in one transaction unless the lake already carries this exact DDL.
+    """Apply schemas/lake.sql in one transaction unless the lake already carries this exact DDL and row schemas.
 
     Re-running the DDL every time would not be free: CREATE OR REPLACE VIEW makes a new snapshot
-    on each call. The hash of the applied DDL is kept as the comment on `runs`.
+    on each call. The hash of the applied DDL (and of schemas/rows.py's schemas, so that a row change
+    is checked against the lake too) is kept as the comment on `runs`. The DDL migrates a lake made
+    by an older version (new tables, ADD COLUMN); a shard table that still differs from its row
+    schema afterwards fails here, before anything is committed, instead of at the next INSERT.
     """
     ddl = schema_sql()
-    mark = _SCHEMA_MARK + hashlib.sha256(ddl.encode()).hexdigest()[:16]
+    rows_text = "\n".join(f"{name}: {schema}" for name, schema in SHARD_TABLES.items())
+    mark = _SCHEMA_MARK + hashlib.sha256((ddl + "\n" + rows_text).encode()).hexdigest()[:16]
     applied = con.execute(
         "SELECT comment FROM duckdb_tables() WHERE database_name = ? AND table_name = 'runs'", [LAKE]
     ).fetchone()
@@ -162,12 +168,50 @@ def _apply_schema(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("BEGIN")
     try:
         con.execute(ddl)
+        _check_shard_tables(con)
         con.execute(f"COMMENT ON TABLE runs IS {_quote(mark)}")
         con.execute(f"CALL {LAKE}.set_commit_message('orchard', {_quote('schema ' + mark)})")
         con.execute("COMMIT")
     except duckdb.Error as exc:
         rollback(con)
         raise LakeError(f"schemas/lake.sql could not be applied to the lake: {_first_line(exc)}") from None
+    except LakeError:
+        rollback(con)
+        raise
+
+
+def _check_shard_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """Fail unless every shard table of the lake has its row schema's columns: names, types and order alike."""
+    for name, schema in SHARD_TABLES.items():
+        expected = _duckdb_columns(schema)
+        found = con.execute(
+            "SELECT column_name, data_type FROM duckdb_columns() "
+            "WHERE database_name = ? AND schema_name = 'main' AND table_name = ? ORDER BY column_index",
+            [LAKE, name],
+        ).fetchall()
+        if found == expected:
+            continue
+        found_types, expected_types = dict(found), dict(expected)
+        missing = [column for column in expected_types if column not in found_types]
+        extra = [column for column in found_types if column not in expected_types]
+        retyped = [
+            f"{column} is {found_types[column]}, not {kind}"
+            for column, kind in expected
+            if column in found_types and found_types[column] != kind
+        ]
+        problems = [
+            *([f"lacks {missing} (add ALTER TABLE … ADD COLUMN IF NOT EXISTS to the migrations)"] if missing else []),
+            *([f"has {extra}, which rows.py does not"] if extra else []),
+            *retyped,
+        ] or [f"column order {list(found_types)} differs from {list(expected_types)}"]
+        raise LakeError(f"schemas/lake.sql: lake table {name} does not follow schemas/rows.py: {'; '.join(problems)}")
+
+
+def _duckdb_columns(schema: pa.Schema) -> list[tuple[str, str]]:
+    """Return (name, DuckDB type) of each column of an Arrow schema, as DuckDB itself reads the Arrow types."""
+    with duckdb.connect() as scratch:
+        scratch.register("shard_schema", schema.empty_table())
+        return [(row[0], row[1]) for row in scratch.execute("DESCRIBE shard_schema").fetchall()]
 
 
 def _attach_error(catalog: str, version: int | None, exc: duckdb.Error) -> LakeError:

@@ -2,9 +2,11 @@
 -- one row per run, the validation results, and the views training code reads.
 --
 -- Applied by orchard.lake.connect in one transaction whenever this file's hash differs from the one
--- recorded on the `runs` table, so it must stay idempotent. Tables use IF NOT EXISTS: changing a
--- table here does not migrate an existing lake (write an ALTER TABLE for that). Views are replaced,
--- so editing a view here reaches existing lakes on their next connect.
+-- recorded on the `runs` table, so it must stay idempotent. Tables use IF NOT EXISTS, so a new table
+-- reaches existing lakes as is; a new column must be appended here (as in schemas/rows.py) AND get an
+-- `ALTER TABLE … ADD COLUMN IF NOT EXISTS` in the migrations below, which is what reaches a lake made
+-- before it (rows already there read NULL for it). Views are replaced, so editing a view here reaches
+-- existing lakes on their next connect.
 
 CREATE TABLE IF NOT EXISTS runs (
     run_id VARCHAR,
@@ -65,7 +67,14 @@ CREATE TABLE IF NOT EXISTS nodes (
     prompt_template_version VARCHAR,
     prompt_tokens BIGINT,
     completion_tokens BIGINT,
-    finish_reason VARCHAR
+    finish_reason VARCHAR,
+    turn BIGINT,                     -- 1 for first actions, t + 1 for a refinement of turn t; null for roots, critiques
+    feedback VARCHAR,
+    failure_reason VARCHAR,
+    sandbox_exit_code BIGINT,
+    sandbox_stdout VARCHAR,
+    sandbox_stderr VARCHAR,
+    cached_tokens BIGINT
 );
 
 CREATE TABLE IF NOT EXISTS pairs (
@@ -88,7 +97,26 @@ CREATE TABLE IF NOT EXISTS pairs (
     difficulty BIGINT,
     pass_rate DOUBLE,
     strategy VARCHAR,
-    model VARCHAR
+    model VARCHAR,
+    turn BIGINT
+);
+
+-- One row per tree: what was grown for one instruction in one run.
+CREATE TABLE IF NOT EXISTS trees (
+    run_id VARCHAR,
+    shard_id VARCHAR,
+    tree_id VARCHAR,
+    instruction_id VARCHAR,
+    domain VARCHAR,
+    strategies VARCHAR[],
+    turns BIGINT,
+    nodes BIGINT,
+    actions BIGINT,                  -- actions and refinements
+    correct BIGINT,
+    pass_rate DOUBLE,
+    pairs BIGINT,
+    prompt_tokens BIGINT,
+    completion_tokens BIGINT
 );
 
 -- One row per expectation per validated shard (passed and quarantined shards alike).
@@ -101,6 +129,17 @@ CREATE TABLE IF NOT EXISTS validations (
     success BOOLEAN,
     observed VARCHAR                 -- the observed value, as text or JSON
 );
+
+-- Migrations: columns appended after the first lakes were made (multi-turn trees, sandboxed code).
+-- A no-op on a lake that has them; on an older lake they are added at the end, as in schemas/rows.py.
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS turn BIGINT;
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS feedback VARCHAR;
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS failure_reason VARCHAR;
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS sandbox_exit_code BIGINT;
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS sandbox_stdout VARCHAR;
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS sandbox_stderr VARCHAR;
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS cached_tokens BIGINT;
+ALTER TABLE pairs ADD COLUMN IF NOT EXISTS turn BIGINT;
 
 -- TRL's conversational preference format: `prompt`, `chosen`, `rejected` are message lists, so
 -- `DPOTrainer` applies the chat template itself. The other columns let a query select pairs
@@ -116,5 +155,45 @@ SELECT
     margin,
     shared_prefix_tokens,
     method,
-    difficulty
+    difficulty,
+    turn
 FROM pairs;
+
+-- TRL's conversational language-modeling format: one row per trajectory that ends in a correct
+-- attempt (an action, or a refinement whose prompt already holds the earlier turns, the environment
+-- feedback and the critique), `messages` being that history plus the attempt itself.
+CREATE OR REPLACE VIEW sft_examples AS
+SELECT
+    list_append(n.prompt, {'role': 'assistant', 'content': n.text}) AS messages,
+    n.node_id,
+    n.tree_id,
+    n.run_id,
+    i.domain,
+    n.turn,
+    n.strategy,
+    n.model
+FROM nodes n
+LEFT JOIN instructions i
+    ON i.run_id = n.run_id AND i.shard_id = n.shard_id AND i.instruction_id = n.instruction_id
+WHERE n.role IN ('action', 'refinement') AND n.verdict = 'correct';
+
+-- Listwise ranking: the scored attempts that answer one prompt under one parent (siblings with the
+-- same history), best first. `completions[k]` is an assistant message list with score `scores[k]`;
+-- ties keep node_id order so the list is stable.
+CREATE OR REPLACE VIEW ranked_lists AS
+SELECT
+    n.prompt,
+    list([{'role': 'assistant', 'content': n.text}] ORDER BY n.score DESC, n.node_id) AS completions,
+    list(n.score ORDER BY n.score DESC, n.node_id) AS scores,
+    list(n.node_id ORDER BY n.score DESC, n.node_id) AS node_ids,
+    n.parent_id,
+    n.tree_id,
+    n.run_id,
+    i.domain,
+    n.turn
+FROM nodes n
+LEFT JOIN instructions i
+    ON i.run_id = n.run_id AND i.shard_id = n.shard_id AND i.instruction_id = n.instruction_id
+WHERE n.role IN ('action', 'refinement') AND n.score IS NOT NULL AND n.parent_id IS NOT NULL
+GROUP BY n.run_id, n.shard_id, n.tree_id, n.parent_id, n.prompt, i.domain, n.turn
+HAVING count(*) >= 2;

@@ -35,7 +35,7 @@ NODES = pa.schema(
         ("parent_id", pa.string()),  # null for the root
         ("instruction_id", pa.string()),
         ("depth", pa.int64()),
-        ("role", pa.string()),  # instruction | action
+        ("role", pa.string()),  # instruction | action | critique | refinement
         ("strategy", pa.string()),  # null for the root
         ("prompt", MESSAGES),  # the exact messages the model was sent (empty for the root)
         ("text", pa.string()),
@@ -52,6 +52,14 @@ NODES = pa.schema(
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
         ("finish_reason", pa.string()),
+        # --- multi-turn trees and sandboxed code (appended so older lakes migrate by ADD COLUMN) ---
+        ("turn", pa.int64()),  # 1 for first actions, t for the refinement of turn t; null for roots and critiques
+        ("feedback", pa.string()),  # what the environment told the next turn about this node
+        ("failure_reason", pa.string()),  # why the verifier failed it (timeout, memory, failing test, …)
+        ("sandbox_exit_code", pa.int64()),  # code domain: the sandboxed program's exit status
+        ("sandbox_stdout", pa.string()),  # capped
+        ("sandbox_stderr", pa.string()),  # capped
+        ("cached_tokens", pa.int64()),  # prompt tokens the server reported as served from its prefix cache
     ]
 )
 
@@ -78,6 +86,27 @@ PAIRS = pa.schema(
         ("pass_rate", pa.float64()),  # the prompt's measured pass rate over all its actions
         ("strategy", pa.string()),
         ("model", pa.string()),
+        ("turn", pa.int64()),  # the turn both responses answer
+    ]
+)
+
+# One row per tree: what was grown for one instruction in one run.
+TREES = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("shard_id", pa.string()),
+        ("tree_id", pa.string()),
+        ("instruction_id", pa.string()),
+        ("domain", pa.string()),
+        ("strategies", pa.list_(pa.string())),
+        ("turns", pa.int64()),  # the deepest turn grown
+        ("nodes", pa.int64()),
+        ("actions", pa.int64()),  # actions and refinements
+        ("correct", pa.int64()),
+        ("pass_rate", pa.float64()),  # correct / actions
+        ("pairs", pa.int64()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
     ]
 )
 
@@ -86,6 +115,7 @@ SHARD_TABLES: dict[str, pa.Schema] = {
     "instructions": INSTRUCTIONS,
     "nodes": NODES,
     "pairs": PAIRS,
+    "trees": TREES,
 }
 
 

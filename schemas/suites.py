@@ -27,6 +27,7 @@ SUITES_DIR = Path(__file__).parent / "suites"
 CHECK_PREFIX = "check_"
 # kwargs that name the columns an expectation reads, in the order they are reported.
 COLUMN_KWARGS = ("column", "column_A", "column_B", "column_list")
+ATTEMPT_ROLES = ("action", "refinement")  # the nodes a verifier scores: first attempts and refinements
 
 
 class SuiteError(ValueError):
@@ -171,24 +172,50 @@ def _instruction_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Seri
     return {}
 
 
+def _nodes_by_id(nodes: pd.DataFrame) -> pd.DataFrame:
+    """Return the nodes indexed by node_id, to look up a parent's or a paired node's fields with `map`."""
+    # Null and duplicate ids are the not_be_null and uniqueness expectations' findings; a null index entry
+    # would also make every null parent_id (the roots) look up that node.
+    return nodes[nodes["node_id"].notna()].drop_duplicates("node_id").set_index("node_id")
+
+
 def _node_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
-    """Return the derived checks of the nodes table: parents and instructions resolve inside the shard."""
-    nodes, instructions = frames["nodes"], frames["instructions"]
-    tree_of = pd.Series(nodes["tree_id"].to_numpy(), index=nodes["node_id"].to_numpy())
-    tree_of = tree_of[~tree_of.index.duplicated()]  # duplicate ids are the uniqueness expectation's finding
-    has_parent = nodes["parent_id"].notna()
-    parent_tree = nodes["parent_id"].map(tree_of)
+    """Return the derived checks of the nodes table: parents resolve in the shard, turns follow the tree shape."""
+    nodes, instructions, trees = frames["nodes"], frames["instructions"], frames["trees"]
+    by_id = _nodes_by_id(nodes)
+    parent = nodes["parent_id"]
+    has_parent = parent.notna()
+    # A dangling parent is reported once, by check_parent_exists, not again by every rule about the parent.
+    dangling = has_parent & ~parent.isin(nodes["node_id"])
+    parent_tree = parent.map(by_id["tree_id"])
+    parent_role = parent.map(by_id["role"])
+    parent_verdict = parent.map(by_id["verdict"])
+    # astype: on an empty shard, map() keeps the id column's string dtype, which cannot take `+ 1`.
+    grandparent_turn = parent.map(by_id["parent_id"]).map(by_id["turn"]).astype("float64")
+    role = nodes["role"]
+    refinement, critique = role.eq("refinement"), role.eq("critique")
     return {
-        "check_parent_exists": ~has_parent | nodes["parent_id"].isin(nodes["node_id"]),
-        # A dangling parent is reported once, by check_parent_exists, not here as well.
-        "check_parent_in_same_tree": ~has_parent | parent_tree.isna() | (parent_tree == nodes["tree_id"]),
+        "check_parent_exists": ~dangling,
+        "check_parent_in_same_tree": ~has_parent | dangling | (parent_tree == nodes["tree_id"]),
         "check_instruction_exists": nodes["instruction_id"].isin(instructions["instruction_id"]),
+        "check_tree_listed": nodes["tree_id"].isin(trees["tree_id"]),
+        "check_refinement_parent_is_critique": ~refinement | dangling | parent_role.eq("critique"),
+        # ne("correct") holds for a null verdict too: a missing verdict is reported by not_be_null on the parent.
+        "check_critique_parent_is_failed_attempt": (
+            ~critique | dangling | (parent_role.isin(ATTEMPT_ROLES) & parent_verdict.ne("correct"))
+        ),
+        "check_refinement_turn_follows_grandparent": ~refinement | dangling | (nodes["turn"] == grandparent_turn + 1),
     }
 
 
 def _pair_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
-    """Return the derived checks of the pairs table: two different, existing nodes and a consistent margin."""
+    """Return the derived checks of the pairs table: two different sibling nodes of the pair's turn, a true margin."""
     pairs, nodes, instructions = frames["pairs"], frames["nodes"], frames["instructions"]
+    by_id = _nodes_by_id(nodes)
+    chosen, rejected = pairs["chosen_node_id"], pairs["rejected_node_id"]
+    # A missing node is reported by check_chosen/rejected_node_exists, not again by the rules about the nodes.
+    both_exist = chosen.isin(nodes["node_id"]) & rejected.isin(nodes["node_id"])
+    chosen_parent, rejected_parent = chosen.map(by_id["parent_id"]), rejected.map(by_id["parent_id"])
     difference = pairs["chosen_score"] - pairs["rejected_score"]
     return {
         # fillna: a null text is reported by not_be_null; comparing NA would make the check itself null.
@@ -199,9 +226,40 @@ def _pair_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
             pairs["chosen_node_id"].fillna("") != pairs["rejected_node_id"].fillna("")
         ),
         "check_margin_is_score_difference": ((pairs["margin"] - difference).abs() <= 1e-9).fillna(False),
-        "check_chosen_node_exists": pairs["chosen_node_id"].isin(nodes["node_id"]),
-        "check_rejected_node_exists": pairs["rejected_node_id"].isin(nodes["node_id"]),
+        "check_chosen_node_exists": chosen.isin(nodes["node_id"]),
+        "check_rejected_node_exists": rejected.isin(nodes["node_id"]),
         "check_instruction_exists": pairs["instruction_id"].isin(instructions["instruction_id"]),
+        "check_nodes_share_parent": ~both_exist | (chosen_parent.notna() & (chosen_parent == rejected_parent)),
+        "check_turn_matches_nodes": ~both_exist | (
+            (pairs["turn"] == chosen.map(by_id["turn"]).astype("float64"))
+            & (pairs["turn"] == rejected.map(by_id["turn"]).astype("float64"))
+        ),
+    }
+
+
+def _tree_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
+    """Return the derived checks of the trees table: each tree's counts and pass rate agree with its nodes and pairs."""
+    trees, nodes, pairs, instructions = frames["trees"], frames["nodes"], frames["pairs"], frames["instructions"]
+    attempts = nodes[nodes["role"].isin(ATTEMPT_ROLES)]
+
+    def counted(rows: pd.DataFrame) -> pd.Series:
+        """Rows per tree, for each row of `trees` (0 where the tree has none)."""
+        # astype: on an empty shard, map() keeps the id column's string dtype.
+        return trees["tree_id"].map(rows.groupby("tree_id").size()).astype("float64").fillna(0)
+
+    actions, correct = counted(attempts), counted(attempts[attempts["verdict"].eq("correct")])
+    pass_rate = trees["pass_rate"]
+    return {
+        "check_instruction_exists": trees["instruction_id"].isin(instructions["instruction_id"]),
+        "check_nodes_match": trees["nodes"] == counted(nodes),
+        "check_actions_match": trees["actions"] == actions,
+        "check_correct_match": trees["correct"] == correct,
+        "check_pairs_match": trees["pairs"] == counted(pairs),
+        # A tree without a scored attempt has no pass rate to speak of: null or 0 both say so.
+        "check_pass_rate_is_correct_over_actions": (
+            ((pass_rate - correct / actions.where(actions > 0)).abs() <= 1e-9)
+            | (actions.eq(0) & (pass_rate.isna() | pass_rate.eq(0)))
+        ),
     }
 
 
@@ -209,6 +267,7 @@ CHECKS: dict[str, Callable[[Mapping[str, pd.DataFrame]], dict[str, pd.Series]]] 
     "instructions": _instruction_checks,
     "nodes": _node_checks,
     "pairs": _pair_checks,
+    "trees": _tree_checks,
 }
 
 

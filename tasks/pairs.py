@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 from tasks.seeds import Instruction
 
 SAME_PROMPT = "same_prompt"
+ANSWER_ROLES = ("action", "refinement")  # the verified nodes; critiques are not answers
 
 
 def _prompt_key(node: Mapping) -> tuple:
@@ -16,7 +17,7 @@ def _prompt_key(node: Mapping) -> tuple:
 
 
 def pass_rates(nodes: Sequence[Mapping]) -> dict[str, float]:
-    """Return each instruction's fraction of correct actions."""
+    """Return each instruction's fraction of correct first-turn actions: how hard its prompt is."""
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for node in nodes:
         if node["role"] == "action":
@@ -28,12 +29,13 @@ def pass_rates(nodes: Sequence[Mapping]) -> dict[str, float]:
 def extract_pairs(nodes: Sequence[Mapping], instructions: Mapping[str, Instruction]) -> list[dict]:
     """Return one pair for every (better, worse) combination of siblings that share parent and prompt.
 
-    Siblings with the same prompt differ only in what the model wrote, so the whole prompt is a shared
-    prefix of chosen and rejected: `shared_prefix_tokens` is its token count as the engine reported it.
+    Siblings are first-turn actions under one strategy, or refinements under one critique. They were sent
+    the same messages (for a refinement: the whole history), so that prompt is a shared prefix of chosen
+    and rejected: `shared_prefix_tokens` is its token count as the engine reported it.
     """
     groups: dict[tuple, list[Mapping]] = defaultdict(list)
     for node in nodes:
-        if node["role"] == "action" and node["score"] is not None:
+        if node["role"] in ANSWER_ROLES and node["score"] is not None:
             groups[(node["parent_id"], _prompt_key(node))].append(node)
     rates = pass_rates(nodes)
     pairs = []
@@ -69,6 +71,7 @@ def extract_pairs(nodes: Sequence[Mapping], instructions: Mapping[str, Instructi
                         "pass_rate": rates[instruction.instruction_id],
                         "strategy": chosen["strategy"],
                         "model": chosen["model"],
+                        "turn": chosen["turn"],
                     }
                 )
     return pairs

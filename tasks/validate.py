@@ -184,9 +184,9 @@ def validate_shard(
         from great_expectations.core.run_identifier import RunIdentifier
 
         # Not one Checkpoint: in GX 1.24 a Checkpoint hands the same batch_parameters to all its validation
-        # definitions and a dataframe asset takes exactly {"dataframe": df}, so one run cannot carry three tables;
-        # each suite also wants its own row id in result_format. So: three runs under one run id, then one Data
-        # Docs build for the three results (what UpdateDataDocsAction would do per definition).
+        # definitions and a dataframe asset takes exactly {"dataframe": df}, so one run cannot carry several tables;
+        # each suite also wants its own row id in result_format. So: one run per table under one run id, then one
+        # Data Docs build for all their results (what UpdateDataDocsAction would do per definition).
         # The run name carries the shard id, so Data Docs list validations by shard.
         run_id = RunIdentifier(run_name=shard_id, run_time=dt.datetime.now(dt.timezone.utc))
         suite_results: dict[str, ExpectationSuiteValidationResult] = {}

@@ -8,8 +8,8 @@ from orchard.engine import Completion, Sampling, Usage
 from tasks.seeds import Instruction, ShardPlan, instruction_id
 
 
-def instruction(text: str = "Compute 2 × 3.", reference: str = "6", difficulty: int = 1) -> Instruction:
-    return Instruction(instruction_id("math", text, reference), "math", "test", 1, text, reference, difficulty)
+def instruction(text: str = "Compute 2 × 3.", reference: str = "6", difficulty: int = 1, domain: str = "math") -> Instruction:
+    return Instruction(instruction_id(domain, text, reference), domain, "test", 1, text, reference, difficulty)
 
 
 def plan(*instructions: Instruction, shard_id: str = "shard-test") -> ShardPlan:
@@ -17,7 +17,11 @@ def plan(*instructions: Instruction, shard_id: str = "shard-test") -> ShardPlan:
 
 
 class ScriptedEngine:
-    """An engine whose answer is a function of (messages, sampling): pins tree logic without a model."""
+    """An engine whose answer is a function of (messages, sampling): pins tree logic without a model.
+
+    Like a server that honours `n`, it answers all siblings of a request at once; sibling k is sampled
+    with seed + k, so answers can differ between siblings.
+    """
 
     def __init__(self, answer: Callable[[Sequence[dict], Sampling], str], model: str = "scripted") -> None:
         self.answer = answer
@@ -28,5 +32,10 @@ class ScriptedEngine:
     async def chat(self, messages: Sequence[dict], sampling: Sampling, n: int = 1) -> list[Completion]:
         self.calls.append((list(messages), sampling))
         self.usage.requests += 1
-        text = self.answer(messages, sampling)
-        return [Completion(text, "stop", self.model, prompt_tokens=20, completion_tokens=len(text.split()))] * n
+        completions = []
+        for k in range(n):
+            seed = None if sampling.seed is None else sampling.seed + k
+            text = self.answer(messages, Sampling(sampling.temperature, sampling.top_p, sampling.max_tokens, seed))
+            completions.append(Completion(text, "stop", self.model, prompt_tokens=20,
+                                          completion_tokens=len(text.split()), seed=seed))
+        return completions

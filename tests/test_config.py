@@ -77,3 +77,23 @@ def test_content_hash_ignores_where_things_are_served():
     b = load_config(None, environ={"ORCHARD__OBJECT_STORE__ENDPOINT_URL": "http://127.0.0.1:1"})
     c = load_config(None, environ={"ORCHARD__RUN__TEMPERATURE": "0.1"})
     assert a.content_hash() == b.content_hash() != c.content_hash()
+
+
+def test_roles_a_file_leaves_unnamed_are_played_by_its_generator(tmp_path):
+    path = tmp_path / "orchard.toml"
+    path.write_text(
+        """
+[engines.big]
+model = "big"
+base_urls = ["http://gpu-1:8000"]
+[engines.small]
+model = "small"
+base_urls = ["http://gpu-2:8000"]
+[roles]
+generator = "big"
+critic = "small"
+"""
+    )
+    cfg = load_config(path, environ={})
+    assert (cfg.engine_for("generator").model, cfg.engine_for("critic").model, cfg.engine_for("refiner").model) == (
+        "big", "small", "big")

@@ -125,3 +125,29 @@ def test_requests_spread_over_every_base_url(server):
     finally:
         other.shutdown()
         other.server_close()
+
+
+def test_server_that_ignores_n_gets_separate_requests_with_their_own_seeds(server):
+    handler, url = server
+    handler.script = [(200, completion(n=1))]
+
+    async def go():
+        async with EngineClient(engine(url)) as client:
+            first = await client.chat([{"role": "user", "content": "x"}], Sampling(seed=10), n=3)
+            second = await client.chat([{"role": "user", "content": "x"}], Sampling(seed=20), n=2)
+            return first, second, client.supports_n
+
+    first, second, supports_n = asyncio.run(go())
+    assert len(first) == 3 and len(second) == 2 and supports_n is False
+    assert [c.seed for c in first] == [10, 11, 12] and [c.seed for c in second] == [20, 21]
+    sent = [(body.get("n"), body["seed"]) for _, body in handler.seen]
+    assert sent[0] == (3, 10)  # asked once with n, then one request per missing sibling (in any order)
+    assert sorted(sent[1:3]) == [(None, 11), (None, 12)]
+    assert sorted(sent[3:]) == [(None, 20), (None, 21)]  # once known, n is not asked again
+
+
+def test_server_that_honours_n_gets_one_request(server):
+    handler, url = server
+    handler.script = [(200, completion(n=3))]
+    answers, usage = chat(engine(url), n=3)
+    assert len(answers) == 3 and usage.requests == 1

@@ -12,36 +12,36 @@ from builders import ScriptedEngine, instruction, plan
 
 
 def check(items):
-    return [check_math_answer(text, reference) for text, reference in items]
+    return [check_math_answer(text, i.reference) for i, text in items]
 
 
-def grow(engine, *instructions, **run):
-    run = RunConfig(**{"strategies": ("step_by_step", "plan_first", "work_backwards"), "samples_per_strategy": 2, **run})
-    return asyncio.run(grow_shard(plan(*instructions), run_id="r1", run=run, engine=engine, check=check))
+def grow(engine, *instructions, critic=None, **run):
+    run = RunConfig(**{"strategies": ("step_by_step", "plan_first", "work_backwards"), "samples_per_strategy": 2,
+                       "turns": 1, **run})
+    engines = {"generator": engine, "critic": critic or engine, "refiner": engine}
+    return asyncio.run(grow_shard(plan(*instructions), run_id="r1", run=run, engines=engines, check=check))
 
 
-def wrong_on_second_sample(messages, sampling):
-    """Right on one sample of each strategy, wrong on the other (decided by the sample's seed parity)."""
-    return "2 × 3 = 6\nAnswer: 6" if sampling.seed % 2 == 0 else "2 × 3 = 5\nAnswer: 5"
+def by_role(grown, role):
+    return [n for n in grown.nodes if n["role"] == role]
 
 
 def test_every_strategy_gets_several_verified_actions():
-    engine = ScriptedEngine(lambda m, s: "Answer: 6")
-    grown = grow(engine, instruction())
-    actions = [n for n in grown.nodes if n["role"] == "action"]
+    grown = grow(ScriptedEngine(lambda m, s: "Answer: 6"), instruction())
+    actions = by_role(grown, "action")
     assert len(actions) == 6
     assert {a["strategy"] for a in actions} == {"step_by_step", "plan_first", "work_backwards"}
-    assert all(a["verdict"] == "correct" and a["verifier"] == "math_verify" for a in actions)
+    assert all(a["verdict"] == "correct" and a["verifier"] == "math_verify" and a["turn"] == 1 for a in actions)
     assert grown.stats["correct"] == 6 and grown.pairs == []
 
 
 def test_nodes_form_a_tree_under_the_instruction():
     grown = grow(ScriptedEngine(lambda m, s: "Answer: 6"), instruction())
-    (root,) = [n for n in grown.nodes if n["depth"] == 0]
-    assert root["parent_id"] is None and root["role"] == "instruction"
-    assert all(n["parent_id"] == root["node_id"] for n in grown.nodes if n["depth"] == 1)
+    (root,) = by_role(grown, "instruction")
+    assert root["parent_id"] is None and root["depth"] == 0
+    assert all(n["parent_id"] == root["node_id"] for n in by_role(grown, "action"))
     assert len({n["node_id"] for n in grown.nodes}) == len(grown.nodes)
-    rows.table("nodes", grown.nodes)  # matches the landed schema
+    grown.tables()  # every table matches the landed schema
 
 
 def test_wrong_answer_becomes_rejected_branch():
@@ -54,22 +54,26 @@ def test_wrong_answer_becomes_rejected_branch():
         assert chosen["verdict"] == "correct" and rejected["verdict"] == "incorrect"
         assert chosen["prompt"] == rejected["prompt"] == pair["prompt"]
         assert chosen["parent_id"] == rejected["parent_id"]
-        assert pair["margin"] == 1.0 and pair["method"] == "same_prompt"
+        assert pair["margin"] == 1.0 and pair["method"] == "same_prompt" and pair["turn"] == 1
         assert pair["shared_prefix_tokens"] == 20
         assert pair["domain"] == "math"
-    rows.table("pairs", grown.pairs)
+
+
+def test_siblings_are_asked_for_in_one_request_with_n():
+    engine = ScriptedEngine(lambda m, s: "Answer: 6")
+    grow(engine, instruction(), samples_per_strategy=3)
+    assert len(engine.calls) == 3  # one request per strategy, n = 3
 
 
 def test_pairs_never_cross_strategies():
     engine = ScriptedEngine(lambda m, s: "Answer: 6" if "step by step" in m[0]["content"] else "Answer: 9")
-    grown = grow(engine, instruction())
-    assert grown.pairs == []
+    assert grow(engine, instruction()).pairs == []
 
 
 def test_pass_rate_is_measured_per_prompt():
     engine = ScriptedEngine(lambda m, s: "Answer: 6" if s.seed % 3 else "Answer: 7")
     grown = grow(engine, instruction(), samples_per_strategy=3)
-    actions = [n for n in grown.nodes if n["role"] == "action"]
+    actions = by_role(grown, "action")
     rate = sum(a["verdict"] == "correct" for a in actions) / len(actions)
     assert {p["pass_rate"] for p in grown.pairs} == {rate}
 
@@ -79,12 +83,12 @@ def test_same_run_asks_the_same_questions():
     grow(first, instruction())
     grow(second, instruction())
     assert [(m, s.seed) for m, s in first.calls] == [(m, s.seed) for m, s in second.calls]
-    assert len({s.seed for _, s in first.calls}) == 6
+    assert len({s.seed for _, s in first.calls}) == 3
 
 
 def test_sampling_parameters_are_recorded_on_nodes():
     grown = grow(ScriptedEngine(lambda m, s: "Answer: 6"), instruction(), temperature=0.7, max_tokens=99)
-    action = next(n for n in grown.nodes if n["role"] == "action")
+    action = by_role(grown, "action")[0]
     assert (action["temperature"], action["max_tokens"], action["model"]) == (0.7, 99, "scripted")
     assert action["prompt_template_version"] and action["sample_seed"] is not None
 
@@ -93,12 +97,12 @@ def test_a_failing_engine_fails_the_shard_with_its_reason():
     def broken(messages, sampling):
         raise ConnectionError("engine unreachable")
 
-    with pytest.raises(GrowError, match="6 of 6 requests failed.*engine unreachable"):
+    with pytest.raises(GrowError, match="3 of 3 turn 1 actions requests failed.*engine unreachable"):
         grow(ScriptedEngine(broken), instruction())
 
 
 def test_unknown_strategy_is_named():
-    with pytest.raises(GrowError, match="run.strategies.*telepathy"):
+    with pytest.raises(GrowError, match="unknown math strategy 'telepathy'"):
         grow(ScriptedEngine(lambda m, s: ""), instruction(), strategies=("telepathy",))
 
 
@@ -109,9 +113,77 @@ def test_identical_texts_never_pair():
     assert extract_pairs(nodes, {instruction().instruction_id: instruction()}) == []
 
 
-def test_progress_is_reported_as_answers_arrive():
+def test_progress_is_reported_per_level():
     seen = []
-    run = RunConfig(strategies=("step_by_step",), samples_per_strategy=4)
-    asyncio.run(grow_shard(plan(instruction()), run_id="r1", run=run, engine=ScriptedEngine(lambda m, s: "Answer: 6"),
-                           check=check, progress=lambda done, total: seen.append((done, total))))
-    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    run = RunConfig(strategies=("step_by_step", "plan_first"), samples_per_strategy=1, turns=1)
+    engine = ScriptedEngine(lambda m, s: "Answer: 6")
+    asyncio.run(grow_shard(plan(instruction()), run_id="r1", run=run, engines={"generator": engine}, check=check,
+                           progress=lambda level, done, total: seen.append((level, done, total))))
+    assert seen == [("turn 1 actions", 1, 2), ("turn 1 actions", 2, 2)]
+
+
+# --- critique and refinement turns ----------------------------------------------------------------
+
+def always_wrong_then_right(messages, sampling):
+    """Wrong on the first turn; right once a reviewer has spoken (the refiner's prompt carries the critique)."""
+    if messages[0]["content"].startswith("You review"):
+        return "You added instead of multiplying."
+    return "Answer: 6" if "A reviewer says" in messages[-1]["content"] else "Answer: 5"
+
+
+def test_wrong_action_gets_feedback_critique_and_refinements_with_the_whole_history():
+    grown = grow(ScriptedEngine(always_wrong_then_right), instruction(), turns=2, refine_per_tree=2, refine_samples=2)
+    by_id = {n["node_id"]: n for n in grown.nodes}
+    critiques, refinements = by_role(grown, "critique"), by_role(grown, "refinement")
+    assert len(critiques) == 2 and len(refinements) == 4
+    for critique in critiques:
+        attempt = by_id[critique["parent_id"]]
+        assert attempt["verdict"] == "incorrect" and critique["verdict"] is None and critique["turn"] is None
+        assert "The correct final answer is 6" in critique["prompt"][-1]["content"]  # the critic sees the reference
+    for refinement in refinements:
+        critique = by_id[refinement["parent_id"]]
+        attempt = by_id[critique["parent_id"]]
+        assert refinement["turn"] == 2 and refinement["verdict"] == "correct"
+        assert refinement["prompt"][: len(attempt["prompt"])] == attempt["prompt"]  # the parent's exact prefix
+        assert refinement["prompt"][len(attempt["prompt"])] == {"role": "assistant", "content": attempt["text"]}
+        last = refinement["prompt"][-1]["content"]
+        assert "Your answer 5 is incorrect." in last and critique["text"] in last
+        assert "6" not in last  # the refiner never sees the reference answer
+        assert refinement["strategy"] == attempt["strategy"]
+
+
+def test_refinement_siblings_pair_at_their_turn():
+    def mixed(messages, sampling):
+        if messages[0]["content"].startswith("You review"):
+            return "Check the multiplication."
+        if "A reviewer says" in messages[-1]["content"]:
+            return "Answer: 6" if sampling.seed % 2 else "Answer: 8"
+        return "Answer: 5"
+
+    grown = grow(ScriptedEngine(mixed), instruction(), turns=2, refine_per_tree=1, refine_samples=2)
+    turn2 = [p for p in grown.pairs if p["turn"] == 2]
+    assert len(turn2) == 1
+    (pair,) = turn2
+    assert pair["prompt"][-1]["content"].startswith("Your answer 5 is incorrect.")
+    (tree,) = grown.trees
+    assert (tree["turns"], tree["actions"], tree["correct"], tree["pairs"]) == (2, 8, 1, 1)
+
+
+def test_correct_trees_are_not_refined():
+    grown = grow(ScriptedEngine(lambda m, s: "Answer: 6"), instruction(), turns=3)
+    assert by_role(grown, "critique") == [] and grown.stats["turns"] == 1
+
+
+def test_turns_stop_at_the_configured_limit():
+    grown = grow(ScriptedEngine(lambda m, s: "Rambling." if not m[0]["content"].startswith("You review") else "No."),
+                 instruction(), turns=3, refine_per_tree=1, refine_samples=2)
+    assert max(n["turn"] or 0 for n in grown.nodes) == 3
+    assert len(by_role(grown, "critique")) == 2  # one per refined turn, per tree
+    assert all(n["verdict"] == "unparsable" for n in grown.nodes if n["role"] in ("action", "refinement"))
+
+
+def test_critic_can_be_another_engine():
+    critic = ScriptedEngine(lambda m, s: "Multiply, do not add.", model="critic-model")
+    grown = grow(ScriptedEngine(always_wrong_then_right), instruction(), critic=critic, turns=2, refine_per_tree=1)
+    assert {c["model"] for c in by_role(grown, "critique")} == {"critic-model"}
+    assert {r["model"] for r in by_role(grown, "refinement")} == {"scripted"}

@@ -33,40 +33,70 @@ def config(store: ObjectStore, tmp_path: Path) -> Config:
     return Config(state_dir=str(tmp_path / "state"), object_store=store.cfg)
 
 
+NODES_PER_TREE = 7  # root, three actions, a critique of the wrong one, two refinements
+PAIRS_PER_TREE = 3  # two at turn 1, one at turn 2
+
+
+def _node(**values: Any) -> dict:
+    """A nodes row: `values` over all-null columns."""
+    return {**dict.fromkeys(SHARD_TABLES["nodes"].names), **values}
+
+
+def _tree_rows(run_id: str, shard_id: str, t: int) -> dict[str, list[dict]]:
+    """One multi-turn tree asking `t + 2`: actions a1, a2 (correct) and a3 (wrong, gets critique c1);
+    under c1, refinement r1 (correct) and r2 (wrong). Pairs (a1, a3), (a2, a3) at turn 1 and (r1, r2) at turn 2."""
+    iid, tree = f"{shard_id}-i{t}", f"{shard_id}-t{t}"
+    question, right, wrong = f"What is {t} + 2?", f"The answer is {t + 2}.", f"The answer is {t + 3}."
+    prompt = [{"role": "user", "content": question}]
+    history = [*prompt, {"role": "assistant", "content": wrong},
+               {"role": "user", "content": f"expected {t + 2}, got {t + 3}. Critique: add again."}]  # fmt: skip
+    common = dict(run_id=run_id, shard_id=shard_id, tree_id=tree, instruction_id=iid)
+    attempt = dict(common, model="smol", temperature=0.9, top_p=0.95, max_tokens=64, prompt_template_version="v1",
+                   prompt_tokens=12, completion_tokens=6, finish_reason="stop", verifier="math_verify",
+                   strategy="step_by_step")  # fmt: skip
+
+    def answer(node_id: str, parent: str, depth: int, role: str, turn: int, text: str, seed: int, p: list) -> dict:
+        correct = text == right
+        return _node(**attempt, node_id=f"{tree}-{node_id}", parent_id=f"{tree}-{parent}", depth=depth, role=role,
+                     turn=turn, prompt=p, text=text, verdict="correct" if correct else "incorrect",
+                     score=1.0 if correct else 0.0, sample_seed=seed,
+                     failure_reason=None if correct else "wrong answer")  # fmt: skip
+
+    nodes = [
+        _node(**common, node_id=f"{tree}-n0", depth=0, role="instruction", prompt=[], text=question),
+        answer("a1", "n0", 1, "action", 1, right, 1, prompt),
+        answer("a2", "n0", 1, "action", 1, right, 2, prompt),
+        answer("a3", "n0", 1, "action", 1, wrong, 3, prompt),
+        _node(**common, node_id=f"{tree}-c1", parent_id=f"{tree}-a3", depth=2, role="critique", model="smol",
+              prompt=[*prompt, {"role": "assistant", "content": wrong}], text="Critique: add again."),
+        answer("r1", "c1", 3, "refinement", 2, right, 4, history),
+        answer("r2", "c1", 3, "refinement", 2, wrong, 5, history),
+    ]
+
+    def pair(k: int, chosen: str, rejected: str, turn: int, p: list) -> dict:
+        return dict(common, pair_id=f"{tree}-p{k}", domain="math", method="same_prompt", prompt=p,
+                    chosen_node_id=f"{tree}-{chosen}", rejected_node_id=f"{tree}-{rejected}", chosen_text=right,
+                    rejected_text=wrong, chosen_score=1.0, rejected_score=0.0, margin=1.0, shared_prefix_tokens=12,
+                    difficulty=2, pass_rate=3 / 5, strategy="step_by_step", model="smol", turn=turn)  # fmt: skip
+
+    pairs = [pair(1, "a1", "a3", 1, prompt), pair(2, "a2", "a3", 1, prompt), pair(3, "r1", "r2", 2, history)]
+    return {
+        "instructions": [dict(common, domain="math", source="arithmetic", source_row=t + 1, text=question,
+                              reference=str(t + 2), difficulty=2)],  # fmt: skip
+        "nodes": nodes,
+        "pairs": pairs,
+        "trees": [dict(common, domain="math", strategies=["step_by_step"], turns=2, nodes=len(nodes), actions=5,
+                       correct=3, pass_rate=3 / 5, pairs=len(pairs), prompt_tokens=60, completion_tokens=30)],
+    }  # fmt: skip
+
+
 def _shard_tables(run_id: str, shard_id: str, trees: int) -> dict[str, pa.Table]:
-    """Rows of a small shard: per tree one instruction, a root, three actions (2 correct), two pairs."""
-    instructions, nodes, pairs = [], [], []
+    """The tables of a small shard of `trees` multi-turn trees (see _tree_rows)."""
+    shard: dict[str, list[dict]] = {name: [] for name in SHARD_TABLES}
     for t in range(trees):
-        iid, tree = f"{shard_id}-i{t}", f"{shard_id}-t{t}"
-        instructions.append(dict(run_id=run_id, shard_id=shard_id, instruction_id=iid, domain="math",
-                                 source="arithmetic", source_row=t + 1, text=f"What is {t} + 2?",
-                                 reference=str(t + 2), difficulty=2))  # fmt: skip
-        prompt = [{"role": "user", "content": f"What is {t} + 2?"}]
-        nodes.append(dict(run_id=run_id, shard_id=shard_id, tree_id=tree, node_id=f"{tree}-n0", parent_id=None,
-                          instruction_id=iid, depth=0, role="instruction", strategy=None, prompt=[],
-                          text=f"What is {t} + 2?", verdict=None, score=None, verifier=None, verifier_detail=None,
-                          model=None, temperature=None, top_p=None, max_tokens=None, sample_seed=None,
-                          prompt_template_version=None, prompt_tokens=None, completion_tokens=None,
-                          finish_reason=None))  # fmt: skip
-        for k, answer in enumerate([t + 2, t + 2, t + 3]):
-            correct = answer == t + 2
-            nodes.append(dict(run_id=run_id, shard_id=shard_id, tree_id=tree, node_id=f"{tree}-n{k + 1}",
-                              parent_id=f"{tree}-n0", instruction_id=iid, depth=1, role="action",
-                              strategy="step_by_step", prompt=prompt, text=f"The answer is {answer}.",
-                              verdict="correct" if correct else "incorrect", score=1.0 if correct else 0.0,
-                              verifier="math", verifier_detail=f"expected {t + 2}, got {answer}", model="smol",
-                              temperature=0.9, top_p=0.95, max_tokens=64, sample_seed=k,
-                              prompt_template_version="v1", prompt_tokens=12, completion_tokens=6,
-                              finish_reason="stop"))  # fmt: skip
-        for k in (1, 2):
-            pairs.append(dict(run_id=run_id, shard_id=shard_id, tree_id=tree, pair_id=f"{tree}-p{k}",
-                              instruction_id=iid, domain="math", method="same_prompt", prompt=prompt,
-                              chosen_node_id=f"{tree}-n{k}", rejected_node_id=f"{tree}-n3",
-                              chosen_text=f"The answer is {t + 2}.", rejected_text=f"The answer is {t + 3}.",
-                              chosen_score=1.0, rejected_score=0.0, margin=1.0, shared_prefix_tokens=12,
-                              difficulty=2, pass_rate=2 / 3, strategy="step_by_step", model="smol"))  # fmt: skip
-    return {"instructions": table("instructions", instructions), "nodes": table("nodes", nodes),
-            "pairs": table("pairs", pairs)}  # fmt: skip
+        for name, rows in _tree_rows(run_id, shard_id, t).items():
+            shard[name].extend(rows)
+    return {name: table(name, rows) for name, rows in shard.items()}
 
 
 def land_shard(config: Config, run_id: str, shard_id: str, trees: int = 12) -> dict:
@@ -129,14 +159,20 @@ def test_extension_files_ship_for_the_installed_duckdb():
         assert path.is_file() and f"v{duckdb.__version__}" in str(path)
 
 
-def test_lake_tables_mirror_the_shard_schemas_column_for_column(config):
+def assert_tables_follow_rows(config: Config) -> None:
+    """Every shard table of the lake has the columns of its schemas/rows.py schema, in order, with its types."""
     duck_type = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.float64(): "DOUBLE",
+                 pa.list_(pa.string()): "VARCHAR[]",
                  pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])):
                      'STRUCT("role" VARCHAR, "content" VARCHAR)[]'}  # fmt: skip
-    new_lake(config)
     for name, schema in SHARD_TABLES.items():
         _, rows = lake.query(config, f"DESCRIBE {name}")
         assert [(r[0], r[1]) for r in rows] == [(f.name, duck_type[f.type]) for f in schema], name
+
+
+def test_lake_tables_mirror_the_shard_schemas_column_for_column(config):
+    new_lake(config)
+    assert_tables_follow_rows(config)
 
 
 def test_reconnecting_applies_no_schema_change(config):
@@ -152,12 +188,13 @@ def test_materialised_run_is_one_snapshot_with_its_rows_on_s3(config):
     snapshot = materialise_run(config, run_row("r1", shards), shards, validation_rows(shards))
 
     assert snapshot == before + 1 == latest_snapshot(config)
-    assert count(config, "SELECT count(*) FROM nodes WHERE run_id = 'r1'") == 2 * 12 * 4
-    assert count(config, "SELECT count(*) FROM pairs") == 2 * 12 * 2
+    assert count(config, "SELECT count(*) FROM nodes WHERE run_id = 'r1'") == 2 * 12 * NODES_PER_TREE
+    assert count(config, "SELECT count(*) FROM pairs") == 2 * 12 * PAIRS_PER_TREE
     assert count(config, "SELECT count(*) FROM instructions") == 2 * 12
+    assert count(config, "SELECT count(*) FROM trees") == 2 * 12
     assert count(config, "SELECT count(*) FROM validations WHERE success") == 2
     _, runs = lake.query(config, "SELECT run_id, snapshot_id, status, nodes, summary FROM runs")
-    assert runs == [("r1", snapshot, "complete", 96, '{"failures": []}')]
+    assert runs == [("r1", snapshot, "complete", 2 * 12 * NODES_PER_TREE, '{"failures": []}')]
     published = lake.snapshots(config)[-1]
     assert json.loads(published["commit_extra_info"])["run_id"] == "r1"
     keys = [o["Key"] for o in _s3(config.object_store).list_objects_v2(Bucket=config.object_store.bucket,
@@ -175,8 +212,9 @@ def test_rematerialising_a_run_adds_no_duplicate_rows_and_updates_its_row(config
                              validation_rows(shards + later_shard))  # fmt: skip
 
     assert second == first + 1
-    assert count(config, "SELECT count(*) FROM nodes") == 2 * 12 * 4
-    assert count(config, "SELECT count(*) FROM (SELECT DISTINCT node_id FROM nodes)") == 2 * 12 * 4
+    assert count(config, "SELECT count(*) FROM nodes") == 2 * 12 * NODES_PER_TREE
+    assert count(config, "SELECT count(*) FROM (SELECT DISTINCT node_id FROM nodes)") == 2 * 12 * NODES_PER_TREE
+    assert count(config, "SELECT count(*) FROM trees") == 2 * 12
     assert count(config, "SELECT count(*) FROM validations") == 2
     _, runs = lake.query(config, "SELECT status, snapshot_id, shards_published FROM runs")
     assert runs == [("complete", second, 2)]
@@ -194,7 +232,7 @@ def test_second_run_is_a_new_snapshot_and_the_first_stays_queryable(config):
     _, then = lake.query(config, "SELECT DISTINCT run_id FROM pairs", version=first)
     assert then == [("r1",)]
     assert count(config, "SELECT count(*) FROM runs", version=first) == 1
-    assert count(config, "SELECT count(*) FROM dpo_pairs", version=first) == 12 * 2
+    assert count(config, "SELECT count(*) FROM dpo_pairs", version=first) == 12 * PAIRS_PER_TREE
 
 
 def test_missing_shard_file_publishes_nothing(config):
@@ -207,7 +245,7 @@ def test_missing_shard_file_publishes_nothing(config):
         materialise_run(config, run_row("r1", [good, broken]), [good, broken], validation_rows([good, broken]))
 
     assert latest_snapshot(config) == before
-    for name in ("runs", "instructions", "nodes", "pairs", "validations"):
+    for name in ("runs", "instructions", "nodes", "pairs", "trees", "validations"):
         assert count(config, f"SELECT count(*) FROM {name}") == 0, name
 
 
@@ -216,7 +254,7 @@ def test_manifest_row_count_that_disagrees_with_the_file_publishes_nothing(confi
     shard = land_shard(config, "r1", "s1")
     shard["files"]["nodes"]["rows"] += 1
 
-    with pytest.raises(LakeError, match="runs/r1/shards/s1/nodes.parquet has 48 rows, manifest says 49"):
+    with pytest.raises(LakeError, match="runs/r1/shards/s1/nodes.parquet has 84 rows, manifest says 85"):
         materialise_run(config, run_row("r1", [shard]), [shard])
 
     assert latest_snapshot(config) == before
@@ -231,11 +269,17 @@ def test_dpo_pairs_has_trl_conversational_columns(config):
     columns, rows = lake.query(config, "SELECT * FROM dpo_pairs ORDER BY pair_id")
 
     assert columns[:3] == ["prompt", "chosen", "rejected"]
-    assert {"pair_id", "run_id", "domain", "margin", "shared_prefix_tokens", "method", "difficulty"} <= set(columns)
+    assert {"pair_id", "run_id", "domain", "margin", "shared_prefix_tokens", "method", "difficulty", "turn"} <= set(
+        columns
+    )
     row = dict(zip(columns, rows[0]))
     assert row["prompt"] == [{"role": "user", "content": "What is 0 + 2?"}]
     assert row["chosen"] == [{"role": "assistant", "content": "The answer is 2."}]
     assert row["rejected"] == [{"role": "assistant", "content": "The answer is 3."}]
+    assert row["turn"] == 1
+    refined = dict(zip(columns, rows[2]))
+    assert refined["turn"] == 2
+    assert [m["role"] for m in refined["prompt"]] == ["user", "assistant", "user"]  # the history of the refinement
 
 
 def test_run_row_with_unknown_status_is_refused_before_touching_the_lake(config):
@@ -277,4 +321,159 @@ def test_first_run_creates_the_lake_and_publishes_into_it(config):
     snapshot = materialise_run(config, run_row("r1", shards), shards)
 
     assert snapshot == latest_snapshot(config)
-    assert count(config, "SELECT count(*) FROM pairs") == 4
+    assert count(config, "SELECT count(*) FROM pairs") == 2 * PAIRS_PER_TREE
+
+
+def test_sft_examples_are_correct_trajectories_with_their_history(config):
+    new_lake(config)
+    shards = [land_shard(config, "r1", "s1", trees=1)]
+    materialise_run(config, run_row("r1", shards), shards)
+
+    columns, rows = lake.query(config, "SELECT * FROM sft_examples ORDER BY node_id")
+
+    assert columns[0] == "messages"
+    assert {"node_id", "tree_id", "run_id", "domain", "turn", "strategy", "model"} <= set(columns)
+    examples = {row["node_id"]: row for row in (dict(zip(columns, r)) for r in rows)}
+    assert sorted(examples) == ["s1-t0-a1", "s1-t0-a2", "s1-t0-r1"]  # wrong attempts and critiques stay out
+    assert examples["s1-t0-a1"]["messages"] == [
+        {"role": "user", "content": "What is 0 + 2?"},
+        {"role": "assistant", "content": "The answer is 2."},
+    ]
+    refinement = examples["s1-t0-r1"]
+    assert [m["role"] for m in refinement["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert "Critique: add again." in refinement["messages"][2]["content"]
+    assert refinement["messages"][-1] == {"role": "assistant", "content": "The answer is 2."}
+    assert (refinement["turn"], refinement["domain"], refinement["tree_id"]) == (2, "math", "s1-t0")
+
+
+def test_ranked_lists_order_each_sibling_group_best_first(config):
+    new_lake(config)
+    shards = [land_shard(config, "r1", "s1", trees=1)]
+    materialise_run(config, run_row("r1", shards), shards)
+
+    columns, rows = lake.query(config, "SELECT * FROM ranked_lists ORDER BY turn")
+
+    assert columns[:3] == ["prompt", "completions", "scores"]
+    assert {"node_ids", "parent_id", "tree_id", "run_id", "domain", "turn"} <= set(columns)
+    first, second = (dict(zip(columns, r)) for r in rows)
+    assert (first["parent_id"], first["turn"], first["domain"]) == ("s1-t0-n0", 1, "math")
+    assert first["node_ids"] == ["s1-t0-a1", "s1-t0-a2", "s1-t0-a3"]
+    assert first["scores"] == [1.0, 1.0, 0.0]
+    assert first["completions"][2] == [{"role": "assistant", "content": "The answer is 3."}]
+    assert first["prompt"] == [{"role": "user", "content": "What is 0 + 2?"}]
+    assert (second["parent_id"], second["turn"]) == ("s1-t0-c1", 2)
+    assert second["node_ids"] == ["s1-t0-r1", "s1-t0-r2"] and second["scores"] == [1.0, 0.0]
+
+
+def test_a_lone_scored_sibling_makes_no_ranked_list(config):
+    new_lake(config)
+    shards = [land_shard(config, "r1", "s1", trees=1)]
+    materialise_run(config, run_row("r1", shards), shards)
+    _, rows = lake.query(config, "SELECT * FROM ranked_lists")
+    assert len(rows) == 2
+    with lake.connect(config) as con:  # drop r2: the turn-2 group keeps one scored member
+        con.execute("DELETE FROM nodes WHERE node_id = 's1-t0-r2'")
+
+    _, rows = lake.query(config, "SELECT turn, node_ids FROM ranked_lists")
+
+    assert rows == [(1, ["s1-t0-a1", "s1-t0-a2", "s1-t0-a3"])]
+
+
+# The lake as Orchard made it before multi-turn trees: nodes and pairs without the appended columns, no trees.
+LAKE_SQL_BEFORE_TREES = """
+CREATE TABLE IF NOT EXISTS runs (run_id VARCHAR, flow_run_id VARCHAR, snapshot_id BIGINT, config_hash VARCHAR,
+    started_at TIMESTAMPTZ, finished_at TIMESTAMPTZ, status VARCHAR, shards_planned BIGINT, shards_published BIGINT,
+    shards_quarantined BIGINT, shards_failed BIGINT, trees BIGINT, nodes BIGINT, pairs BIGINT, pass_rate DOUBLE,
+    prompt_tokens BIGINT, completion_tokens BIGINT, wall_s DOUBLE, tokens_per_s DOUBLE, summary VARCHAR);
+CREATE TABLE IF NOT EXISTS instructions (run_id VARCHAR, shard_id VARCHAR, instruction_id VARCHAR, domain VARCHAR,
+    source VARCHAR, source_row BIGINT, text VARCHAR, reference VARCHAR, difficulty BIGINT);
+CREATE TABLE IF NOT EXISTS nodes (run_id VARCHAR, shard_id VARCHAR, tree_id VARCHAR, node_id VARCHAR,
+    parent_id VARCHAR, instruction_id VARCHAR, depth BIGINT, role VARCHAR, strategy VARCHAR,
+    prompt STRUCT(role VARCHAR, content VARCHAR)[], text VARCHAR, verdict VARCHAR, score DOUBLE, verifier VARCHAR,
+    verifier_detail VARCHAR, model VARCHAR, temperature DOUBLE, top_p DOUBLE, max_tokens BIGINT, sample_seed BIGINT,
+    prompt_template_version VARCHAR, prompt_tokens BIGINT, completion_tokens BIGINT, finish_reason VARCHAR);
+CREATE TABLE IF NOT EXISTS pairs (run_id VARCHAR, shard_id VARCHAR, tree_id VARCHAR, pair_id VARCHAR,
+    instruction_id VARCHAR, domain VARCHAR, method VARCHAR, prompt STRUCT(role VARCHAR, content VARCHAR)[],
+    chosen_node_id VARCHAR, rejected_node_id VARCHAR, chosen_text VARCHAR, rejected_text VARCHAR, chosen_score DOUBLE,
+    rejected_score DOUBLE, margin DOUBLE, shared_prefix_tokens BIGINT, difficulty BIGINT, pass_rate DOUBLE,
+    strategy VARCHAR, model VARCHAR);
+CREATE TABLE IF NOT EXISTS validations (run_id VARCHAR, shard_id VARCHAR, suite VARCHAR, expectation VARCHAR,
+    "column" VARCHAR, success BOOLEAN, observed VARCHAR);
+CREATE OR REPLACE VIEW dpo_pairs AS
+SELECT prompt, [{'role': 'assistant', 'content': chosen_text}] AS chosen,
+    [{'role': 'assistant', 'content': rejected_text}] AS rejected, pair_id, run_id, domain, margin,
+    shared_prefix_tokens, method, difficulty
+FROM pairs;
+COMMENT ON TABLE runs IS 'orchard-schema sha256:0000000000000000';
+INSERT INTO instructions VALUES ('r0', 's0', 'i0', 'math', 'arithmetic', 1, 'What is 1 + 1?', '2', 1);
+INSERT INTO nodes VALUES
+    ('r0', 's0', 't0', 'n0', NULL, 'i0', 0, 'instruction', NULL, [], 'What is 1 + 1?', NULL, NULL, NULL, NULL,
+     NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+    ('r0', 's0', 't0', 'a1', 'n0', 'i0', 1, 'action', 'step_by_step', [{'role': 'user', 'content': 'What is 1 + 1?'}],
+     '2', 'correct', 1.0, 'math', NULL, 'smol', 0.9, 0.95, 64, 1, 'v1', 10, 2, 'stop'),
+    ('r0', 's0', 't0', 'a2', 'n0', 'i0', 1, 'action', 'step_by_step', [{'role': 'user', 'content': 'What is 1 + 1?'}],
+     '3', 'incorrect', 0.0, 'math', NULL, 'smol', 0.9, 0.95, 64, 2, 'v1', 10, 2, 'stop');
+INSERT INTO pairs VALUES ('r0', 's0', 't0', 'p0', 'i0', 'math', 'same_prompt',
+    [{'role': 'user', 'content': 'What is 1 + 1?'}], 'a1', 'a2', '2', '3', 1.0, 0.0, 1.0, 10, 1, 0.5, 'step_by_step',
+    'smol');
+"""
+
+
+def make_lake_before_trees(config: Config) -> int:
+    """Create the lake as the version before multi-turn trees left it (one old run in it); return its snapshot id."""
+    con = duckdb.connect()
+    try:
+        for name in ("httpfs", "ducklake"):
+            con.execute(f"LOAD '{lake.extension_path(name)}'")
+        con.execute(lake._secret_sql(config.object_store))
+        con.execute(f"ATTACH 'ducklake:{lake._catalog(config)}' AS lake (DATA_PATH '{config.lake_data_path}')")
+        con.execute("USE lake")
+        con.execute(LAKE_SQL_BEFORE_TREES)
+    finally:
+        con.close()
+    return latest_snapshot(config)
+
+
+def test_lake_made_before_multi_turn_trees_is_migrated_in_one_snapshot_on_connect(config):
+    before = make_lake_before_trees(config)
+
+    lake.connect(config).close()
+
+    assert latest_snapshot(config) == before + 1
+    assert_tables_follow_rows(config)
+    # Rows written before the migration read null in the new columns and still reach the views.
+    _, old = lake.query(config, "SELECT node_id, turn, sandbox_exit_code FROM nodes WHERE node_id = 'a1'")
+    assert old == [("a1", None, None)]
+    _, pairs = lake.query(config, "SELECT pair_id, turn FROM dpo_pairs")
+    assert pairs == [("p0", None)]
+    assert count(config, "SELECT count(*) FROM sft_examples") == 1
+    assert count(config, "SELECT count(*) FROM ranked_lists") == 1
+    lake.connect(config).close()
+    assert latest_snapshot(config) == before + 1  # migrated once
+
+
+def test_migrated_lake_takes_new_runs_beside_old_rows(config):
+    make_lake_before_trees(config)
+    shards = [land_shard(config, "r1", "s1", trees=2)]
+
+    materialise_run(config, run_row("r1", shards), shards)
+
+    assert count(config, "SELECT count(*) FROM nodes") == 3 + 2 * NODES_PER_TREE
+    assert count(config, "SELECT count(*) FROM trees") == 2
+    _, turns = lake.query(config, "SELECT run_id, turn, count(*) FROM dpo_pairs GROUP BY ALL ORDER BY ALL")
+    assert turns == [("r0", None, 1), ("r1", 1, 4), ("r1", 2, 2)]
+
+
+def test_a_column_without_its_migration_is_refused_and_changes_nothing(config, monkeypatch):
+    before = make_lake_before_trees(config)
+    ddl = lake.schema_sql()
+    forgotten = "ALTER TABLE nodes ADD COLUMN IF NOT EXISTS cached_tokens BIGINT;\n"
+    assert forgotten in ddl
+    monkeypatch.setattr(lake, "schema_sql", lambda: ddl.replace(forgotten, ""))
+
+    with pytest.raises(LakeError, match=r"lake table nodes does not follow schemas/rows.py: lacks \['cached_tokens'\]"):
+        lake.connect(config)
+
+    assert latest_snapshot(config) == before
+    _, tables = lake.query(config, "SELECT table_name FROM duckdb_tables() WHERE database_name = 'lake'")
+    assert "trees" not in {t for (t,) in tables}

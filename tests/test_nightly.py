@@ -30,6 +30,10 @@ SMALL_RUN = RunConfig(
     strategies=("step_by_step", "plan_first", "work_backwards"),
     samples_per_strategy=2,
     max_tokens=64,
+    turns=2,
+    refine_per_tree=1,
+    refine_samples=2,
+    critique_max_tokens=48,
 )
 
 
@@ -48,7 +52,6 @@ def config(tmp_path, store, llama, prefect_api) -> Config:
         run=SMALL_RUN,
         seeds=(SeedSource(kind="arithmetic", count=4, difficulty=1, seed=11),),
         engines={"embedded": dataclasses.replace(llama, retries=1, backoff_s=0.1)},
-        roles={"generator": "embedded"},
         object_store=store.cfg,
     )
 
@@ -67,12 +70,22 @@ def test_nightly_publishes_one_snapshot_and_a_rerun_adds_no_duplicates(config, s
     first = run(config, "it-1")
     assert first["status"] == "complete", first["problems"]
     assert first["shards_planned"] == first["shards_published"] == 2
-    assert first["trees"] == 4 and first["nodes"] == 4 * (1 + 3 * 2)
+    assert first["trees"] == 4
     assert first["completion_tokens"] > 0 and first["tokens_per_s"] > 0
 
+    landed_nodes = 0
     for shard in plan_shards(load_seeds(config.seeds), per_shard=2, config_hash=config.content_hash()):
         manifest = landed_manifest(store, "it-1", shard.shard_id)
-        assert manifest["files"]["nodes"]["rows"] == 2 * (1 + 3 * 2)
+        assert manifest["files"]["trees"]["rows"] == 2
+        landed_nodes += manifest["files"]["nodes"]["rows"]
+    assert landed_nodes == first["nodes"]
+    # Each tree: a root, 3 strategies × 2 actions, then critiques and refinements of a wrong action if any.
+    roles = dict(lake.query(config, "SELECT role, count(*) FROM nodes GROUP BY 1")[1])
+    assert (roles["instruction"], roles["action"]) == (4, 24)
+    assert roles.get("refinement", 0) == 2 * roles.get("critique", 0)
+    assert count(config, "SELECT count(*) FROM trees") == 4
+    assert count(config, "SELECT count(*) FROM sft_examples") == count(
+        config, "SELECT count(*) FROM nodes WHERE verdict = 'correct'")
 
     assert count(config, "SELECT count(*) FROM nodes") == first["nodes"]
     assert count(config, "SELECT count(*) FROM pairs") == first["pairs"]
@@ -181,14 +194,14 @@ def test_shard_violating_a_suite_is_quarantined_and_not_published(config, store)
     plans = plan_shards(load_seeds(config.seeds), per_shard=2, config_hash=config.content_hash())
     bad_plan = plans[0]
     def check(items):
-        return [check_math_answer(text, ref) for text, ref in items]
+        return [check_math_answer(text, instruction.reference) for instruction, text in items]
 
-    grown = asyncio.run(grow_shard(bad_plan, run_id="it-bad", run=config.run, engine=_RightOrWrong(bad_plan),
-                                   check=check))
+    scripted = _RightOrWrong(bad_plan)
+    grown = asyncio.run(grow_shard(bad_plan, run_id="it-bad", run=config.run, check=check,
+                                   engines={"generator": scripted, "critic": scripted, "refiner": scripted}))
     assert grown.pairs
     grown.pairs[0]["chosen_text"] = ""  # the injected violation: an empty chosen response
-    tables = {name: rows.table(name, getattr(grown, name)) for name in rows.SHARD_TABLES}
-    land_shard(store, "it-bad", bad_plan.shard_id, tables, config_hash=config.content_hash(), stats=grown.stats)
+    land_shard(store, "it-bad", bad_plan.shard_id, grown.tables(), config_hash=config.content_hash(), stats=grown.stats)
 
     summary = run(config, "it-bad")
     assert summary["status"] == "partial" and summary["shards_quarantined"] == 1
@@ -210,7 +223,9 @@ class _RightOrWrong:
         self.model, self.usage = self.inner.model, self.inner.usage
 
     def answer(self, messages, sampling):
-        reference = self.references[messages[-1]["content"]]
+        if messages[0]["content"].startswith("You review"):
+            return "Recompute it."
+        reference = self.references[messages[1]["content"]]
         return f"Answer: {reference}" if sampling.seed % 2 == 0 else f"Answer: {int(reference) + 1}"
 
     async def chat(self, messages, sampling, n=1):

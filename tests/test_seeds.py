@@ -5,7 +5,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchard.config import SeedSource
-from tasks.seeds import SeedError, generate_arithmetic, gsm8k_reference, load_gsm8k, load_seeds, plan_shards
+from orchard.sandbox import SandboxConfig
+from tasks.seeds import (
+    CODE_TEMPLATES,
+    SeedError,
+    generate_arithmetic,
+    generate_code_tasks,
+    gsm8k_reference,
+    load_gsm8k,
+    load_humaneval,
+    load_mbpp,
+    load_seeds,
+    plan_shards,
+)
+from tasks.verify import CORRECT, INCORRECT, check_code_answer
 
 
 def test_generator_is_reproducible_and_distinct():
@@ -87,3 +100,107 @@ def test_shard_ids_follow_instructions_and_config():
     assert [len(p.instructions) for p in plans] == [4, 4, 2]
     assert plans == plan_shards(instructions, per_shard=4, config_hash="abc")
     assert plans[0].shard_id != plan_shards(instructions, per_shard=4, config_hash="abd")[0].shard_id
+
+
+
+# --- code seeds -----------------------------------------------------------------------------------
+
+
+def test_humaneval_ships_164_problems_whose_reference_runs_their_tests():
+    problems = load_humaneval()
+    assert len(problems) == 164
+    first = problems[0]
+    assert (first.domain, first.source, first.source_row, first.difficulty) == ("code", "humaneval:HumanEval/0", 1, 3)
+    assert "def has_close_elements(numbers: List[float], threshold: float) -> bool:" in first.text
+    assert first.reference.rstrip().endswith("check(has_close_elements)")
+    assert "def check(candidate):" in first.reference
+    assert len(load_humaneval(5)) == 5
+
+
+def _mbpp_rows() -> list[dict]:
+    return [
+        {"task_id": 1, "text": "Write a function to add two numbers.", "code": "def add(a, b): return a + b",
+         "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0", "assert add(-1, 1) == 0"],
+         "test_setup_code": ""},
+        {"task_id": 2, "text": "Write a function that returns the constant K.", "code": "def k(): return K",
+         "test_list": ["assert k() == 7"], "test_setup_code": "K = 7"},
+    ]
+
+
+def test_mbpp_jsonl_loads_with_one_test_shown_and_all_tests_run(tmp_path):
+    path = tmp_path / "mbpp.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in _mbpp_rows()))
+    first, second = load_mbpp(path)
+    assert first.domain == "code" and first.source_row == 1
+    assert "assert add(1, 2) == 3" in first.text and "assert add(-1, 1) == 0" not in first.text
+    assert first.reference.count("assert") == 3
+    assert second.reference.startswith("K = 7\n")
+    assert check_code_answer("```python\ndef add(a, b):\n    return a + b\n```", first.reference).verdict == CORRECT
+
+
+def test_mbpp_parquet_loads_through_datasets(tmp_path):
+    path = tmp_path / "mbpp.parquet"
+    pq.write_table(pa.Table.from_pylist(_mbpp_rows()), path)
+    assert [i.source_row for i in load_mbpp(path)] == [1, 2]
+
+
+def test_mbpp_row_without_tests_is_named(tmp_path):
+    path = tmp_path / "mbpp.jsonl"
+    path.write_text(json.dumps(_mbpp_rows()[0]) + "\n" + json.dumps({"text": "Write f.", "test_list": []}) + "\n")
+    with pytest.raises(SeedError, match=r"mbpp\.jsonl: line 2: field 'test_list' is missing"):
+        load_mbpp(path)
+
+
+def test_mbpp_parquet_row_without_text_is_named(tmp_path):
+    path = tmp_path / "mbpp.parquet"
+    rows = _mbpp_rows()
+    rows[1]["text"] = ""
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(SeedError, match=r"row 2: field 'text'"):
+        load_mbpp(path)
+
+
+def test_code_generator_is_reproducible_and_distinct():
+    first = generate_code_tasks(25, seed=1)
+    assert first == generate_code_tasks(25, seed=1)
+    assert first != generate_code_tasks(25, seed=2)
+    assert len({i.instruction_id for i in first}) == 25
+    assert {i.domain for i in first} == {"code"}
+
+
+def test_every_code_template_asks_for_a_named_function_with_three_to_five_tests():
+    tasks = generate_code_tasks(3 * len(CODE_TEMPLATES), seed=5)
+    for task in tasks:
+        name = task.text.split("`")[1].split("(")[0]
+        asserts = task.reference.strip().splitlines()
+        assert 3 <= len(asserts) <= 5
+        assert all(line.startswith(f"assert {name}(") for line in asserts)
+        # The example in the prompt is the first test.
+        example_call, example_result = task.text.split("For example, `")[1].split("` returns `")
+        assert asserts[0] == f"assert {example_call} == {example_result.rstrip('.`')}"
+
+
+def test_code_difficulty_one_leaves_out_loops():
+    assert {i.difficulty for i in generate_code_tasks(20, seed=0, difficulty=1)} == {1}
+    assert {i.difficulty for i in generate_code_tasks(20, seed=0, difficulty=2)} == {1, 2}
+
+
+def test_generated_code_tasks_pass_right_code_and_fail_wrong_code():
+    limits = SandboxConfig(wall_timeout_s=5)
+    by_name = {i.text.split("`")[1].split("(")[0]: i for i in generate_code_tasks(len(CODE_TEMPLATES), seed=3)}
+    even = next(i for name, i in by_name.items() if "even" in name)
+    name = even.text.split("`")[1].split("(")[0]
+    right = f"```python\ndef {name}(n):\n    return n % 2 == 0\n```"
+    always = f"```python\ndef {name}(n):\n    return True\n```"
+    assert check_code_answer(right, even.reference, limits).verdict == CORRECT
+    assert check_code_answer(always, even.reference, limits).verdict == INCORRECT  # both answers are tested
+
+
+def test_code_seed_kinds_load():
+    found = load_seeds([SeedSource(kind="code", count=4, seed=1), SeedSource(kind="humaneval", count=2)])
+    assert [i.source.split(":")[0] for i in found] == ["code"] * 4 + ["humaneval"] * 2
+
+
+def test_mbpp_source_needs_a_path():
+    with pytest.raises(SeedError, match=r"seeds\[0\]: a mbpp source needs a path"):
+        load_seeds([SeedSource(kind="mbpp")])

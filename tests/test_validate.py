@@ -37,9 +37,24 @@ def instruction_row(instruction_id: str = "i1", **changes: Any) -> dict[str, Any
     return {**row, **changes}
 
 
+DEPTH = {"instruction": 0, "action": 1, "critique": 2, "refinement": 3}
+QUESTION = [{"role": "user", "content": "What is 12 * 7?"}]
+# What a refinement of the wrong action a2 was sent: the question, a2's answer, the environment feedback and critique.
+HISTORY = [
+    *QUESTION,
+    {"role": "assistant", "content": "12 * 7 = 88"},
+    {"role": "user", "content": "Expected 84, got 88. Critique: 12 * 7 is 70 + 14."},
+]
+
+
 def node_row(node_id: str, parent_id: str | None = "root", **changes: Any) -> dict[str, Any]:
-    """Return a valid nodes row: an action under the root unless `role="instruction"` is given."""
-    action = changes.get("role", "action") == "action"
+    """Return a valid nodes row: a correct turn-1 math action under the root unless `changes` say otherwise.
+
+    `role` sets the defaults: the root has no model fields; a critique is model-written but not verified; an
+    action or refinement is verified and has a turn (a refinement's turn must be given: it depends on the tree).
+    """
+    role = changes.get("role", "action")
+    attempt, written = role in ("action", "refinement"), role != "instruction"
     row = {
         "run_id": RUN,
         "shard_id": SHARD,
@@ -47,30 +62,37 @@ def node_row(node_id: str, parent_id: str | None = "root", **changes: Any) -> di
         "node_id": node_id,
         "parent_id": parent_id,
         "instruction_id": "i1",
-        "depth": 1 if action else 0,
-        "role": "action",
-        "strategy": "step_by_step" if action else None,
-        "prompt": [{"role": "user", "content": "What is 12 * 7?"}] if action else [],
-        "text": "12 * 7 = 84" if action else "What is 12 * 7?",
-        "verdict": "correct" if action else None,
-        "score": 1.0 if action else None,
-        "verifier": "math" if action else None,
+        "depth": DEPTH[role],
+        "role": role,
+        "strategy": "step_by_step" if written else None,
+        "prompt": QUESTION if written else [],
+        "text": "12 * 7 = 84" if written else "What is 12 * 7?",
+        "verdict": "correct" if attempt else None,
+        "score": 1.0 if attempt else None,
+        "verifier": "math_verify" if attempt else None,
         "verifier_detail": None,
-        "model": "smollm2-135m" if action else None,
-        "temperature": 0.9 if action else None,
-        "top_p": 0.95 if action else None,
-        "max_tokens": 160 if action else None,
-        "sample_seed": 7 if action else None,
-        "prompt_template_version": "v1" if action else None,
-        "prompt_tokens": 20 if action else None,
-        "completion_tokens": 8 if action else None,
-        "finish_reason": "stop" if action else None,
+        "model": "smollm2-135m" if written else None,
+        "temperature": 0.9 if written else None,
+        "top_p": 0.95 if written else None,
+        "max_tokens": 160 if written else None,
+        "sample_seed": 7 if written else None,
+        "prompt_template_version": "v1" if written else None,
+        "prompt_tokens": 20 if written else None,
+        "completion_tokens": 8 if written else None,
+        "finish_reason": "stop" if written else None,
+        "turn": 1 if attempt else None,
+        "feedback": None,
+        "failure_reason": None,
+        "sandbox_exit_code": None,
+        "sandbox_stdout": None,
+        "sandbox_stderr": None,
+        "cached_tokens": 16 if written else None,
     }
     return {**row, **changes}
 
 
 def pair_row(pair_id: str = "p1", **changes: Any) -> dict[str, Any]:
-    """Return a valid pairs row: correct action a1 chosen over incorrect action a2."""
+    """Return a valid pairs row: correct action a1 chosen over incorrect action a2 at turn 1."""
     row = {
         "run_id": RUN,
         "shard_id": SHARD,
@@ -79,7 +101,7 @@ def pair_row(pair_id: str = "p1", **changes: Any) -> dict[str, Any]:
         "instruction_id": "i1",
         "domain": "math",
         "method": "same_prompt",
-        "prompt": [{"role": "user", "content": "What is 12 * 7?"}],
+        "prompt": QUESTION,
         "chosen_node_id": "a1",
         "rejected_node_id": "a2",
         "chosen_text": "12 * 7 = 84",
@@ -92,24 +114,71 @@ def pair_row(pair_id: str = "p1", **changes: Any) -> dict[str, Any]:
         "pass_rate": 0.5,
         "strategy": "step_by_step",
         "model": "smollm2-135m",
+        "turn": 1,
+    }
+    return {**row, **changes}
+
+
+def tree_row(tree_id: str = "t1", **changes: Any) -> dict[str, Any]:
+    """Return a valid trees row: the math tree t1 of shard_rows()."""
+    row = {
+        "run_id": RUN,
+        "shard_id": SHARD,
+        "tree_id": tree_id,
+        "instruction_id": "i1",
+        "domain": "math",
+        "strategies": ["step_by_step", "plan_first"],
+        "turns": 2,
+        "nodes": 8,
+        "actions": 6,
+        "correct": 3,
+        "pass_rate": 0.5,
+        "pairs": 3,
+        "prompt_tokens": 140,
+        "completion_tokens": 56,
     }
     return {**row, **changes}
 
 
 def shard_rows() -> dict[str, list[dict[str, Any]]]:
-    """Return the rows of a small valid shard: one tree, a root, two correct and two incorrect actions, two pairs."""
+    """Return the rows of a small valid shard of two trees.
+
+    t1 (math): the root; actions a1, a3 (correct), a2 (wrong), a4 (unparsable); critique c1 of a2; under c1,
+    refinements r1 (correct) and r2 (wrong) at turn 2. Pairs (a1, a2), (a3, a4) at turn 1 and (r1, r2) at turn 2.
+    t2 (code): the root and one action k1 verified by running its tests in the sandbox.
+    """
+    code = {"tree_id": "t2", "instruction_id": "i2"}
     return {
-        "instructions": [instruction_row()],
+        "instructions": [
+            instruction_row(),
+            instruction_row("i2", domain="code", text="Write add(a, b).", reference=None, source="human_eval"),
+        ],
         "nodes": [
             node_row("root", None, role="instruction"),
             node_row("a1"),
-            node_row("a2", text="12 * 7 = 88", verdict="incorrect", score=0.0),
+            node_row("a2", text="12 * 7 = 88", verdict="incorrect", score=0.0, failure_reason="wrong answer",
+                     feedback="Expected 84, got 88."),  # fmt: skip
             node_row("a3", strategy="plan_first", text="84"),
             node_row("a4", strategy="plan_first", text="I cannot tell", verdict="unparsable", score=0.0),
+            node_row("c1", "a2", role="critique", prompt=HISTORY[:2], text="Critique: 12 * 7 is 70 + 14."),
+            node_row("r1", "c1", role="refinement", turn=2, prompt=HISTORY),
+            node_row("r2", "c1", role="refinement", turn=2, prompt=HISTORY, text="12 * 7 = 86", verdict="incorrect",
+                     score=0.0),  # fmt: skip
+            node_row("root2", None, role="instruction", text="Write add(a, b).", **code),
+            node_row("k1", "root2", prompt=[{"role": "user", "content": "Write add(a, b)."}],
+                     text="def add(a, b):\n    return a + b", verifier="sandbox_tests", sandbox_exit_code=0,
+                     sandbox_stdout="3 passed", sandbox_stderr="", **code),  # fmt: skip
         ],
         "pairs": [
             pair_row("p1"),
             pair_row("p2", chosen_node_id="a3", rejected_node_id="a4", chosen_text="84", rejected_text="I cannot tell"),
+            pair_row("p3", chosen_node_id="r1", rejected_node_id="r2", rejected_text="12 * 7 = 86", prompt=HISTORY,
+                     turn=2),  # fmt: skip
+        ],
+        "trees": [
+            tree_row(),
+            tree_row("t2", instruction_id="i2", domain="code", strategies=["step_by_step"], turns=1, nodes=2,
+                     actions=1, correct=1, pass_rate=1.0, pairs=0),  # fmt: skip
         ],
     }
 
@@ -162,86 +231,105 @@ def set_rows(table: str, index: int, **changes: Any) -> Callable[[dict[str, list
     return edit
 
 
+ATTEMPTS = "where role IN (action, refinement)"
+
+
+def violation(edit: Callable[..., None], label: str, count: str, name: str) -> Any:
+    return pytest.param(edit, label, count, id=name)
+
+
+# Rows by index: nodes 0 root, 1 a1, 2 a2, 3 a3, 4 a4, 5 c1, 6 r1, 7 r2, 8 root2, 9 k1; pairs p1-p3; trees t1, t2.
 VIOLATIONS = [
-    pytest.param(
-        set_rows("pairs", 0, chosen_text=""),
-        "pairs: expect_column_values_to_not_match_regex(chosen_text)",
-        "1 of 2 rows",
-        id="empty-chosen-text",
-    ),
-    pytest.param(
-        set_rows("pairs", 1, chosen_text=" \n\t"),
-        "pairs: expect_column_values_to_not_match_regex(chosen_text)",
-        "1 of 2 rows",
-        id="whitespace-chosen-text",
-    ),
-    pytest.param(
-        set_rows("pairs", 0, rejected_text="12 * 7 = 84"),
-        "pairs: expect_column_values_to_be_in_set(check_chosen_differs_from_rejected)",
-        "1 of 2 rows",
-        id="chosen-equals-rejected",
-    ),
-    pytest.param(
-        set_rows("nodes", 3, node_id="a1"),
-        "nodes: expect_column_values_to_be_unique(node_id)",
-        "2 of 5 rows",
-        id="duplicate-node-id",
-    ),
-    pytest.param(
-        set_rows("nodes", 2, parent_id="no-such-node"),
-        "nodes: expect_column_values_to_be_in_set(check_parent_exists)",
-        "1 of 5 rows",
-        id="dangling-parent-id",
-    ),
-    pytest.param(
-        set_rows("nodes", 1, verdict="probably"),
-        "nodes: expect_column_values_to_be_in_set(verdict)",
-        "1 of 5 rows",
-        id="bad-verdict",
-    ),
-    pytest.param(
-        set_rows("nodes", 1, verdict=None),
-        "nodes: expect_column_values_to_not_be_null(verdict)",
-        "1 of 4 rows where role == action",
-        id="action-without-verdict",
-    ),
-    pytest.param(
-        set_rows("nodes", 2, verifier=None),
-        "nodes: expect_column_values_to_not_be_null(verifier)",
-        "1 of 4 rows where role == action",
-        id="action-without-verifier",
-    ),
-    pytest.param(
-        set_rows("pairs", 0, margin=0.0),
-        "pairs: expect_column_values_to_be_between(margin)",
-        "1 of 2 rows",
-        id="zero-margin",
-    ),
-    pytest.param(
-        set_rows("pairs", 1, chosen_node_id="a9"),
-        "pairs: expect_column_values_to_be_in_set(check_chosen_node_exists)",
-        "1 of 2 rows",
-        id="pair-references-missing-node",
-    ),
-    pytest.param(
-        set_rows("pairs", 0, chosen_score=0.0),
-        "pairs: expect_column_pair_values_a_to_be_greater_than_b(chosen_score, rejected_score)",
-        "1 of 2 rows",
-        id="chosen-not-better",
-    ),
-    pytest.param(
-        set_rows("instructions", 0, domain="poetry"),
-        "instructions: expect_column_values_to_be_in_set(domain)",
-        "1 of 1 rows",
-        id="unknown-domain",
-    ),
-    pytest.param(
-        set_rows("nodes", 4, shard_id="shard-b"),
-        "nodes: expect_column_values_to_be_in_set(shard_id)",
-        "1 of 5 rows",
-        id="row-from-another-shard",
-    ),
-]
+    violation(set_rows("pairs", 0, chosen_text=""),
+              "pairs: expect_column_values_to_not_match_regex(chosen_text)", "1 of 3 rows", "empty-chosen-text"),
+    violation(set_rows("pairs", 1, chosen_text=" \n\t"),
+              "pairs: expect_column_values_to_not_match_regex(chosen_text)", "1 of 3 rows", "whitespace-chosen-text"),
+    violation(set_rows("pairs", 0, rejected_text="12 * 7 = 84"),
+              "pairs: expect_column_values_to_be_in_set(check_chosen_differs_from_rejected)", "1 of 3 rows",
+              "chosen-equals-rejected"),
+    violation(set_rows("nodes", 3, node_id="a1"),
+              "nodes: expect_column_values_to_be_unique(node_id)", "2 of 10 rows", "duplicate-node-id"),
+    violation(set_rows("nodes", 4, parent_id="no-such-node"),
+              "nodes: expect_column_values_to_be_in_set(check_parent_exists)", "1 of 10 rows", "dangling-parent-id"),
+    violation(set_rows("nodes", 1, verdict="probably"),
+              "nodes: expect_column_values_to_be_in_set(verdict)", "1 of 10 rows", "bad-verdict"),
+    violation(set_rows("nodes", 1, verdict=None),
+              "nodes: expect_column_values_to_not_be_null(verdict)", f"1 of 7 rows {ATTEMPTS}",
+              "action-without-verdict"),
+    violation(set_rows("nodes", 6, verdict=None),
+              "nodes: expect_column_values_to_not_be_null(verdict)", f"1 of 7 rows {ATTEMPTS}",
+              "refinement-without-verdict"),
+    violation(set_rows("nodes", 2, verifier=None),
+              "nodes: expect_column_values_to_not_be_null(verifier)", f"1 of 7 rows {ATTEMPTS}",
+              "action-without-verifier"),
+    violation(set_rows("nodes", 5, model=None),
+              "nodes: expect_column_values_to_not_be_null(model)", "1 of 8 rows where role IN (action, critique, "
+              "refinement)", "critique-without-model"),
+    violation(set_rows("pairs", 0, margin=0.0),
+              "pairs: expect_column_values_to_be_between(margin)", "1 of 3 rows", "zero-margin"),
+    violation(set_rows("pairs", 1, chosen_node_id="a9"),
+              "pairs: expect_column_values_to_be_in_set(check_chosen_node_exists)", "1 of 3 rows",
+              "pair-references-missing-node"),
+    violation(set_rows("pairs", 0, chosen_score=0.0),
+              "pairs: expect_column_pair_values_a_to_be_greater_than_b(chosen_score, rejected_score)", "1 of 3 rows",
+              "chosen-not-better"),
+    violation(set_rows("instructions", 0, domain="poetry"),
+              "instructions: expect_column_values_to_be_in_set(domain)", "1 of 2 rows", "unknown-domain"),
+    violation(set_rows("nodes", 4, shard_id="shard-b"),
+              "nodes: expect_column_values_to_be_in_set(shard_id)", "1 of 10 rows", "row-from-another-shard"),
+    # --- multi-turn trees ---
+    violation(set_rows("nodes", 5, role="judgement"),
+              "nodes: expect_column_values_to_be_in_set(role)", "1 of 10 rows", "unknown-role"),
+    violation(set_rows("nodes", 6, parent_id="a2"),
+              "nodes: expect_column_values_to_be_in_set(check_refinement_parent_is_critique)", "1 of 10 rows",
+              "refinement-under-an-action"),
+    violation(set_rows("nodes", 5, parent_id="a1"),
+              "nodes: expect_column_values_to_be_in_set(check_critique_parent_is_failed_attempt)", "1 of 10 rows",
+              "critique-of-a-correct-action"),
+    violation(set_rows("nodes", 5, parent_id="root"),
+              "nodes: expect_column_values_to_be_in_set(check_critique_parent_is_failed_attempt)", "1 of 10 rows",
+              "critique-of-the-instruction"),
+    violation(set_rows("nodes", 9, sandbox_exit_code=None),
+              "nodes: expect_column_values_to_not_be_null(sandbox_exit_code)",
+              "1 of 1 rows where verifier == sandbox_tests", "sandboxed-node-without-exit-code"),
+    violation(set_rows("nodes", 3, turn=0),
+              "nodes: expect_column_values_to_be_between(turn)", "1 of 10 rows", "action-at-turn-zero"),
+    violation(set_rows("nodes", 9, turn=None),
+              "nodes: expect_column_values_to_not_be_null(turn)", f"1 of 7 rows {ATTEMPTS}", "action-without-turn"),
+    violation(set_rows("nodes", 7, turn=3),
+              "nodes: expect_column_values_to_be_in_set(check_refinement_turn_follows_grandparent)", "1 of 10 rows",
+              "refinement-skips-a-turn"),
+    violation(set_rows("nodes", 6, turn=1),
+              "nodes: expect_column_values_to_be_in_set(check_refinement_turn_follows_grandparent)", "1 of 10 rows",
+              "refinement-at-its-grandparents-turn"),
+    violation(set_rows("trees", 1, tree_id="t9"),
+              "nodes: expect_column_values_to_be_in_set(check_tree_listed)", "2 of 10 rows", "tree-without-its-row"),
+    violation(set_rows("pairs", 0, rejected_node_id="r2", rejected_text="12 * 7 = 86"),
+              "pairs: expect_column_values_to_be_in_set(check_nodes_share_parent)", "1 of 3 rows",
+              "pair-of-non-siblings"),
+    violation(set_rows("pairs", 2, turn=1),
+              "pairs: expect_column_values_to_be_in_set(check_turn_matches_nodes)", "1 of 3 rows",
+              "pair-turn-differs-from-its-nodes"),
+    violation(set_rows("pairs", 2, turn=None),
+              "pairs: expect_column_values_to_not_be_null(turn)", "1 of 3 rows", "pair-without-turn"),
+    violation(set_rows("trees", 1, tree_id="t1"),
+              "trees: expect_column_values_to_be_unique(tree_id)", "2 of 2 rows", "duplicate-tree-id"),
+    violation(set_rows("trees", 0, actions=5),
+              "trees: expect_column_values_to_be_in_set(check_actions_match)", "1 of 2 rows", "wrong-action-count"),
+    violation(set_rows("trees", 0, nodes=6),
+              "trees: expect_column_values_to_be_in_set(check_nodes_match)", "1 of 2 rows", "wrong-node-count"),
+    violation(set_rows("trees", 0, correct=2),
+              "trees: expect_column_values_to_be_in_set(check_correct_match)", "1 of 2 rows", "wrong-correct-count"),
+    violation(set_rows("trees", 1, pairs=1),
+              "trees: expect_column_values_to_be_in_set(check_pairs_match)", "1 of 2 rows", "wrong-pair-count"),
+    violation(set_rows("trees", 0, pass_rate=0.75),
+              "trees: expect_column_values_to_be_in_set(check_pass_rate_is_correct_over_actions)", "1 of 2 rows",
+              "pass-rate-not-correct-over-actions"),
+    violation(set_rows("trees", 1, pass_rate=1.5),
+              "trees: expect_column_values_to_be_between(pass_rate)", "1 of 2 rows", "pass-rate-above-one"),
+    violation(set_rows("trees", 1, turns=0),
+              "trees: expect_column_values_to_be_between(turns)", "1 of 2 rows", "tree-without-a-turn"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("edit", "label", "count"), VIOLATIONS)
@@ -262,15 +350,39 @@ def test_failure_quotes_the_offending_row_id_and_value(gx_dir: Path) -> None:
     assert "verdict='probably'" in outcome.observed
 
 
-def test_instruction_root_without_verdict_or_model_passes(valid: ShardValidation) -> None:
-    conditioned = [r for r in valid.results if r.condition == "role == action"]
-    assert {r.columns for r in conditioned} >= {("verdict",), ("verifier",), ("model",), ("text",)}
-    assert all(r.success and r.element_count == 4 for r in conditioned)
+def test_root_and_critique_without_verdict_or_turn_pass(valid: ShardValidation) -> None:
+    attempts = [r for r in valid.results if r.condition == "role IN (action, refinement)"]
+    assert {r.columns for r in attempts} >= {("verdict",), ("verifier",), ("turn",)}
+    assert all(r.success and r.element_count == 7 for r in attempts)
+    written = [r for r in valid.results if r.condition == "role IN (action, critique, refinement)"]
+    assert {r.columns for r in written} >= {("model",), ("text",)}
+    assert all(r.success and r.element_count == 8 for r in written)
+
+
+def test_only_sandbox_verdicts_need_an_exit_code(valid: ShardValidation) -> None:
+    (sandboxed,) = [r for r in valid.results if r.columns == ("sandbox_exit_code",)]
+    assert sandboxed.success and sandboxed.element_count == 1  # k1; the math nodes have none and pass
+    assert sandboxed.condition == "verifier == sandbox_tests"
+
+
+def test_critique_of_a_wrong_refinement_passes(gx_dir: Path) -> None:
+    def deeper(shard: dict[str, list[dict[str, Any]]]) -> None:
+        # r2 (wrong, turn 2) is critiqued by c2, and refined at turn 3 by r3.
+        history = [*HISTORY, {"role": "assistant", "content": "12 * 7 = 86"}, {"role": "user", "content": "Again."}]
+        shard["nodes"] += [
+            node_row("c2", "r2", role="critique", depth=4, prompt=history[:4], text="Critique: not 86."),
+            node_row("r3", "c2", role="refinement", depth=5, turn=3, prompt=history),
+        ]
+        shard["trees"][0] |= {"nodes": 10, "actions": 7, "correct": 4, "pass_rate": 4 / 7, "turns": 3}
+
+    validation = validate_shard(shard_tables(deeper), shard_id=SHARD, gx_dir=gx_dir)
+    assert validation.success, validation.summary()
 
 
 def test_shard_without_pairs_passes(gx_dir: Path) -> None:
     def no_pairs(shard: dict[str, list[dict[str, Any]]]) -> None:
         shard["pairs"] = []
+        shard["trees"][0]["pairs"] = 0
 
     validation = validate_shard(shard_tables(no_pairs), shard_id=SHARD, gx_dir=gx_dir)
     assert validation.success, validation.summary()
@@ -281,7 +393,7 @@ def test_data_docs_index_and_shard_pages_are_built(valid: ShardValidation, gx_di
     index = Path(valid.data_docs_index)
     assert index.name == "index.html" and index.is_file()
     assert index.is_relative_to(gx_dir)
-    assert set(valid.data_docs_pages) == {"instructions", "nodes", "pairs"}
+    assert set(valid.data_docs_pages) == set(rows.SHARD_TABLES)
     for page in valid.data_docs_pages.values():
         assert Path(page).is_file()
     assert SHARD in index.read_text(encoding="utf-8")  # the run name shown in the index is the shard id
@@ -291,8 +403,8 @@ def test_revalidating_a_shard_reuses_the_project(gx_dir: Path, valid: ShardValid
     again = validate_shard(shard_tables(), shard_id=SHARD, gx_dir=gx_dir)
     assert again.success
     project = gx_dir / "gx"
-    assert sorted(p.stem for p in (project / "validation_definitions").iterdir()) == ["instructions", "nodes", "pairs"]
-    assert sorted(p.stem for p in (project / "expectations").glob("*.json")) == ["instructions", "nodes", "pairs"]
+    assert sorted(p.stem for p in (project / "validation_definitions").iterdir()) == sorted(rows.SHARD_TABLES)
+    assert sorted(p.stem for p in (project / "expectations").glob("*.json")) == sorted(rows.SHARD_TABLES)
 
 
 def test_a_new_process_reuses_the_project(gx_dir: Path, valid: ShardValidation, tmp_path: Path) -> None:
@@ -303,7 +415,8 @@ def test_a_new_process_reuses_the_project(gx_dir: Path, valid: ShardValidation, 
         "from pathlib import Path\n"
         "from tasks.validate import validate_shard\n"
         "folder, gx_dir = Path(sys.argv[1]), Path(sys.argv[2])\n"
-        "tables = {n: pq.read_table(folder / f'{n}.parquet') for n in ('instructions', 'nodes', 'pairs')}\n"
+        "from schemas.rows import SHARD_TABLES\n"
+        "tables = {n: pq.read_table(folder / f'{n}.parquet') for n in SHARD_TABLES}\n"
         "print(json.dumps(validate_shard(tables, shard_id=sys.argv[3], gx_dir=gx_dir).to_dict()))\n"
     )
     done = subprocess.run(

@@ -1,6 +1,19 @@
 import pytest
+from builders import instruction
 
-from tasks.verify import CORRECT, INCORRECT, UNPARSABLE, MathVerifier, answer_span, check_math_answer
+from orchard.sandbox import SandboxConfig
+from tasks.verify import (
+    CORRECT,
+    INCORRECT,
+    UNPARSABLE,
+    MathVerifier,
+    VerificationError,
+    Verifiers,
+    answer_span,
+    check_code_answer,
+    check_math_answer,
+    extract_code,
+)
 
 
 @pytest.mark.parametrize(
@@ -31,3 +44,69 @@ def test_verifier_pool_checks_in_worker_processes_in_order():
     with MathVerifier(workers=2) as verifier:
         verdicts = verifier.check(items)
     assert [v.verdict for v in verdicts] == [INCORRECT, CORRECT] * 3
+
+
+# --- code answers and the dispatcher ------------------------------------------------------------
+
+ADD_TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
+
+
+@pytest.mark.parametrize(
+    "text, code",
+    [
+        ("Here it is:\n```python\ndef f():\n    return 1\n```\nDone.", "def f():\n    return 1"),
+        ("```python\nx = 1\n```\nBetter:\n```python\nx = 2\n```", "x = 2"),
+        ("```\nx = 1\n```", "x = 1"),
+        ("```python\ndef f():\n    return 1\n", "def f():\n    return 1"),  # ran out of tokens before the fence closed
+        ("def f(): return 1", "def f(): return 1"),
+        ("```text\nno code here\n```", ""),
+    ],
+)
+def test_code_is_the_last_python_block_else_the_whole_text(text, code):
+    assert extract_code(text) == code
+
+
+def test_right_code_passes_and_wrong_code_fails_with_the_failing_test():
+    right = check_code_answer("```python\ndef add(a, b):\n    return a + b\n```", ADD_TESTS)
+    wrong = check_code_answer("```python\ndef add(a, b):\n    return a * b\n```", ADD_TESTS)
+    assert (right.verdict, right.score, right.verifier, right.exit_code) == (CORRECT, 1.0, "sandbox_tests", 0)
+    assert (wrong.verdict, wrong.failure_reason, wrong.exit_code) == (INCORRECT, "AssertionError", 1)
+    assert "Failing test: assert add(2, 3) == 5" in wrong.feedback
+    assert "add(-1, 1)" not in wrong.feedback  # the tests that did not run stay hidden
+
+
+def test_answer_without_code_is_unparsable():
+    verdict = check_code_answer("I would use a loop.\n```text\nsorry\n```", ADD_TESTS)
+    assert (verdict.verdict, verdict.failure_reason) == (UNPARSABLE, "no code found")
+
+
+def test_syntax_error_is_named():
+    verdict = check_code_answer("```python\ndef add(a, b)\n    return a + b\n```", ADD_TESTS)
+    assert verdict.failure_reason == "SyntaxError"
+    assert "SyntaxError" in verdict.feedback
+
+
+def test_verifiers_route_mixed_math_and_code_in_order():
+    math_item = instruction("Compute 2 × 3.", "6")
+    code_item = instruction("Write add(a, b).", ADD_TESTS, domain="code")
+    right_code = "```python\ndef add(a, b):\n    return a + b\n```"
+    wrong_code = "```python\ndef add(a, b):\n    return 0\n```"
+    items = [(math_item, "Answer: 6"), (code_item, wrong_code), (math_item, "Answer: 7"), (code_item, right_code),
+             (code_item, right_code), (math_item, "Answer: 6")]
+    with Verifiers(workers=2) as verifiers:
+        verdicts = verifiers.check(items)
+    assert [v.verdict for v in verdicts] == [CORRECT, INCORRECT, INCORRECT, CORRECT, CORRECT, CORRECT]
+    assert [v.verifier for v in verdicts] == ["math_verify", "sandbox_tests", "math_verify", "sandbox_tests",
+                                              "sandbox_tests", "math_verify"]
+
+
+def test_math_only_runs_need_no_sandbox(tmp_path):
+    no_bwrap = SandboxConfig(bwrap=str(tmp_path / "no-such-bwrap"))
+    with Verifiers(workers=1, sandbox=no_bwrap) as verifiers:
+        assert [v.verdict for v in verifiers.check([(instruction(), "Answer: 6")])] == [CORRECT]
+
+
+def test_unknown_domain_is_refused_by_name():
+    poem = instruction("Write a poem.", "", domain="open_ended")
+    with Verifiers(workers=1) as verifiers, pytest.raises(VerificationError, match=r"domain 'open_ended'"):
+        verifiers.check([(instruction(), "Answer: 6"), (poem, "Roses are red.")])
