@@ -307,7 +307,7 @@ async def grow_shard(
     )
     grown.trees = tree_rows(grown.nodes, grown.pairs, grower.instructions)
     answers = [n for n in grown.nodes if n["role"] in ("action", "refinement")]
-    usage: dict[str, float] = defaultdict(float)
+    usage: dict[str, float] = defaultdict(int)
     for engine in {id(e): e for e in engines.values()}.values():
         for key, value in engine.usage.as_dict().items():
             if key not in ("wall_s", "tokens_per_s"):
