@@ -56,7 +56,7 @@ class Usage:
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int | None = None  # None while the server has never reported prompt-cache hits
     busy_s: float = 0.0
     _first_start: float | None = field(default=None, repr=False)
     _last_end: float | None = field(default=None, repr=False)
@@ -186,7 +186,9 @@ class EngineClient:
             self.usage.requests += 1
             self.usage.prompt_tokens += int(usage.get("prompt_tokens") or 0)
             self.usage.completion_tokens += int(usage.get("completion_tokens") or 0)
-            self.usage.cached_tokens += _cached_tokens(usage) or 0
+            cached = _cached_tokens(usage)
+            if cached is not None:
+                self.usage.cached_tokens = (self.usage.cached_tokens or 0) + cached
             return answer
         self.usage.failed_requests += 1
         raise EngineError(f"{url}: gave up after {self.engine.retries + 1} attempts: {last_error}")

@@ -310,7 +310,11 @@ async def grow_shard(
     usage: dict[str, float] = defaultdict(int)
     for engine in {id(e): e for e in engines.values()}.values():
         for key, value in engine.usage.as_dict().items():
-            if key not in ("wall_s", "tokens_per_s"):
+            if key == "cached_tokens" and value is None:
+                usage.setdefault(key, None)
+            elif key == "cached_tokens":
+                usage[key] = (usage.get(key) or 0) + value
+            elif key not in ("wall_s", "tokens_per_s"):
                 usage[key] += value
     wall_s = time.monotonic() - started
     usage["wall_s"] = round(wall_s, 3)

