@@ -76,6 +76,7 @@ class RunConfig:
     instructions_per_shard: int = 4
     strategies: tuple[str, ...] = ("step_by_step", "plan_first", "work_backwards")  # math
     code_strategies: tuple[str, ...] = ("direct", "plan_in_comments", "examples_first")
+    if_strategies: tuple[str, ...] = ("direct", "rules_first", "draft_and_trim")
     samples_per_strategy: int = 3
     turns: int = 2  # 1 = first attempts only; each further turn critiques wrong nodes and refines them
     refine_per_tree: int = 2  # wrong nodes per tree and turn that get a critique and refinements
@@ -94,12 +95,13 @@ class Config:
 
     state_dir: str = ".orchard"
     run: RunConfig = field(default_factory=RunConfig)
-    # The embedded default: easy and moderate generated problems, so the small model gets some right and some wrong.
+    # The embedded default: a little of every domain, easy enough that the small model gets some right and some wrong.
     seeds: tuple[SeedSource, ...] = (
-        SeedSource(kind="arithmetic", count=6, difficulty=1, seed=7),
+        SeedSource(kind="arithmetic", count=5, difficulty=1, seed=7),
         SeedSource(kind="arithmetic", count=2, difficulty=2, seed=7),
-        SeedSource(kind="code", count=3, difficulty=1, seed=7),
+        SeedSource(kind="code", count=2, difficulty=1, seed=7),
         SeedSource(kind="humaneval", count=1),
+        SeedSource(kind="if_synth", count=2, difficulty=3, seed=21),  # 2-3 verifiable constraints each
     )
     engines: Mapping[str, EngineConfig] = field(
         default_factory=lambda: {"embedded": EngineConfig(kind="embedded", model="SmolLM2-135M-Instruct")}

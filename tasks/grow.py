@@ -41,6 +41,11 @@ STRATEGIES: dict[str, dict[str, str]] = {
         "program": "Write the calculation as one arithmetic expression, then evaluate it.",
         "estimate_then_check": "Estimate the answer first, then compute it exactly and check it.",
     },
+    "instruction_following": {
+        "direct": "Answer the request directly.",
+        "rules_first": "Read every rule in the request and follow each one exactly.",
+        "draft_and_trim": "Keep the answer short and plain, and keep to the requested format.",
+    },
     "code": {
         "direct": "Write the function directly.",
         "plan_in_comments": "Start the function body with a short plan as comments, then write the code.",
@@ -50,10 +55,12 @@ STRATEGIES: dict[str, dict[str, str]] = {
 ANSWER_FORMAT = {
     "math": "End with a last line of the form 'Answer: <number>'.",
     "code": "Reply with the complete function in one ```python code block.",
+    "instruction_following": "Reply with the response only.",
 }
 ROLE_SYSTEM = {
     "math": "You are a careful math tutor. {strategy} {format}",
     "code": "You are a careful Python programmer. {strategy} {format}",
+    "instruction_following": "You are a helpful writer. {strategy} {format}",
 }
 CRITIC_SYSTEM = (
     "You review a student's attempt at a task. In at most three sentences, say what is wrong and how to fix it. "
@@ -62,6 +69,7 @@ CRITIC_SYSTEM = (
 CRITIC_REFERENCE = {
     "math": "The correct final answer is {reference}.",
     "code": "The hidden tests are:\n{reference}",
+    "instruction_following": "The checker's constraints (ids and parameters) are: {reference}",
 }
 REFINE_REQUEST = "{feedback}\nA reviewer says: {critique}\nWrite a corrected solution. {format}"
 
@@ -110,7 +118,7 @@ def _id(*parts: object) -> str:
 
 def strategies_for(run: RunConfig, domain: str) -> tuple[str, ...]:
     """Return the strategies configured for `domain`."""
-    return run.code_strategies if domain == "code" else run.strategies
+    return {"code": run.code_strategies, "instruction_following": run.if_strategies}.get(domain, run.strategies)
 
 
 def action_messages(instruction: Instruction, strategy: str) -> list[dict[str, str]]:

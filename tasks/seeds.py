@@ -429,7 +429,12 @@ def generate_code_tasks(count: int, *, seed: int = 0, difficulty: int = 2) -> li
 # --- sources and shards -------------------------------------------------------------------------
 
 
-SEED_KINDS = ("arithmetic", "gsm8k", "code", "humaneval", "mbpp")
+SEED_KINDS = ("arithmetic", "gsm8k", "code", "humaneval", "mbpp", "if_synth", "ifeval")
+
+
+def _if_instructions(prompts: Sequence[Any]) -> list[Instruction]:
+    """Return instruction-following prompts (tasks.constraints.IFPrompt) as instructions; difficulty is k."""
+    return [_make("instruction_following", p.source, p.source_row, p.text, p.reference(), p.k) for p in prompts]
 
 
 def load_seeds(sources: Iterable[SeedSource]) -> list[Instruction]:
@@ -442,6 +447,20 @@ def load_seeds(sources: Iterable[SeedSource]) -> list[Instruction]:
             found = generate_code_tasks(source.count, seed=source.seed, difficulty=source.difficulty)
         elif source.kind == "humaneval":
             found = load_humaneval(source.count, path=source.path or None)
+        elif source.kind == "if_synth":
+            from tasks.constraints import synthesize_if_prompts  # imports nltk: only when asked for
+
+            # difficulty = the most constraints a prompt gets (k is drawn from 1..difficulty)
+            found = _if_instructions(synthesize_if_prompts(source.count, k_min=1, k_max=source.difficulty,
+                                                           seed=source.seed))
+        elif source.kind == "ifeval":
+            from tasks.constraints import load_ifeval
+
+            if not source.path:
+                raise SeedError(f"seeds[{i}]: an ifeval source needs a path")
+            found = _if_instructions(load_ifeval(source.path))
+            if source.count:
+                found = found[: source.count]
         elif source.kind in ("gsm8k", "mbpp"):
             if not source.path:
                 raise SeedError(f"seeds[{i}]: a {source.kind} source needs a path")

@@ -193,18 +193,39 @@ def _code_feedback(reason: str, failing: str | None, below: list[str], limits: S
 # --- dispatch by domain ---------------------------------------------------------------------------
 
 
+IF_VERIFIER = "if_constraints"
+
+
+def check_constraints_answer(text: str, instruction: Instruction) -> Verdict:
+    """Return the verdict of `text` against the verifiable constraints of an instruction-following prompt.
+
+    The score is the fraction of constraints satisfied; the verdict is correct only when all are.
+    """
+    from tasks.constraints import parse_constraints_reference, score_response  # imports nltk: only when needed
+
+    ids, kwargs = parse_constraints_reference(instruction.reference)
+    scored = score_response(text, ids, kwargs, instruction.text)
+    detail = f"{sum(r.satisfied for r in scored.results)}/{len(scored.results)} constraints satisfied"
+    if scored.violated:
+        detail += "; violated: " + ", ".join(scored.violated)
+    return Verdict(CORRECT if scored.strict else INCORRECT, scored.fraction, IF_VERIFIER, detail,
+                   feedback=scored.feedback or "Every constraint is satisfied.",
+                   failure_reason=", ".join(scored.violated) or None)
+
+
 class VerificationError(ValueError):
     """An item cannot be verified: no verifier knows its domain."""
 
 
 class Verifiers:
-    """Check (instruction, response text) items by their instruction's domain: math by math-verify, code in the sandbox.
+    """Check (instruction, response text) items by their domain: math by math-verify, code in the sandbox,
+    instruction following by its constraint checkers.
 
     Pools start on first use, and the sandbox is checked on the first code item, so a math-only run needs no
     bubblewrap; without a working sandbox, code items raise SandboxUnavailable and nothing runs unsandboxed.
     """
 
-    DOMAINS = ("code", "math")
+    DOMAINS = ("code", "instruction_following", "math")
 
     def __init__(self, workers: int = 2, sandbox: SandboxConfig = SandboxConfig()) -> None:
         self.workers = max(1, workers)
@@ -244,6 +265,9 @@ class Verifiers:
             checked = self._math_pool().check([(items[i][1], items[i][0].reference) for i in math])
             for i, verdict in zip(math, checked):
                 verdicts[i] = verdict
+        for i, (instruction, text) in enumerate(items):
+            if instruction.domain == "instruction_following":  # pure Python and fast: checked in this thread
+                verdicts[i] = check_constraints_answer(text, instruction)
         for i, future in running.items():
             verdicts[i] = future.result()
         return verdicts  # type: ignore[return-value]  (every index was filled above)

@@ -187,3 +187,20 @@ def test_critic_can_be_another_engine():
     grown = grow(ScriptedEngine(always_wrong_then_right), instruction(), critic=critic, turns=2, refine_per_tree=1)
     assert {c["model"] for c in by_role(grown, "critique")} == {"critic-model"}
     assert {r["model"] for r in by_role(grown, "refinement")} == {"scripted"}
+
+
+def test_instruction_following_siblings_pair_by_the_fraction_of_constraints_kept():
+    from tasks.constraints import constraints_reference
+    from tasks.verify import Verifiers
+
+    reference = constraints_reference(["punctuation:no_comma", "change_case:english_lowercase"], [{}, {}])
+    ask = instruction("Describe the sea without commas, in lowercase.", reference, domain="instruction_following")
+    engine = ScriptedEngine(lambda m, s: ("the sea is wide", "the sea, wide", "The Sea, Wide")[s.seed % 3])
+    run = RunConfig(if_strategies=("direct",), samples_per_strategy=3, turns=1)
+    with Verifiers() as verifiers:
+        grown = asyncio.run(grow_shard(plan(ask), run_id="r1", run=run, engines={"generator": engine},
+                                       check=verifiers.check))
+    assert sorted(n["score"] for n in by_role(grown, "action")) == [0.0, 0.5, 1.0]
+    assert sorted(p["margin"] for p in grown.pairs) == [0.5, 0.5, 1.0]
+    assert {p["domain"] for p in grown.pairs} == {"instruction_following"}
+    assert "Reply with the response only." in by_role(grown, "action")[0]["prompt"][0]["content"]

@@ -110,3 +110,32 @@ def test_unknown_domain_is_refused_by_name():
     poem = instruction("Write a poem.", "", domain="open_ended")
     with Verifiers(workers=1) as verifiers, pytest.raises(VerificationError, match=r"domain 'open_ended'"):
         verifiers.check([(instruction(), "Answer: 6"), (poem, "Roses are red.")])
+
+
+# --- instruction following: scored by the constraint checkers -------------------------------------
+
+def test_instruction_following_answers_score_the_fraction_of_constraints_kept():
+    from tasks.constraints import constraints_reference
+    from tasks.seeds import Instruction, instruction_id
+
+    reference = constraints_reference(["punctuation:no_comma", "change_case:english_lowercase"], [{}, {}])
+    text = "Describe the sea. Do not use commas. Use only lowercase letters."
+    ins = Instruction(instruction_id("instruction_following", text, reference), "instruction_following", "test", 1,
+                      text, reference, 2)
+    with Verifiers() as verifiers:
+        kept, half, none = verifiers.check([(ins, "the sea is wide and blue"), (ins, "the sea, wide and blue"),
+                                            (ins, "The sea, wide and blue")])
+    assert (kept.verdict, kept.score, kept.verifier) == ("correct", 1.0, "if_constraints")
+    assert (half.verdict, half.score, half.failure_reason) == ("incorrect", 0.5, "punctuation:no_comma")
+    assert none.score == 0.0 and "english_lowercase" in none.detail
+    assert none.feedback and "Every constraint" not in none.feedback
+
+
+def test_synthesized_instruction_following_seeds_carry_k_as_difficulty():
+    from orchard.config import SeedSource
+    from tasks.seeds import load_seeds
+
+    seeds = load_seeds([SeedSource(kind="if_synth", count=5, difficulty=3, seed=1)])
+    assert len(seeds) == 5
+    assert all(s.domain == "instruction_following" and 1 <= s.difficulty <= 3 for s in seeds)
+    assert seeds == load_seeds([SeedSource(kind="if_synth", count=5, difficulty=3, seed=1)])
