@@ -72,7 +72,7 @@ PAIRS = pa.schema(
         ("pair_id", pa.string()),
         ("instruction_id", pa.string()),
         ("domain", pa.string()),
-        ("method", pa.string()),  # how the pair was chosen, e.g. same_prompt
+        ("method", pa.string()),  # how the pair was chosen: rs (rejection sampling: siblings of one prompt, by score)
         ("prompt", MESSAGES),
         ("chosen_node_id", pa.string()),
         ("rejected_node_id", pa.string()),

@@ -8,7 +8,8 @@ from typing import Mapping, Sequence
 
 from tasks.seeds import Instruction
 
-SAME_PROMPT = "same_prompt"
+# Rejection sampling: n responses to one prompt (siblings sent the same messages), paired by verifier score.
+REJECTION_SAMPLING = "rs"
 ANSWER_ROLES = ("action", "refinement")  # the verified nodes; critiques are not answers
 
 
@@ -57,7 +58,7 @@ def extract_pairs(nodes: Sequence[Mapping], instructions: Mapping[str, Instructi
                         ).hexdigest()[:16],
                         "instruction_id": instruction.instruction_id,
                         "domain": instruction.domain,
-                        "method": SAME_PROMPT,
+                        "method": REJECTION_SAMPLING,
                         "prompt": list(chosen["prompt"]),
                         "chosen_node_id": chosen["node_id"],
                         "rejected_node_id": rejected["node_id"],

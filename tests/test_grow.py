@@ -54,7 +54,7 @@ def test_wrong_answer_becomes_rejected_branch():
         assert chosen["verdict"] == "correct" and rejected["verdict"] == "incorrect"
         assert chosen["prompt"] == rejected["prompt"] == pair["prompt"]
         assert chosen["parent_id"] == rejected["parent_id"]
-        assert pair["margin"] == 1.0 and pair["method"] == "same_prompt" and pair["turn"] == 1
+        assert pair["margin"] == 1.0 and pair["method"] == "rs" and pair["turn"] == 1
         assert pair["shared_prefix_tokens"] == 20
         assert pair["domain"] == "math"
 

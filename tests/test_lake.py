@@ -74,7 +74,7 @@ def _tree_rows(run_id: str, shard_id: str, t: int) -> dict[str, list[dict]]:
     ]
 
     def pair(k: int, chosen: str, rejected: str, turn: int, p: list) -> dict:
-        return dict(common, pair_id=f"{tree}-p{k}", domain="math", method="same_prompt", prompt=p,
+        return dict(common, pair_id=f"{tree}-p{k}", domain="math", method="rs", prompt=p,
                     chosen_node_id=f"{tree}-{chosen}", rejected_node_id=f"{tree}-{rejected}", chosen_text=right,
                     rejected_text=wrong, chosen_score=1.0, rejected_score=0.0, margin=1.0, shared_prefix_tokens=12,
                     difficulty=2, pass_rate=3 / 5, strategy="step_by_step", model="smol", turn=turn)  # fmt: skip
@@ -413,7 +413,7 @@ INSERT INTO nodes VALUES
      '2', 'correct', 1.0, 'math', NULL, 'smol', 0.9, 0.95, 64, 1, 'v1', 10, 2, 'stop'),
     ('r0', 's0', 't0', 'a2', 'n0', 'i0', 1, 'action', 'step_by_step', [{'role': 'user', 'content': 'What is 1 + 1?'}],
      '3', 'incorrect', 0.0, 'math', NULL, 'smol', 0.9, 0.95, 64, 2, 'v1', 10, 2, 'stop');
-INSERT INTO pairs VALUES ('r0', 's0', 't0', 'p0', 'i0', 'math', 'same_prompt',
+INSERT INTO pairs VALUES ('r0', 's0', 't0', 'p0', 'i0', 'math', 'rs',
     [{'role': 'user', 'content': 'What is 1 + 1?'}], 'a1', 'a2', '2', '3', 1.0, 0.0, 1.0, 10, 1, 0.5, 'step_by_step',
     'smol');
 """

@@ -100,7 +100,7 @@ def pair_row(pair_id: str = "p1", **changes: Any) -> dict[str, Any]:
         "pair_id": pair_id,
         "instruction_id": "i1",
         "domain": "math",
-        "method": "same_prompt",
+        "method": "rs",
         "prompt": QUESTION,
         "chosen_node_id": "a1",
         "rejected_node_id": "a2",
