@@ -72,6 +72,20 @@ class Usage:
     def tokens_per_s(self) -> float:
         return self.completion_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
+    @classmethod
+    def combined(cls, usages: Sequence["Usage"]) -> "Usage":
+        """Return the totals of several clients' usage; its wall time spans all of them."""
+        total = cls()
+        for usage in usages:
+            for name in ("requests", "failed_requests", "retries", "prompt_tokens", "completion_tokens", "busy_s"):
+                setattr(total, name, getattr(total, name) + getattr(usage, name))
+            if usage.cached_tokens is not None:
+                total.cached_tokens = (total.cached_tokens or 0) + usage.cached_tokens
+        starts = [u._first_start for u in usages if u._first_start is not None]
+        ends = [u._last_end for u in usages if u._last_end is not None]
+        total._first_start, total._last_end = (min(starts), max(ends)) if starts and ends else (None, None)
+        return total
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "requests": self.requests,

@@ -110,6 +110,19 @@ TREES = pa.schema(
     ]
 )
 
+# One expectation's outcome on one shard (written by materialise, not landed with the shard).
+VALIDATIONS = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("shard_id", pa.string()),
+        ("suite", pa.string()),
+        ("expectation", pa.string()),
+        ("column", pa.string()),
+        ("success", pa.bool_()),
+        ("observed", pa.string()),
+    ]
+)
+
 # What each shard file holds, in landing order (manifest.json is written after all of them).
 SHARD_TABLES: dict[str, pa.Schema] = {
     "instructions": INSTRUCTIONS,

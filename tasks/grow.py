@@ -20,7 +20,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from orchard.config import Config, RunConfig
-from orchard.engine import ChatEngine, Completion, EngineClient, Sampling
+from orchard.engine import ChatEngine, Completion, EngineClient, Sampling, Usage
 from orchard.store import ObjectStore
 from schemas import rows
 from tasks.land import land_shard, landed_manifest, quarantined_manifest
@@ -315,15 +315,8 @@ async def grow_shard(
     )
     grown.trees = tree_rows(grown.nodes, grown.pairs, grower.instructions)
     answers = [n for n in grown.nodes if n["role"] in ("action", "refinement")]
-    usage: dict[str, float] = defaultdict(int)
-    for engine in {id(e): e for e in engines.values()}.values():
-        for key, value in engine.usage.as_dict().items():
-            if key == "cached_tokens" and value is None:
-                usage.setdefault(key, None)
-            elif key == "cached_tokens":
-                usage[key] = (usage.get(key) or 0) + value
-            elif key not in ("wall_s", "tokens_per_s"):
-                usage[key] += value
+    # Roles may share an engine: count each engine's usage once. Throughput is over the shard's whole growth.
+    usage = Usage.combined([e.usage for e in {id(e): e for e in engines.values()}.values()]).as_dict()
     wall_s = time.monotonic() - started
     usage["wall_s"] = round(wall_s, 3)
     usage["tokens_per_s"] = round(usage["completion_tokens"] / wall_s, 2) if wall_s > 0 else 0.0
@@ -336,7 +329,7 @@ async def grow_shard(
         "pairs": len(grown.pairs),
         "turns": max((n["turn"] or 0) for n in answers) if answers else 0,
         "grow_wall_s": round(wall_s, 3),
-        "engine": dict(usage),
+        "engine": usage,
     }
     return grown
 

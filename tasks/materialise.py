@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from orchard import lake
 from orchard.config import Config
 from orchard.lake import LakeError
-from schemas.rows import SHARD_TABLES
+from schemas.rows import SHARD_TABLES, VALIDATIONS
 
 RUN_COLUMNS = (
     "run_id", "flow_run_id", "snapshot_id", "config_hash", "started_at", "finished_at", "status",
@@ -28,17 +28,6 @@ RUN_COLUMNS = (
 )  # fmt: skip
 RUN_STATUSES = ("complete", "partial", "failed")
 
-VALIDATIONS = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("shard_id", pa.string()),
-        ("suite", pa.string()),
-        ("expectation", pa.string()),
-        ("column", pa.string()),
-        ("success", pa.bool_()),
-        ("observed", pa.string()),
-    ]
-)
 
 
 def materialise_run(

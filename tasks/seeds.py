@@ -125,15 +125,23 @@ def generate_arithmetic(count: int, *, difficulty: int = 2, seed: int = 0) -> li
     if not 1 <= difficulty <= 5:
         raise SeedError(f"arithmetic: difficulty must be 1..5, got {difficulty}")
     rng = random.Random(seed * 1_000_003 + difficulty)
+
+    def draw(index: int) -> Instruction:
+        question, answer = TEMPLATES[index % len(TEMPLATES)](rng, difficulty)
+        return _make("math", f"arithmetic:d{difficulty}:s{seed}", index, question, str(answer), difficulty)
+
+    return _draw_distinct(count, draw, f"arithmetic: could not draw {count} distinct problems at difficulty {difficulty}")
+
+
+def _draw_distinct(count: int, draw: Callable[[int], Instruction], failure: str) -> list[Instruction]:
+    """Call `draw(index of the next new instruction)` until `count` distinct instructions are drawn."""
     instructions: dict[str, Instruction] = {}
     attempts = 0
     while len(instructions) < count:
         attempts += 1
         if attempts > 50 * count + 100:
-            raise SeedError(f"arithmetic: could not draw {count} distinct problems at difficulty {difficulty}")
-        template = TEMPLATES[len(instructions) % len(TEMPLATES)]
-        question, answer = template(rng, difficulty)
-        made = _make("math", f"arithmetic:d{difficulty}:s{seed}", len(instructions), question, str(answer), difficulty)
+            raise SeedError(failure)
+        made = draw(len(instructions))
         instructions.setdefault(made.instruction_id, made)
     return list(instructions.values())
 
@@ -413,17 +421,13 @@ def generate_code_tasks(count: int, *, seed: int = 0, difficulty: int = 2) -> li
         raise SeedError(f"code: difficulty must be 1..5, got {difficulty}")
     templates = [(level, template) for level, template in CODE_TEMPLATES if level <= difficulty]
     rng = random.Random(seed * 1_000_003 + 7919 * difficulty)
-    instructions: dict[str, Instruction] = {}
-    attempts = 0
-    while len(instructions) < count:
-        attempts += 1
-        if attempts > 50 * count + 100:
-            raise SeedError(f"code: could not draw {count} distinct tasks at difficulty {difficulty}")
-        level, template = templates[len(instructions) % len(templates)]
+
+    def draw(index: int) -> Instruction:
+        level, template = templates[index % len(templates)]
         text, tests = code_task_instruction(template(rng, rng.randint(3, 5)))
-        made = _make("code", f"code:d{difficulty}:s{seed}", len(instructions), text, tests, level)
-        instructions.setdefault(made.instruction_id, made)
-    return list(instructions.values())
+        return _make("code", f"code:d{difficulty}:s{seed}", index, text, tests, level)
+
+    return _draw_distinct(count, draw, f"code: could not draw {count} distinct tasks at difficulty {difficulty}")
 
 
 # --- sources and shards -------------------------------------------------------------------------

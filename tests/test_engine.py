@@ -151,3 +151,13 @@ def test_server_that_honours_n_gets_one_request(server):
     handler.script = [(200, completion(n=3))]
     answers, usage = chat(engine(url), n=3)
     assert len(answers) == 3 and usage.requests == 1
+
+
+def test_usage_of_several_clients_adds_up_and_keeps_unreported_cache_hits_null():
+    from orchard.engine import Usage
+
+    a, b = Usage(requests=2, completion_tokens=10), Usage(requests=1, completion_tokens=5, cached_tokens=3)
+    a._first_start, a._last_end, b._first_start, b._last_end = 1.0, 4.0, 2.0, 6.0
+    total = Usage.combined([a, b])
+    assert (total.requests, total.completion_tokens, total.cached_tokens, total.wall_s) == (3, 15, 3, 5.0)
+    assert Usage.combined([a]).cached_tokens is None
