@@ -47,6 +47,7 @@ class EngineConfig:
     retries: int = 3
     backoff_s: float = 1.0
     n_ctx: int = 2048
+    chat_format: str = "chatml"  # how a chat is laid out as raw text to continue a partial answer (MCTS steps)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,39 @@ class RunConfig:
     top_p: float = 0.95
     seed: int = 0
     verify_workers: int = 2
+    # --- MCTS: answers grown in steps, selected by PUCT across every tree of the shard (arXiv 2412.15282) ---
+    mcts_domains: tuple[str, ...] = ("math", "instruction_following")  # () turns MCTS off
+    mcts_iterations: int = 3  # selection rounds; each round expands one leaf per searched tree (0 = off)
+    mcts_width: int = 2  # children per expansion (siblings that share the parent's prefix)
+    mcts_step_tokens: int = 40  # a step is a chunk of at most this many tokens
+    mcts_max_steps: int = 3  # the step at this depth is the last: it may use what is left of max_tokens
+    mcts_c_puct: float = 1.0
+    mcts_lambda: float = 0.2  # value = (1 - λ) · verifier score + λ · self-evaluation
+    # --- curation of the published pairs ---
+    contrast_low_max: float = 0.3  # margin <= this: a low-contrast pair
+    contrast_high_min: float = 0.6  # margin >= this: a high-contrast pair (between the two: mid)
+    pair_contrast: str = "all"  # all | high | low | mix
+    contrast_mix_high: float = 0.5  # with pair_contrast = mix: the share of high-contrast pairs (the rest low)
+    difficulty_band: tuple[float, ...] = (0.0, 1.0)  # keep pairs whose prompt's pass rate lies in [low, high]
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.pair_contrast not in ("all", "high", "low", "mix"):
+            problems.append(f"run.pair_contrast: must be all, high, low or mix, got {self.pair_contrast!r}")
+        if not 0 <= self.contrast_mix_high <= 1:
+            problems.append(f"run.contrast_mix_high: must lie in [0, 1], got {self.contrast_mix_high}")
+        if not 0 <= self.contrast_low_max <= self.contrast_high_min <= 1:
+            problems.append(f"run.contrast_low_max/contrast_high_min: need 0 <= low_max <= high_min <= 1, got "
+                            f"{self.contrast_low_max} and {self.contrast_high_min}")
+        band = self.difficulty_band
+        if len(band) != 2 or not all(isinstance(v, int | float) for v in band) or not 0 <= band[0] <= band[1] <= 1:
+            problems.append(f"run.difficulty_band: need [low, high] with 0 <= low <= high <= 1, got {list(band)}")
+        if not 0 <= self.mcts_lambda <= 1:
+            problems.append(f"run.mcts_lambda: must lie in [0, 1], got {self.mcts_lambda}")
+        if self.mcts_width < 1 or self.mcts_step_tokens < 1 or self.mcts_max_steps < 1 or self.mcts_iterations < 0:
+            problems.append("run.mcts_width, mcts_step_tokens, mcts_max_steps: must be >= 1; mcts_iterations >= 0")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -272,7 +306,12 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     config = Config.from_dict(raw)
     for role in config.roles:
         config.engine_for(role)
+    from orchard.engine import CHAT_FORMATS  # the engine module imports this one
+
     for name, engine in config.engines.items():
+        if engine.chat_format not in CHAT_FORMATS:
+            raise ConfigError(f"engines.{name}.chat_format: must be one of {', '.join(CHAT_FORMATS)}, "
+                              f"got {engine.chat_format!r}")
         if engine.kind not in ("embedded", "openai"):
             raise ConfigError(f"engines.{name}.kind: must be 'embedded' or 'openai', got {engine.kind!r}")
         if engine.kind == "openai" and not engine.base_urls:

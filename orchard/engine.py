@@ -10,7 +10,7 @@ import itertools
 import random
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import httpx
 
@@ -32,6 +32,7 @@ class Sampling:
     max_tokens: int = 128
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_logprobs: int = 0  # > 0: ask for the first token's most likely alternatives (a judge's Yes/No probability)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Completion:
     completion_tokens: int
     cached_tokens: int | None = None
     seed: int | None = None  # the seed of the request this choice came from
+    # The first generated token's most likely alternatives (token -> logprob), when Sampling.top_logprobs asked.
+    top_logprobs: Mapping[str, float] | None = None
 
 
 @dataclass
@@ -99,13 +102,37 @@ class Usage:
         }
 
 
+# How a chat is laid out as raw text for the completions endpoint, so a partial answer can be continued
+# exactly (MCTS steps). ChatML is what SmolLM2, Qwen and many others use.
+CHAT_FORMATS: dict[str, dict[str, str]] = {
+    "chatml": {"turn": "<|im_start|>{role}\n{content}<|im_end|>\n", "open": "<|im_start|>assistant\n",
+               "end": "<|im_end|>"},
+    "llama3": {"turn": "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
+               "open": "<|start_header_id|>assistant<|end_header_id|>\n\n", "end": "<|eot_id|>",
+               "begin": "<|begin_of_text|>"},
+}
+
+
+def render_chat(messages: Sequence[Message], chat_format: str, prefix: str = "") -> str:
+    """Return `messages` as the raw prompt text of `chat_format`, with an open assistant turn starting `prefix`."""
+    try:
+        layout = CHAT_FORMATS[chat_format]
+    except KeyError:
+        raise EngineError(f"chat_format {chat_format!r} is not known (known: {', '.join(CHAT_FORMATS)})") from None
+    turns = "".join(layout["turn"].format(role=m["role"], content=m["content"]) for m in messages)
+    return layout.get("begin", "") + turns + layout["open"] + prefix
+
+
 class ChatEngine(Protocol):
-    """What tree growth needs from an engine: `n` chat completions for one prompt."""
+    """What tree growth needs from an engine: `n` chat completions for one prompt, or continuations of an answer."""
 
     model: str
     usage: Usage
 
     async def chat(self, messages: Sequence[Message], sampling: Sampling, n: int = 1) -> list[Completion]: ...
+
+    async def continue_chat(self, messages: Sequence[Message], prefix: str, sampling: Sampling,
+                            n: int = 1) -> list[Completion]: ...
 
 
 class EngineClient:
@@ -145,10 +172,23 @@ class EngineClient:
         """Return `n` raw-text completions of `prompt` (for continuing an exact prefix)."""
         return await self._sample("/v1/completions", {"prompt": prompt}, sampling, n, key="text")
 
+    async def continue_chat(self, messages: Sequence[Message], prefix: str, sampling: Sampling,
+                            n: int = 1) -> list[Completion]:
+        """Return `n` continuations of an assistant answer that starts with `prefix` (may be empty).
+
+        The chat is rendered in the engine's `chat_format` and sent to the completions endpoint, so the
+        model continues exactly `prefix` and the server's prefix cache sees one growing prompt. A choice
+        with finish_reason `length` stopped at `max_tokens`; any other ended the answer.
+        """
+        end = CHAT_FORMATS.get(self.engine.chat_format, {}).get("end")
+        stop = sampling.stop if end is None or end in sampling.stop else (*sampling.stop, end)
+        prompt = render_chat(messages, self.engine.chat_format, prefix)
+        return await self.complete(prompt, replace(sampling, stop=stop), n)
+
     async def _sample(self, path: str, request: dict[str, Any], sampling: Sampling, n: int, *, key: str) -> list[Completion]:
         got: list[Completion] = []
         if n == 1 or self.supports_n is not False:
-            body = {"model": self.model, **request, **_sampling_body(sampling)}
+            body = {"model": self.model, **request, **_sampling_body(sampling), **_logprob_body(path, sampling)}
             if n != 1:
                 body["n"] = n
             got = _completions(await self._post(path, body), self.model, key=key, seed=sampling.seed)[:n]
@@ -157,7 +197,9 @@ class EngineClient:
         # A server that ignores `n` gets the missing siblings as separate requests, each with its own seed.
         missing = range(len(got), n)
         extra = await asyncio.gather(*(
-            self._post(path, {"model": self.model, **request, **_sampling_body(_nth(sampling, k))}) for k in missing
+            self._post(path, {"model": self.model, **request, **_sampling_body(_nth(sampling, k)),
+                              **_logprob_body(path, sampling)})
+            for k in missing
         ))
         for k, answer in zip(missing, extra):
             got.extend(_completions(answer, self.model, key=key, seed=_nth(sampling, k).seed)[:1])
@@ -227,6 +269,29 @@ def _sampling_body(sampling: Sampling) -> dict[str, Any]:
     return body
 
 
+def _logprob_body(path: str, sampling: Sampling) -> dict[str, Any]:
+    if sampling.top_logprobs <= 0:
+        return {}
+    if path.endswith("/chat/completions"):
+        return {"logprobs": True, "top_logprobs": sampling.top_logprobs}
+    return {"logprobs": sampling.top_logprobs}
+
+
+def _first_top_logprobs(choice: Mapping[str, Any]) -> dict[str, float] | None:
+    """Return the first token's alternatives from a chat (`content[0].top_logprobs`) or completions answer."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, Mapping):
+        return None
+    content = logprobs.get("content")
+    if isinstance(content, list) and content and isinstance(content[0], Mapping):
+        alternatives = content[0].get("top_logprobs") or []
+        return {str(a["token"]): float(a["logprob"]) for a in alternatives if isinstance(a, Mapping) and "token" in a}
+    top = logprobs.get("top_logprobs")
+    if isinstance(top, list) and top and isinstance(top[0], Mapping):
+        return {str(token): float(value) for token, value in top[0].items()}
+    return None
+
+
 def _check_answer(answer: Any) -> None:
     if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list) or not answer["choices"]:
         raise EngineError(f"no choices in {str(answer)[:200]!r}")
@@ -258,6 +323,7 @@ def _completions(answer: dict[str, Any], model: str, *, key: str, seed: int | No
                 completion_tokens=completion_tokens // len(choices),
                 cached_tokens=_cached_tokens(usage),
                 seed=seed,
+                top_logprobs=_first_top_logprobs(choice),
             )
         )
     return completions

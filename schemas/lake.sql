@@ -74,7 +74,11 @@ CREATE TABLE IF NOT EXISTS nodes (
     sandbox_exit_code BIGINT,
     sandbox_stdout VARCHAR,
     sandbox_stderr VARCHAR,
-    cached_tokens BIGINT
+    cached_tokens BIGINT,
+    visits BIGINT,                   -- MCTS: values backed up through this node
+    q_value DOUBLE,                  -- MCTS: their mean
+    self_eval DOUBLE,                -- MCTS: the model's own P(Yes) that the partial answer is on track
+    value DOUBLE                     -- MCTS: the step's own value, (1 - λ) · verifier + λ · self_eval
 );
 
 CREATE TABLE IF NOT EXISTS pairs (
@@ -98,7 +102,9 @@ CREATE TABLE IF NOT EXISTS pairs (
     pass_rate DOUBLE,
     strategy VARCHAR,
     model VARCHAR,
-    turn BIGINT
+    turn BIGINT,
+    contrast VARCHAR,                -- high | mid | low (by margin)
+    k BIGINT                         -- instruction following: number of constraints
 );
 
 -- One row per tree: what was grown for one instruction in one run.
@@ -116,7 +122,8 @@ CREATE TABLE IF NOT EXISTS trees (
     pass_rate DOUBLE,
     pairs BIGINT,
     prompt_tokens BIGINT,
-    completion_tokens BIGINT
+    completion_tokens BIGINT,
+    k BIGINT
 );
 
 -- One row per expectation per validated shard (passed and quarantined shards alike).
@@ -140,6 +147,13 @@ ALTER TABLE nodes ADD COLUMN IF NOT EXISTS sandbox_stdout VARCHAR;
 ALTER TABLE nodes ADD COLUMN IF NOT EXISTS sandbox_stderr VARCHAR;
 ALTER TABLE nodes ADD COLUMN IF NOT EXISTS cached_tokens BIGINT;
 ALTER TABLE pairs ADD COLUMN IF NOT EXISTS turn BIGINT;
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS visits BIGINT;
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS q_value DOUBLE;
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS self_eval DOUBLE;
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS value DOUBLE;
+ALTER TABLE pairs ADD COLUMN IF NOT EXISTS contrast VARCHAR;
+ALTER TABLE pairs ADD COLUMN IF NOT EXISTS k BIGINT;
+ALTER TABLE trees ADD COLUMN IF NOT EXISTS k BIGINT;
 
 -- TRL's conversational preference format: `prompt`, `chosen`, `rejected` are message lists, so
 -- `DPOTrainer` applies the chat template itself. The other columns let a query select pairs
@@ -155,13 +169,17 @@ SELECT
     margin,
     shared_prefix_tokens,
     method,
+    contrast,
     difficulty,
+    k,
+    pass_rate,
     turn
 FROM pairs;
 
 -- TRL's conversational language-modeling format: one row per trajectory that ends in a correct
--- attempt (an action, or a refinement whose prompt already holds the earlier turns, the environment
--- feedback and the critique), `messages` being that history plus the attempt itself.
+-- attempt (an action, a refinement whose prompt already holds the earlier turns, the environment
+-- feedback and the critique, or a finished MCTS answer: a last step or a rollout), `messages` being that
+-- history plus the attempt itself.
 CREATE OR REPLACE VIEW sft_examples AS
 SELECT
     list_append(n.prompt, {'role': 'assistant', 'content': n.text}) AS messages,
@@ -175,7 +193,7 @@ SELECT
 FROM nodes n
 LEFT JOIN instructions i
     ON i.run_id = n.run_id AND i.shard_id = n.shard_id AND i.instruction_id = n.instruction_id
-WHERE n.role IN ('action', 'refinement') AND n.verdict = 'correct';
+WHERE n.role IN ('action', 'refinement', 'step', 'rollout') AND n.verdict = 'correct';
 
 -- Listwise ranking: the scored attempts that answer one prompt under one parent (siblings with the
 -- same history), best first. `completions[k]` is an assistant message list with score `scores[k]`;

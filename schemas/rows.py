@@ -35,7 +35,7 @@ NODES = pa.schema(
         ("parent_id", pa.string()),  # null for the root
         ("instruction_id", pa.string()),
         ("depth", pa.int64()),
-        ("role", pa.string()),  # instruction | action | critique | refinement
+        ("role", pa.string()),  # instruction | action | critique | refinement | step | rollout
         ("strategy", pa.string()),  # null for the root
         ("prompt", MESSAGES),  # the exact messages the model was sent (empty for the root)
         ("text", pa.string()),
@@ -60,6 +60,11 @@ NODES = pa.schema(
         ("sandbox_stdout", pa.string()),  # capped
         ("sandbox_stderr", pa.string()),  # capped
         ("cached_tokens", pa.int64()),  # prompt tokens the server reported as served from its prefix cache
+        # --- MCTS (role step: the answer so far; role rollout: a step's unfinished answer completed to the end) ---
+        ("visits", pa.int64()),  # values backed up through this node (searched trees' roots and steps)
+        ("q_value", pa.float64()),  # their mean
+        ("self_eval", pa.float64()),  # the model's own P(Yes) that this partial answer is on track; null if unread
+        ("value", pa.float64()),  # this step's own value: (1 - λ) · verifier (its answer or rollout) + λ · self_eval
     ]
 )
 
@@ -72,7 +77,9 @@ PAIRS = pa.schema(
         ("pair_id", pa.string()),
         ("instruction_id", pa.string()),
         ("domain", pa.string()),
-        ("method", pa.string()),  # how the pair was chosen: rs (rejection sampling: siblings of one prompt, by score)
+        # how the pair was chosen: rs (rejection sampling: siblings of one prompt, by verifier score) or
+        # mcts (best and worst child by Q of one expanded step; scores are Q values)
+        ("method", pa.string()),
         ("prompt", MESSAGES),
         ("chosen_node_id", pa.string()),
         ("rejected_node_id", pa.string()),
@@ -87,6 +94,8 @@ PAIRS = pa.schema(
         ("strategy", pa.string()),
         ("model", pa.string()),
         ("turn", pa.int64()),  # the turn both responses answer
+        ("contrast", pa.string()),  # high | mid | low, from the margin and the run's thresholds
+        ("k", pa.int64()),  # instruction following: the prompt's number of constraints; null elsewhere
     ]
 )
 
@@ -107,6 +116,7 @@ TREES = pa.schema(
         ("pairs", pa.int64()),
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
+        ("k", pa.int64()),  # instruction following: the number of constraints; null elsewhere
     ]
 )
 

@@ -194,6 +194,13 @@ def _node_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
     grandparent_turn = parent.map(by_id["parent_id"]).map(by_id["turn"]).astype("float64")
     role = nodes["role"]
     refinement, critique = role.eq("refinement"), role.eq("critique")
+    step, rollout = role.eq("step"), role.eq("rollout")
+    # MCTS: a step continues the tree's root or another step; a rollout completes an unfinished step.
+    prefix_of_parent = parent.map(by_id["text"]).fillna("")
+    continues_parent = pd.Series(
+        [p == "" or t.startswith(p) for p, t in zip(prefix_of_parent, nodes["text"].fillna(""))], index=nodes.index,
+        dtype=bool,
+    )
     return {
         "check_parent_exists": ~dangling,
         "check_parent_in_same_tree": ~has_parent | dangling | (parent_tree == nodes["tree_id"]),
@@ -205,6 +212,10 @@ def _node_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
             ~critique | dangling | (parent_role.isin(ATTEMPT_ROLES) & parent_verdict.ne("correct"))
         ),
         "check_refinement_turn_follows_grandparent": ~refinement | dangling | (nodes["turn"] == grandparent_turn + 1),
+        "check_step_parent_is_root_or_step": ~step | dangling | parent_role.isin(["instruction", "step"]),
+        "check_rollout_parent_is_unfinished_step": ~rollout | dangling | (parent_role.eq("step") & parent_verdict.isna()),
+        # The root's text is the instruction, not an answer prefix: only a step parent's text must be continued.
+        "check_mcts_answer_continues_parent": ~(step | rollout) | dangling | ~parent_role.eq("step") | continues_parent,
     }
 
 

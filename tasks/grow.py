@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from orchard.engine import ChatEngine, Completion, EngineClient, Sampling, Usage
 from orchard.store import ObjectStore
 from schemas import rows
 from tasks.land import land_shard, landed_manifest, quarantined_manifest
-from tasks.pairs import extract_pairs
+from tasks.mcts import SearchNode, backup, descendants, node_value, select
+from tasks.pairs import constraint_count, curate, extract_pairs, mcts_pairs, pass_rates
 from tasks.seeds import Instruction, ShardPlan
 from tasks.verify import Verdict, Verifiers
 
@@ -72,6 +74,15 @@ CRITIC_REFERENCE = {
     "instruction_following": "The checker's constraints (ids and parameters) are: {reference}",
 }
 REFINE_REQUEST = "{feedback}\nA reviewer says: {critique}\nWrite a corrected solution. {format}"
+STEP_TEMPLATE = "step/v1"  # an MCTS step continues the action prompt of the tree's first strategy
+ROLLOUT_TEMPLATE = "rollout/v1"
+SELF_EVAL_TEMPLATE = "self_eval/v1"
+SELF_EVAL_SYSTEM = "You check partial answers to tasks. Reply with one word: Yes or No."
+SELF_EVAL_REQUEST = (
+    "Task:\n{task}\n\nPartial answer so far:\n<<<\n{partial}\n>>>\n\n"
+    "Is the partial answer correct so far and on track to a correct, complete answer?"
+)
+SELF_EVAL_TOP_LOGPROBS = 10
 
 Checker = Callable[[Sequence[tuple[Instruction, str]]], list[Verdict]]
 Progress = Callable[[str, int, int], None]
@@ -110,6 +121,7 @@ class _Request:
     strategy: str | None
     template: str
     turn: int | None
+    prefix: str | None = None  # set: continue an assistant answer that starts with this text (MCTS)
 
 
 def _id(*parts: object) -> str:
@@ -181,7 +193,11 @@ class _Grower:
 
         async def one(request: _Request) -> list[Completion]:
             nonlocal done
-            answers = await self.engines[_ROLE_ENGINE[request.role]].chat(request.messages, request.sampling, request.n)
+            engine = self.engines[_ROLE_ENGINE[request.role]]
+            if request.prefix is None:
+                answers = await engine.chat(request.messages, request.sampling, request.n)
+            else:
+                answers = await engine.continue_chat(request.messages, request.prefix, request.sampling, request.n)
             done += 1
             if self.progress is not None and (done % step == 0 or done == len(requests)):
                 self.progress(label, done, len(requests))
@@ -207,7 +223,8 @@ class _Grower:
                                    request.parent["node_id"], request.instruction, request.parent["depth"] + 1,
                                    request.role)
                 node.update(
-                    strategy=request.strategy, prompt=request.messages, text=completion.text, model=completion.model,
+                    strategy=request.strategy, prompt=request.messages, text=(request.prefix or "") + completion.text,
+                    model=completion.model,
                     temperature=request.sampling.temperature, top_p=request.sampling.top_p,
                     max_tokens=request.sampling.max_tokens, sample_seed=completion.seed,
                     prompt_template_version=request.template, prompt_tokens=completion.prompt_tokens,
@@ -231,13 +248,21 @@ class _Grower:
         return Sampling(temperature=self.run.temperature, top_p=self.run.top_p, max_tokens=max_tokens,
                         seed=sample_seed(self.run.seed, *seed_parts))
 
-    async def first_turn(self) -> list[dict]:
-        requests = []
+    def plant(self) -> list[dict]:
+        """Add and return each instruction's tree root."""
+        roots = []
         for instruction in self.plan.instructions:
             tree_id = _id(self.run_id, instruction.instruction_id)
             root = _blank_node(self.common, tree_id, _id(tree_id, "root"), None, instruction, 0, "instruction")
             root["text"] = instruction.text
-            self.nodes.append(root)
+            roots.append(root)
+        self.nodes.extend(roots)
+        return roots
+
+    async def first_turn(self, roots: Sequence[dict]) -> list[dict]:
+        requests = []
+        for root in roots:
+            instruction, tree_id = self.instructions[root["instruction_id"]], root["tree_id"]
             for strategy in strategies_for(self.run, instruction.domain):
                 requests.append(_Request(
                     instruction, tree_id, root, "action", action_messages(instruction, strategy),
@@ -277,7 +302,100 @@ class _Grower:
         return refinements
 
 
-_ROLE_ENGINE = {"action": "generator", "critique": "critic", "refinement": "refiner"}
+    async def search(self, roots: Sequence[dict]) -> dict:
+        """Grow MCTS steps under the roots of the trees whose domain is searched; return the search's counts.
+
+        Each round selects one leaf per searched tree (by PUCT across the whole shard), asks for `mcts_width`
+        continuations of each, rolls every unfinished child out to the end, verifies the finished answers,
+        asks the model to judge every new child, and backs the values up.
+        """
+        run = self.run
+        searched = [r for r in roots if self.instructions[r["instruction_id"]].domain in run.mcts_domains]
+        if not searched or run.mcts_iterations == 0:
+            return {}
+        trees = [SearchNode(row=root) for root in searched]
+        counts = {"rounds": 0, "expansions": 0, "steps": 0, "rollouts": 0, "self_eval_missing": 0}
+        for round_ in range(1, run.mcts_iterations + 1):
+            leaves = select(trees, run.mcts_c_puct, batch=len(trees))
+            if not leaves:
+                break
+            counts["rounds"], counts["expansions"] = round_, counts["expansions"] + len(leaves)
+            step_requests = [self._step_request(leaf) for leaf in leaves]
+            step_rows = self.add_answers(step_requests, await self.ask(f"mcts round {round_} steps", step_requests))
+            children, leaf_of = [], {leaf.row["node_id"]: leaf for leaf in leaves}
+            for row in step_rows:
+                leaf = leaf_of[row["parent_id"]]
+                finished = row["finish_reason"] != "length" or leaf.steps + 1 >= run.mcts_max_steps
+                children.append(leaf.add_child(row, terminal=finished))
+            open_children = [c for c in children if not c.terminal]
+            rollout_requests = [
+                _Request(self.instructions[c.row["instruction_id"]], c.row["tree_id"], c.row, "rollout", c.row["prompt"],
+                         self.sampling(max(run.mcts_step_tokens, run.max_tokens - c.steps * run.mcts_step_tokens),
+                                       c.row["node_id"], "rollout"),
+                         1, c.row["strategy"], ROLLOUT_TEMPLATE, 1, prefix=c.row["text"])
+                for c in open_children
+            ]
+            judge_requests = [self._self_eval_request(c.row) for c in children]
+            rollout_answers, judgements = await asyncio.gather(
+                self.ask(f"mcts round {round_} rollouts", rollout_requests),
+                self.ask(f"mcts round {round_} self-evaluations", judge_requests),
+            )
+            rollouts = self.add_answers(rollout_requests, rollout_answers)
+            self.verify([c.row for c in children if c.terminal] + rollouts)
+            rollout_score = {r["parent_id"]: r["score"] for r in rollouts}
+            for child, (judgement,) in zip(children, judgements):
+                self_eval = yes_probability(judgement.top_logprobs)
+                counts["self_eval_missing"] += self_eval is None
+                verified = child.row["score"] if child.terminal else rollout_score[child.row["node_id"]]
+                value = node_value(verified, self_eval, run.mcts_lambda)
+                child.row.update(self_eval=self_eval, value=value)
+                backup(child, value)
+            counts["steps"] += len(children)
+            counts["rollouts"] += len(rollouts)
+        for node in descendants(trees):
+            node.row.update(visits=node.visits, q_value=node.q)
+        return counts
+
+    def _step_request(self, leaf: SearchNode) -> _Request:
+        """The request for `mcts_width` next steps under `leaf` (a tree root or an unfinished step)."""
+        run, row = self.run, leaf.row
+        instruction = self.instructions[row["instruction_id"]]
+        if leaf.parent is None:  # the root: steps answer the tree's first strategy
+            strategy = strategies_for(run, instruction.domain)[0]
+            messages, prefix = action_messages(instruction, strategy), ""
+        else:
+            strategy, messages, prefix = row["strategy"], row["prompt"], row["text"]
+        last = leaf.steps + 1 >= run.mcts_max_steps
+        budget = max(run.mcts_step_tokens, run.max_tokens - leaf.steps * run.mcts_step_tokens) if last else run.mcts_step_tokens
+        return _Request(instruction, row["tree_id"], row, "step", messages,
+                        self.sampling(budget, row["node_id"], "step"), run.mcts_width, strategy, STEP_TEMPLATE, 1,
+                        prefix=prefix)
+
+    def _self_eval_request(self, row: dict) -> _Request:
+        """The model's own judgement of a partial answer: one token, read as P(Yes) from its logprobs."""
+        instruction = self.instructions[row["instruction_id"]]
+        messages = [{"role": "system", "content": SELF_EVAL_SYSTEM},
+                    {"role": "user", "content": SELF_EVAL_REQUEST.format(task=instruction.text, partial=row["text"])}]
+        sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=1, seed=sample_seed(self.run.seed, row["node_id"], "self_eval"),
+                            top_logprobs=SELF_EVAL_TOP_LOGPROBS)
+        return _Request(instruction, row["tree_id"], row, "self_eval", messages, sampling, 1, None, SELF_EVAL_TEMPLATE, None)
+
+
+def yes_probability(top_logprobs: Mapping[str, float] | None) -> float | None:
+    """Return P(Yes) / (P(Yes) + P(No)) from a first token's alternatives; None when neither is among them."""
+    if not top_logprobs:
+        return None
+    mass = {"yes": 0.0, "no": 0.0}
+    for token, logprob in top_logprobs.items():
+        word = token.strip().lower()
+        if word in mass:
+            mass[word] += math.exp(logprob)
+    total = mass["yes"] + mass["no"]
+    return mass["yes"] / total if total > 0 else None
+
+
+_ROLE_ENGINE = {"action": "generator", "critique": "critic", "refinement": "refiner",
+                "step": "generator", "rollout": "generator", "self_eval": "generator"}
 
 
 async def grow_shard(
@@ -302,16 +420,24 @@ async def grow_shard(
             action_messages(instruction, strategy)  # fail before any request on an unknown strategy
     started = time.monotonic()
     grower = _Grower(plan, run_id, run, engines, check, progress)
-    frontier = await grower.first_turn()
-    for turn in range(2, run.turns + 1):
-        frontier = await grower.refine_turn(turn, frontier)
-        if not frontier:
-            break
+    roots = grower.plant()
 
+    async def turns() -> None:
+        frontier = await grower.first_turn(roots)
+        for turn in range(2, run.turns + 1):
+            frontier = await grower.refine_turn(turn, frontier)
+            if not frontier:
+                break
+
+    # Sampled turns and the search run side by side: each fills the engines while the other waits on a level.
+    _, search = await asyncio.gather(turns(), grower.search(roots))
+
+    rates = pass_rates(grower.nodes)
+    found = extract_pairs(grower.nodes, grower.instructions, rates) + mcts_pairs(grower.nodes, grower.instructions, rates)
     grown = GrownShard(
         instructions=[{**grower.common, **i.as_row()} for i in plan.instructions],
         nodes=grower.nodes,
-        pairs=extract_pairs(grower.nodes, grower.instructions),
+        pairs=curate(found, run),
     )
     grown.trees = tree_rows(grown.nodes, grown.pairs, grower.instructions)
     answers = [n for n in grown.nodes if n["role"] in ("action", "refinement")]
@@ -327,6 +453,9 @@ async def grow_shard(
         "correct": sum(n["verdict"] == "correct" for n in answers),
         "critiques": sum(n["role"] == "critique" for n in grown.nodes),
         "pairs": len(grown.pairs),
+        "pairs_found": len(found),  # before the run's contrast and difficulty selection
+        "pairs_by_method": {m: sum(p["method"] == m for p in grown.pairs) for m in sorted({p["method"] for p in grown.pairs})},
+        "mcts": search,
         "turns": max((n["turn"] or 0) for n in answers) if answers else 0,
         "grow_wall_s": round(wall_s, 3),
         "engine": usage,
@@ -357,6 +486,7 @@ def tree_rows(nodes: Sequence[Mapping], pairs: Sequence[Mapping], instructions: 
             "pairs": pair_counts[tree_id],
             "prompt_tokens": sum(n["prompt_tokens"] or 0 for n in members),
             "completion_tokens": sum(n["completion_tokens"] or 0 for n in members),
+            "k": constraint_count(instructions[root["instruction_id"]]),
         })
     return trees
 

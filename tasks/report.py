@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from prefect import task
+import duckdb
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+
+from orchard.config import Config
+from orchard.lake import LakeError, connect
+
+MARGIN_BINS = (0.25, 0.5, 0.75, 1.0)  # upper edges of the margin histogram's bins
 
 
 def run_totals(grown_stats: Sequence[Mapping[str, Any]], growth_wall_s: float) -> dict[str, Any]:
@@ -16,10 +22,15 @@ def run_totals(grown_stats: Sequence[Mapping[str, Any]], growth_wall_s: float) -
     correct = sum(s.get("correct", 0) for s in grown_stats)
     prompt_tokens = sum(s.get("engine", {}).get("prompt_tokens", 0) for s in grown_stats)
     completion_tokens = sum(s.get("engine", {}).get("completion_tokens", 0) for s in grown_stats)
+    by_method: dict[str, int] = {}
+    for stats in grown_stats:
+        for method, count in (stats.get("pairs_by_method") or {}).items():
+            by_method[method] = by_method.get(method, 0) + count
     return {
         "trees": trees,
         "nodes": sum(s.get("nodes", 0) for s in grown_stats),
         "pairs": sum(s.get("pairs", 0) for s in grown_stats),
+        "pairs_by_method": dict(sorted(by_method.items())),
         "pass_rate": round(correct / actions, 4) if actions else None,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -35,12 +46,17 @@ def summary_text(summary: Mapping[str, Any]) -> str:
         f"  shards: {summary['shards_planned']} planned, {summary['shards_published']} published, "
         f"{summary['shards_reused']} already landed, {summary['shards_quarantined']} quarantined, "
         f"{summary['shards_failed']} failed",
-        f"  trees {summary['trees']}, nodes {summary['nodes']}, pairs {summary['pairs']}, "
-        f"pass rate {_pct(summary['pass_rate'])}",
+        f"  trees {summary['trees']}, nodes {summary['nodes']}, pairs {summary['pairs']}"
+        f"{_methods(summary.get('pairs_by_method'))}, pass rate {_pct(summary['pass_rate'])}",
         f"  tokens: {summary['prompt_tokens']} prompt + {summary['completion_tokens']} completion "
         f"in {summary['wall_s']} s of growth = {summary['tokens_per_s']} tokens/s",
         f"  lake snapshot: {summary['snapshot_id']}",
     ]
+    for method, m in (summary.get("curation") or {}).items():
+        c = m["contrast"]
+        lines.append(f"  {method} pairs: {m['pairs']} (contrast high {c['high']} / mid {c['mid']} / low {c['low']}), "
+                     f"median margin {m['margin']['median']:.3f}, "
+                     f"median shared prefix {m['shared_prefix_tokens']['median']:.0f} tokens")
     for problem in summary.get("problems", []):
         lines.append(f"  ! {problem}")
     if summary.get("data_docs"):
@@ -55,8 +71,74 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def report_markdown(summary: Mapping[str, Any], shards: Sequence[Mapping[str, Any]]) -> str:
-    """Return the markdown report of a run: totals, then one line per shard."""
+def _methods(by_method: Mapping[str, int] | None) -> str:
+    return f" ({', '.join(f'{m} {n}' for m, n in by_method.items())})" if by_method else ""
+
+
+def curation_stats(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
+    """Return, per pair method of run `run_id` in the lake: pair and contrast counts, the margin and shared-prefix
+    distributions, and the pass rate of the pairs' prompts by k (number of constraints; null outside
+    instruction following)."""
+    bins = ", ".join(
+        f"count(*) FILTER (WHERE margin > {low} AND margin <= {high})"
+        for low, high in zip((0.0, *MARGIN_BINS[:-1]), MARGIN_BINS)
+    )
+    methods = {}
+    for row in con.execute(
+        f"""SELECT method, count(*),
+                   count(*) FILTER (WHERE contrast = 'high'), count(*) FILTER (WHERE contrast = 'mid'),
+                   count(*) FILTER (WHERE contrast = 'low'),
+                   min(margin), quantile_cont(margin, 0.5), max(margin), {bins},
+                   min(shared_prefix_tokens), quantile_cont(shared_prefix_tokens, 0.5), max(shared_prefix_tokens)
+            FROM pairs WHERE run_id = ? GROUP BY method ORDER BY method""",
+        [run_id],
+    ).fetchall():
+        method, pairs, high, mid, low, m_min, m_med, m_max, *rest = row
+        hist, (p_min, p_med, p_max) = rest[: len(MARGIN_BINS)], rest[len(MARGIN_BINS):]
+        methods[method] = {
+            "pairs": pairs, "contrast": {"high": high, "mid": mid, "low": low},
+            "margin": {"min": m_min, "median": m_med, "max": m_max, "histogram": list(hist)},
+            "shared_prefix_tokens": {"min": p_min, "median": p_med, "max": p_max},
+            "pass_rate_by_k": [],
+        }
+    for method, k, prompts, pairs, rate in con.execute(
+        """SELECT method, k, count(DISTINCT instruction_id), count(*), avg(pass_rate)
+           FROM pairs WHERE run_id = ? GROUP BY method, k ORDER BY method, k NULLS FIRST""",
+        [run_id],
+    ).fetchall():
+        methods[method]["pass_rate_by_k"].append({"k": k, "prompts": prompts, "pairs": pairs, "pass_rate": rate})
+    return methods
+
+
+def curation_markdown(methods: Mapping[str, Any]) -> str:
+    """Return the per-method curation section of the run report."""
+    if not methods:
+        return "No pairs were published."
+    edges = " | ".join(f"≤{high}" for high in MARGIN_BINS)
+    lines = [
+        f"| method | pairs | high / mid / low contrast | margin min / median / max | margin {edges} "
+        "| shared prefix tokens min / median / max |",
+        "|---|---|---|---|" + "---|" * len(MARGIN_BINS) + "---|",
+    ]
+    for method, m in methods.items():
+        c, g, p = m["contrast"], m["margin"], m["shared_prefix_tokens"]
+        lines.append(
+            f"| {method} | {m['pairs']} | {c['high']} / {c['mid']} / {c['low']} "
+            f"| {g['min']:.3f} / {g['median']:.3f} / {g['max']:.3f} | {' | '.join(map(str, g['histogram']))} "
+            f"| {p['min']} / {p['median']:.0f} / {p['max']} |"
+        )
+    lines += ["", "Pass rate of the pairs' prompts by k (constraints per prompt; – outside instruction following):", "",
+              "| method | k | prompts | pairs | mean pass rate |", "|---|---|---|---|---|"]
+    for method, m in methods.items():
+        for row in m["pass_rate_by_k"]:
+            k = "–" if row["k"] is None else row["k"]
+            lines.append(f"| {method} | {k} | {row['prompts']} | {row['pairs']} | {_pct(row['pass_rate'])} |")
+    return "\n".join(lines)
+
+
+def report_markdown(summary: Mapping[str, Any], shards: Sequence[Mapping[str, Any]],
+                    curation: Mapping[str, Any] | None = None) -> str:
+    """Return the markdown report of a run: totals, pairs per curation method, then one line per shard."""
     rows = "\n".join(
         f"| `{s['shard_id']}` | {s['state']} | {s.get('trees', '')} | {s.get('pairs', '')} | {s.get('reason', '')} |"
         for s in shards
@@ -68,6 +150,9 @@ def report_markdown(summary: Mapping[str, Any], shards: Sequence[Mapping[str, An
 | trees | nodes | pairs | pass rate | prompt tokens | completion tokens | tokens/s | snapshot |
 |---|---|---|---|---|---|---|---|
 | {summary['trees']} | {summary['nodes']} | {summary['pairs']} | {_pct(summary['pass_rate'])} | {summary['prompt_tokens']} | {summary['completion_tokens']} | {summary['tokens_per_s']} | {summary['snapshot_id']} |
+
+## Pairs by method
+{curation_markdown(curation or {{}})}
 
 ## Shards
 | shard | state | trees | pairs | reason |
@@ -82,12 +167,23 @@ Validation: {docs}
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report_task(summary: dict, shards: list[dict]) -> None:
-    """Publish the run's summary table and markdown report as Prefect artifacts."""
+def report_task(config: dict, summary: dict, shards: list[dict]) -> dict:
+    """Publish the run's summary table and markdown report as Prefect artifacts; return the curation statistics.
+
+    The per-method statistics are read from the snapshot the run published, so they describe what trainers see.
+    """
+    curation: dict[str, Any] = {}
+    if summary.get("snapshot_id") is not None:
+        try:
+            with connect(Config.from_dict(config), version=summary["snapshot_id"]) as con:
+                curation = curation_stats(con, summary["run_id"])
+        except (LakeError, duckdb.Error) as exc:
+            get_run_logger().warning("run %s: no curation statistics: %s", summary["run_id"], exc)
     key = "orchard-run-" + "".join(c if c.isalnum() else "-" for c in summary["run_id"].lower())
     create_table_artifact(
         key=key[:100],
         table=[{k: v for k, v in summary.items() if not isinstance(v, list | dict)}],
         description=f"Orchard run {summary['run_id']}",
     )
-    create_markdown_artifact(key=f"{key}-report"[:100], markdown=report_markdown(summary, shards))
+    create_markdown_artifact(key=f"{key}-report"[:100], markdown=report_markdown(summary, shards, curation))
+    return curation

@@ -23,8 +23,14 @@ class ScriptedEngine:
     with seed + k, so answers can differ between siblings.
     """
 
-    def __init__(self, answer: Callable[[Sequence[dict], Sampling], str], model: str = "scripted") -> None:
+    def __init__(self, answer: Callable[[Sequence[dict], Sampling], str], model: str = "scripted", *,
+                 step: Callable[[Sequence[dict], str, Sampling], tuple[str, str]] | None = None,
+                 judge: Callable[[Sequence[dict]], dict[str, float] | None] | None = None) -> None:
+        """`step(messages, prefix, sampling)` returns (continuation, finish_reason) for MCTS steps (default: the
+        whole answer, finished); `judge(messages)` returns a request's first-token logprobs (default: none)."""
         self.answer = answer
+        self.step = step or (lambda messages, prefix, sampling: (answer(messages, sampling), "stop"))
+        self.judge = judge or (lambda messages: None)
         self.model = model
         self.usage = Usage()
         self.calls: list[tuple[list[dict], Sampling]] = []
@@ -37,5 +43,17 @@ class ScriptedEngine:
             seed = None if sampling.seed is None else sampling.seed + k
             text = self.answer(messages, Sampling(sampling.temperature, sampling.top_p, sampling.max_tokens, seed))
             completions.append(Completion(text, "stop", self.model, prompt_tokens=20,
+                                          completion_tokens=len(text.split()), seed=seed,
+                                          top_logprobs=self.judge(messages) if sampling.top_logprobs else None))
+        return completions
+
+    async def continue_chat(self, messages: Sequence[dict], prefix: str, sampling: Sampling, n: int = 1) -> list[Completion]:
+        self.calls.append((list(messages), sampling))
+        self.usage.requests += 1
+        completions = []
+        for k in range(n):
+            seed = None if sampling.seed is None else sampling.seed + k
+            text, finish = self.step(messages, prefix, Sampling(sampling.temperature, sampling.top_p, sampling.max_tokens, seed))
+            completions.append(Completion(text, finish, self.model, prompt_tokens=20 + len(prefix.split()),
                                           completion_tokens=len(text.split()), seed=seed))
         return completions

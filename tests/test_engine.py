@@ -161,3 +161,73 @@ def test_usage_of_several_clients_adds_up_and_keeps_unreported_cache_hits_null()
     total = Usage.combined([a, b])
     assert (total.requests, total.completion_tokens, total.cached_tokens, total.wall_s) == (3, 15, 3, 5.0)
     assert Usage.combined([a]).cached_tokens is None
+
+
+# --- prefix continuation and first-token logprobs (MCTS steps and self-evaluation) --------------------
+
+
+def test_render_chat_lays_out_chatml_with_an_open_assistant_turn():
+    from orchard.engine import render_chat
+
+    text = render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "chatml",
+                       prefix="2+2")
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+                    "<|im_start|>assistant\n2+2")
+    with pytest.raises(EngineError, match="chat_format 'alpaca' is not known"):
+        render_chat([], "alpaca")
+
+
+def test_continue_chat_sends_the_rendered_prefix_to_the_completions_endpoint(server):
+    handler, url = server
+    handler.script = [(200, {"model": "m", "choices": [{"index": 0, "text": " = 4", "finish_reason": "length",
+                                                        "logprobs": None}],
+                             "usage": {"prompt_tokens": 9, "completion_tokens": 3}})]
+
+    async def go():
+        async with EngineClient(engine(url)) as client:
+            return await client.continue_chat([{"role": "user", "content": "2+2?"}], "2+2", Sampling(max_tokens=3))
+
+    (answer,) = asyncio.run(go())
+    path, body = handler.seen[0]
+    assert path == "/v1/completions"
+    assert body["prompt"].endswith("<|im_start|>assistant\n2+2") and body["stop"] == ["<|im_end|>"]
+    assert (answer.text, answer.finish_reason, answer.prompt_tokens) == (" = 4", "length", 9)
+
+
+@pytest.mark.parametrize("logprobs", [
+    {"content": [{"token": "Yes", "logprob": -0.5, "top_logprobs": [{"token": "Yes", "logprob": -0.5},
+                                                                    {"token": "No", "logprob": -1.2}]}]},
+    {"tokens": ["Yes"], "top_logprobs": [{"Yes": -0.5, "No": -1.2}]},
+], ids=["chat", "completions"])
+def test_first_token_alternatives_are_read_from_either_endpoint(server, logprobs):
+    handler, url = server
+    answer = completion()
+    answer["choices"][0]["logprobs"] = logprobs
+    handler.script = [(200, answer)]
+
+    async def go():
+        async with EngineClient(engine(url)) as client:
+            return await client.chat([{"role": "user", "content": "ok?"}], Sampling(max_tokens=1, top_logprobs=5))
+
+    (got,) = asyncio.run(go())
+    assert got.top_logprobs == {"Yes": -0.5, "No": -1.2}
+    assert handler.seen[0][1]["logprobs"] is True and handler.seen[0][1]["top_logprobs"] == 5
+
+
+def test_real_llama_server_continues_a_prefix_and_reports_yes_no_logprobs(llama):
+    """The embedded llama.cpp server: a step continues the exact prefix; a judge's first token carries alternatives."""
+    from tasks.grow import yes_probability
+
+    async def go():
+        async with EngineClient(llama) as client:
+            messages = [{"role": "user", "content": "What is 12 + 30? End with 'Answer: <number>'."}]
+            step = await client.continue_chat(messages, "12 + 30 =", Sampling(temperature=0.0, max_tokens=8, seed=1))
+            whole = await client.continue_chat(messages, "", Sampling(temperature=0.0, max_tokens=200, seed=1))
+            judge = await client.chat([{"role": "user", "content": "Is 12 + 30 = 42? Reply Yes or No."}],
+                                      Sampling(temperature=0.0, max_tokens=1, top_logprobs=10))
+            return step[0], whole[0], judge[0]
+
+    step, whole, judge = asyncio.run(go())
+    assert step.finish_reason == "length" and step.completion_tokens == 8
+    assert whole.finish_reason == "stop" and "<|im_end|>" not in whole.text
+    assert judge.top_logprobs and 0.0 <= yes_probability(judge.top_logprobs) <= 1.0

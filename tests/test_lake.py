@@ -77,7 +77,8 @@ def _tree_rows(run_id: str, shard_id: str, t: int) -> dict[str, list[dict]]:
         return dict(common, pair_id=f"{tree}-p{k}", domain="math", method="rs", prompt=p,
                     chosen_node_id=f"{tree}-{chosen}", rejected_node_id=f"{tree}-{rejected}", chosen_text=right,
                     rejected_text=wrong, chosen_score=1.0, rejected_score=0.0, margin=1.0, shared_prefix_tokens=12,
-                    difficulty=2, pass_rate=3 / 5, strategy="step_by_step", model="smol", turn=turn)  # fmt: skip
+                    difficulty=2, pass_rate=3 / 5, strategy="step_by_step", model="smol", turn=turn, contrast="high",
+                    k=None)  # fmt: skip
 
     pairs = [pair(1, "a1", "a3", 1, prompt), pair(2, "a2", "a3", 1, prompt), pair(3, "r1", "r2", 2, history)]
     return {
@@ -86,7 +87,7 @@ def _tree_rows(run_id: str, shard_id: str, t: int) -> dict[str, list[dict]]:
         "nodes": nodes,
         "pairs": pairs,
         "trees": [dict(common, domain="math", strategies=["step_by_step"], turns=2, nodes=len(nodes), actions=5,
-                       correct=3, pass_rate=3 / 5, pairs=len(pairs), prompt_tokens=60, completion_tokens=30)],
+                       correct=3, pass_rate=3 / 5, pairs=len(pairs), prompt_tokens=60, completion_tokens=30, k=None)],
     }  # fmt: skip
 
 

@@ -34,6 +34,8 @@ SMALL_RUN = RunConfig(
     refine_per_tree=1,
     refine_samples=2,
     critique_max_tokens=48,
+    mcts_iterations=2,  # math is searched too: steps, rollouts, self-evaluations and mcts pairs on the real model
+    mcts_step_tokens=24,
 )
 
 
@@ -83,6 +85,12 @@ def test_nightly_publishes_one_snapshot_and_a_rerun_adds_no_duplicates(config, s
     roles = dict(lake.query(config, "SELECT role, count(*) FROM nodes GROUP BY 1")[1])
     assert (roles["instruction"], roles["action"]) == (4, 24)
     assert roles.get("refinement", 0) == 2 * roles.get("critique", 0)
+    # MCTS: up to 2 rounds over 2 trees per shard, 2 children per expansion; an unfinished step has one rollout.
+    assert 0 < roles["step"] <= 2 * 2 * 2 * 2 and roles["step"] % 2 == 0 and 0 < roles.get("rollout", 0) <= roles["step"]
+    assert count(config, "SELECT count(*) FROM nodes WHERE role = 'step' AND (visits < 1 OR q_value IS NULL)") == 0
+    methods = dict(lake.query(config, "SELECT method, count(*) FROM pairs GROUP BY 1")[1])
+    assert methods.get("mcts", 0) > 0 and methods == first["pairs_by_method"]
+    assert count(config, "SELECT count(*) FROM pairs WHERE contrast IS NULL") == 0
     assert count(config, "SELECT count(*) FROM trees") == 4
     assert count(config, "SELECT count(*) FROM sft_examples") == count(
         config, "SELECT count(*) FROM nodes WHERE verdict = 'correct'")
@@ -118,7 +126,11 @@ def test_run_report_is_in_prefect(config):
 
     found = asyncio.run(artifacts())
     assert {"orchard-run-it-report", "orchard-run-it-report-report"} <= set(found)
-    assert f"| {summary['pairs']} |" in found["orchard-run-it-report-report"].data
+    report = found["orchard-run-it-report-report"].data
+    assert f"| {summary['pairs']} |" in report
+    assert "## Pairs by method" in report and set(summary["curation"]) == set(summary["pairs_by_method"])
+    for method, stats in summary["curation"].items():
+        assert f"| {method} | {stats['pairs']} |" in report
 
 
 def test_sql_command_answers_from_the_lake(config, tmp_path, capsys):

@@ -37,7 +37,7 @@ def instruction_row(instruction_id: str = "i1", **changes: Any) -> dict[str, Any
     return {**row, **changes}
 
 
-DEPTH = {"instruction": 0, "action": 1, "critique": 2, "refinement": 3}
+DEPTH = {"instruction": 0, "action": 1, "critique": 2, "refinement": 3, "step": 1, "rollout": 2}
 QUESTION = [{"role": "user", "content": "What is 12 * 7?"}]
 # What a refinement of the wrong action a2 was sent: the question, a2's answer, the environment feedback and critique.
 HISTORY = [
@@ -54,7 +54,7 @@ def node_row(node_id: str, parent_id: str | None = "root", **changes: Any) -> di
     action or refinement is verified and has a turn (a refinement's turn must be given: it depends on the tree).
     """
     role = changes.get("role", "action")
-    attempt, written = role in ("action", "refinement"), role != "instruction"
+    attempt, written = role in ("action", "refinement", "rollout"), role != "instruction"
     row = {
         "run_id": RUN,
         "shard_id": SHARD,
@@ -87,6 +87,10 @@ def node_row(node_id: str, parent_id: str | None = "root", **changes: Any) -> di
         "sandbox_stdout": None,
         "sandbox_stderr": None,
         "cached_tokens": 16 if written else None,
+        "visits": None,
+        "q_value": None,
+        "self_eval": None,
+        "value": None,
     }
     return {**row, **changes}
 
@@ -115,6 +119,8 @@ def pair_row(pair_id: str = "p1", **changes: Any) -> dict[str, Any]:
         "strategy": "step_by_step",
         "model": "smollm2-135m",
         "turn": 1,
+        "contrast": "high",
+        "k": None,
     }
     return {**row, **changes}
 
@@ -136,6 +142,7 @@ def tree_row(tree_id: str = "t1", **changes: Any) -> dict[str, Any]:
         "pairs": 3,
         "prompt_tokens": 140,
         "completion_tokens": 56,
+        "k": None,
     }
     return {**row, **changes}
 
@@ -231,7 +238,7 @@ def set_rows(table: str, index: int, **changes: Any) -> Callable[[dict[str, list
     return edit
 
 
-ATTEMPTS = "where role IN (action, refinement)"
+ATTEMPTS = "where role IN (action, refinement, rollout)"
 
 
 def violation(edit: Callable[..., None], label: str, count: str, name: str) -> Any:
@@ -264,7 +271,7 @@ VIOLATIONS = [
               "action-without-verifier"),
     violation(set_rows("nodes", 5, model=None),
               "nodes: expect_column_values_to_not_be_null(model)", "1 of 8 rows where role IN (action, critique, "
-              "refinement)", "critique-without-model"),
+              "refinement, step, rollout)", "critique-without-model"),
     violation(set_rows("pairs", 0, margin=0.0),
               "pairs: expect_column_values_to_be_between(margin)", "1 of 3 rows", "zero-margin"),
     violation(set_rows("pairs", 1, chosen_node_id="a9"),
@@ -295,7 +302,8 @@ VIOLATIONS = [
     violation(set_rows("nodes", 3, turn=0),
               "nodes: expect_column_values_to_be_between(turn)", "1 of 10 rows", "action-at-turn-zero"),
     violation(set_rows("nodes", 9, turn=None),
-              "nodes: expect_column_values_to_not_be_null(turn)", f"1 of 7 rows {ATTEMPTS}", "action-without-turn"),
+              "nodes: expect_column_values_to_not_be_null(turn)",
+              "1 of 7 rows where role IN (action, refinement, step, rollout)", "action-without-turn"),
     violation(set_rows("nodes", 7, turn=3),
               "nodes: expect_column_values_to_be_in_set(check_refinement_turn_follows_grandparent)", "1 of 10 rows",
               "refinement-skips-a-turn"),
@@ -332,6 +340,59 @@ VIOLATIONS = [
 ]  # fmt: skip
 
 
+def with_mcts(shard: dict[str, list[dict[str, Any]]]) -> None:
+    """Add MCTS nodes to t1: steps s1 (unfinished, with rollout o1) and s2 (finished, wrong), and their pair p4."""
+    step = {"role": "step", "depth": 1, "verdict": None, "score": None, "verifier": None, "self_eval": 0.5, "turn": 1}
+    shard["nodes"] += [
+        node_row("s1", **step, text="12 * 7", finish_reason="length", visits=2, q_value=0.6, value=0.6),
+        node_row("s2", **step | {"verdict": "incorrect", "score": 0.0, "verifier": "math_verify"},
+                 text="12 * 7 = 88", visits=1, q_value=0.1, value=0.1),
+        node_row("o1", "s1", role="rollout", depth=2, text="12 * 7 = 84"),
+    ]
+    shard["pairs"].append(pair_row("p4", method="mcts", chosen_node_id="s1", rejected_node_id="s2",
+                                   chosen_text="12 * 7 = 84", chosen_score=0.6, rejected_score=0.1, margin=0.5,
+                                   contrast="mid"))
+    shard["trees"][0] |= {"nodes": 11, "pairs": 4}
+
+
+def test_mcts_steps_rollouts_and_pairs_pass(gx_dir: Path) -> None:
+    validation = validate_shard(shard_tables(with_mcts), shard_id=SHARD, gx_dir=gx_dir)
+    assert validation.success, validation.summary()
+
+
+def mcts_violation(table: str, index: int, label: str, name: str, **changes: Any) -> Any:
+    def edit(shard: dict[str, list[dict[str, Any]]]) -> None:
+        with_mcts(shard)
+        shard[table][index].update(changes)
+
+    return pytest.param(edit, label, id=name)
+
+
+# The MCTS rows are nodes 10 s1, 11 s2, 12 o1 and pairs 3 p4.
+MCTS_VIOLATIONS = [
+    mcts_violation("nodes", 12, "nodes: expect_column_values_to_be_in_set(check_rollout_parent_is_unfinished_step)",
+                   "rollout-of-a-finished-step", parent_id="s2", text="12 * 7 = 88 and more"),
+    mcts_violation("nodes", 12, "nodes: expect_column_values_to_be_in_set(check_mcts_answer_continues_parent)",
+                   "rollout-that-does-not-continue-its-step", text="7 * 12 = 84"),
+    mcts_violation("nodes", 11, "nodes: expect_column_values_to_be_in_set(check_step_parent_is_root_or_step)",
+                   "step-under-an-action", parent_id="a1"),
+    mcts_violation("nodes", 10, "nodes: expect_column_values_to_not_be_null(visits)", "step-without-visits",
+                   visits=None),
+    mcts_violation("nodes", 10, "nodes: expect_column_values_to_be_between(q_value)", "q-above-one", q_value=1.5),
+    mcts_violation("nodes", 12, "nodes: expect_column_values_to_not_be_null(verdict)", "unverified-rollout",
+                   verdict=None),
+    mcts_violation("pairs", 3, "pairs: expect_column_values_to_be_in_set(method)", "unknown-pair-method", method="beam"),
+    mcts_violation("pairs", 3, "pairs: expect_column_values_to_be_in_set(contrast)", "unknown-contrast",
+                   contrast="extreme"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("edit", "label"), MCTS_VIOLATIONS)
+def test_each_mcts_violation_is_named(gx_dir: Path, edit: Callable[..., None], label: str) -> None:
+    validation = validate_shard(shard_tables(edit), shard_id=SHARD, gx_dir=gx_dir)
+    assert label in failed_labels(validation), validation.summary()
+
+
 @pytest.mark.parametrize(("edit", "label", "count"), VIOLATIONS)
 def test_each_violation_is_named_with_its_row_count(
     gx_dir: Path, edit: Callable[[dict[str, list[dict[str, Any]]]], None], label: str, count: str
@@ -351,10 +412,10 @@ def test_failure_quotes_the_offending_row_id_and_value(gx_dir: Path) -> None:
 
 
 def test_root_and_critique_without_verdict_or_turn_pass(valid: ShardValidation) -> None:
-    attempts = [r for r in valid.results if r.condition == "role IN (action, refinement)"]
-    assert {r.columns for r in attempts} >= {("verdict",), ("verifier",), ("turn",)}
+    attempts = [r for r in valid.results if r.condition == "role IN (action, refinement, rollout)"]
+    assert {r.columns for r in attempts} >= {("verdict",), ("verifier",)}
     assert all(r.success and r.element_count == 7 for r in attempts)
-    written = [r for r in valid.results if r.condition == "role IN (action, critique, refinement)"]
+    written = [r for r in valid.results if r.condition == "role IN (action, critique, refinement, step, rollout)"]
     assert {r.columns for r in written} >= {("model",), ("text",)}
     assert all(r.success and r.element_count == 8 for r in written)
 
