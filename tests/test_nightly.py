@@ -237,11 +237,16 @@ class _RightOrWrong:
     def answer(self, messages, sampling):
         if messages[0]["content"].startswith("You review"):
             return "Recompute it."
+        if messages[0]["content"].startswith("You check partial"):  # an MCTS self-evaluation
+            return "Yes"
         reference = self.references[messages[1]["content"]]
         return f"Answer: {reference}" if sampling.seed % 2 == 0 else f"Answer: {int(reference) + 1}"
 
     async def chat(self, messages, sampling, n=1):
         return await self.inner.chat(messages, sampling, n)
+
+    async def continue_chat(self, messages, prefix, sampling, n=1):
+        return await self.inner.continue_chat(messages, prefix, sampling, n)
 
 
 def test_malformed_seed_file_names_the_line_and_publishes_nothing(config, store, tmp_path):
