@@ -5,6 +5,8 @@ Turn t > 1: wrong answers get the environment's feedback and a critic's critique
 with the whole history. Every answer is verified. All requests of one level, across every tree of the
 shard, are in flight together (bounded per endpoint by the engine client), so engines never wait on
 Orchard between trees; a child's prompt starts with its parent's exact messages, so prefix caches hit.
+Side by side with those turns, trees of the searched domains grow answers step by step by MCTS
+(tasks/mcts.py): each round's expansions, rollouts and self-evaluations are again one batch per shard.
 """
 
 from __future__ import annotations
@@ -300,7 +302,6 @@ class _Grower:
         refinements = self.add_answers(refine_requests, await self.ask(f"turn {turn} refinements", refine_requests))
         self.verify(refinements)
         return refinements
-
 
     async def search(self, roots: Sequence[dict]) -> dict:
         """Grow MCTS steps under the roots of the trees whose domain is searched; return the search's counts.

@@ -436,6 +436,31 @@ def generate_code_tasks(count: int, *, seed: int = 0, difficulty: int = 2) -> li
 SEED_KINDS = ("arithmetic", "gsm8k", "code", "humaneval", "mbpp", "if_synth", "ifeval")
 
 
+# --- open-ended prompts (no checker: judged against principles) -------------------------------------
+
+OPEN_ENDED_PROMPTS = Path(__file__).resolve().parents[1] / "schemas" / "prompts" / "open_ended.jsonl"
+
+
+def load_open_ended(path: str | Path | None = None, count: int = 0) -> list[Instruction]:
+    """Return open-ended prompts (the shipped set when `path` is None); `count` > 0 keeps the first `count`.
+
+    Each row of the JSONL or Parquet file needs a non-empty `prompt`; an optional `category` (writing,
+    advice, explanation, rewriting) is kept in the source. There is no reference: such prompts are judged
+    against principles, not checked.
+    """
+    path = Path(path) if path is not None else OPEN_ENDED_PROMPTS
+    instructions = []
+    for i, row, _ in _read_rows(path, strings=("prompt",)):
+        category = row.get("category")
+        source = f"{path}#{category}" if isinstance(category, str) and category else str(path)
+        instructions.append(_make("open_ended", source, i, row["prompt"].strip(), "", 1))
+        if count and len(instructions) == count:
+            break
+    if not instructions:
+        raise SeedError(f"{path}: no prompts")
+    return instructions
+
+
 def _if_instructions(prompts: Sequence[Any]) -> list[Instruction]:
     """Return instruction-following prompts (tasks.constraints.IFPrompt) as instructions; difficulty is k."""
     return [_make("instruction_following", p.source, p.source_row, p.text, p.reference(), p.k) for p in prompts]
