@@ -37,13 +37,6 @@ class SearchNode:
         """Mean backed-up value; 0 while unvisited."""
         return self.value_sum / self.visits if self.visits else 0.0
 
-    @property
-    def exhausted(self) -> bool:
-        """Nothing below this node can be expanded any more."""
-        if not self.children:
-            return self.terminal
-        return all(child.exhausted for child in self.children)
-
     def add_child(self, row: dict, terminal: bool) -> "SearchNode":
         child = SearchNode(row=row, parent=self, terminal=terminal, steps=self.steps + 1)
         self.children.append(child)
