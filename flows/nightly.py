@@ -93,7 +93,7 @@ def nightly(config: dict | None = None, run_id: str | None = None) -> dict:
         "data_docs": data_docs,
     }
     summary["snapshot_id"] = materialise_task(config, summary, publish, validation_rows)
-    summary["curation"] = report_task(config, summary, shards)
+    summary.update(report_task(config, summary, shards))
     print(summary_text(summary))
     return summary
 

@@ -48,6 +48,26 @@ class EngineConfig:
     backoff_s: float = 1.0
     n_ctx: int = 2048
     chat_format: str = "chatml"  # how a chat is laid out as raw text to continue a partial answer (MCTS steps)
+    # How the server constrains a judge's answer to the verdict schema: json_schema (vLLM, OpenAI), json_object
+    # (llama.cpp's server: response_format json_object with a schema), none (ask in the prompt, check the answer).
+    # Empty: json_object for the embedded engine, json_schema otherwise.
+    structured_output: str = ""
+
+    @property
+    def response_format(self) -> str:
+        return self.structured_output or ("json_object" if self.kind == "embedded" else "json_schema")
+
+
+STRUCTURED_OUTPUTS = ("json_schema", "json_object", "none")
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """One member of the jury: a name, the engine it runs on and the rubric it judges by (tasks/jury.py: RUBRICS)."""
+
+    name: str = ""
+    engine: str = "embedded"
+    rubric: str = "direct"
 
 
 @dataclass(frozen=True)
@@ -102,6 +122,15 @@ class RunConfig:
     pair_contrast: str = "all"  # all | high | low | mix
     contrast_mix_high: float = 0.5  # with pair_contrast = mix: the share of high-contrast pairs (the rest low)
     difficulty_band: tuple[float, ...] = (0.0, 1.0)  # keep pairs whose prompt's pass rate lies in [low, high]
+    # --- open-ended prompts: principle-grounded examples, judged by the jury ---
+    constitution: str = ""  # a constitution file (schemas/constitution.schema.json); empty: the shipped default
+    principles_per_prompt: int = 2  # principles sampled per open-ended prompt (each: a response and its contrast)
+    principle_max_tokens: int = 128
+    judge_max_tokens: int = 96
+    jury_pairs: int = 2  # verifiable pairs per shard the jury also judges, to measure jury-verifier agreement
+    jury_canaries: int = 2  # canary comparisons (known answer) mixed into each shard's judge batch
+    # --- hard negatives: a correct math or code answer, minimally edited so that the verifier fails it ---
+    hard_negatives_per_tree: int = 1  # 0 turns error injection off
 
     def __post_init__(self) -> None:
         problems = []
@@ -117,6 +146,12 @@ class RunConfig:
             problems.append(f"run.difficulty_band: need [low, high] with 0 <= low <= high <= 1, got {list(band)}")
         if not 0 <= self.mcts_lambda <= 1:
             problems.append(f"run.mcts_lambda: must lie in [0, 1], got {self.mcts_lambda}")
+        if "open_ended" in self.mcts_domains:
+            problems.append("run.mcts_domains: open_ended has no verifier to search with")
+        small = {k: getattr(self, k) for k in ("jury_pairs", "jury_canaries", "hard_negatives_per_tree",
+                                                  "principles_per_prompt") if getattr(self, k) < 0}
+        if small or self.principle_max_tokens < 1 or self.judge_max_tokens < 1:
+            problems.append(f"run: counts must be >= 0 and token budgets >= 1 (got {small or 'a token budget < 1'})")
         if self.mcts_width < 1 or self.mcts_step_tokens < 1 or self.mcts_max_steps < 1 or self.mcts_iterations < 0:
             problems.append("run.mcts_width, mcts_step_tokens, mcts_max_steps: must be >= 1; mcts_iterations >= 0")
         if problems:
@@ -136,12 +171,19 @@ class Config:
         SeedSource(kind="code", count=2, difficulty=1, seed=7),
         SeedSource(kind="humaneval", count=1),
         SeedSource(kind="if_synth", count=2, difficulty=3, seed=21),  # 2-3 verifiable constraints each
+        SeedSource(kind="open_ended", count=4),  # the first shipped prompts: writing, advice, explanation, rewriting
     )
     engines: Mapping[str, EngineConfig] = field(
         default_factory=lambda: {"embedded": EngineConfig(kind="embedded", model="SmolLM2-135M-Instruct")}
     )
     roles: Mapping[str, str] = field(
         default_factory=lambda: {"generator": "embedded", "critic": "embedded", "refiner": "embedded"}
+    )
+    # The jury: at least three judges, on different engines or (where one model is all there is) different rubrics.
+    jury: tuple[JudgeConfig, ...] = (
+        JudgeConfig(name="direct", engine="embedded", rubric="direct"),
+        JudgeConfig(name="violations", engine="embedded", rubric="violations"),
+        JudgeConfig(name="reader", engine="embedded", rubric="reader"),
     )
     object_store: ObjectStoreConfig = field(default_factory=ObjectStoreConfig)
     lake: LakeConfig = field(default_factory=LakeConfig)
@@ -187,11 +229,24 @@ class Config:
             # Limits decide verdicts (a slow answer times out); where the binaries live does not.
             "sandbox": {k: v for k, v in dataclasses.asdict(self.sandbox).items() if k not in ("bwrap", "python", "uid")},
             "models": {role: self.engine_for(role).model for role in sorted(self.roles)},
+            "jury": [(j.name, j.rubric, self.engines[j.engine].model if j.engine in self.engines else j.engine)
+                     for j in self.jury],
+            "constitution": _file_digest(self.run.constitution),
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+def _file_digest(path: str) -> str:
+    """The content hash of a file a run reads (empty for the shipped default), so editing it changes the run."""
+    if not path:
+        return ""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    except OSError as exc:
+        raise ConfigError(f"run.constitution: cannot read {path}: {exc.strerror}") from None
 
 
 def _build(cls: type, raw: Any, where: str) -> Any:
@@ -227,6 +282,10 @@ def _coerce(cls: type, key: str, value: Any, path: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a table of engines")
         return {name: _build(EngineConfig, item, f"{path}.{name}") for name, item in value.items()}
+    if cls is Config and key == "jury":
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected an array of tables")
+        return tuple(_build(JudgeConfig, item, f"{path}[{i}]") for i, item in enumerate(value))
     if cls is Config and key == "roles":
         if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
             raise ConfigError(f"{path}: expected a table of role = engine name")
@@ -299,8 +358,11 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             named = file_values.get("roles", {})
             fallback = named.get("generator") or next(iter(file_values["engines"]), "")
             raw["roles"] = {role: named.get(role, fallback) for role in raw["roles"]}
-        if "seeds" in file_values:
-            raw["seeds"] = []
+            if "jury" not in file_values:  # the preset's judges move to the generator's engine
+                raw["jury"] = [{**judge, "engine": raw["roles"]["generator"]} for judge in raw["jury"]]
+        for listed in ("seeds", "jury"):  # a file's list replaces the preset's
+            if listed in file_values:
+                raw[listed] = []
         raw = _merge(raw, file_values)
     raw = _merge(raw, _env_overrides(os.environ if environ is None else environ))
     config = Config.from_dict(raw)
@@ -316,4 +378,24 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(f"engines.{name}.kind: must be 'embedded' or 'openai', got {engine.kind!r}")
         if engine.kind == "openai" and not engine.base_urls:
             raise ConfigError(f"engines.{name}.base_urls: an 'openai' engine needs at least one URL")
+        if engine.structured_output not in ("", *STRUCTURED_OUTPUTS):
+            raise ConfigError(f"engines.{name}.structured_output: must be one of {', '.join(STRUCTURED_OUTPUTS)}, "
+                              f"got {engine.structured_output!r}")
+    _check_jury(config)
     return config
+
+
+def _check_jury(config: Config) -> None:
+    """Fail unless the jury has at least three uniquely named judges on defined engines with known rubrics."""
+    from tasks.jury import RUBRICS
+
+    if len(config.jury) < 3:
+        raise ConfigError(f"jury: needs at least three judges, got {len(config.jury)}")
+    names = [judge.name for judge in config.jury]
+    for i, judge in enumerate(config.jury):
+        if not judge.name or judge.name in names[:i]:
+            raise ConfigError(f"jury[{i}].name: every judge needs its own name, got {judge.name!r}")
+        if judge.engine not in config.engines:
+            raise ConfigError(f"jury[{i}].engine: engine {judge.engine!r} is not defined under [engines]")
+        if judge.rubric not in RUBRICS:
+            raise ConfigError(f"jury[{i}].rubric: must be one of {', '.join(RUBRICS)}, got {judge.rubric!r}")

@@ -33,6 +33,8 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0  # > 0: ask for the first token's most likely alternatives (a judge's Yes/No probability)
+    # A JSON schema the answer must follow (a judge's verdict): sent as the engine's structured output, if any.
+    json_schema: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class ChatEngine(Protocol):
 
     model: str
     usage: Usage
+    response_format: str  # how the server is asked for a schema-shaped answer: json_schema | json_object | none
 
     async def chat(self, messages: Sequence[Message], sampling: Sampling, n: int = 1) -> list[Completion]: ...
 
@@ -143,6 +146,7 @@ class EngineClient:
             raise EngineError(f"engine {engine.model!r} has no base_urls (was the embedded server started?)")
         self.engine = engine
         self.model = engine.model
+        self.response_format = engine.response_format
         self.usage = Usage()
         self._urls = [u.rstrip("/") for u in engine.base_urls]
         self._next_url = itertools.cycle(range(len(self._urls)))
@@ -188,7 +192,7 @@ class EngineClient:
     async def _sample(self, path: str, request: dict[str, Any], sampling: Sampling, n: int, *, key: str) -> list[Completion]:
         got: list[Completion] = []
         if n == 1 or self.supports_n is not False:
-            body = {"model": self.model, **request, **_sampling_body(sampling), **_logprob_body(path, sampling)}
+            body = {"model": self.model, **request, **self._body(path, sampling)}
             if n != 1:
                 body["n"] = n
             got = _completions(await self._post(path, body), self.model, key=key, seed=sampling.seed)[:n]
@@ -197,13 +201,22 @@ class EngineClient:
         # A server that ignores `n` gets the missing siblings as separate requests, each with its own seed.
         missing = range(len(got), n)
         extra = await asyncio.gather(*(
-            self._post(path, {"model": self.model, **request, **_sampling_body(_nth(sampling, k)),
-                              **_logprob_body(path, sampling)})
+            self._post(path, {"model": self.model, **request, **self._body(path, _nth(sampling, k))})
             for k in missing
         ))
         for k, answer in zip(missing, extra):
             got.extend(_completions(answer, self.model, key=key, seed=_nth(sampling, k).seed)[:1])
         return got
+
+    def _body(self, path: str, sampling: Sampling) -> dict[str, Any]:
+        """The request fields of `sampling`: sampling parameters, logprobs, and the schema the answer must follow."""
+        body = {**_sampling_body(sampling), **_logprob_body(path, sampling)}
+        if sampling.json_schema is not None and self.response_format == "json_schema":
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "verdict", "schema": sampling.json_schema, "strict": True}}
+        elif sampling.json_schema is not None and self.response_format == "json_object":
+            body["response_format"] = {"type": "json_object", "schema": sampling.json_schema}
+        return body
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         index = next(self._next_url)

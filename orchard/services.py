@@ -337,6 +337,8 @@ def embedded_services(config: Config, *, model: bool = True) -> Iterator[Config]
                     continue
                 server = start_llama_server(engine, config.state_path, name=f"llama-{_slug(engine_name)}")
                 running.callback(server.stop)
-                engines[engine_name] = dataclasses.replace(engine, kind="openai", base_urls=(server.url,))
+                # kind "openai" from here on; the llama.cpp server's way of structured output stays with it.
+                engines[engine_name] = dataclasses.replace(engine, kind="openai", base_urls=(server.url,),
+                                                           structured_output=engine.response_format)
             resolved = resolved.replace(engines=engines)
         yield resolved

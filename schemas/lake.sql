@@ -28,7 +28,10 @@ CREATE TABLE IF NOT EXISTS runs (
     completion_tokens BIGINT,
     wall_s DOUBLE,
     tokens_per_s DOUBLE,
-    summary VARCHAR                  -- JSON or text describing failures
+    summary VARCHAR,                 -- JSON or text describing failures
+    fleiss_kappa DOUBLE,             -- the jury's Fleiss' κ over this run's judgements (null: nothing judged)
+    agreement VARCHAR                -- JSON: per judge position consistency, A-share and canary accuracy; pairwise
+                                     -- Cohen's κ; label counts; how often a stable jury agrees with the verifier
 );
 
 CREATE TABLE IF NOT EXISTS instructions (
@@ -78,7 +81,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     visits BIGINT,                   -- MCTS: values backed up through this node
     q_value DOUBLE,                  -- MCTS: their mean
     self_eval DOUBLE,                -- MCTS: the model's own P(Yes) that the partial answer is on track
-    value DOUBLE                     -- MCTS: the step's own value, (1 - λ) · verifier + λ · self_eval
+    value DOUBLE,                    -- MCTS: the step's own value, (1 - λ) · verifier + λ · self_eval
+    edit VARCHAR                     -- role injected: what was changed in the correct answer it copies
 );
 
 CREATE TABLE IF NOT EXISTS pairs (
@@ -104,7 +108,10 @@ CREATE TABLE IF NOT EXISTS pairs (
     model VARCHAR,
     turn BIGINT,
     contrast VARCHAR,                -- high | mid | low (by margin)
-    k BIGINT                         -- instruction following: number of constraints
+    k BIGINT,                        -- instruction following: number of constraints
+    edit_distance BIGINT,            -- error_injection: characters changed between chosen and rejected
+    jury_label VARCHAR,              -- when the jury judged the pair too: stable | non_attitude | tie
+    jury_winner VARCHAR              -- chosen | rejected | tie (stable or tie labels only)
 );
 
 -- One row per tree: what was grown for one instruction in one run.
@@ -124,6 +131,63 @@ CREATE TABLE IF NOT EXISTS trees (
     prompt_tokens BIGINT,
     completion_tokens BIGINT,
     k BIGINT
+);
+
+-- Open-ended prompts answered under a principle, under its antithesis and under neither, with the jury's label.
+CREATE TABLE IF NOT EXISTS principle_examples (
+    run_id VARCHAR,
+    shard_id VARCHAR,
+    tree_id VARCHAR,
+    example_id VARCHAR,
+    instruction_id VARCHAR,
+    prompt VARCHAR,
+    constitution VARCHAR,            -- name@version
+    principle_id VARCHAR,
+    principle VARCHAR,
+    antithesis VARCHAR,
+    response_node_id VARCHAR,
+    response VARCHAR,                -- written under the principle
+    antithesis_node_id VARCHAR,
+    antithesis_response VARCHAR,     -- written under the antithesis
+    unconditioned_node_id VARCHAR,
+    unconditioned_response VARCHAR,  -- written under no principle
+    model VARCHAR,
+    label VARCHAR,                   -- stable | non_attitude | tie
+    jury_winner VARCHAR,             -- response | antithesis | tie; null for a non-attitude
+    votes_response BIGINT,
+    votes_antithesis BIGINT,
+    votes_tie BIGINT,
+    judges BIGINT
+);
+
+-- One judge's verdict on one comparison in one presentation order (principle examples, verifiable pairs, canaries).
+CREATE TABLE IF NOT EXISTS judgements (
+    run_id VARCHAR,
+    shard_id VARCHAR,
+    tree_id VARCHAR,
+    judgement_id VARCHAR,
+    comparison_id VARCHAR,
+    kind VARCHAR,                    -- principle | verifiable | canary
+    criterion VARCHAR,
+    judge VARCHAR,
+    rubric VARCHAR,
+    model VARCHAR,
+    presented VARCHAR,               -- first_as_a | second_as_a
+    first_id VARCHAR,
+    second_id VARCHAR,
+    prompt STRUCT(role VARCHAR, content VARCHAR)[],
+    raw VARCHAR,
+    status VARCHAR,                  -- ok | truncated | unparseable | invalid
+    winner VARCHAR,                  -- A | B | tie
+    preference VARCHAR,              -- first | second | tie
+    reason VARCHAR,
+    expected VARCHAR,
+    position_consistent BOOLEAN,
+    label VARCHAR,
+    structured BOOLEAN,
+    prompt_tokens BIGINT,
+    completion_tokens BIGINT,
+    finish_reason VARCHAR
 );
 
 -- One row per expectation per validated shard (passed and quarantined shards alike).
@@ -154,6 +218,12 @@ ALTER TABLE nodes ADD COLUMN IF NOT EXISTS value DOUBLE;
 ALTER TABLE pairs ADD COLUMN IF NOT EXISTS contrast VARCHAR;
 ALTER TABLE pairs ADD COLUMN IF NOT EXISTS k BIGINT;
 ALTER TABLE trees ADD COLUMN IF NOT EXISTS k BIGINT;
+ALTER TABLE nodes ADD COLUMN IF NOT EXISTS edit VARCHAR;
+ALTER TABLE pairs ADD COLUMN IF NOT EXISTS edit_distance BIGINT;
+ALTER TABLE pairs ADD COLUMN IF NOT EXISTS jury_label VARCHAR;
+ALTER TABLE pairs ADD COLUMN IF NOT EXISTS jury_winner VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS fleiss_kappa DOUBLE;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS agreement VARCHAR;
 
 -- TRL's conversational preference format: `prompt`, `chosen`, `rejected` are message lists, so
 -- `DPOTrainer` applies the chat template itself. The other columns let a query select pairs
@@ -173,8 +243,28 @@ SELECT
     difficulty,
     k,
     pass_rate,
-    turn
+    turn,
+    edit_distance,
+    jury_label
 FROM pairs;
+
+-- Principle-grounded preference pairs in TRL's conversational format, the principle placed in the system message:
+-- only examples whose jury label is stable and whose stable winner is the response written under the principle.
+-- The others (non-attitudes, ties, a jury that preferred the antithesis) stay in principle_examples.
+CREATE OR REPLACE VIEW principle_pairs AS
+SELECT
+    [{'role': 'system', 'content': principle}, {'role': 'user', 'content': prompt}] AS prompt,
+    [{'role': 'assistant', 'content': response}] AS chosen,
+    [{'role': 'assistant', 'content': antithesis_response}] AS rejected,
+    example_id,
+    run_id,
+    principle_id,
+    constitution,
+    votes_response,
+    judges,
+    model
+FROM principle_examples
+WHERE label = 'stable' AND jury_winner = 'response';
 
 -- TRL's conversational language-modeling format: one row per trajectory that ends in a correct
 -- attempt (an action, a refinement whose prompt already holds the earlier turns, the environment

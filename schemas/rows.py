@@ -35,8 +35,10 @@ NODES = pa.schema(
         ("parent_id", pa.string()),  # null for the root
         ("instruction_id", pa.string()),
         ("depth", pa.int64()),
-        ("role", pa.string()),  # instruction | action | critique | refinement | step | rollout
-        ("strategy", pa.string()),  # null for the root
+        # instruction | action | critique | refinement | step | rollout | injected
+        # | principled | antithesis | unconditioned (open-ended: written under a principle, its antithesis, or neither)
+        ("role", pa.string()),
+        ("strategy", pa.string()),  # null for the root; the principle id for principled and antithesis nodes
         ("prompt", MESSAGES),  # the exact messages the model was sent (empty for the root)
         ("text", pa.string()),
         ("verdict", pa.string()),  # correct | incorrect | unparsable; null for the root
@@ -65,6 +67,8 @@ NODES = pa.schema(
         ("q_value", pa.float64()),  # their mean
         ("self_eval", pa.float64()),  # the model's own P(Yes) that this partial answer is on track; null if unread
         ("value", pa.float64()),  # this step's own value: (1 - λ) · verifier (its answer or rollout) + λ · self_eval
+        # --- error injection (role injected: a correct answer, minimally edited so that it is wrong) ---
+        ("edit", pa.string()),  # what was changed, e.g. "'<' -> '<=' on line 3"; null for other roles
     ]
 )
 
@@ -78,7 +82,8 @@ PAIRS = pa.schema(
         ("instruction_id", pa.string()),
         ("domain", pa.string()),
         # how the pair was chosen: rs (rejection sampling: siblings of one prompt, by verifier score) or
-        # mcts (best and worst child by Q of one expanded step; scores are Q values)
+        # mcts (best and worst child by Q of one expanded step; scores are Q values) or error_injection (a correct
+        # answer and a minimally edited copy that the verifier fails)
         ("method", pa.string()),
         ("prompt", MESSAGES),
         ("chosen_node_id", pa.string()),
@@ -96,6 +101,11 @@ PAIRS = pa.schema(
         ("turn", pa.int64()),  # the turn both responses answer
         ("contrast", pa.string()),  # high | mid | low, from the margin and the run's thresholds
         ("k", pa.int64()),  # instruction following: the prompt's number of constraints; null elsewhere
+        ("edit_distance", pa.int64()),  # error_injection: characters changed between chosen and rejected
+        # When the jury also judged the pair: stable | non_attitude | tie, and whom a stable jury preferred
+        # (chosen | rejected | tie), so a run can say how often the jury agrees with the verifier.
+        ("jury_label", pa.string()),
+        ("jury_winner", pa.string()),
     ]
 )
 
@@ -120,6 +130,69 @@ TREES = pa.schema(
     ]
 )
 
+# An open-ended prompt answered under one principle of the constitution, under its antithesis, and under neither
+# (SAMI-style principle-grounded examples), with the jury's label for (principled vs antithesis).
+PRINCIPLE_EXAMPLES = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("shard_id", pa.string()),
+        ("tree_id", pa.string()),
+        ("example_id", pa.string()),
+        ("instruction_id", pa.string()),
+        ("prompt", pa.string()),  # the user's request
+        ("constitution", pa.string()),  # name@version
+        ("principle_id", pa.string()),
+        ("principle", pa.string()),  # the principle's text: the system message the response was written under
+        ("antithesis", pa.string()),  # its antithesis: the system message the contrast was written under
+        ("response_node_id", pa.string()),
+        ("response", pa.string()),  # written under the principle
+        ("antithesis_node_id", pa.string()),
+        ("antithesis_response", pa.string()),  # written under the antithesis
+        ("unconditioned_node_id", pa.string()),
+        ("unconditioned_response", pa.string()),  # written with no principle (shared by the prompt's examples)
+        ("model", pa.string()),
+        ("label", pa.string()),  # stable | non_attitude | tie (the jury on response vs antithesis_response)
+        ("jury_winner", pa.string()),  # response | antithesis | tie when stable or tie; null for a non-attitude
+        ("votes_response", pa.int64()),  # judges that preferred the response in both presentation orders
+        ("votes_antithesis", pa.int64()),
+        ("votes_tie", pa.int64()),
+        ("judges", pa.int64()),  # the jury's size
+    ]
+)
+
+# One judge's verdict on one comparison in one presentation order. A comparison's `first` side is the one its
+# construction expects to win (the principled response, the verifier's chosen answer, a canary's real response).
+JUDGEMENTS = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("shard_id", pa.string()),
+        ("tree_id", pa.string()),
+        ("judgement_id", pa.string()),
+        ("comparison_id", pa.string()),  # the example_id, pair_id or canary id it judges
+        ("kind", pa.string()),  # principle | verifiable | canary
+        ("criterion", pa.string()),  # the principle id, or "correctness" for verifiable pairs
+        ("judge", pa.string()),  # the jury member's name
+        ("rubric", pa.string()),
+        ("model", pa.string()),
+        ("presented", pa.string()),  # first_as_a | second_as_a: which side was shown as response A
+        ("first_id", pa.string()),  # node id of the first side
+        ("second_id", pa.string()),  # node id of the second side, or canary:<principle id>
+        ("prompt", MESSAGES),  # the exact messages the judge was sent
+        ("raw", pa.string()),  # the judge's whole answer, as sent
+        ("status", pa.string()),  # ok | truncated | unparseable | invalid (parsed, but breaks the verdict schema)
+        ("winner", pa.string()),  # A | B | tie as the judge said it; null unless status is ok
+        ("preference", pa.string()),  # first | second | tie, undoing the presentation order; null unless ok
+        ("reason", pa.string()),
+        ("expected", pa.string()),  # the known answer (first) for canaries and verifiable pairs; null otherwise
+        ("position_consistent", pa.bool_()),  # the same judge preferred the same side in both orders; null if unread
+        ("label", pa.string()),  # the comparison's label: stable | non_attitude | tie (null for canaries)
+        ("structured", pa.bool_()),  # the server constrained the answer to the verdict schema
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("finish_reason", pa.string()),
+    ]
+)
+
 # One expectation's outcome on one shard (written by materialise, not landed with the shard).
 VALIDATIONS = pa.schema(
     [
@@ -139,6 +212,8 @@ SHARD_TABLES: dict[str, pa.Schema] = {
     "nodes": NODES,
     "pairs": PAIRS,
     "trees": TREES,
+    "principle_examples": PRINCIPLE_EXAMPLES,
+    "judgements": JUDGEMENTS,
 }
 
 

@@ -28,6 +28,7 @@ CHECK_PREFIX = "check_"
 # kwargs that name the columns an expectation reads, in the order they are reported.
 COLUMN_KWARGS = ("column", "column_A", "column_B", "column_list")
 ATTEMPT_ROLES = ("action", "refinement")  # the nodes a verifier scores: first attempts and refinements
+PRINCIPLED_ROLES = ("principled", "antithesis", "unconditioned")  # open-ended responses, under a principle or not
 
 
 class SuiteError(ValueError):
@@ -176,7 +177,7 @@ def _nodes_by_id(nodes: pd.DataFrame) -> pd.DataFrame:
     """Return the nodes indexed by node_id, to look up a parent's or a paired node's fields with `map`."""
     # Null and duplicate ids are the not_be_null and uniqueness expectations' findings; a null index entry
     # would also make every null parent_id (the roots) look up that node.
-    return nodes[nodes["node_id"].notna()].drop_duplicates("node_id").set_index("node_id")
+    return _by(nodes, "node_id")
 
 
 def _node_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
@@ -216,6 +217,12 @@ def _node_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
         "check_rollout_parent_is_unfinished_step": ~rollout | dangling | (parent_role.eq("step") & parent_verdict.isna()),
         # The root's text is the instruction, not an answer prefix: only a step parent's text must be continued.
         "check_mcts_answer_continues_parent": ~(step | rollout) | dangling | ~parent_role.eq("step") | continues_parent,
+        # ne("correct") holds for a null verdict: the missing verdict is not_be_null's finding.
+        "check_injected_is_wrong": ~role.eq("injected") | nodes["verdict"].ne("correct"),
+        "check_principled_parent_is_open_ended_root": ~role.isin(PRINCIPLED_ROLES) | dangling | (
+            parent_role.eq("instruction")
+            & nodes["instruction_id"].map(_by(instructions, "instruction_id")["domain"]).eq("open_ended")
+        ),
     }
 
 
@@ -241,6 +248,8 @@ def _pair_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
         "check_rejected_node_exists": rejected.isin(nodes["node_id"]),
         "check_instruction_exists": pairs["instruction_id"].isin(instructions["instruction_id"]),
         "check_nodes_share_parent": ~both_exist | (chosen_parent.notna() & (chosen_parent == rejected_parent)),
+        "check_injection_edits_chosen": ~pairs["method"].eq("error_injection") | ~both_exist
+        | rejected.map(by_id["role"]).eq("injected"),
         "check_turn_matches_nodes": ~both_exist | (
             (pairs["turn"] == chosen.map(by_id["turn"]).astype("float64"))
             & (pairs["turn"] == rejected.map(by_id["turn"]).astype("float64"))
@@ -274,11 +283,78 @@ def _tree_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
     }
 
 
+def _by(frame: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Return `frame` indexed by `key` (null and repeated keys dropped), to look fields up with `map`."""
+    return frame[frame[key].notna()].drop_duplicates(key).set_index(key)
+
+
+def _principle_example_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
+    """Return the derived checks of principle_examples: its nodes, its prompt's domain, its label and its verdicts."""
+    examples, nodes, judgements = frames["principle_examples"], frames["nodes"], frames["judgements"]
+    by_id = _by(nodes, "node_id")
+    nodes_exist = pd.Series(True, index=examples.index, dtype=bool)
+    for id_column, text_column, role in (("response_node_id", "response", "principled"),
+                                         ("antithesis_node_id", "antithesis_response", "antithesis"),
+                                         ("unconditioned_node_id", "unconditioned_response", "unconditioned")):
+        ids = examples[id_column]
+        nodes_exist &= ids.map(by_id["role"]).eq(role).fillna(False).astype(bool)
+        nodes_exist &= (ids.map(by_id["text"]) == examples[text_column]).fillna(False).astype(bool)
+    domain = examples["instruction_id"].map(_by(frames["instructions"], "instruction_id")["domain"])
+    judges = examples["judges"].astype("float64")
+    half = judges / 2
+    first, second, tie = (examples[c].astype("float64") for c in ("votes_response", "votes_antithesis", "votes_tie"))
+    expected = pd.Series("non_attitude", index=examples.index, dtype=object)
+    expected[(second.eq(0) & (first > half)).fillna(False).astype(bool)] = "stable"
+    expected[(first.eq(0) & (second > half)).fillna(False).astype(bool)] = "stable"
+    expected[(tie > half).fillna(False).astype(bool)] = "tie"
+    verdicts = judgements[judgements["kind"].eq("principle")]
+    rows = examples["example_id"].map(verdicts.groupby("comparison_id").size()).astype("float64").fillna(0)
+    pairs = examples["example_id"].map(
+        verdicts.drop_duplicates(["comparison_id", "judge", "presented"]).groupby("comparison_id").size()
+    ).astype("float64").fillna(0)
+    return {
+        "check_nodes_exist": nodes_exist,
+        "check_instruction_is_open_ended": domain.eq("open_ended").fillna(False).astype(bool),
+        "check_label_follows_votes": examples["label"].eq(expected),
+        "check_judged_in_both_orders": rows.eq(2 * judges) & pairs.eq(rows),
+    }
+
+
+def _judgement_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
+    """Return the derived checks of judgements: a verdict is read exactly when ok, and compares rows of the shard."""
+    judgements, nodes = frames["judgements"], frames["nodes"]
+    ok, kind = judgements["status"].eq("ok"), judgements["kind"]
+    read = judgements["winner"].notna() & judgements["preference"].notna()
+    unread = judgements["winner"].isna() & judgements["preference"].isna()
+    first_as_a = judgements["presented"].eq("first_as_a")
+    winner = judgements["winner"]
+    undone = winner.eq("tie") & judgements["preference"].eq("tie") | (
+        winner.eq("A").eq(first_as_a) & judgements["preference"].eq("first") & winner.isin(["A", "B"])
+    ) | (winner.eq("A").ne(first_as_a) & judgements["preference"].eq("second") & winner.isin(["A", "B"]))
+    known = kind.isin(["canary", "verifiable"])
+    compared = (
+        (kind.eq("principle") & judgements["comparison_id"].isin(frames["principle_examples"]["example_id"]))
+        | (kind.eq("verifiable") & judgements["comparison_id"].isin(frames["pairs"]["pair_id"]))
+        | kind.eq("canary")
+    ) & judgements["first_id"].isin(nodes["node_id"]) & (
+        judgements["second_id"].isin(nodes["node_id"])
+        | (kind.eq("canary") & judgements["second_id"].fillna("").str.startswith("canary:"))
+    )
+    return {
+        "check_read_iff_ok": (ok & read) | (~ok & unread),
+        "check_preference_undoes_order": ~ok | undone,
+        "check_canary_expects_first": (known & judgements["expected"].eq("first")) | (~known & judgements["expected"].isna()),
+        "check_compares_shard_rows": compared,
+    }
+
+
 CHECKS: dict[str, Callable[[Mapping[str, pd.DataFrame]], dict[str, pd.Series]]] = {
     "instructions": _instruction_checks,
     "nodes": _node_checks,
     "pairs": _pair_checks,
     "trees": _tree_checks,
+    "principle_examples": _principle_example_checks,
+    "judgements": _judgement_checks,
 }
 
 

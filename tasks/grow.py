@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import math
+import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -28,7 +30,10 @@ from orchard.store import ObjectStore
 from schemas import rows
 from tasks.land import land_shard, landed_manifest, quarantined_manifest
 from tasks.mcts import SearchNode, backup, descendants, node_value, select
-from tasks.pairs import constraint_count, curate, extract_pairs, mcts_pairs, pass_rates
+from tasks import jury as juries
+from tasks.inject import error_candidates
+from tasks.pairs import ERROR_INJECTION, pair_row, constraint_count, curate, extract_pairs, mcts_pairs, pass_rates
+from tasks.principles import Constitution, load_constitution
 from tasks.seeds import Instruction, ShardPlan
 from tasks.verify import Verdict, Verifiers
 
@@ -85,6 +90,13 @@ SELF_EVAL_REQUEST = (
     "Is the partial answer correct so far and on track to a correct, complete answer?"
 )
 SELF_EVAL_TOP_LOGPROBS = 10
+# Open-ended prompts: the same request answered under a principle, under its antithesis, and under neither.
+PRINCIPLED_TEMPLATE = "principled/v1"
+PRINCIPLED_SYSTEM = "You are a helpful assistant. Write your answer under this principle: {principle}"
+UNCONDITIONED_SYSTEM = "You are a helpful assistant."
+INJECT_TEMPLATE = "inject/v1"
+INJECT_TRIES = 4  # edited candidates verified per correct answer; the first the verifier fails is kept
+VERIFIED_DOMAINS = ("math", "code")  # where a minimally edited answer can be proven wrong
 
 Checker = Callable[[Sequence[tuple[Instruction, str]]], list[Verdict]]
 Progress = Callable[[str, int, int], None]
@@ -102,6 +114,8 @@ class GrownShard:
     nodes: list[dict] = field(default_factory=list)
     pairs: list[dict] = field(default_factory=list)
     trees: list[dict] = field(default_factory=list)
+    principle_examples: list[dict] = field(default_factory=list)
+    judgements: list[dict] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
 
     def tables(self) -> dict:
@@ -124,6 +138,16 @@ class _Request:
     template: str
     turn: int | None
     prefix: str | None = None  # set: continue an assistant answer that starts with this text (MCTS)
+    engine: ChatEngine | None = None  # set: this engine answers (a judge's), not the one playing the role
+
+
+@dataclass(frozen=True)
+class Judge:
+    """A member of the jury: its name, its rubric (tasks/jury.py: RUBRICS) and the engine it runs on."""
+
+    name: str
+    rubric: str
+    engine: ChatEngine
 
 
 def _id(*parts: object) -> str:
@@ -182,8 +206,10 @@ class _Grower:
     """The state of one shard's growth: its trees' nodes and the engines playing each role."""
 
     def __init__(self, plan: ShardPlan, run_id: str, run: RunConfig, engines: Mapping[str, ChatEngine],
-                 check: Checker, progress: Progress | None) -> None:
+                 check: Checker, progress: Progress | None, jury: Sequence[Judge] = (),
+                 constitution: Constitution | None = None) -> None:
         self.plan, self.run, self.engines, self.check, self.progress = plan, run, engines, check, progress
+        self.jury, self.constitution = tuple(jury), constitution
         self.common = {"run_id": run_id, "shard_id": plan.shard_id}
         self.run_id = run_id
         self.nodes: list[dict] = []
@@ -195,7 +221,7 @@ class _Grower:
 
         async def one(request: _Request) -> list[Completion]:
             nonlocal done
-            engine = self.engines[_ROLE_ENGINE[request.role]]
+            engine = request.engine or self.engines[_ROLE_ENGINE[request.role]]
             if request.prefix is None:
                 answers = await engine.chat(request.messages, request.sampling, request.n)
             else:
@@ -265,15 +291,192 @@ class _Grower:
         requests = []
         for root in roots:
             instruction, tree_id = self.instructions[root["instruction_id"]], root["tree_id"]
+            if instruction.domain == "open_ended":  # no checker: grown under principles instead
+                continue
             for strategy in strategies_for(self.run, instruction.domain):
                 requests.append(_Request(
                     instruction, tree_id, root, "action", action_messages(instruction, strategy),
                     self.sampling(self.run.max_tokens, tree_id, strategy), self.run.samples_per_strategy,
                     strategy, ACTION_TEMPLATE, 1,
                 ))
+        if not requests:
+            return []
         actions = self.add_answers(requests, await self.ask("turn 1 actions", requests))
         self.verify(actions)
         return actions
+
+    async def write_principled(self, roots: Sequence[dict]) -> list[dict]:
+        """Answer each open-ended prompt under each of its sampled principles, under their antitheses, and under
+        no principle; return one principle_examples row per (prompt, principle), not yet judged."""
+        open_roots = [r for r in roots if self.instructions[r["instruction_id"]].domain == "open_ended"]
+        if not open_roots:
+            return []
+        constitution = self.constitution or load_constitution()
+        requests, sampled = [], {}
+        for root in open_roots:
+            instruction, tree_id = self.instructions[root["instruction_id"]], root["tree_id"]
+            rng = random.Random(sample_seed(self.run.seed, tree_id, "principles"))
+            count = min(self.run.principles_per_prompt, len(constitution.principles))
+            sampled[tree_id] = rng.sample(constitution.principles, count)
+            user = {"role": "user", "content": instruction.text}
+            requests.append(_Request(instruction, tree_id, root, "unconditioned",
+                                     [{"role": "system", "content": UNCONDITIONED_SYSTEM}, user],
+                                     self.sampling(self.run.principle_max_tokens, tree_id, "unconditioned"), 1, None,
+                                     PRINCIPLED_TEMPLATE, 1))
+            for principle in sampled[tree_id]:
+                for role, text in (("principled", principle.text), ("antithesis", principle.antithesis)):
+                    requests.append(_Request(
+                        instruction, tree_id, root, role,
+                        [{"role": "system", "content": PRINCIPLED_SYSTEM.format(principle=text)}, user],
+                        self.sampling(self.run.principle_max_tokens, tree_id, principle.principle_id, role), 1,
+                        principle.principle_id, PRINCIPLED_TEMPLATE, 1,
+                    ))
+        written = self.add_answers(requests, await self.ask("principled responses", requests))
+        by_key = {(n["tree_id"], n["role"], n["strategy"]): n for n in written}
+        examples = []
+        for root in open_roots:
+            tree_id = root["tree_id"]
+            plain = by_key[(tree_id, "unconditioned", None)]
+            for principle in sampled[tree_id]:
+                response = by_key[(tree_id, "principled", principle.principle_id)]
+                contrast = by_key[(tree_id, "antithesis", principle.principle_id)]
+                examples.append({
+                    **self.common, "tree_id": tree_id, "example_id": _id(tree_id, principle.principle_id),
+                    "instruction_id": root["instruction_id"], "prompt": root["text"],
+                    "constitution": constitution.label, "principle_id": principle.principle_id,
+                    "principle": principle.text, "antithesis": principle.antithesis,
+                    "response_node_id": response["node_id"], "response": response["text"],
+                    "antithesis_node_id": contrast["node_id"], "antithesis_response": contrast["text"],
+                    "unconditioned_node_id": plain["node_id"], "unconditioned_response": plain["text"],
+                    "model": response["model"], "label": None, "jury_winner": None, "votes_response": None,
+                    "votes_antithesis": None, "votes_tie": None, "judges": None,
+                })
+        self.constitution = constitution
+        return examples
+
+    def inject_errors(self) -> list[dict]:
+        """Make hard negatives: for up to `hard_negatives_per_tree` correct math or code answers per tree, the first
+        minimally edited copy the verifier fails becomes an `injected` sibling; return one pair per such copy."""
+        per_tree = self.run.hard_negatives_per_tree
+        if per_tree == 0:
+            return []
+        sources: dict[str, list[dict]] = defaultdict(list)
+        for node in sorted(self.nodes, key=lambda n: n["node_id"]):
+            instruction = self.instructions[node["instruction_id"]]
+            if node["role"] in ("action", "refinement") and node["verdict"] == "correct" \
+                    and instruction.domain in VERIFIED_DOMAINS and len(sources[node["tree_id"]]) < 2 * per_tree:
+                sources[node["tree_id"]].append(node)
+        candidates = []
+        for nodes in sources.values():
+            for source in nodes:
+                domain = self.instructions[source["instruction_id"]].domain
+                for edit in error_candidates(source["text"], domain, seed=sample_seed(self.run.seed, source["node_id"]),
+                                             limit=INJECT_TRIES):
+                    node = {**source, "node_id": _id(source["node_id"], "injected", edit.text), "role": "injected",
+                            "text": edit.text, "edit": edit.description, "prompt_template_version": INJECT_TEMPLATE,
+                            "completion_tokens": None, "finish_reason": None, "cached_tokens": None}
+                    candidates.append((source, node, edit))
+        self.verify([node for _, node, _ in candidates])
+        kept: dict[str, list[str]] = defaultdict(list)
+        pairs, rates = [], pass_rates(self.nodes)
+        for source, node, edit in candidates:
+            tree = kept[source["tree_id"]]
+            if node["verdict"] == "correct" or source["node_id"] in tree or len(tree) >= per_tree:
+                continue
+            tree.append(source["node_id"])
+            self.nodes.append(node)
+            instruction = self.instructions[source["instruction_id"]]
+            pair = pair_row(source, node, instruction, method=ERROR_INJECTION, chosen_score=source["score"],
+                         rejected_score=node["score"], chosen_text=source["text"], rejected_text=node["text"],
+                         pass_rate=rates.get(instruction.instruction_id))
+            pair["edit_distance"] = edit.edit_distance
+            pairs.append(pair)
+        return pairs
+
+    async def judge(self, examples: Sequence[dict], pairs: Sequence[dict]) -> list[dict]:
+        """Have every judge read every comparison in both orders: each principle example (response vs antithesis),
+        up to `jury_pairs` verifiable pairs, and `jury_canaries` canaries; label the examples and pairs; return
+        the judgement rows."""
+        if not self.jury:
+            return []
+        comparisons = [juries.Comparison(
+            e["example_id"], "principle", e["tree_id"], e["principle_id"], e["principle"], e["prompt"],
+            e["response_node_id"], e["response"], e["antithesis_node_id"], e["antithesis_response"],
+        ) for e in examples]
+        judged_pairs = sorted((p for p in pairs if p["domain"] != "open_ended"), key=lambda p: p["pair_id"])
+        comparisons += [juries.Comparison(
+            p["pair_id"], "verifiable", p["tree_id"], juries.CORRECTNESS, juries.CORRECTNESS_TEXT,
+            self.instructions[p["instruction_id"]].text, p["chosen_node_id"], p["chosen_text"], p["rejected_node_id"],
+            p["rejected_text"],
+        ) for p in judged_pairs[: self.run.jury_pairs]]
+        if not comparisons:
+            return []
+        comparisons += [self._canary(k, source) for k, source in
+                        zip(range(self.run.jury_canaries), itertools.cycle(sorted(comparisons, key=lambda c: c.comparison_id)))]
+        instruction_of = {n["tree_id"]: self.instructions[n["instruction_id"]] for n in self.nodes if n["role"] == "instruction"}
+        requests, keys = [], []
+        for comparison in comparisons:
+            for judge in self.jury:
+                for presented in juries.PRESENTATIONS:
+                    sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=self.run.judge_max_tokens,
+                                        seed=sample_seed(self.run.seed, comparison.comparison_id, judge.name, presented),
+                                        json_schema=juries.VERDICT_SCHEMA)
+                    requests.append(_Request(instruction_of[comparison.tree_id], comparison.tree_id,
+                                             {"node_id": comparison.first_id}, "judgement",
+                                             juries.judge_messages(judge.rubric, comparison, presented), sampling, 1,
+                                             None, juries.JUDGE_TEMPLATE, None, engine=judge.engine))
+                    keys.append((comparison, judge, presented))
+        answers = await self.ask("jury verdicts", requests)
+        rows = []
+        for (comparison, judge, presented), request, (answer,) in zip(keys, requests, answers):
+            verdict = juries.parse_verdict(answer.text, answer.finish_reason)
+            rows.append({
+                **self.common, "tree_id": comparison.tree_id,
+                "judgement_id": _id(comparison.comparison_id, judge.name, presented),
+                "comparison_id": comparison.comparison_id, "kind": comparison.kind,
+                "criterion": comparison.criterion_id, "judge": judge.name, "rubric": judge.rubric,
+                "model": answer.model, "presented": presented, "first_id": comparison.first_id,
+                "second_id": comparison.second_id, "prompt": request.messages, "raw": answer.text,
+                "status": verdict.status, "winner": verdict.winner, "reason": verdict.reason,
+                "preference": juries.preference(verdict.winner, presented), "expected": comparison.expected,
+                "position_consistent": None, "label": None, "structured": judge.engine.response_format != "none",
+                "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                "finish_reason": answer.finish_reason,
+            })
+        self._label(rows, examples, pairs)
+        return rows
+
+    def _canary(self, k: int, source: juries.Comparison) -> juries.Comparison:
+        """A comparison with a known answer: `source`'s first response against one that plainly breaks its criterion."""
+        if source.kind == "principle":
+            violation = self.constitution.get(source.criterion_id).canary  # type: ignore[union-attr]
+        else:
+            violation = juries.CORRECTNESS_CANARY
+        return juries.Comparison(_id(self.plan.shard_id, "canary", k, source.comparison_id), "canary", source.tree_id,
+                                 source.criterion_id, source.criterion, source.request, source.first_id,
+                                 source.first_text, f"canary:{source.criterion_id}", violation)
+
+    def _label(self, rows: list[dict], examples: Sequence[dict], pairs: Sequence[dict]) -> None:
+        """Label each comparison from its verdicts; write the label onto its judgements, example or pair."""
+        said: dict[str, dict[str, dict[str, str | None]]] = defaultdict(lambda: defaultdict(dict))
+        for row in rows:
+            said[row["comparison_id"]][row["judge"]][row["presented"]] = row["preference"]
+        names = [judge.name for judge in self.jury]
+        labels = {comparison: juries.label_comparison(verdicts, names) for comparison, verdicts in said.items()}
+        for row in rows:
+            label = labels[row["comparison_id"]]
+            row["position_consistent"] = label.consistent[row["judge"]]
+            row["label"] = None if row["kind"] == "canary" else label.label
+        sides = {"first": "response", "second": "antithesis", "tie": "tie", None: None}
+        for example in examples:
+            label = labels[example["example_id"]]
+            example.update(label=label.label, jury_winner=sides[label.winner], votes_response=label.votes["first"],
+                           votes_antithesis=label.votes["second"], votes_tie=label.votes["tie"], judges=len(names))
+        for pair in pairs:
+            if pair["pair_id"] in labels:
+                label = labels[pair["pair_id"]]
+                pair.update(jury_label=label.label,
+                            jury_winner={"first": "chosen", "second": "rejected"}.get(label.winner, label.winner))
 
     async def refine_turn(self, turn: int, frontier: Sequence[dict]) -> list[dict]:
         """Critique up to `refine_per_tree` wrong nodes of each tree, refine each, verify; return the refinements."""
@@ -396,7 +599,8 @@ def yes_probability(top_logprobs: Mapping[str, float] | None) -> float | None:
 
 
 _ROLE_ENGINE = {"action": "generator", "critique": "critic", "refinement": "refiner",
-                "step": "generator", "rollout": "generator", "self_eval": "generator"}
+                "step": "generator", "rollout": "generator", "self_eval": "generator",
+                "principled": "generator", "antithesis": "generator", "unconditioned": "generator"}
 
 
 async def grow_shard(
@@ -407,20 +611,28 @@ async def grow_shard(
     engines: Mapping[str, ChatEngine],
     check: Checker,
     progress: Progress | None = None,
+    jury: Sequence[Judge] = (),
+    constitution: Constitution | None = None,
 ) -> GrownShard:
-    """Return the instructions, nodes, pairs and trees of every tree of `plan`.
+    """Return the instructions, nodes, pairs, trees, principle examples and judgements of every tree of `plan`.
 
     `engines` maps each role (generator, critic, refiner) to the engine that plays it; `check` verifies
-    (instruction, answer) items; `progress(level, done, total)` is called as a level's answers arrive.
+    (instruction, answer) items; `progress(level, done, total)` is called as a level's answers arrive. The `jury`
+    judges open-ended prompts' principle examples (written under `constitution`, the shipped default if None),
+    some verifiable pairs, and canaries; without a jury nothing is judged.
     """
     for role in ("generator", "critic", "refiner"):
         if role not in engines and (role == "generator" or run.turns > 1):
             raise GrowError(f"roles.{role}: no engine plays this role")
     for instruction in plan.instructions:
+        if instruction.domain == "open_ended":
+            continue
         for strategy in strategies_for(run, instruction.domain):
             action_messages(instruction, strategy)  # fail before any request on an unknown strategy
+    if not jury and any(i.domain == "open_ended" for i in plan.instructions):
+        raise GrowError(f"shard {plan.shard_id}: open-ended prompts are judged by a jury, and none was given")
     started = time.monotonic()
-    grower = _Grower(plan, run_id, run, engines, check, progress)
+    grower = _Grower(plan, run_id, run, engines, check, progress, jury, constitution)
     roots = grower.plant()
 
     async def turns() -> None:
@@ -430,20 +642,27 @@ async def grow_shard(
             if not frontier:
                 break
 
-    # Sampled turns and the search run side by side: each fills the engines while the other waits on a level.
-    _, search = await asyncio.gather(turns(), grower.search(roots))
+    # Sampled turns, the search and the principled responses run side by side: each fills the engines while the
+    # others wait on a level.
+    _, search, examples = await asyncio.gather(turns(), grower.search(roots), grower.write_principled(roots))
 
     rates = pass_rates(grower.nodes)
     found = extract_pairs(grower.nodes, grower.instructions, rates) + mcts_pairs(grower.nodes, grower.instructions, rates)
+    found += grower.inject_errors()
+    pairs = curate(found, run)
+    judgements = await grower.judge(examples, pairs)
     grown = GrownShard(
         instructions=[{**grower.common, **i.as_row()} for i in plan.instructions],
         nodes=grower.nodes,
-        pairs=curate(found, run),
+        pairs=pairs,
+        principle_examples=examples,
+        judgements=judgements,
     )
     grown.trees = tree_rows(grown.nodes, grown.pairs, grower.instructions)
     answers = [n for n in grown.nodes if n["role"] in ("action", "refinement")]
     # Roles may share an engine: count each engine's usage once. Throughput is over the shard's whole growth.
-    usage = Usage.combined([e.usage for e in {id(e): e for e in engines.values()}.values()]).as_dict()
+    used = {id(e): e for e in [*engines.values(), *(judge.engine for judge in jury)]}
+    usage = Usage.combined([e.usage for e in used.values()]).as_dict()
     wall_s = time.monotonic() - started
     usage["wall_s"] = round(wall_s, 3)
     usage["tokens_per_s"] = round(usage["completion_tokens"] / wall_s, 2) if wall_s > 0 else 0.0
@@ -457,6 +676,10 @@ async def grow_shard(
         "pairs_found": len(found),  # before the run's contrast and difficulty selection
         "pairs_by_method": {m: sum(p["method"] == m for p in grown.pairs) for m in sorted({p["method"] for p in grown.pairs})},
         "mcts": search,
+        "principle_examples": len(examples),
+        "principle_labels": {label: sum(e["label"] == label for e in examples) for label in juries.LABELS},
+        "judgements": len(judgements),
+        "verdicts_unread": sum(j["status"] != "ok" for j in judgements),
         "turns": max((n["turn"] or 0) for n in answers) if answers else 0,
         "grow_wall_s": round(wall_s, 3),
         "engine": usage,
@@ -512,13 +735,17 @@ def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
     def progress(level: str, done: int, total: int) -> None:
         logger.info("shard %s: %s %d/%d answered", plan.shard_id, level, done, total)
 
+    constitution = load_constitution(cfg.run.constitution or None)
+
     async def grow() -> GrownShard:
         # One client per engine, shared by the roles it plays, so its concurrency limit holds across roles.
-        clients = {name: EngineClient(cfg.engines[name]) for name in set(cfg.roles.values())}
+        names = {*cfg.roles.values(), *(judge.engine for judge in cfg.jury)}
+        clients = {name: EngineClient(cfg.engines[name]) for name in names}
         try:
             engines = {role: clients[name] for role, name in cfg.roles.items()}
+            jury = [Judge(judge.name, judge.rubric, clients[judge.engine]) for judge in cfg.jury]
             return await grow_shard(plan, run_id=run_id, run=cfg.run, engines=engines, check=verifiers.check,
-                                    progress=progress)
+                                    progress=progress, jury=jury, constitution=constitution)
         finally:
             for client in clients.values():
                 await client.aclose()

@@ -20,12 +20,15 @@ from orchard import lake
 from orchard.config import Config
 from orchard.lake import LakeError
 from schemas.rows import SHARD_TABLES, VALIDATIONS
+from tasks.jury import agreement
 
 RUN_COLUMNS = (
     "run_id", "flow_run_id", "snapshot_id", "config_hash", "started_at", "finished_at", "status",
     "shards_planned", "shards_published", "shards_quarantined", "shards_failed", "trees", "nodes", "pairs",
-    "pass_rate", "prompt_tokens", "completion_tokens", "wall_s", "tokens_per_s", "summary",
+    "pass_rate", "prompt_tokens", "completion_tokens", "wall_s", "tokens_per_s", "summary", "fleiss_kappa",
+    "agreement",
 )  # fmt: skip
+COMPUTED = ("snapshot_id", "fleiss_kappa", "agreement")  # filled in here, from what the lake holds
 RUN_STATUSES = ("complete", "partial", "failed")
 
 
@@ -38,7 +41,7 @@ def materialise_run(
 ) -> int:
     """Publish `shards` (landed manifests that passed validation) and the run's rows; return the new snapshot id.
 
-    `run_row` holds the `runs` columns except `snapshot_id`; `validations` are rows of the
+    `run_row` holds the `runs` columns except the computed ones (snapshot id, jury agreement); `validations` are rows of the
     `validations` table (shard_id, suite, expectation, column, success, observed), for published
     and quarantined shards alike. Shards and validation results already in the lake for this run
     are skipped; the run row is replaced. If anything fails, nothing is published.
@@ -67,6 +70,10 @@ def materialise_run(
 
             con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
             run["snapshot_id"] = snapshot_id
+            # Agreement over every judgement of the run in the lake: this attempt's shards and any published before.
+            stats = jury_agreement(con, run_id)
+            run["fleiss_kappa"] = stats["fleiss_kappa"] if stats else None
+            run["agreement"] = json.dumps(stats, sort_keys=True) if stats else None
             con.execute(
                 f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' for _ in RUN_COLUMNS)})",
                 [run[c] for c in RUN_COLUMNS],
@@ -95,6 +102,18 @@ def materialise_run(
     return snapshot_id
 
 
+def jury_agreement(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any] | None:
+    """Return the jury statistics of run `run_id` from its judgements in the lake (None when nothing was judged)."""
+    cursor = con.execute(
+        "SELECT comparison_id, kind, judge, presented, status, winner, preference, label "
+        "FROM judgements WHERE run_id = ? ORDER BY judgement_id", [run_id])
+    names = [d[0] for d in cursor.description]
+    rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+    if not rows:
+        return None
+    return agreement(rows)
+
+
 def shard_uri(bucket: str, manifest: Mapping[str, Any], table: str) -> str:
     """Return the s3:// URI of `table`'s Parquet file in a landed shard's manifest."""
     return f"s3://{bucket}/{manifest['files'][table]['key']}"
@@ -105,7 +124,7 @@ def shard_uri(bucket: str, manifest: Mapping[str, Any], table: str) -> str:
 
 def _run_values(run_row: Mapping[str, Any]) -> dict[str, Any]:
     """The runs-table values of `run_row`, checked: every column but snapshot_id, a known status."""
-    expected = set(RUN_COLUMNS) - {"snapshot_id"}
+    expected = set(RUN_COLUMNS) - set(COMPUTED)
     missing = sorted(expected - set(run_row))
     unknown = sorted(set(run_row) - expected)
     if missing or unknown:
@@ -213,7 +232,7 @@ def _insert_validations(
 @task(name="materialise", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def materialise_task(config: dict, summary: dict, shards: list[dict], validations: list[dict]) -> int:
     """Publish the run's validated shards and its runs row as one lake snapshot; return the snapshot id."""
-    run_row = {column: summary.get(column) for column in RUN_COLUMNS if column != "snapshot_id"}
+    run_row = {column: summary.get(column) for column in RUN_COLUMNS if column not in COMPUTED}
     run_row["finished_at"] = datetime.now(timezone.utc).isoformat()
     run_row["summary"] = {"problems": summary.get("problems", []), "shards_reused": summary.get("shards_reused", 0)}
     snapshot_id = materialise_run(Config.from_dict(config), run_row, shards, validations)

@@ -1,4 +1,5 @@
-"""Pairs: (prompt, chosen, rejected) from siblings of one tree, by rejection sampling or MCTS, and the run's curation.
+"""Pairs: (prompt, chosen, rejected) from siblings of one tree, by rejection sampling, MCTS or error injection, and
+the run's curation.
 
 Every pair's two answers were sent the same prompt (and, for MCTS, continue the same partial answer), so that
 prompt is a shared prefix. `curate` labels contrast (by margin) and keeps what the run asks for: a band of
@@ -19,6 +20,8 @@ from tasks.seeds import Instruction
 REJECTION_SAMPLING = "rs"
 # Monte Carlo tree search: the best and the worst child (by Q) of one expanded step node.
 MCTS = "mcts"
+# Error injection: a correct answer and a minimally edited copy of it that the verifier fails (a hard negative).
+ERROR_INJECTION = "error_injection"
 ANSWER_ROLES = ("action", "refinement")  # the verified nodes; critiques are not answers
 
 
@@ -36,7 +39,7 @@ def pass_rates(nodes: Sequence[Mapping]) -> dict[str, float]:
     return {iid: correct / count for iid, (correct, count) in totals.items()}
 
 
-def _pair(chosen: Mapping, rejected: Mapping, instruction: Instruction, *, method: str, chosen_score: float,
+def pair_row(chosen: Mapping, rejected: Mapping, instruction: Instruction, *, method: str, chosen_score: float,
           rejected_score: float, chosen_text: str, rejected_text: str, pass_rate: float | None) -> dict:
     return {
         "run_id": chosen["run_id"],
@@ -63,6 +66,9 @@ def _pair(chosen: Mapping, rejected: Mapping, instruction: Instruction, *, metho
         "turn": chosen["turn"],
         "contrast": None,  # set by curate() from the run's thresholds
         "k": constraint_count(instruction),
+        "edit_distance": None,  # set for error_injection pairs
+        "jury_label": None,  # set when the jury judged the pair too
+        "jury_winner": None,
     }
 
 
@@ -93,7 +99,7 @@ def extract_pairs(nodes: Sequence[Mapping], instructions: Mapping[str, Instructi
                         or not chosen["text"].strip():
                     continue
                 instruction = instructions[chosen["instruction_id"]]
-                pairs.append(_pair(chosen, rejected, instruction, method=REJECTION_SAMPLING,
+                pairs.append(pair_row(chosen, rejected, instruction, method=REJECTION_SAMPLING,
                                    chosen_score=chosen["score"], rejected_score=rejected["score"],
                                    chosen_text=chosen["text"], rejected_text=rejected["text"],
                                    pass_rate=rates.get(instruction.instruction_id)))
@@ -130,7 +136,7 @@ def mcts_pairs(nodes: Sequence[Mapping], instructions: Mapping[str, Instruction]
                 or chosen_text.strip() == rejected_text.strip():
             continue
         instruction = instructions[chosen["instruction_id"]]
-        pairs.append(_pair(chosen, rejected, instruction, method=MCTS, chosen_score=chosen["q_value"],
+        pairs.append(pair_row(chosen, rejected, instruction, method=MCTS, chosen_score=chosen["q_value"],
                            rejected_score=rejected["q_value"], chosen_text=chosen_text, rejected_text=rejected_text,
                            pass_rate=rates.get(instruction.instruction_id)))
     return pairs

@@ -17,17 +17,23 @@ CONSTITUTION_SCHEMA = SCHEMAS / "constitution.schema.json"
 DEFAULT_CONSTITUTION = SCHEMAS / "constitutions" / "default.json"
 
 
+# The canary of a principle that names none: a non-answer, which no principle of a response prefers.
+GENERIC_CANARY = "I will not answer that. Ask someone else."
+
+
 class ConstitutionError(ValueError):
     """A constitution file is unreadable or breaks the format; the message names the file and field."""
 
 
 @dataclass(frozen=True)
 class Principle:
-    """One principle: what a response is written under (`text`) and what its contrast is written under."""
+    """One principle: what a response is written under (`text`), what its contrast is written under, and a canary:
+    a response that plainly violates it whatever the request."""
 
     principle_id: str
     text: str
     antithesis: str
+    canary: str = GENERIC_CANARY
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,10 @@ class Constitution:
     version: str
     principles: tuple[Principle, ...]
     path: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
 
     def get(self, principle_id: str) -> Principle:
         for principle in self.principles:
@@ -68,5 +78,6 @@ def load_constitution(path: str | Path | None = None) -> Constitution:
         if item["id"] in seen:
             raise ConstitutionError(f"{path}: principles[{i}].id: {item['id']!r} appears twice")
         seen.add(item["id"])
-    principles = tuple(Principle(p["id"], p["text"].strip(), p["antithesis"].strip()) for p in raw["principles"])
+    principles = tuple(Principle(p["id"], p["text"].strip(), p["antithesis"].strip(), p.get("canary", GENERIC_CANARY).strip())
+                       for p in raw["principles"])
     return Constitution(raw["name"], raw["version"], principles, str(path))

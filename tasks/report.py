@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping, Sequence
 
 import duckdb
@@ -57,6 +58,7 @@ def summary_text(summary: Mapping[str, Any]) -> str:
         lines.append(f"  {method} pairs: {m['pairs']} (contrast high {c['high']} / mid {c['mid']} / low {c['low']}), "
                      f"median margin {m['margin']['median']:.3f}, "
                      f"median shared prefix {m['shared_prefix_tokens']['median']:.0f} tokens")
+    lines += jury_lines(summary.get("jury"))
     for problem in summary.get("problems", []):
         lines.append(f"  ! {problem}")
     if summary.get("data_docs"):
@@ -65,6 +67,54 @@ def summary_text(summary: Mapping[str, Any]) -> str:
     if summary.get("snapshot_id") is not None:
         lines.append(f'            orchard sql --version {summary["snapshot_id"]} "SELECT count(*) FROM dpo_pairs"')
     return "\n".join(lines)
+
+
+def jury_lines(jury: Mapping[str, Any] | None) -> list[str]:
+    """Return the summary lines about the jury: labels, agreement, position consistency and canaries per judge."""
+    if not jury:
+        return []
+    labels = jury.get("labels", {})
+    lines = [f"  jury: {len(jury['judges'])} judges, Fleiss' κ {_num(jury['fleiss_kappa'])} over {jury['kappa_items']} "
+             f"verdict pairs; " + "; ".join(
+                 f"{kind} {sum(c.values())} (stable {c['stable']} / non-attitude {c['non_attitude']} / tie {c['tie']})"
+                 for kind, c in labels.items())]
+    for name, judge in jury["judges"].items():
+        lines.append(f"    judge {name}: position consistency {_pct(judge['position_consistency'])}, says A "
+                     f"{_pct(judge['says_a'])}, canary accuracy {_pct(judge['canary_accuracy'])} of {judge['canaries']}, "
+                     f"{judge['unread']} of {judge['verdicts']} verdicts unread")
+    if jury.get("verifiable_judged"):
+        lines.append(f"    jury agrees with the verifier on {_pct(jury['verifier_agreement'])} of "
+                     f"{jury['verifiable_judged']} verifiable pairs")
+    return lines
+
+
+def jury_markdown(jury: Mapping[str, Any] | None) -> str:
+    """Return the judge-agreement section of the run report."""
+    if not jury:
+        return "Nothing was judged."
+    lines = [f"Fleiss' κ: **{_num(jury['fleiss_kappa'])}** over {jury['kappa_items']} (comparison, order) items. "
+             f"Jury agrees with the verifier: {_pct(jury['verifier_agreement'])} of {jury['verifiable_judged']} "
+             "verifiable pairs.", "",
+             "| judge | verdicts | unread | position consistency | says A | canary accuracy |",
+             "|---|---|---|---|---|---|"]
+    for name, j in jury["judges"].items():
+        lines.append(f"| {name} | {j['verdicts']} | {j['unread']} | {_pct(j['position_consistency'])} | "
+                     f"{_pct(j['says_a'])} | {_pct(j['canary_accuracy'])} of {j['canaries']} |")
+    lines += ["", "| judges | Cohen's κ |", "|---|---|"]
+    lines += [f"| {pair} | {_num(kappa)} |" for pair, kappa in jury["cohen_kappa"].items()]
+    lines += ["", "| comparisons | stable | non-attitude | tie |", "|---|---|---|---|"]
+    lines += [f"| {kind} | {c['stable']} | {c['non_attitude']} | {c['tie']} |" for kind, c in jury["labels"].items()]
+    return "\n".join(lines)
+
+
+def jury_stats(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any] | None:
+    """Return the jury statistics materialise wrote on run `run_id`'s row (None when nothing was judged)."""
+    row = con.execute("SELECT agreement FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    return json.loads(row[0]) if row and row[0] else None
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _pct(value: float | None) -> str:
@@ -137,7 +187,7 @@ def curation_markdown(methods: Mapping[str, Any]) -> str:
 
 
 def report_markdown(summary: Mapping[str, Any], shards: Sequence[Mapping[str, Any]],
-                    curation: Mapping[str, Any] | None = None) -> str:
+                    curation: Mapping[str, Any] | None = None, jury: Mapping[str, Any] | None = None) -> str:
     """Return the markdown report of a run: totals, pairs per curation method, then one line per shard."""
     rows = "\n".join(
         f"| `{s['shard_id']}` | {s['state']} | {s.get('trees', '')} | {s.get('pairs', '')} | {s.get('reason', '')} |"
@@ -154,6 +204,9 @@ def report_markdown(summary: Mapping[str, Any], shards: Sequence[Mapping[str, An
 ## Pairs by method
 {curation_markdown(curation or {{}})}
 
+## Judge agreement
+{jury_markdown(jury)}
+
 ## Shards
 | shard | state | trees | pairs | reason |
 |---|---|---|---|---|
@@ -168,15 +221,18 @@ Validation: {docs}
 
 @task(name="report", cache_policy=NO_CACHE)
 def report_task(config: dict, summary: dict, shards: list[dict]) -> dict:
-    """Publish the run's summary table and markdown report as Prefect artifacts; return the curation statistics.
+    """Publish the run's summary table and markdown report as Prefect artifacts; return the curation and jury
+    statistics (keys `curation`, `jury`).
 
-    The per-method statistics are read from the snapshot the run published, so they describe what trainers see.
+    Both are read from the snapshot the run published, so they describe what trainers see.
     """
     curation: dict[str, Any] = {}
+    jury: dict[str, Any] | None = None
     if summary.get("snapshot_id") is not None:
         try:
             with connect(Config.from_dict(config), version=summary["snapshot_id"]) as con:
                 curation = curation_stats(con, summary["run_id"])
+                jury = jury_stats(con, summary["run_id"])
         except (LakeError, duckdb.Error) as exc:
             get_run_logger().warning("run %s: no curation statistics: %s", summary["run_id"], exc)
     key = "orchard-run-" + "".join(c if c.isalnum() else "-" for c in summary["run_id"].lower())
@@ -185,5 +241,5 @@ def report_task(config: dict, summary: dict, shards: list[dict]) -> dict:
         table=[{k: v for k, v in summary.items() if not isinstance(v, list | dict)}],
         description=f"Orchard run {summary['run_id']}",
     )
-    create_markdown_artifact(key=f"{key}-report"[:100], markdown=report_markdown(summary, shards, curation))
-    return curation
+    create_markdown_artifact(key=f"{key}-report"[:100], markdown=report_markdown(summary, shards, curation, jury))
+    return {"curation": curation, "jury": jury}

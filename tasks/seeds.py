@@ -433,7 +433,7 @@ def generate_code_tasks(count: int, *, seed: int = 0, difficulty: int = 2) -> li
 # --- sources and shards -------------------------------------------------------------------------
 
 
-SEED_KINDS = ("arithmetic", "gsm8k", "code", "humaneval", "mbpp", "if_synth", "ifeval")
+SEED_KINDS = ("arithmetic", "gsm8k", "code", "humaneval", "mbpp", "if_synth", "ifeval", "open_ended")
 
 
 # --- open-ended prompts (no checker: judged against principles) -------------------------------------
@@ -474,6 +474,8 @@ def load_seeds(sources: Iterable[SeedSource]) -> list[Instruction]:
             found = generate_arithmetic(source.count, difficulty=source.difficulty, seed=source.seed)
         elif source.kind == "code":
             found = generate_code_tasks(source.count, seed=source.seed, difficulty=source.difficulty)
+        elif source.kind == "open_ended":  # the shipped prompts, or a local JSONL/Parquet file of them
+            found = load_open_ended(source.path or None, source.count)
         elif source.kind == "humaneval":
             found = load_humaneval(source.count, path=source.path or None)
         elif source.kind == "if_synth":

@@ -32,6 +32,7 @@ class ScriptedEngine:
         self.step = step or (lambda messages, prefix, sampling: (answer(messages, sampling), "stop"))
         self.judge = judge or (lambda messages: None)
         self.model = model
+        self.response_format = "none"  # judges' verdicts are asked for in the prompt and checked, like any server
         self.usage = Usage()
         self.calls: list[tuple[list[dict], Sampling]] = []
 

@@ -51,6 +51,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineConfig]:
     embedded = EngineConfig(kind="embedded", model=EMBEDDED_MODEL, n_ctx=2048)
     service = start_llama_server(embedded, tmp_path_factory.mktemp("llama-state"))
     try:
-        yield dataclasses.replace(embedded, kind="openai", base_urls=(service.url,))
+        yield dataclasses.replace(embedded, kind="openai", base_urls=(service.url,),
+                                  structured_output=embedded.response_format)
     finally:
         service.stop()

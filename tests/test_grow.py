@@ -17,7 +17,7 @@ def check(items):
 
 def grow(engine, *instructions, critic=None, **run):
     run = RunConfig(**{"strategies": ("step_by_step", "plan_first", "work_backwards"), "samples_per_strategy": 2,
-                       "turns": 1, "mcts_iterations": 0, **run})
+                       "turns": 1, "mcts_iterations": 0, "hard_negatives_per_tree": 0, **run})
     engines = {"generator": engine, "critic": critic or engine, "refiner": engine}
     return asyncio.run(grow_shard(plan(*instructions), run_id="r1", run=run, engines=engines, check=check))
 
@@ -115,7 +115,8 @@ def test_identical_texts_never_pair():
 
 def test_progress_is_reported_per_level():
     seen = []
-    run = RunConfig(strategies=("step_by_step", "plan_first"), samples_per_strategy=1, turns=1, mcts_iterations=0)
+    run = RunConfig(strategies=("step_by_step", "plan_first"), samples_per_strategy=1, turns=1, mcts_iterations=0,
+                    hard_negatives_per_tree=0)
     engine = ScriptedEngine(lambda m, s: "Answer: 6")
     asyncio.run(grow_shard(plan(instruction()), run_id="r1", run=run, engines={"generator": engine}, check=check,
                            progress=lambda level, done, total: seen.append((level, done, total))))
