@@ -219,9 +219,11 @@ def _node_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
         "check_mcts_answer_continues_parent": ~(step | rollout) | dangling | ~parent_role.eq("step") | continues_parent,
         # ne("correct") holds for a null verdict: the missing verdict is not_be_null's finding.
         "check_injected_is_wrong": ~role.eq("injected") | nodes["verdict"].ne("correct"),
+        # Through the parent: the root's instruction must be open-ended, and the node must answer that instruction.
         "check_principled_parent_is_open_ended_root": ~role.isin(PRINCIPLED_ROLES) | dangling | (
             parent_role.eq("instruction")
-            & nodes["instruction_id"].map(_by(instructions, "instruction_id")["domain"]).eq("open_ended")
+            & parent.map(by_id["instruction_id"]).eq(nodes["instruction_id"])
+            & parent.map(by_id["instruction_id"]).map(_by(instructions, "instruction_id")["domain"]).eq("open_ended")
         ),
     }
 
@@ -303,20 +305,26 @@ def _principle_example_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, p
     judges = examples["judges"].astype("float64")
     half = judges / 2
     first, second, tie = (examples[c].astype("float64") for c in ("votes_response", "votes_antithesis", "votes_tie"))
-    expected = pd.Series("non_attitude", index=examples.index, dtype=object)
-    expected[(second.eq(0) & (first > half)).fillna(False).astype(bool)] = "stable"
-    expected[(first.eq(0) & (second > half)).fillna(False).astype(bool)] = "stable"
-    expected[(tie > half).fillna(False).astype(bool)] = "tie"
+    label = pd.Series("non_attitude", index=examples.index, dtype=object)
+    winner = pd.Series("", index=examples.index, dtype=object)  # "" stands for null: NA never equals itself
+    for mask, text, side in (((second.eq(0) & (first > half)), "stable", "response"),
+                             ((first.eq(0) & (second > half)), "stable", "antithesis"), ((tie > half), "tie", "tie")):
+        mask = mask.fillna(False).astype(bool)
+        label[mask], winner[mask] = text, side
     verdicts = judgements[judgements["kind"].eq("principle")]
-    rows = examples["example_id"].map(verdicts.groupby("comparison_id").size()).astype("float64").fillna(0)
-    pairs = examples["example_id"].map(
-        verdicts.drop_duplicates(["comparison_id", "judge", "presented"]).groupby("comparison_id").size()
-    ).astype("float64").fillna(0)
+
+    def per_example(counts: pd.Series) -> pd.Series:
+        return examples["example_id"].map(counts).astype("float64").fillna(0)
+
+    by_example = verdicts.groupby("comparison_id")
+    rows, voters = per_example(by_example.size()), per_example(by_example["judge"].nunique())
+    distinct = per_example(verdicts.drop_duplicates(["comparison_id", "judge", "presented"]).groupby("comparison_id").size())
     return {
         "check_nodes_exist": nodes_exist,
         "check_instruction_is_open_ended": domain.eq("open_ended").fillna(False).astype(bool),
-        "check_label_follows_votes": examples["label"].eq(expected),
-        "check_judged_in_both_orders": rows.eq(2 * judges) & pairs.eq(rows),
+        "check_label_follows_votes": examples["label"].eq(label) & examples["jury_winner"].fillna("").eq(winner),
+        # Each of the `judges` judges has one verdict per presentation order: no more, no fewer, no other judge.
+        "check_judged_in_both_orders": rows.eq(2 * judges) & distinct.eq(rows) & voters.eq(judges),
     }
 
 

@@ -704,7 +704,8 @@ def tree_rows(nodes: Sequence[Mapping], pairs: Sequence[Mapping], instructions: 
             "run_id": root["run_id"], "shard_id": root["shard_id"], "tree_id": tree_id,
             "instruction_id": root["instruction_id"], "domain": instructions[root["instruction_id"]].domain,
             "strategies": sorted({n["strategy"] for n in answers if n["role"] == "action"}),
-            "turns": max((n["turn"] for n in answers), default=0),
+            # The deepest turn any node answers (open-ended responses answer turn 1).
+            "turns": max((n["turn"] or 0 for n in members), default=0),
             "nodes": len(members), "actions": len(answers), "correct": correct,
             "pass_rate": correct / len(answers) if answers else 0.0,
             "pairs": pair_counts[tree_id],

@@ -36,7 +36,13 @@ SMALL_RUN = RunConfig(
     critique_max_tokens=48,
     mcts_iterations=2,  # math is searched too: steps, rollouts, self-evaluations and mcts pairs on the real model
     mcts_step_tokens=24,
+    principles_per_prompt=1,  # open-ended prompts (where a test adds them): one principle each
+    principle_max_tokens=48,
+    judge_max_tokens=80,
+    jury_pairs=1,  # per shard: one verifiable pair and one canary for the jury, besides any principle examples
+    jury_canaries=1,
 )
+OPEN_ENDED = SeedSource(kind="open_ended", count=2)
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +75,11 @@ def count(config: Config, sql: str) -> int:
 
 
 def test_nightly_publishes_one_snapshot_and_a_rerun_adds_no_duplicates(config, store):
+    config = config.replace(seeds=(*config.seeds, OPEN_ENDED))
     first = run(config, "it-1")
     assert first["status"] == "complete", first["problems"]
-    assert first["shards_planned"] == first["shards_published"] == 2
-    assert first["trees"] == 4
+    assert first["shards_planned"] == first["shards_published"] == 3
+    assert first["trees"] == 6
     assert first["completion_tokens"] > 0 and first["tokens_per_s"] > 0
 
     landed_nodes = 0
@@ -81,17 +88,34 @@ def test_nightly_publishes_one_snapshot_and_a_rerun_adds_no_duplicates(config, s
         assert manifest["files"]["trees"]["rows"] == 2
         landed_nodes += manifest["files"]["nodes"]["rows"]
     assert landed_nodes == first["nodes"]
-    # Each tree: a root, 3 strategies × 2 actions, then critiques and refinements of a wrong action if any.
+    # Each math tree: a root, 3 strategies × 2 actions, then critiques and refinements of a wrong action if any.
+    # Each open-ended tree: a root, and responses under one principle, its antithesis and none.
     roles = dict(lake.query(config, "SELECT role, count(*) FROM nodes GROUP BY 1")[1])
-    assert (roles["instruction"], roles["action"]) == (4, 24)
+    assert (roles["instruction"], roles["action"]) == (6, 24)
+    assert roles["principled"] == roles["antithesis"] == roles["unconditioned"] == 2
     assert roles.get("refinement", 0) == 2 * roles.get("critique", 0)
     # MCTS: up to 2 rounds over 2 trees per shard, 2 children per expansion; an unfinished step has one rollout.
     assert 0 < roles["step"] <= 2 * 2 * 2 * 2 and roles["step"] % 2 == 0 and 0 < roles.get("rollout", 0) <= roles["step"]
     assert count(config, "SELECT count(*) FROM nodes WHERE role = 'step' AND (visits < 1 OR q_value IS NULL)") == 0
     methods = dict(lake.query(config, "SELECT method, count(*) FROM pairs GROUP BY 1")[1])
     assert methods.get("mcts", 0) > 0 and methods == first["pairs_by_method"]
+    # Error injection: every hard negative is an injected node the verifier failed, paired with its source.
+    assert count(config, """SELECT count(*) FROM pairs p JOIN nodes n ON n.node_id = p.rejected_node_id
+                             WHERE p.method = 'error_injection' AND (n.role <> 'injected' OR n.verdict = 'correct'
+                                   OR p.edit_distance < 1)""") == 0
+    assert roles.get("injected", 0) == methods.get("error_injection", 0)
+    # The jury, 3 judges × 2 orders: on 2 principle examples, one verifiable pair and one canary per shard with pairs.
+    assert count(config, "SELECT count(*) FROM principle_examples WHERE label IS NOT NULL") == 2
+    kinds = dict(lake.query(config, "SELECT kind, count(*) FROM judgements GROUP BY 1")[1])
+    judged = count(config, "SELECT count(*) FROM pairs WHERE jury_label IS NOT NULL")
+    assert judged >= 1 and kinds == {"principle": 2 * 6, "verifiable": judged * 6, "canary": (1 + judged) * 6}
+    assert count(config, "SELECT count(*) FROM principle_pairs") == count(
+        config, "SELECT count(*) FROM principle_examples WHERE label = 'stable' AND jury_winner = 'response'")
+    (agreement,) = lake.query(config, "SELECT agreement FROM runs WHERE run_id = 'it-1'")[1][0]
+    assert set(json.loads(agreement)["judges"]) == {"direct", "violations", "reader"}
+    assert set(first["jury"]["judges"]) == {"direct", "violations", "reader"}
     assert count(config, "SELECT count(*) FROM pairs WHERE contrast IS NULL") == 0
-    assert count(config, "SELECT count(*) FROM trees") == 4
+    assert count(config, "SELECT count(*) FROM trees") == 6
     assert count(config, "SELECT count(*) FROM sft_examples") == count(
         config, "SELECT count(*) FROM nodes WHERE verdict = 'correct'")
 
@@ -103,7 +127,7 @@ def test_nightly_publishes_one_snapshot_and_a_rerun_adds_no_duplicates(config, s
     assert count(config, "SELECT count(*) FROM validations WHERE NOT success") == 0
 
     again = run(config, "it-1")
-    assert again["shards_reused"] == 2 and again["completion_tokens"] == 0
+    assert again["shards_reused"] == 3 and again["completion_tokens"] == 0
     assert again["snapshot_id"] == first["snapshot_id"] + 1
     assert count(config, "SELECT count(*) FROM nodes") == first["nodes"]
     assert count(config, "SELECT count(DISTINCT node_id) FROM nodes") == first["nodes"]
@@ -129,6 +153,9 @@ def test_run_report_is_in_prefect(config):
     report = found["orchard-run-it-report-report"].data
     assert f"| {summary['pairs']} |" in report
     assert "## Pairs by method" in report and set(summary["curation"]) == set(summary["pairs_by_method"])
+    assert "## Judge agreement" in report and "Fleiss' κ" in report
+    for judge in ("direct", "violations", "reader"):
+        assert f"| {judge} | " in report
     for method, stats in summary["curation"].items():
         assert f"| {method} | {stats['pairs']} |" in report
 

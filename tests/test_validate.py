@@ -37,7 +37,10 @@ def instruction_row(instruction_id: str = "i1", **changes: Any) -> dict[str, Any
     return {**row, **changes}
 
 
-DEPTH = {"instruction": 0, "action": 1, "critique": 2, "refinement": 3, "step": 1, "rollout": 2}
+DEPTH = {"instruction": 0, "action": 1, "critique": 2, "refinement": 3, "step": 1, "rollout": 2, "injected": 1,
+         "principled": 1, "antithesis": 1, "unconditioned": 1}
+VERIFIED_ROLES = ("action", "refinement", "rollout", "injected")
+OPEN_ENDED_ROLES = ("principled", "antithesis", "unconditioned")
 QUESTION = [{"role": "user", "content": "What is 12 * 7?"}]
 # What a refinement of the wrong action a2 was sent: the question, a2's answer, the environment feedback and critique.
 HISTORY = [
@@ -51,10 +54,11 @@ def node_row(node_id: str, parent_id: str | None = "root", **changes: Any) -> di
     """Return a valid nodes row: a correct turn-1 math action under the root unless `changes` say otherwise.
 
     `role` sets the defaults: the root has no model fields; a critique is model-written but not verified; an
-    action or refinement is verified and has a turn (a refinement's turn must be given: it depends on the tree).
+    action or refinement is verified and has a turn (a refinement's turn must be given: it depends on the tree);
+    an open-ended response (principled, antithesis, unconditioned) answers turn 1 and is not verified.
     """
     role = changes.get("role", "action")
-    attempt, written = role in ("action", "refinement", "rollout"), role != "instruction"
+    attempt, written = role in VERIFIED_ROLES, role != "instruction"
     row = {
         "run_id": RUN,
         "shard_id": SHARD,
@@ -80,7 +84,7 @@ def node_row(node_id: str, parent_id: str | None = "root", **changes: Any) -> di
         "prompt_tokens": 20 if written else None,
         "completion_tokens": 8 if written else None,
         "finish_reason": "stop" if written else None,
-        "turn": 1 if attempt else None,
+        "turn": 1 if attempt or role in OPEN_ENDED_ROLES else None,
         "feedback": None,
         "failure_reason": None,
         "sandbox_exit_code": None,
@@ -91,6 +95,7 @@ def node_row(node_id: str, parent_id: str | None = "root", **changes: Any) -> di
         "q_value": None,
         "self_eval": None,
         "value": None,
+        "edit": None,
     }
     return {**row, **changes}
 
@@ -121,6 +126,9 @@ def pair_row(pair_id: str = "p1", **changes: Any) -> dict[str, Any]:
         "turn": 1,
         "contrast": "high",
         "k": None,
+        "edit_distance": None,
+        "jury_label": None,
+        "jury_winner": None,
     }
     return {**row, **changes}
 
@@ -187,6 +195,8 @@ def shard_rows() -> dict[str, list[dict[str, Any]]]:
             tree_row("t2", instruction_id="i2", domain="code", strategies=["step_by_step"], turns=1, nodes=2,
                      actions=1, correct=1, pass_rate=1.0, pairs=0),  # fmt: skip
         ],
+        "principle_examples": [],
+        "judgements": [],
     }
 
 
@@ -238,7 +248,9 @@ def set_rows(table: str, index: int, **changes: Any) -> Callable[[dict[str, list
     return edit
 
 
-ATTEMPTS = "where role IN (action, refinement, rollout)"
+# The row conditions of the nodes suite, as GX prints them.
+ATTEMPTS = "role IN (action, refinement, rollout, injected)"
+WRITTEN = "role IN (action, critique, refinement, step, rollout, injected, principled, antithesis, unconditioned)"
 
 
 def violation(edit: Callable[..., None], label: str, count: str, name: str) -> Any:
@@ -261,17 +273,17 @@ VIOLATIONS = [
     violation(set_rows("nodes", 1, verdict="probably"),
               "nodes: expect_column_values_to_be_in_set(verdict)", "1 of 10 rows", "bad-verdict"),
     violation(set_rows("nodes", 1, verdict=None),
-              "nodes: expect_column_values_to_not_be_null(verdict)", f"1 of 7 rows {ATTEMPTS}",
+              "nodes: expect_column_values_to_not_be_null(verdict)", f"1 of 7 rows where {ATTEMPTS}",
               "action-without-verdict"),
     violation(set_rows("nodes", 6, verdict=None),
-              "nodes: expect_column_values_to_not_be_null(verdict)", f"1 of 7 rows {ATTEMPTS}",
+              "nodes: expect_column_values_to_not_be_null(verdict)", f"1 of 7 rows where {ATTEMPTS}",
               "refinement-without-verdict"),
     violation(set_rows("nodes", 2, verifier=None),
-              "nodes: expect_column_values_to_not_be_null(verifier)", f"1 of 7 rows {ATTEMPTS}",
+              "nodes: expect_column_values_to_not_be_null(verifier)", f"1 of 7 rows where {ATTEMPTS}",
               "action-without-verifier"),
     violation(set_rows("nodes", 5, model=None),
-              "nodes: expect_column_values_to_not_be_null(model)", "1 of 8 rows where role IN (action, critique, "
-              "refinement, step, rollout)", "critique-without-model"),
+              "nodes: expect_column_values_to_not_be_null(model)", f"1 of 8 rows where {WRITTEN}",
+              "critique-without-model"),
     violation(set_rows("pairs", 0, margin=0.0),
               "pairs: expect_column_values_to_be_between(margin)", "1 of 3 rows", "zero-margin"),
     violation(set_rows("pairs", 1, chosen_node_id="a9"),
@@ -360,12 +372,24 @@ def test_mcts_steps_rollouts_and_pairs_pass(gx_dir: Path) -> None:
     assert validation.success, validation.summary()
 
 
-def mcts_violation(table: str, index: int, label: str, name: str, **changes: Any) -> Any:
+def variant_violation(
+    variant: Callable[[dict[str, list[dict[str, Any]]]], None],
+    label: str,
+    name: str,
+    *edits: Callable[[dict[str, list[dict[str, Any]]]], None],
+) -> Any:
+    """Return a case: the valid shard grown by `variant`, then broken by `edits`, fails the expectation `label`."""
+
     def edit(shard: dict[str, list[dict[str, Any]]]) -> None:
-        with_mcts(shard)
-        shard[table][index].update(changes)
+        variant(shard)
+        for change in edits:
+            change(shard)
 
     return pytest.param(edit, label, id=name)
+
+
+def mcts_violation(table: str, index: int, label: str, name: str, **changes: Any) -> Any:
+    return variant_violation(with_mcts, label, name, set_rows(table, index, **changes))
 
 
 # The MCTS rows are nodes 10 s1, 11 s2, 12 o1 and pairs 3 p4.
@@ -387,8 +411,261 @@ MCTS_VIOLATIONS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("edit", "label"), MCTS_VIOLATIONS)
-def test_each_mcts_violation_is_named(gx_dir: Path, edit: Callable[..., None], label: str) -> None:
+def with_injection(shard: dict[str, list[dict[str, Any]]]) -> None:
+    """Add to t1 the injected error x1 (a1 with its answer changed, failed by the verifier) and their pair p5."""
+    shard["nodes"].append(
+        node_row("x1", role="injected", text="12 * 7 = 85", verdict="incorrect", score=0.0,
+                 verifier_detail="expected 84, got 85", edit="84 -> 85 in the answer", completion_tokens=None,
+                 finish_reason=None, cached_tokens=None)  # fmt: skip
+    )
+    shard["pairs"].append(pair_row("p5", method="error_injection", rejected_node_id="x1", rejected_text="12 * 7 = 85",
+                                   edit_distance=1))  # fmt: skip
+    # Injected nodes are not attempts: t1's actions, correct answers and pass rate stay as they were.
+    shard["trees"][0]["nodes"] += 1
+    shard["trees"][0]["pairs"] += 1
+
+
+OPEN_PROMPT = "Decline an invitation to a friend's party."
+PRINCIPLE, ANTITHESIS = "Be brief.", "Be long-winded."
+RESPONSES = {  # node id -> (role, text)
+    "un1": ("unconditioned", "Thanks so much for the invitation! Sadly I can't make it, but have a great time."),
+    "pr1": ("principled", "Thanks, but I can't come. Have fun!"),
+    "an1": ("antithesis", "Thank you, truly, from the bottom of my heart, for thinking of me; it is with a heavy "
+                          "heart and after long deliberation that I must, regrettably, decline."),
+}
+JURY = {"judge-direct": "direct", "judge-audit": "violations", "judge-reader": "reader"}  # judge -> rubric
+CANARY = "canary-0"
+
+
+def example_row(example_id: str = "e1", **changes: Any) -> dict[str, Any]:
+    """Return a valid principle_examples row: pr1 (written under brevity) vs an1 (its antithesis), stable for pr1."""
+    row = {
+        "run_id": RUN,
+        "shard_id": SHARD,
+        "tree_id": "t3",
+        "example_id": example_id,
+        "instruction_id": "i3",
+        "prompt": OPEN_PROMPT,
+        "constitution": "house@1",
+        "principle_id": "brevity",
+        "principle": PRINCIPLE,
+        "antithesis": ANTITHESIS,
+        "response_node_id": "pr1",
+        "response": RESPONSES["pr1"][1],
+        "antithesis_node_id": "an1",
+        "antithesis_response": RESPONSES["an1"][1],
+        "unconditioned_node_id": "un1",
+        "unconditioned_response": RESPONSES["un1"][1],
+        "model": "smollm2-135m",
+        "label": "stable",
+        "jury_winner": "response",
+        "votes_response": len(JURY),
+        "votes_antithesis": 0,
+        "votes_tie": 0,
+        "judges": len(JURY),
+    }
+    return {**row, **changes}
+
+
+def judgement_row(
+    comparison_id: str = "e1", judge: str = "judge-direct", presented: str = "first_as_a", **changes: Any
+) -> dict[str, Any]:
+    """Return a valid judgements row: `judge` prefers pr1 over an1 (example e1) when shown in order `presented`."""
+    winner = "A" if presented == "first_as_a" else "B"
+    row = {
+        "run_id": RUN,
+        "shard_id": SHARD,
+        "tree_id": "t3",
+        "judgement_id": f"{comparison_id}/{judge}/{presented}",
+        "comparison_id": comparison_id,
+        "kind": "principle",
+        "criterion": "brevity",
+        "judge": judge,
+        "rubric": JURY[judge],
+        "model": "smollm2-135m",
+        "presented": presented,
+        "first_id": "pr1",
+        "second_id": "an1",
+        "prompt": [{"role": "system", "content": "Decide which response meets the criterion better."},
+                   {"role": "user", "content": f"Criterion: {PRINCIPLE}\n\n{OPEN_PROMPT}"}],  # fmt: skip
+        "raw": json.dumps({"reason": "It is shorter.", "winner": winner}),
+        "status": "ok",
+        "winner": winner,
+        "preference": "first",
+        "reason": "It is shorter.",
+        "expected": None,
+        "position_consistent": True,
+        "label": "stable",
+        "structured": True,
+        "prompt_tokens": 90,
+        "completion_tokens": 12,
+        "finish_reason": "stop",
+    }
+    return {**row, **changes}
+
+
+def with_jury(shard: dict[str, list[dict[str, Any]]]) -> None:
+    """Add the open-ended tree t3: responses under no principle (un1), brevity (pr1) and its antithesis (an1), their
+    example e1 judged stable for pr1 by a jury of three in both orders, and a canary every judge got right."""
+    open_ended = {"tree_id": "t3", "instruction_id": "i3"}
+    user = {"role": "user", "content": OPEN_PROMPT}
+    system = {None: "You are a helpful assistant.", "principled": PRINCIPLE, "antithesis": ANTITHESIS}
+    shard["instructions"].append(
+        instruction_row("i3", domain="open_ended", source="open_prompts", text=OPEN_PROMPT, reference=None,
+                        difficulty=None)  # fmt: skip
+    )
+    shard["nodes"].append(node_row("root3", None, role="instruction", text=OPEN_PROMPT, **open_ended))
+    for node_id, (role, text) in RESPONSES.items():
+        principled = role != "unconditioned"
+        shard["nodes"].append(
+            node_row(node_id, "root3", role=role, text=text, strategy="brevity" if principled else None,
+                     prompt=[{"role": "system", "content": system[role if principled else None]}, user],
+                     **open_ended)  # fmt: skip
+        )
+    shard["principle_examples"].append(example_row())
+    canary = {"kind": "canary", "second_id": "canary:brevity", "expected": "first", "label": None}
+    shard["judgements"] += [
+        judgement_row(comparison, judge, presented, **(canary if comparison == CANARY else {}))
+        for comparison in ("e1", CANARY)
+        for judge in JURY
+        for presented in ("first_as_a", "second_as_a")
+    ]
+    shard["trees"].append(
+        tree_row("t3", instruction_id="i3", domain="open_ended", strategies=[], turns=1, nodes=4, actions=0,
+                 correct=0, pass_rate=0.0, pairs=0, prompt_tokens=60, completion_tokens=24)  # fmt: skip
+    )
+
+
+def with_injection_and_jury(shard: dict[str, list[dict[str, Any]]]) -> None:
+    """Apply both with_injection and with_jury."""
+    with_injection(shard)
+    with_jury(shard)
+
+
+@pytest.mark.parametrize(
+    ("variant", "table_rows"),
+    [
+        pytest.param(with_injection, {"nodes": 11, "pairs": 4}, id="injection"),
+        pytest.param(with_jury, {"instructions": 3, "nodes": 14, "trees": 3, "principle_examples": 1,
+                                 "judgements": 12}, id="jury"),  # fmt: skip
+        pytest.param(with_injection_and_jury, {"nodes": 15, "pairs": 4, "principle_examples": 1, "judgements": 12},
+                     id="injection-and-jury"),  # fmt: skip
+    ],
+)
+def test_injected_errors_and_jury_verdicts_pass(
+    gx_dir: Path, variant: Callable[[dict[str, list[dict[str, Any]]]], None], table_rows: dict[str, int]
+) -> None:
+    validation = validate_shard(shard_tables(variant), shard_id=SHARD, gx_dir=gx_dir)
+    assert validation.success, validation.summary()
+    # The new rows were read, not skipped: every unconditioned row-level expectation saw them all.
+    for table, count in table_rows.items():
+        seen = {r.element_count for r in validation.results if r.suite == table and r.element_count is not None
+                and r.condition is None}  # fmt: skip
+        assert seen == {count}, table
+
+
+def set_row(table: str, row_id: str, **changes: Any) -> Callable[[dict[str, list[dict[str, Any]]]], None]:
+    """Return an edit that changes fields of the row of `table` whose id (the suite's row_id column) is `row_id`."""
+
+    def edit(shard: dict[str, list[dict[str, Any]]]) -> None:
+        key = load_suite(table).row_id
+        (row,) = [r for r in shard[table] if r[key] == row_id]
+        row.update(changes)
+
+    return edit
+
+
+def drop_row(table: str, row_id: str) -> Callable[[dict[str, list[dict[str, Any]]]], None]:
+    """Return an edit that removes the row of `table` whose id is `row_id`."""
+
+    def edit(shard: dict[str, list[dict[str, Any]]]) -> None:
+        key = load_suite(table).row_id
+        shard[table] = [r for r in shard[table] if r[key] != row_id]
+
+    return edit
+
+
+INJECTION_VIOLATIONS = [
+    variant_violation(with_injection, "nodes: expect_column_values_to_be_in_set(check_injected_is_wrong)",
+                      "injected-node-that-passes", set_row("nodes", "x1", verdict="correct", score=1.0)),
+    variant_violation(with_injection, "nodes: expect_column_values_to_not_be_null(edit)", "injected-node-without-edit",
+                      set_row("nodes", "x1", edit=None)),
+    variant_violation(with_injection, "nodes: expect_column_values_to_not_be_null(verdict)",
+                      "unverified-injected-node", set_row("nodes", "x1", verdict=None)),
+    variant_violation(with_injection, "pairs: expect_column_values_to_not_be_null(edit_distance)",
+                      "injection-pair-without-edit-distance", set_row("pairs", "p5", edit_distance=None)),
+    variant_violation(with_injection, "pairs: expect_column_values_to_be_between(edit_distance)",
+                      "injection-pair-that-changes-nothing", set_row("pairs", "p5", edit_distance=0)),
+    variant_violation(with_injection, "pairs: expect_column_values_to_be_in_set(check_injection_edits_chosen)",
+                      "injection-pair-whose-rejected-node-is-not-injected",
+                      set_row("pairs", "p5", rejected_node_id="a2", rejected_text="12 * 7 = 88")),
+]  # fmt: skip
+
+JURY_VIOLATIONS = [
+    variant_violation(with_jury, "nodes: expect_column_values_to_be_in_set(check_principled_parent_is_open_ended_root)",
+                      "principled-node-under-an-action", set_row("nodes", "pr1", parent_id="a1")),
+    variant_violation(with_jury, "nodes: expect_column_values_to_be_in_set(check_principled_parent_is_open_ended_root)",
+                      "unconditioned-node-under-another-response", set_row("nodes", "un1", parent_id="pr1")),
+    variant_violation(with_jury, "principle_examples: expect_column_values_to_be_in_set(check_label_follows_votes)",
+                      "example-label-disagrees-with-its-votes",
+                      set_row("principle_examples", "e1", label="non_attitude")),
+    variant_violation(with_jury, "principle_examples: expect_column_values_to_be_in_set(check_label_follows_votes)",
+                      "example-stable-despite-a-dissenting-vote",
+                      set_row("principle_examples", "e1", votes_response=2, votes_antithesis=1)),
+    variant_violation(with_jury, "principle_examples: expect_column_values_to_be_in_set(check_judged_in_both_orders)",
+                      "example-missing-one-judgement", drop_row("judgements", "e1/judge-reader/second_as_a")),
+    variant_violation(with_jury, "principle_examples: expect_column_values_to_be_in_set(check_nodes_exist)",
+                      "example-response-differs-from-its-node",
+                      set_row("principle_examples", "e1", response="Thanks, but no.")),
+    variant_violation(with_jury, "principle_examples: expect_column_values_to_be_in_set(check_nodes_exist)",
+                      "example-antithesis-is-not-an-antithesis-node",
+                      set_row("principle_examples", "e1", antithesis_node_id="un1",
+                              antithesis_response=RESPONSES["un1"][1])),
+    variant_violation(with_jury, "principle_examples: expect_column_values_to_be_between(judges)", "jury-of-two",
+                      set_row("principle_examples", "e1", judges=2)),
+    variant_violation(with_jury, "nodes: expect_column_values_to_be_in_set(check_principled_parent_is_open_ended_root)",
+                      "open-ended-response-under-a-math-root", set_row("nodes", "un1", parent_id="root", tree_id="t1")),
+    variant_violation(with_jury, "principle_examples: expect_column_values_to_be_in_set(check_judged_in_both_orders)",
+                      "one-judges-second-verdict-given-by-another-judge",
+                      set_row("judgements", "e1/judge-reader/second_as_a", judge="judge-extra")),
+    variant_violation(with_jury, "principle_examples: expect_column_values_to_be_in_set(check_label_follows_votes)",
+                      "stable-winner-is-the-side-without-votes",
+                      set_row("principle_examples", "e1", jury_winner="antithesis")),
+    variant_violation(with_jury, "principle_examples: expect_column_values_to_not_be_null(label)", "unjudged-example",
+                      set_row("principle_examples", "e1", label=None, jury_winner=None)),
+    variant_violation(with_jury, "judgements: expect_column_values_to_be_in_set(check_read_iff_ok)",
+                      "truncated-verdict-with-a-winner", set_row("judgements", "e1/judge-audit/first_as_a",
+                                                                 status="truncated", finish_reason="length")),
+    variant_violation(with_jury, "judgements: expect_column_values_to_be_in_set(check_read_iff_ok)",
+                      "ok-verdict-without-a-winner",
+                      set_row("judgements", "e1/judge-audit/first_as_a", winner=None, preference=None)),
+    variant_violation(with_jury, "judgements: expect_column_values_to_be_in_set(check_preference_undoes_order)",
+                      "preference-ignores-the-presentation-order",
+                      set_row("judgements", "e1/judge-direct/second_as_a", preference="second")),
+    variant_violation(with_jury, "judgements: expect_column_values_to_be_in_set(check_canary_expects_first)",
+                      "canary-without-expected", set_row("judgements", f"{CANARY}/judge-direct/first_as_a",
+                                                         expected=None)),
+    variant_violation(with_jury, "judgements: expect_column_values_to_be_in_set(check_canary_expects_first)",
+                      "principle-comparison-with-an-expected-answer",
+                      set_row("judgements", "e1/judge-direct/first_as_a", expected="first")),
+    variant_violation(with_jury, "judgements: expect_column_values_to_be_in_set(check_compares_shard_rows)",
+                      "judgement-of-an-unknown-comparison",
+                      set_row("judgements", "e1/judge-direct/first_as_a", comparison_id="e9")),
+    variant_violation(with_jury, "judgements: expect_column_values_to_be_in_set(check_compares_shard_rows)",
+                      "canary-against-a-missing-node",
+                      set_row("judgements", f"{CANARY}/judge-direct/first_as_a", second_id="n9")),
+    variant_violation(with_jury, "judgements: expect_column_values_to_be_in_set(status)", "unknown-judgement-status",
+                      set_row("judgements", "e1/judge-direct/first_as_a", status="lost")),
+    variant_violation(with_jury, "judgements: expect_column_values_to_be_in_set(label)", "unknown-judgement-label",
+                      set_row("judgements", "e1/judge-direct/first_as_a", label="unanimous")),
+    variant_violation(with_jury, "judgements: expect_column_values_to_be_unique(judgement_id)",
+                      "duplicate-judgement-id",
+                      set_row("judgements", "e1/judge-direct/second_as_a", judgement_id="e1/judge-direct/first_as_a")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("edit", "label"), [*MCTS_VIOLATIONS, *INJECTION_VIOLATIONS, *JURY_VIOLATIONS])
+def test_each_variant_violation_is_named(gx_dir: Path, edit: Callable[..., None], label: str) -> None:
     validation = validate_shard(shard_tables(edit), shard_id=SHARD, gx_dir=gx_dir)
     assert label in failed_labels(validation), validation.summary()
 
@@ -412,10 +689,10 @@ def test_failure_quotes_the_offending_row_id_and_value(gx_dir: Path) -> None:
 
 
 def test_root_and_critique_without_verdict_or_turn_pass(valid: ShardValidation) -> None:
-    attempts = [r for r in valid.results if r.condition == "role IN (action, refinement, rollout)"]
+    attempts = [r for r in valid.results if r.condition == ATTEMPTS]
     assert {r.columns for r in attempts} >= {("verdict",), ("verifier",)}
     assert all(r.success and r.element_count == 7 for r in attempts)
-    written = [r for r in valid.results if r.condition == "role IN (action, critique, refinement, step, rollout)"]
+    written = [r for r in valid.results if r.condition == WRITTEN]
     assert {r.columns for r in written} >= {("model",), ("text",)}
     assert all(r.success and r.element_count == 8 for r in written)
 
