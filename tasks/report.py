@@ -75,7 +75,7 @@ def jury_lines(jury: Mapping[str, Any] | None) -> list[str]:
         return []
     labels = jury.get("labels", {})
     lines = [f"  jury: {len(jury['judges'])} judges, Fleiss' κ {_num(jury['fleiss_kappa'])} over {jury['kappa_items']} "
-             f"verdict pairs; " + "; ".join(
+             f"(comparison, order) items; " + "; ".join(
                  f"{kind} {sum(c.values())} (stable {c['stable']} / non-attitude {c['non_attitude']} / tie {c['tie']})"
                  for kind, c in labels.items())]
     for name, judge in jury["judges"].items():
