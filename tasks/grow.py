@@ -707,7 +707,7 @@ def tree_rows(nodes: Sequence[Mapping], pairs: Sequence[Mapping], instructions: 
             # The deepest turn any node answers (open-ended responses answer turn 1).
             "turns": max((n["turn"] or 0 for n in members), default=0),
             "nodes": len(members), "actions": len(answers), "correct": correct,
-            "pass_rate": correct / len(answers) if answers else 0.0,
+            "pass_rate": correct / len(answers) if answers else None,  # open-ended trees have nothing verified
             "pairs": pair_counts[tree_id],
             "prompt_tokens": sum(n["prompt_tokens"] or 0 for n in members),
             "completion_tokens": sum(n["completion_tokens"] or 0 for n in members),

@@ -78,7 +78,7 @@ def _tree_rows(run_id: str, shard_id: str, t: int) -> dict[str, list[dict]]:
                     chosen_node_id=f"{tree}-{chosen}", rejected_node_id=f"{tree}-{rejected}", chosen_text=right,
                     rejected_text=wrong, chosen_score=1.0, rejected_score=0.0, margin=1.0, shared_prefix_tokens=12,
                     difficulty=2, pass_rate=3 / 5, strategy="step_by_step", model="smol", turn=turn, contrast="high",
-                    k=None)  # fmt: skip
+                    k=None, edit_distance=None, jury_label=None, jury_winner=None)  # fmt: skip
 
     pairs = [pair(1, "a1", "a3", 1, prompt), pair(2, "a2", "a3", 1, prompt), pair(3, "r1", "r2", 2, history)]
     return {
@@ -163,7 +163,7 @@ def test_extension_files_ship_for_the_installed_duckdb():
 def assert_tables_follow_rows(config: Config) -> None:
     """Every shard table of the lake has the columns of its schemas/rows.py schema, in order, with its types."""
     duck_type = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.float64(): "DOUBLE",
-                 pa.list_(pa.string()): "VARCHAR[]",
+                 pa.list_(pa.string()): "VARCHAR[]", pa.bool_(): "BOOLEAN",
                  pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])):
                      'STRUCT("role" VARCHAR, "content" VARCHAR)[]'}  # fmt: skip
     for name, schema in SHARD_TABLES.items():

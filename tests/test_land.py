@@ -45,6 +45,8 @@ def shard_tables(run_id: str = RUN, shard_id: str = SHARD, rows: int = 3) -> dic
             return i
         if pa.types.is_floating(field.type):
             return i / 2
+        if pa.types.is_boolean(field.type):
+            return i % 2 == 0
         return f"{field.name}-{i}"
 
     return {
