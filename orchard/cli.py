@@ -1,4 +1,4 @@
-"""`orchard`: run the nightly flow on the embedded default (or a config file), and query the lake."""
+"""`orchard`: run the nightly flow on the embedded default (or a config file), query the lake, export datasets."""
 
 from __future__ import annotations
 
@@ -44,6 +44,23 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    from orchard.services import embedded_services
+    from tasks.export import check_target, export_dataset, push_dataset
+
+    check_target(args.dir.resolve(), args.force)  # before starting the store: a refusal costs nothing
+    with embedded_services(cfg, model=False) as live:
+        summary = export_dataset(live, args.format, args.dir, version=args.version, test_share=args.test_share,
+                                 force=args.force)
+    rows, trees = summary["rows"], summary["trees"]
+    print(f"exported {summary['format']} from lake snapshot {summary['snapshot_id']} to {summary['out_dir']}")
+    print("  " + ", ".join(f"{split}: {n} rows ({trees[split]} trees)" for split, n in rows.items()))
+    if args.push:
+        print(f"pushed to {push_dataset(summary['out_dir'], args.push)}")
+    return 0
+
+
 def _format_table(columns: Sequence[str], rows: Sequence[Sequence[object]], width: int = 60) -> str:
     def cell(value: object) -> str:
         text = "NULL" if value is None else str(value).replace("\n", "\\n")
@@ -69,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("query")
     sql.add_argument("--version", type=int, help="answer as of this lake snapshot")
     sql.set_defaults(func=cmd_sql)
+    export = sub.add_parser("export", help="write a lake snapshot as a Hugging Face dataset directory")
+    export.add_argument("dir", type=Path, metavar="DIR",
+                        help="the dataset directory to write (datasets.load_dataset(DIR) reads it)")
+    export.add_argument("--format", required=True, choices=("trl-dpo", "trl-kto", "sft", "ranked"))
+    export.add_argument("--version", type=int, help="export this lake snapshot (default: the newest)")
+    export.add_argument("--test-share", type=float, default=0.1,
+                        help="share of trees in the test split, chosen by a hash of the tree id (default: 0.1)")
+    export.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
+    export.add_argument("--push", metavar="REPO", help="upload the directory to this Hugging Face dataset repo")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -11,9 +11,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from orchard.sandbox import SandboxUnavailable
     from orchard.services import ServiceError
     from orchard.store import StoreError
+    from tasks.export import ExportError
     from tasks.grow import GrowError
     from tasks.seeds import SeedError
     from tasks.verify import VerificationError
 
-    return (ConfigError, EngineError, LakeError, ServiceError, StoreError, GrowError, SeedError, SandboxUnavailable,
-            VerificationError)
+    return (ConfigError, EngineError, LakeError, ServiceError, StoreError, ExportError, GrowError, SeedError,
+            SandboxUnavailable, VerificationError)

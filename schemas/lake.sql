@@ -305,3 +305,25 @@ LEFT JOIN instructions i
 WHERE n.role IN ('action', 'refinement') AND n.score IS NOT NULL AND n.parent_id IS NOT NULL
 GROUP BY n.run_id, n.shard_id, n.tree_id, n.parent_id, n.prompt, i.domain, n.turn
 HAVING count(*) >= 2;
+
+-- TRL's conversational unpaired preference format (KTOTrainer): one row per verified answer (an action, a
+-- refinement, an injected hard negative, or a finished MCTS answer: a last step or a rollout), `completion`
+-- being the answer and `label` whether the verifier found it correct (incorrect and unparsable answers are the
+-- undesirable rows). Unfinished MCTS steps have no verdict of their own (their rollouts do) and stay out.
+CREATE OR REPLACE VIEW kto_rows AS
+SELECT
+    n.prompt,
+    [{'role': 'assistant', 'content': n.text}] AS completion,
+    n.verdict = 'correct' AS label,
+    n.node_id,
+    n.tree_id,
+    n.run_id,
+    i.domain,
+    n.role,
+    n.turn,
+    n.strategy,
+    n.model
+FROM nodes n
+LEFT JOIN instructions i
+    ON i.run_id = n.run_id AND i.shard_id = n.shard_id AND i.instruction_id = n.instruction_id
+WHERE n.role IN ('action', 'refinement', 'injected', 'step', 'rollout') AND n.verdict IS NOT NULL;
