@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 
 from orchard.config import Config, load_config
 from tasks.grow import grow_shard_task
-from tasks.materialise import materialise_task
+from tasks.materialise import check_run_id_task, materialise_task
 from tasks.report import report_task, run_totals, summary_text
 from tasks.seeds import plan_shards_task
 from tasks.validate import validate_shard_task
@@ -34,6 +34,7 @@ def nightly(config: dict | None = None, run_id: str | None = None) -> dict:
     logger = get_run_logger()
     started_at = datetime.now(timezone.utc)
 
+    check_run_id_task(config, run_id)  # a run id resumes its run: refuse one published under another config
     plans = plan_shards_task(config)
     logger.info("run %s: %d shards of up to %d instructions", run_id, len(plans), cfg.run.instructions_per_shard)
     progress = create_progress_artifact(progress=0.0, description=f"shards of run {run_id} grown and validated")

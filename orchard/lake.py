@@ -79,6 +79,12 @@ def connect(config: Config, *, read_only: bool = False, version: int | None = No
     return con
 
 
+def exists(config: Config) -> bool:
+    """Whether the lake may exist: a DuckDB-file catalog is there; a remote catalog is assumed to be (connect tells)."""
+    catalog = config.lake_catalog.removeprefix("ducklake:")
+    return catalog.startswith(_REMOTE_CATALOGS) or Path(catalog).expanduser().exists()
+
+
 def query(config: Config, sql: str, *, version: int | None = None) -> tuple[list[str], list[tuple]]:
     """Run one read-only SQL query on the lake (as of snapshot `version` if given); return column names and rows."""
     with connect(config, read_only=True, version=version) as con:

@@ -61,6 +61,7 @@ def materialise_run(
             base = con.execute(f"SELECT id FROM {lake.LAKE}.current_snapshot()").fetchone()[0]
             snapshot_id = base + 1
 
+            _check_same_config(con, run_id, run["config_hash"])
             present = _shards_in_lake(con, run_id)
             new_shards = [m for m in shards if m["shard_id"] not in present]
             for table in SHARD_TABLES:
@@ -100,6 +101,28 @@ def materialise_run(
                 "(another writer committed in between); fix the runs row by hand"
             )
     return snapshot_id
+
+
+def published_config_hash(config: Config, run_id: str) -> str | None:
+    """Return the config hash run `run_id` was published with, or None when the lake has no such run (or no lake)."""
+    if not lake.exists(config):
+        return None
+    with lake.connect(config, read_only=True) as con:
+        row = con.execute("SELECT config_hash FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    return row[0] if row else None
+
+
+def _check_same_config(con: duckdb.DuckDBPyConnection, run_id: str, config_hash: str) -> None:
+    """Fail if run `run_id` is already published under another config: resuming it would mix two configs' shards."""
+    row = con.execute("SELECT config_hash FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    if row is not None and row[0] != config_hash:
+        raise LakeError(conflict_message(run_id, row[0], config_hash))
+
+
+def conflict_message(run_id: str, published: str, now: str) -> str:
+    return (f"run {run_id} was published with config {published}, and this config is {now}: a re-run with the "
+            "same run id resumes that run, so it must use the same config (give a new --run-id, or restore the "
+            "config)")
 
 
 def jury_agreement(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any] | None:
@@ -226,7 +249,17 @@ def _insert_validations(
 
 
 
-# --- Prefect task: one per run ----------------------------------------------------------------
+# --- Prefect tasks: one per run ---------------------------------------------------------------
+
+
+@task(name="check-run-id", cache_policy=NO_CACHE)
+def check_run_id_task(config: dict, run_id: str) -> None:
+    """Fail before anything is grown when `run_id` was published under another config (materialise checks again)."""
+    cfg = Config.from_dict(config)
+    published = published_config_hash(cfg, run_id)
+    if published is not None and published != cfg.content_hash():
+        raise LakeError(conflict_message(run_id, published, cfg.content_hash()))
+
 
 
 @task(name="materialise", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)

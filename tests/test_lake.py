@@ -221,6 +221,24 @@ def test_rematerialising_a_run_adds_no_duplicate_rows_and_updates_its_row(config
     assert runs == [("complete", second, 2)]
 
 
+def test_a_run_id_published_under_another_config_is_refused(config):
+    from tasks.materialise import check_run_id_task, published_config_hash
+
+    assert published_config_hash(config, "r1") is None  # no lake yet
+    shards = [land_shard(config, "r1", "s1")]
+    snapshot = materialise_run(config, run_row("r1", shards), shards, validation_rows(shards))
+    assert published_config_hash(config, "r1") == "cfg123" and published_config_hash(config, "r2") is None
+    later = [land_shard(config, "r1", "s2")]
+
+    with pytest.raises(LakeError, match="run r1 was published with config cfg123, and this config is cfg999"):
+        materialise_run(config, {**run_row("r1", later), "config_hash": "cfg999"}, later, validation_rows(later))
+    assert latest_snapshot(config) == snapshot and count(config, "SELECT count(DISTINCT shard_id) FROM nodes") == 1
+    # The flow asks before growing anything: the same rule, with the config's own hash.
+    with pytest.raises(LakeError, match=f"and this config is {config.content_hash()}"):
+        check_run_id_task.fn(config.to_dict(), "r1")
+    check_run_id_task.fn(config.to_dict(), "r2")  # a new run id is fine
+
+
 def test_second_run_is_a_new_snapshot_and_the_first_stays_queryable(config):
     new_lake(config)
     first_shards = [land_shard(config, "r1", "s1")]
