@@ -108,7 +108,10 @@ def published_config_hash(config: Config, run_id: str) -> str | None:
     if not lake.exists(config):
         return None
     with lake.connect(config, read_only=True) as con:
-        row = con.execute("SELECT config_hash FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        # A first publish killed before its schema committed leaves a catalog without tables: no run published yet.
+        has_runs = con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND table_name = 'runs'",
+                               [lake.LAKE]).fetchone()[0]
+        row = con.execute("SELECT config_hash FROM runs WHERE run_id = ?", [run_id]).fetchone() if has_runs else None
     return row[0] if row else None
 
 

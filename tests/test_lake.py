@@ -239,6 +239,22 @@ def test_a_run_id_published_under_another_config_is_refused(config):
     check_run_id_task.fn(config.to_dict(), "r2")  # a new run id is fine
 
 
+def test_a_catalog_left_without_tables_by_a_killed_first_publish_has_no_published_run(config):
+    from tasks.materialise import published_config_hash
+
+    # What a SIGKILL between creating the catalog file and committing the schema leaves (bench/crash_resume.py).
+    Path(config.lake_catalog).parent.mkdir(parents=True)
+    con = duckdb.connect()
+    for name in ("httpfs", "ducklake"):
+        con.execute(f"LOAD '{lake.extension_path(name)}'")
+    con.execute(f"ATTACH 'ducklake:{config.lake_catalog}' AS bare (DATA_PATH '{config.lake_data_path}')")
+    con.close()
+    assert published_config_hash(config, "r1") is None
+    shards = [land_shard(config, "r1", "s1")]
+    materialise_run(config, run_row("r1", shards), shards, validation_rows(shards))  # the re-run then publishes
+    assert published_config_hash(config, "r1") == "cfg123"
+
+
 def test_second_run_is_a_new_snapshot_and_the_first_stays_queryable(config):
     new_lake(config)
     first_shards = [land_shard(config, "r1", "s1")]
