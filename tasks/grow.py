@@ -206,8 +206,8 @@ class _Grower:
     """The state of one shard's growth: its trees' nodes and the engines playing each role."""
 
     def __init__(self, plan: ShardPlan, run_id: str, run: RunConfig, engines: Mapping[str, ChatEngine],
-                 check: Checker, progress: Progress | None, jury: Sequence[Judge] = (),
-                 constitution: Constitution | None = None) -> None:
+                 check: Checker, progress: Progress | None, jury: Sequence[Judge],
+                 constitution: Constitution) -> None:
         self.plan, self.run, self.engines, self.check, self.progress = plan, run, engines, check, progress
         self.jury, self.constitution = tuple(jury), constitution
         self.common = {"run_id": run_id, "shard_id": plan.shard_id}
@@ -311,13 +311,12 @@ class _Grower:
         open_roots = [r for r in roots if self.instructions[r["instruction_id"]].domain == "open_ended"]
         if not open_roots:
             return []
-        constitution = self.constitution or load_constitution()
         requests, sampled = [], {}
         for root in open_roots:
             instruction, tree_id = self.instructions[root["instruction_id"]], root["tree_id"]
             rng = random.Random(sample_seed(self.run.seed, tree_id, "principles"))
-            count = min(self.run.principles_per_prompt, len(constitution.principles))
-            sampled[tree_id] = rng.sample(constitution.principles, count)
+            count = min(self.run.principles_per_prompt, len(self.constitution.principles))
+            sampled[tree_id] = rng.sample(self.constitution.principles, count)
             user = {"role": "user", "content": instruction.text}
             requests.append(_Request(instruction, tree_id, root, "unconditioned",
                                      [{"role": "system", "content": UNCONDITIONED_SYSTEM}, user],
@@ -343,7 +342,7 @@ class _Grower:
                 examples.append({
                     **self.common, "tree_id": tree_id, "example_id": _id(tree_id, principle.principle_id),
                     "instruction_id": root["instruction_id"], "prompt": root["text"],
-                    "constitution": constitution.label, "principle_id": principle.principle_id,
+                    "constitution": self.constitution.label, "principle_id": principle.principle_id,
                     "principle": principle.text, "antithesis": principle.antithesis,
                     "response_node_id": response["node_id"], "response": response["text"],
                     "antithesis_node_id": contrast["node_id"], "antithesis_response": contrast["text"],
@@ -351,7 +350,6 @@ class _Grower:
                     "model": response["model"], "label": None, "jury_winner": None, "votes_response": None,
                     "votes_antithesis": None, "votes_tie": None, "judges": None,
                 })
-        self.constitution = constitution
         return examples
 
     def inject_errors(self) -> list[dict]:
@@ -449,7 +447,7 @@ class _Grower:
     def _canary(self, k: int, source: juries.Comparison) -> juries.Comparison:
         """A comparison with a known answer: `source`'s first response against one that plainly breaks its criterion."""
         if source.kind == "principle":
-            violation = self.constitution.get(source.criterion_id).canary  # type: ignore[union-attr]
+            violation = self.constitution.get(source.criterion_id).canary
         else:
             violation = juries.CORRECTNESS_CANARY
         return juries.Comparison(_id(self.plan.shard_id, "canary", k, source.comparison_id), "canary", source.tree_id,
@@ -631,6 +629,7 @@ async def grow_shard(
             action_messages(instruction, strategy)  # fail before any request on an unknown strategy
     if not jury and any(i.domain == "open_ended" for i in plan.instructions):
         raise GrowError(f"shard {plan.shard_id}: open-ended prompts are judged by a jury, and none was given")
+    constitution = constitution or load_constitution()
     started = time.monotonic()
     grower = _Grower(plan, run_id, run, engines, check, progress, jury, constitution)
     roots = grower.plant()

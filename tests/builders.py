@@ -58,3 +58,15 @@ class ScriptedEngine:
             completions.append(Completion(text, finish, self.model, prompt_tokens=20 + len(prefix.split()),
                                           completion_tokens=len(text.split()), seed=seed))
         return completions
+
+
+def store_toml(config) -> str:
+    """The TOML of `config`'s state directory and object store: a config file for the CLI that reaches the test's lake."""
+    store = config.object_store
+    return f"""state_dir = "{config.state_dir}"
+[object_store]
+endpoint_url = "{store.endpoint_url}"
+bucket = "{store.bucket}"
+access_key_id = "{store.access_key_id}"
+secret_access_key = "{store.secret_access_key}"
+"""

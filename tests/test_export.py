@@ -23,6 +23,7 @@ from orchard.services import Service
 from orchard.store import ObjectStore, s3_client
 from schemas.rows import SHARD_TABLES, table
 from tasks.export import FORMATS, ExportError, export_dataset, in_test_split
+from tests.builders import store_toml
 from tasks.materialise import materialise_run
 from test_lake import _node, _tree_rows, count, latest_snapshot, new_lake, run_row
 
@@ -133,16 +134,7 @@ def view_rows(config: Config, fmt: str, version: int | None = None) -> int:
 
 
 def write_toml(config: Config, path: Path) -> Path:
-    store = config.object_store
-    path.write_text(
-        f"""state_dir = "{config.state_dir}"
-[object_store]
-endpoint_url = "{store.endpoint_url}"
-bucket = "{store.bucket}"
-access_key_id = "{store.access_key_id}"
-secret_access_key = "{store.secret_access_key}"
-"""
-    )
+    path.write_text(store_toml(config))
     return path
 
 

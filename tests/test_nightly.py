@@ -21,7 +21,7 @@ from tasks.land import land_shard, landed_manifest, quarantine_prefix
 from tasks.seeds import SeedError, load_seeds, plan_shards
 from tasks.verify import check_math_answer
 
-from builders import ScriptedEngine
+from builders import ScriptedEngine, store_toml
 
 pytestmark = pytest.mark.integration
 
@@ -164,15 +164,8 @@ def test_sql_command_answers_from_the_lake(config, tmp_path, capsys):
     summary = run(config, "it-sql")
     path = tmp_path / "orchard.toml"
     engine = config.engines["embedded"]
-    store = config.object_store
     path.write_text(
-        f"""state_dir = "{config.state_dir}"
-[object_store]
-endpoint_url = "{store.endpoint_url}"
-bucket = "{store.bucket}"
-access_key_id = "{store.access_key_id}"
-secret_access_key = "{store.secret_access_key}"
-[engines.embedded]
+        store_toml(config) + f"""[engines.embedded]
 kind = "openai"
 model = "{engine.model}"
 base_urls = ["{engine.base_urls[0]}"]
