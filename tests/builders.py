@@ -1,7 +1,10 @@
-"""Small builders shared by the tests: a scripted engine and instruction/plan factories."""
+"""Small builders shared by the tests: a scripted engine (in process or over HTTP) and instruction/plan factories."""
 
 from __future__ import annotations
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Sequence
 
 from orchard.engine import Completion, Sampling, Usage
@@ -70,3 +73,59 @@ bucket = "{store.bucket}"
 access_key_id = "{store.access_key_id}"
 secret_access_key = "{store.secret_access_key}"
 """
+
+
+class ScriptedServer:
+    """An OpenAI-compatible HTTP front for a `ScriptedEngine` on 127.0.0.1: a whole flow runs on scripted answers.
+
+    Chat requests go to `engine.answer`; raw completions (MCTS steps) to `engine.step([], prompt, sampling)`, the
+    prompt being the whole rendered chat. `n` is honoured like vLLM does (sibling k gets seed + k). Use it as a
+    context manager; `url` is the base URL to put in an engine config.
+    """
+
+    def __init__(self, engine: ScriptedEngine) -> None:
+        def choices(body: dict) -> list[dict]:
+            found = []
+            for k in range(int(body.get("n", 1))):
+                seed = None if body.get("seed") is None else body["seed"] + k
+                sampling = Sampling(body.get("temperature", 0.8), body.get("top_p", 0.95), body.get("max_tokens", 128),
+                                    seed)
+                engine.calls.append((list(body.get("messages", [])), sampling))
+                if "messages" in body:
+                    text = engine.answer(body["messages"], sampling)
+                    found.append({"index": k, "message": {"role": "assistant", "content": text},
+                                  "finish_reason": "stop"})
+                else:
+                    text, finish = engine.step([], body["prompt"], sampling)
+                    found.append({"index": k, "text": text, "finish_reason": finish})
+            engine.usage.requests += 1
+            return found
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                found = choices(body)
+                words = sum(len((c.get("text") or c.get("message", {}).get("content", "")).split()) for c in found)
+                payload = json.dumps({"model": engine.model, "choices": found,
+                                      "usage": {"prompt_tokens": 20, "completion_tokens": words}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> "ScriptedServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
