@@ -11,7 +11,7 @@ PIP_FLAGS ?= --disable-pip-version-check
 # only when missing; as root here and in CI, through sudo otherwise.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup sandbox vllm-env run test clean-state
+.PHONY: setup sandbox postgres vllm-env run test clean-state
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ sandbox:
 	  echo "installing bubblewrap and python3 (the code sandbox)"; \
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap python3 >/dev/null; }
+
+# tests/test_lake_postgres.py starts its own throwaway PostgreSQL cluster (a `postgres:` lake catalog):
+# the server binaries, installed only when missing.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing postgresql (the tests' shared lake catalog)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
 
 # vLLM pins fastapi<0.137 and Prefect needs >=0.139: vLLM gets its own venv, used by tests/test_vllm.py (a real
 # `vllm serve` on CPU). The stamp's name carries a hash of the pins, so changing one rebuilds it and nothing else does.
@@ -49,7 +57,7 @@ setup: $(STAMP) sandbox
 run: $(STAMP) sandbox
 	$(VENV)/bin/orchard run $(ARGS)
 
-test: $(STAMP) sandbox vllm-env
+test: $(STAMP) sandbox postgres vllm-env
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean-state:

@@ -1,14 +1,17 @@
 """The DuckLake lake: connections with the S3 secret and the catalog attached, queries, snapshots.
 
-DuckDB cannot INSTALL extensions here (no network), so httpfs and ducklake are LOADed from the
-signed files that the `duckdb-extension-*` packages ship. A DuckDB-file catalog admits one process
-at a time, and within one process one open attachment: open a connection, use it, close it.
+DuckDB cannot INSTALL extensions here (no network), so httpfs and ducklake (and postgres_scanner for
+a `postgres:` catalog) are LOADed from the signed files that the `duckdb-extension-*` packages ship.
+A DuckDB-file catalog admits one process at a time, and within one process one open attachment:
+open a connection, use it, close it. A Postgres catalog admits several writer processes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import re
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,10 +25,19 @@ from schemas.rows import SHARD_TABLES
 LAKE = "lake"  # the name the lake is attached under; queries may say `lake.pairs` or just `pairs`
 _SCHEMA_MARK = "orchard-schema sha256:"  # prefix of the comment on `runs` that records the applied DDL
 _REMOTE_CATALOGS = ("postgres:", "sqlite:", "mysql:")
+# Writers that attach a new shared catalog at the same moment race to create DuckLake's metadata tables;
+# the loser's error says so (Postgres: "duplicate key value violates unique constraint"), and a second try
+# finds them made.
+_CREATION_RACE = ("already exists", "duplicate key")
+_ATTACH_ATTEMPTS = 4
 
 
 class LakeError(RuntimeError):
     """The lake cannot be opened, queried or written; the message names the catalog, snapshot or query."""
+
+
+class LakeNotFound(LakeError):
+    """A read-only or versioned connection found no lake in the catalog: no run has created it yet."""
 
 
 def extension_path(name: str) -> Path:
@@ -56,9 +68,30 @@ def connect(config: Config, *, read_only: bool = False, version: int | None = No
     changed. A read-only or versioned connection never writes and fails if the lake does not exist.
     """
     catalog = _catalog(config)
+    writable = not read_only and version is None
+    for attempt in range(1, _ATTACH_ATTEMPTS + 1):
+        try:
+            return _open(config, catalog, read_only=read_only, version=version)
+        except LakeError as exc:
+            racing = writable and catalog.startswith(_REMOTE_CATALOGS) and any(
+                mark in str(exc).lower() for mark in _CREATION_RACE
+            )
+            if not racing or attempt == _ATTACH_ATTEMPTS:
+                raise
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
+
+
+def extensions(catalog: str) -> tuple[str, ...]:
+    """The DuckDB extensions a lake with this catalog needs; a Postgres catalog is reached through postgres_scanner."""
+    return ("httpfs", "ducklake", "postgres_scanner") if catalog.startswith("postgres:") else ("httpfs", "ducklake")
+
+
+def _open(config: Config, catalog: str, *, read_only: bool, version: int | None) -> duckdb.DuckDBPyConnection:
+    """One try at connect(): a new DuckDB connection with the extensions loaded and the lake attached."""
     con = duckdb.connect()
     try:
-        for name in ("httpfs", "ducklake"):
+        for name in extensions(catalog):
             con.execute(f"LOAD {_quote(str(extension_path(name)))}")
         con.execute(_secret_sql(config.object_store))
         options = [f"DATA_PATH {_quote(config.lake_data_path)}"]
@@ -80,9 +113,15 @@ def connect(config: Config, *, read_only: bool = False, version: int | None = No
 
 
 def exists(config: Config) -> bool:
-    """Whether the lake may exist: a DuckDB-file catalog is there; a remote catalog is assumed to be (connect tells)."""
+    """Whether the lake exists: a DuckDB-file catalog's file is there; a remote catalog is attached read-only to tell."""
     catalog = config.lake_catalog.removeprefix("ducklake:")
-    return catalog.startswith(_REMOTE_CATALOGS) or Path(catalog).expanduser().exists()
+    if not catalog.startswith(_REMOTE_CATALOGS):
+        return Path(catalog).expanduser().exists()
+    try:
+        connect(config, read_only=True).close()
+    except LakeNotFound:
+        return False
+    return True
 
 
 def query(config: Config, sql: str, *, version: int | None = None) -> tuple[list[str], list[tuple]]:
@@ -166,10 +205,7 @@ def _apply_schema(con: duckdb.DuckDBPyConnection) -> None:
     ddl = schema_sql()
     rows_text = "\n".join(f"{name}: {schema}" for name, schema in SHARD_TABLES.items())
     mark = _SCHEMA_MARK + hashlib.sha256((ddl + "\n" + rows_text).encode()).hexdigest()[:16]
-    applied = con.execute(
-        "SELECT comment FROM duckdb_tables() WHERE database_name = ? AND table_name = 'runs'", [LAKE]
-    ).fetchone()
-    if applied is not None and applied[0] == mark:
+    if _applied_mark(con) == mark:
         return
     con.execute("BEGIN")
     try:
@@ -180,10 +216,22 @@ def _apply_schema(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("COMMIT")
     except duckdb.Error as exc:
         rollback(con)
+        # Writers of a shared catalog that apply the same DDL at once conflict (both create `runs`, …);
+        # DuckLake commits one of them, and for the others the lake is then as they wanted it.
+        if _applied_mark(con) == mark:
+            return
         raise LakeError(f"schemas/lake.sql could not be applied to the lake: {_first_line(exc)}") from None
     except LakeError:
         rollback(con)
         raise
+
+
+def _applied_mark(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The schema mark on the lake's `runs` table as of the latest snapshot (None before the first schema)."""
+    applied = con.execute(
+        "SELECT comment FROM duckdb_tables() WHERE database_name = ? AND table_name = 'runs'", [LAKE]
+    ).fetchone()
+    return applied[0] if applied is not None else None
 
 
 def _check_shard_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -225,8 +273,9 @@ def _attach_error(catalog: str, version: int | None, exc: duckdb.Error) -> LakeE
     text = str(exc)
     if version is not None and "No snapshot found" in text:
         return LakeError(f"lake {catalog}: there is no snapshot {version} (see `snapshots`)")
-    if "does not exist" in text:
-        return LakeError(f"lake {catalog}: no lake there yet (a run creates it when it materialises)")
+    # Not Postgres' `database "x" does not exist`: a catalog database is made by its admin, never by a run.
+    if "does not exist" in text and not re.search(r'database "[^"]*" does not exist', text):
+        return LakeNotFound(f"lake {catalog}: no lake there yet (a run creates it when it materialises)")
     if "already attached" in text or "lock" in text.lower():
         return LakeError(
             f"lake {catalog}: the catalog is open elsewhere (a DuckDB-file catalog admits one process, "

@@ -2,11 +2,16 @@
 
 Everything happens in one DuckLake transaction, so a run is published whole or not at all, and a
 re-run of the same run id adds only the shards the lake does not hold yet and replaces the run row.
+With a shared (Postgres) catalog, a transaction that loses the race for its snapshot id to another
+writer is not committed; it is run again from the newer snapshot, so that the shards it finds
+published, and the snapshot id it records, are still true when it commits.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import time
 from datetime import datetime, timezone
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -30,7 +35,13 @@ RUN_COLUMNS = (
 )  # fmt: skip
 COMPUTED = ("snapshot_id", "fleiss_kappa", "agreement")  # filled in here, from what the lake holds
 RUN_STATUSES = ("complete", "partial", "failed")
+# Publishing attempts when other writers of a shared catalog keep committing first; the wait between
+# them grows like DuckLake's own retries (100 ms, x1.5), with jitter so that two losers do not meet again.
+PUBLISH_ATTEMPTS = 10
 
+
+class _LostCommitRace(Exception):
+    """Another writer committed since this transaction began; nothing of it was committed."""
 
 
 def materialise_run(
@@ -51,55 +62,85 @@ def materialise_run(
     for manifest in shards:
         _check_manifest(manifest, run_id)
 
+    validations = list(validations)  # read again by each attempt
+
     with lake.connect(config) as con:
-        con.execute("BEGIN")
-        try:
-            # Snapshot ids are sequential: this transaction started from `current_snapshot()` and its
-            # COMMIT creates the next one. Nothing else can commit in between while we hold a DuckDB-file
-            # catalog (one writer process); with a shared Postgres/SQLite catalog a concurrent writer
-            # could take that id first, which the check after COMMIT turns into an error.
-            base = con.execute(f"SELECT id FROM {lake.LAKE}.current_snapshot()").fetchone()[0]
-            snapshot_id = base + 1
+        # DuckLake would retry a commit that lost its snapshot id to another writer against the newer
+        # snapshot, without re-running our reads: the run could publish shards another writer published
+        # meanwhile, and record a snapshot id it did not get. Let it fail instead, and run it all again.
+        con.execute("SET ducklake_max_retry_count = 0")
+        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+            try:
+                return _publish(con, config, run, shards, validations)
+            except _LostCommitRace:
+                if attempt == PUBLISH_ATTEMPTS:
+                    raise LakeError(
+                        f"run {run_id}: nothing published: other writers of the catalog committed first "
+                        f"{attempt} times in a row"
+                    ) from None
+                time.sleep(0.1 * 1.5 ** (attempt - 1) * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
 
-            _check_same_config(con, run_id, run["config_hash"])
-            present = _shards_in_lake(con, run_id)
-            new_shards = [m for m in shards if m["shard_id"] not in present]
-            for table in SHARD_TABLES:
-                _insert_shard_table(con, config.object_store.bucket, table, new_shards)
 
-            _insert_validations(con, run_id, validations)
+def _publish(
+    con: duckdb.DuckDBPyConnection,
+    config: Config,
+    run: dict[str, Any],
+    shards: Sequence[Mapping[str, Any]],
+    validations: Sequence[Mapping[str, Any]],
+) -> int:
+    """One publishing transaction of materialise_run; raises _LostCommitRace when another writer committed first."""
+    run_id = run["run_id"]
+    con.execute("BEGIN")
+    try:
+        # Snapshot ids are sequential: this transaction started from `current_snapshot()` and its
+        # COMMIT creates the next one. A DuckDB-file catalog has one writer process; with a shared
+        # catalog a writer that commits first takes that id, and (DuckLake's retries being off) our
+        # COMMIT then fails: _LostCommitRace, and materialise_run runs this transaction again.
+        base = con.execute(f"SELECT id FROM {lake.LAKE}.current_snapshot()").fetchone()[0]
+        snapshot_id = base + 1
 
-            con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
-            run["snapshot_id"] = snapshot_id
-            # Agreement over every judgement of the run in the lake: this attempt's shards and any published before.
-            stats = jury_agreement(con, run_id)
-            run["fleiss_kappa"] = stats["fleiss_kappa"] if stats else None
-            run["agreement"] = json.dumps(stats, sort_keys=True) if stats else None
-            con.execute(
-                f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' for _ in RUN_COLUMNS)})",
-                [run[c] for c in RUN_COLUMNS],
-            )
-            con.execute(
-                f"CALL {lake.LAKE}.set_commit_message('orchard', ?, extra_info => ?)",
-                [f"run {run_id}", json.dumps({"run_id": run_id, "shards_added": [m["shard_id"] for m in new_shards]})],
-            )
-            con.execute("COMMIT")
-        except BaseException as exc:
-            lake.rollback(con)
-            if isinstance(exc, duckdb.Error | LakeError):
-                raise LakeError(f"run {run_id}: nothing published: {exc}") from None
-            raise
+        _check_same_config(con, run_id, run["config_hash"])
+        present = _shards_in_lake(con, run_id)
+        new_shards = [m for m in shards if m["shard_id"] not in present]
+        for table in SHARD_TABLES:
+            _insert_shard_table(con, config.object_store.bucket, table, new_shards)
 
-        # The id this connection committed, and the snapshot carrying this run's commit message, must
-        # both be the one written into runs.snapshot_id.
-        committed = con.execute(f"SELECT id FROM {lake.LAKE}.last_committed_snapshot()").fetchone()[0]
-        published = {row["snapshot_id"]: row for row in lake.snapshot_rows(con)}.get(snapshot_id)
-        tagged = published is not None and json.loads(published["commit_extra_info"] or "{}").get("run_id") == run_id
-        if committed != snapshot_id or not tagged:
-            raise LakeError(
-                f"run {run_id}: published as snapshot {committed}, but runs.snapshot_id says {snapshot_id} "
-                "(another writer committed in between); fix the runs row by hand"
-            )
+        _insert_validations(con, run_id, validations)
+
+        con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
+        run["snapshot_id"] = snapshot_id
+        # Agreement over every judgement of the run in the lake: this attempt's shards and any published before.
+        stats = jury_agreement(con, run_id)
+        run["fleiss_kappa"] = stats["fleiss_kappa"] if stats else None
+        run["agreement"] = json.dumps(stats, sort_keys=True) if stats else None
+        con.execute(
+            f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' for _ in RUN_COLUMNS)})",
+            [run[c] for c in RUN_COLUMNS],
+        )
+        con.execute(
+            f"CALL {lake.LAKE}.set_commit_message('orchard', ?, extra_info => ?)",
+            [f"run {run_id}", json.dumps({"run_id": run_id, "shards_added": [m["shard_id"] for m in new_shards]})],
+        )
+        con.execute("COMMIT")
+    except BaseException as exc:
+        lake.rollback(con)
+        if isinstance(exc, duckdb.TransactionException) and "maximum retry count" in str(exc):
+            raise _LostCommitRace() from None
+        if isinstance(exc, duckdb.Error | LakeError):
+            raise LakeError(f"run {run_id}: nothing published: {exc}") from None
+        raise
+
+    # The id this connection committed, and the snapshot carrying this run's commit message, must
+    # both be the one written into runs.snapshot_id (a guard: the failed-commit rule above ensures it).
+    committed = con.execute(f"SELECT id FROM {lake.LAKE}.last_committed_snapshot()").fetchone()[0]
+    published = {row["snapshot_id"]: row for row in lake.snapshot_rows(con)}.get(snapshot_id)
+    tagged = published is not None and json.loads(published["commit_extra_info"] or "{}").get("run_id") == run_id
+    if committed != snapshot_id or not tagged:
+        raise LakeError(
+            f"run {run_id}: published as snapshot {committed}, but runs.snapshot_id says {snapshot_id} "
+            "(another writer committed in between); fix the runs row by hand"
+        )
     return snapshot_id
 
 
