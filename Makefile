@@ -11,7 +11,7 @@ PIP_FLAGS ?= --disable-pip-version-check
 # only when missing; as root here and in CI, through sudo otherwise.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup sandbox postgres vllm-env run test clean-state
+.PHONY: setup sandbox postgres browser vllm-env run test clean-state
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ postgres:
 	  echo "installing postgresql (the tests' shared lake catalog)"; \
 	  $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
+
+# tests/test_cluster.py checks the Prefect UI as a person would: headless Chromium driven through chromedriver.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing chromium and chromium-driver (the UI test's browser)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }
 
 # vLLM pins fastapi<0.137 and Prefect needs >=0.139: vLLM gets its own venv, used by tests/test_vllm.py (a real
 # `vllm serve` on CPU). The stamp's name carries a hash of the pins, so changing one rebuilds it and nothing else does.
@@ -57,7 +64,7 @@ setup: $(STAMP) sandbox
 run: $(STAMP) sandbox
 	$(VENV)/bin/orchard run $(ARGS)
 
-test: $(STAMP) sandbox postgres vllm-env
+test: $(STAMP) sandbox postgres browser vllm-env
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean-state:

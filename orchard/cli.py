@@ -1,14 +1,16 @@
-"""`orchard`: run the nightly flow on the embedded default (or a config file), query the lake, export datasets."""
+"""`orchard`: run the nightly flow on the embedded default (or a config file), query the lake, export datasets,
+and bring up a local Prefect server with workers (`up`, `down`, `status`)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from orchard.config import Config, ConfigError, load_config
+from orchard.config import Config, ConfigError, load_config, redacted
 
 
 def _prefect_env(cfg: Config) -> None:
@@ -22,19 +24,40 @@ def _prefect_env(cfg: Config) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
+def _joined_up(cfg: Config) -> Config:
+    """Return `cfg` using what `orchard up` runs for this state directory: its store (a second SeaweedFS must not
+    open the same data) and its Prefect API (so runs show in the UI)."""
+    from orchard.cluster import read_up
+
+    record = read_up(cfg)
+    if record is None:
+        return cfg
+    running = {p.name: p for p in record["processes"] if p.running}
+    if "prefect-server" in running:
+        os.environ.setdefault("PREFECT_API_URL", record["api_url"])
+    if not cfg.object_store.endpoint_url and "seaweedfs" in running:
+        cfg = cfg.replace(object_store=dataclasses.replace(cfg.object_store, endpoint_url=running["seaweedfs"].url))
+    return cfg
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = _joined_up(load_config(args.config))
     _prefect_env(cfg)
     from flows.nightly import nightly  # imports Prefect: only after its environment is set
     from orchard.services import embedded_services
 
+    if args.config is not None:  # the flow fills the secrets its parameters leave out from the same file
+        os.environ["ORCHARD_CONFIG"] = str(Path(args.config).resolve())
     with embedded_services(cfg) as live:
-        summary = nightly(config=live.to_dict(), run_id=args.run_id)
+        state = nightly(config=redacted(live.to_dict()), run_id=args.run_id, return_state=True)
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, BaseException):  # the flow itself failed (a run that published nothing has a summary)
+        raise summary
     return 0 if summary["status"] == "complete" else (1 if summary["status"] == "failed" else 3)
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = _joined_up(load_config(args.config))
     from orchard.lake import query
     from orchard.services import embedded_services
 
@@ -45,7 +68,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = _joined_up(load_config(args.config))
     from orchard.services import embedded_services
     from tasks.export import check_target, export_dataset, push_dataset
 
@@ -59,6 +82,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.push:
         print(f"pushed to {push_dataset(summary['out_dir'], args.push)}")
     return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    changes = {k: v for k, v in (("gpu_workers", args.workers), ("api_port", args.port)) if v is not None}
+    if changes:
+        cfg = cfg.replace(orchestration=dataclasses.replace(cfg.orchestration, **changes))
+    from orchard.cluster import up
+
+    record = up(cfg, args.config)
+    print(f"Prefect UI: {record['ui_url']}")
+    print(f"  a run now:  PREFECT_API_URL={record['api_url']} .venv/bin/prefect deployment run nightly/nightly --watch")
+    print("  or:         .venv/bin/orchard run   (in-process, shown in the UI)")
+    print("  stop it:    .venv/bin/orchard down")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from orchard.cluster import down
+
+    down(load_config(args.config))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchard.cluster import status, status_text
+
+    report = status(load_config(args.config))
+    print(status_text(report))
+    return 0 if report["up"] else 1
 
 
 def _format_table(columns: Sequence[str], rows: Sequence[Sequence[object]], width: int = 60) -> str:
@@ -96,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
     export.add_argument("--push", metavar="REPO", help="upload the directory to this Hugging Face dataset repo")
     export.set_defaults(func=cmd_export)
+    start = sub.add_parser("up", help="start the Prefect server and UI, the store, work pools, deployments and workers")
+    start.add_argument("--workers", type=int, help="process workers on the GPU pool (default: orchestration.gpu_workers)")
+    start.add_argument("--port", type=int, help="the Prefect API and UI port (default: orchestration.api_port)")
+    start.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop what `orchard up` started").set_defaults(func=cmd_down)
+    sub.add_parser("status", help="say what `orchard up` started and what runs").set_defaults(func=cmd_status)
     return parser
 
 

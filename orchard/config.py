@@ -122,6 +122,38 @@ class LakeConfig:
 
 
 @dataclass(frozen=True)
+class OrchestrationConfig:
+    """Where shards grow: in the nightly flow's own process, or as `grow-shard` deployment runs on a GPU work pool."""
+
+    grow: str = "inline"  # inline | deployment
+    grow_deployment: str = "grow-shard/grow-shard"  # flow name / deployment name, as run_deployment takes it
+    # The global concurrency limit a grow-shard run holds one slot of while it grows: one per GPU host, sized to its
+    # GPUs, so a host never grows more shards than it has GPU slots. Empty: no limit.
+    gpu_limit: str = ""
+    # `orchard up` only: the API port, and the process workers it starts on the GPU pool (each with its own model
+    # servers and a limit of one GPU slot).
+    api_port: int = 4200
+    gpu_workers: int = 2
+    cpu_pool: str = "orchard-cpu"
+    gpu_pool: str = "orchard-gpu"
+
+    def __post_init__(self) -> None:
+        if self.grow not in ("inline", "deployment"):
+            raise ConfigError(f"orchestration.grow: must be inline or deployment, got {self.grow!r}")
+        if self.gpu_workers < 0:
+            raise ConfigError(f"orchestration.gpu_workers: must be >= 0, got {self.gpu_workers}")
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    """Prices for the report's cost estimate: per million tokens (hosted APIs) and per GPU hour (own GPUs)."""
+
+    usd_per_million_prompt_tokens: float = 0.0
+    usd_per_million_completion_tokens: float = 0.0
+    usd_per_gpu_hour: float = 0.0  # charged for each shard's growth time (one GPU slot per shard)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """How big one run is and how trees are grown."""
 
@@ -219,6 +251,8 @@ class Config:
     object_store: ObjectStoreConfig = field(default_factory=ObjectStoreConfig)
     lake: LakeConfig = field(default_factory=LakeConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
 
     # --- derived values ---------------------------------------------------------------------
     @property
@@ -270,6 +304,27 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+def redacted(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Return `raw` (a `Config.to_dict()`) with its secrets blanked: what a flow run's parameters may show."""
+    public = json.loads(json.dumps(raw))
+    public.get("object_store", {})["secret_access_key"] = ""
+    for engine in public.get("engines", {}).values():
+        engine["api_key"] = ""
+    return public
+
+
+def with_secrets(raw: Mapping[str, Any], own: Config) -> dict[str, Any]:
+    """Return `raw` with each blanked secret taken from `own`, the config of the host that runs it."""
+    filled = json.loads(json.dumps(raw))
+    store = filled.get("object_store", {})
+    if not store.get("secret_access_key"):
+        store["secret_access_key"] = own.object_store.secret_access_key
+    for name, engine in filled.get("engines", {}).items():
+        if not engine.get("api_key") and name in own.engines:
+            engine["api_key"] = own.engines[name].api_key
+    return filled
+
+
 def _file_digest(path: str) -> str:
     """The content hash of a file a run reads (empty for the shipped default), so editing it changes the run."""
     if not path:
@@ -299,6 +354,8 @@ _NESTED = {
     (Config, "object_store"): ObjectStoreConfig,
     (Config, "lake"): LakeConfig,
     (Config, "sandbox"): SandboxConfig,
+    (Config, "orchestration"): OrchestrationConfig,
+    (Config, "cost"): CostConfig,
 }
 
 
@@ -370,9 +427,15 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return overrides
 
 
-def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Return the embedded preset, overlaid by the TOML file at `path` and then `ORCHARD__…` variables."""
-    raw = Config().to_dict()
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None, *,
+                base: Mapping[str, Any] | None = None) -> Config:
+    """Return the embedded preset (or `base`, a config as a dict), overlaid by the TOML file at `path` and then
+    `ORCHARD__…` variables.
+
+    A flow run on a worker passes the config it was given as `base`: the worker host's variables then say where
+    its servers are (its engine endpoints, its GPU limit) on top of what the run asked for.
+    """
+    raw = Config.from_dict(base).to_dict() if base is not None else Config().to_dict()
     if path is not None:
         path = Path(path)
         try:

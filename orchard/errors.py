@@ -5,6 +5,7 @@ from __future__ import annotations
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Return the exception types whose message alone tells the user what to fix."""
+    from orchard.cluster import ClusterError
     from orchard.config import ConfigError
     from orchard.engine import EngineError
     from orchard.lake import LakeError
@@ -16,5 +17,5 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tasks.seeds import SeedError
     from tasks.verify import VerificationError
 
-    return (ConfigError, EngineError, LakeError, ServiceError, StoreError, ExportError, GrowError, SeedError,
+    return (ClusterError, ConfigError, EngineError, LakeError, ServiceError, StoreError, ExportError, GrowError, SeedError,
             SandboxUnavailable, VerificationError)

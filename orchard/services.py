@@ -383,3 +383,13 @@ def embedded_services(config: Config, *, model: bool = True) -> Iterator[Config]
                                                            structured_output=engine.response_format)
             resolved = resolved.replace(engines=engines)
         yield resolved
+
+
+def keep_running(service: Service) -> Service:
+    """Let `service` outlive this process (`orchard up`): it is no longer stopped at interpreter exit."""
+    with _LIVE_LOCK:
+        _LIVE.discard(service)
+    if service._log_file is not None:  # the server writes to its own copy of the descriptor
+        service._log_file.close()
+        service._log_file = None
+    return service

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from orchard.config import Config, RunConfig
@@ -718,22 +719,52 @@ def tree_rows(nodes: Sequence[Mapping], pairs: Sequence[Mapping], instructions: 
 # --- Prefect task: one per shard --------------------------------------------------------------
 
 
+def planned_levels(plan: ShardPlan, run: RunConfig, judged: bool) -> int:
+    """Return how many request levels growing `plan` takes at most (a shard's progress is levels done / this)."""
+    domains = {i.domain for i in plan.instructions}
+    levels = 1 if domains - {"open_ended"} else 0  # turn-1 actions
+    levels += 2 * (run.turns - 1) if levels else 0  # critiques and refinements of each further turn
+    if domains & set(run.mcts_domains):
+        levels += 3 * run.mcts_iterations  # steps, rollouts and self-evaluations per round
+    if "open_ended" in domains:
+        levels += 1  # principled, antithesis and unconditioned responses
+    return levels + (1 if judged else 0)  # the jury's verdicts
+
+
+def existing_receipt(store: ObjectStore, cfg: Config, run_id: str, shard_id: str) -> dict | None:
+    """Return the receipt of a shard this run already landed (or quarantined) under this config, else None."""
+    for state, manifest in (
+        ("reused", landed_manifest(store, run_id, shard_id)),
+        ("quarantined", quarantined_manifest(store, run_id, shard_id)),
+    ):
+        if manifest is not None and manifest.get("config_hash") == cfg.content_hash():
+            return {"shard_id": shard_id, "state": state, "manifest": manifest, "stats": manifest["stats"]}
+    return None
+
+
 @task(name="grow-shard", cache_policy=NO_CACHE, retries=0)
 def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
     """Grow, verify and land one shard, unless its manifest says it already landed; return its receipt."""
     cfg = Config.from_dict(config)
     store = ObjectStore(cfg.object_store)
     logger = get_run_logger()
-    for state, manifest in (
-        ("reused", landed_manifest(store, run_id, plan.shard_id)),
-        ("quarantined", quarantined_manifest(store, run_id, plan.shard_id)),
-    ):
-        if manifest is not None and manifest.get("config_hash") == cfg.content_hash():
-            logger.info("shard %s already %s; not grown again", plan.shard_id, "landed" if state == "reused" else state)
-            return {"shard_id": plan.shard_id, "state": state, "manifest": manifest, "stats": manifest["stats"]}
+    known = existing_receipt(store, cfg, run_id, plan.shard_id)
+    if known is not None:
+        logger.info("shard %s already %s; not grown again", plan.shard_id,
+                    "landed" if known["state"] == "reused" else known["state"])
+        return known
+
+    levels = planned_levels(plan, cfg.run, judged=bool(cfg.jury))
+    finished: set[str] = set()
+    moving = create_progress_artifact(progress=0.0, description=f"shard {plan.shard_id}: request levels answered "
+                                                                  f"(of {levels} at most)")
 
     def progress(level: str, done: int, total: int) -> None:
         logger.info("shard %s: %s %d/%d answered", plan.shard_id, level, done, total)
+        if done == total and level not in finished:
+            finished.add(level)
+            # Called inside the growth's event loop: _sync keeps Prefect from handing back an unawaited coroutine.
+            update_progress_artifact(moving, progress=min(99.0, 100.0 * len(finished) / max(1, levels)), _sync=True)
 
     constitution = load_constitution(cfg.run.constitution or None)
 
@@ -758,4 +789,6 @@ def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
         plan.shard_id, grown.stats["trees"], grown.stats["actions"], grown.stats["correct"],
         grown.stats["critiques"], grown.stats["pairs"], grown.stats["engine"]["tokens_per_s"],
     )
+    update_progress_artifact(moving, progress=100.0)
     return {"shard_id": plan.shard_id, "state": "landed", "manifest": manifest, "stats": grown.stats}
+

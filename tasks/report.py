@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Mapping, Sequence
 
@@ -10,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from orchard.config import Config
+from orchard.config import Config, CostConfig
 from orchard.lake import LakeError, connect
 
 MARGIN_BINS = (0.25, 0.5, 0.75, 1.0)  # upper edges of the margin histogram's bins
@@ -40,6 +41,18 @@ def run_totals(grown_stats: Sequence[Mapping[str, Any]], growth_wall_s: float) -
     }
 
 
+def cost_estimate(grown_stats: Sequence[Mapping[str, Any]], cost: CostConfig) -> dict[str, Any]:
+    """Return what growing these shards cost at `cost`'s prices: tokens at API prices plus GPU hours (one slot per
+    shard for its growth time)."""
+    prompt_tokens = sum(s.get("engine", {}).get("prompt_tokens", 0) for s in grown_stats)
+    completion_tokens = sum(s.get("engine", {}).get("completion_tokens", 0) for s in grown_stats)
+    gpu_hours = sum(s.get("grow_wall_s", 0.0) for s in grown_stats) / 3600
+    usd = (prompt_tokens * cost.usd_per_million_prompt_tokens + completion_tokens * cost.usd_per_million_completion_tokens
+           ) / 1e6 + gpu_hours * cost.usd_per_gpu_hour
+    return {"gpu_hours": round(gpu_hours, 4), "cost_usd": round(usd, 4),
+            "priced": any(dataclasses.astuple(cost))}
+
+
 def summary_text(summary: Mapping[str, Any]) -> str:
     """Return the run summary the CLI prints: what was grown, what was published, and how to query it."""
     lines = [
@@ -51,6 +64,7 @@ def summary_text(summary: Mapping[str, Any]) -> str:
         f"{_methods(summary.get('pairs_by_method'))}, pass rate {_pct(summary['pass_rate'])}",
         f"  tokens: {summary['prompt_tokens']} prompt + {summary['completion_tokens']} completion "
         f"in {summary['wall_s']} s of growth = {summary['tokens_per_s']} tokens/s",
+        f"  cost estimate: {_cost(summary)}",
         f"  lake snapshot: {summary['snapshot_id']}",
     ]
     for method, m in (summary.get("curation") or {}).items():
@@ -111,6 +125,13 @@ def jury_stats(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any] | 
     """Return the jury statistics materialise wrote on run `run_id`'s row (None when nothing was judged)."""
     row = con.execute("SELECT agreement FROM runs WHERE run_id = ?", [run_id]).fetchone()
     return json.loads(row[0]) if row and row[0] else None
+
+
+def _cost(summary: Mapping[str, Any]) -> str:
+    if "cost_usd" not in summary:
+        return "–"
+    unpriced = "" if summary.get("priced") else " (no prices set under [cost])"
+    return f"${summary['cost_usd']:.2f} for {summary['gpu_hours']:.3f} GPU-slot hours of growth{unpriced}"
 
 
 def _num(value: float | None) -> str:
@@ -190,26 +211,27 @@ def report_markdown(summary: Mapping[str, Any], shards: Sequence[Mapping[str, An
                     curation: Mapping[str, Any] | None = None, jury: Mapping[str, Any] | None = None) -> str:
     """Return the markdown report of a run: totals, pairs per curation method, then one line per shard."""
     rows = "\n".join(
-        f"| `{s['shard_id']}` | {s['state']} | {s.get('trees', '')} | {s.get('pairs', '')} | {s.get('reason', '')} |"
+        f"| `{s['shard_id']}` | {s['state']} | {s.get('trees', '')} | {s.get('pairs', '')} | {s.get('worker') or 'in-process'} "
+        f"| {s.get('reason', '')} |"
         for s in shards
     )
     problems = "\n".join(f"- {p}" for p in summary.get("problems", [])) or "- none"
     docs = f"[Data Docs]({summary['data_docs']})" if summary.get("data_docs") else "no Data Docs"
     return f"""# Orchard run `{summary['run_id']}` — {summary['status']}
 
-| trees | nodes | pairs | pass rate | prompt tokens | completion tokens | tokens/s | snapshot |
-|---|---|---|---|---|---|---|---|
-| {summary['trees']} | {summary['nodes']} | {summary['pairs']} | {_pct(summary['pass_rate'])} | {summary['prompt_tokens']} | {summary['completion_tokens']} | {summary['tokens_per_s']} | {summary['snapshot_id']} |
+| trees | nodes | pairs | pass rate | prompt tokens | completion tokens | tokens/s | cost estimate | snapshot |
+|---|---|---|---|---|---|---|---|---|
+| {summary['trees']} | {summary['nodes']} | {summary['pairs']} | {_pct(summary['pass_rate'])} | {summary['prompt_tokens']} | {summary['completion_tokens']} | {summary['tokens_per_s']} | {_cost(summary)} | {summary['snapshot_id']} |
 
 ## Pairs by method
-{curation_markdown(curation or {{}})}
+{curation_markdown(curation or dict())}
 
 ## Judge agreement
 {jury_markdown(jury)}
 
 ## Shards
-| shard | state | trees | pairs | reason |
-|---|---|---|---|---|
+| shard | state | trees | pairs | grown by | reason |
+|---|---|---|---|---|---|
 {rows}
 
 ## Problems

@@ -1,0 +1,318 @@
+"""`orchard up`, `down`, `status`: a Prefect server with its UI, the store, the work pools, the deployments of
+deployments/prefect.yaml, and process workers (one CPU worker for nightly, GPU workers for grow-shard, each with
+its own model servers), all on 127.0.0.1 and all recorded in `<state_dir>/up.json` so `down` stops them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+from orchard.config import Config, ConfigError
+from orchard.services import (
+    HOST, STOP_GRACE_S, Service, ServiceError, _launch, _NotReady, _slug, _wait_healthy, keep_running,
+    start_llama_server, start_seaweedfs,
+)
+
+UP_FILE = "up.json"
+API_STARTUP_TIMEOUT_S = 120.0  # Prefect's server migrates its database and builds the UI on first start
+DEPLOY_TIMEOUT_S = 300.0
+REPO_ROOT = Path(__file__).resolve().parent.parent  # deployments/prefect.yaml's entrypoints are relative to it
+
+
+class ClusterError(RuntimeError):
+    """`orchard up` could not bring a part up, or `down`/`status` found the record unreadable."""
+
+
+@dataclass(frozen=True)
+class Process:
+    """A server or worker `up` started: enough to find it again from another process."""
+
+    name: str
+    pid: int
+    started: str  # the process's start time in clock ticks (/proc/<pid>/stat), so a reused pid is not taken for it
+    url: str
+    log: str
+    leftovers: tuple[str, ...] = ()
+
+    @property
+    def running(self) -> bool:
+        return _start_time(self.pid) == self.started
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces; fields after it do not
+    return None if fields[0] == "Z" else fields[19]  # a zombie has exited
+
+
+def _record(service: Service) -> Process:
+    keep_running(service)  # it outlives this command: `orchard down` stops it
+    return Process(service.name, service.process.pid, _start_time(service.process.pid) or "", service.url,
+                   str(service.log_path), tuple(service.leftovers))
+
+
+def up_file(cfg: Config) -> Path:
+    return cfg.state_path / UP_FILE
+
+
+def read_up(cfg: Config) -> dict[str, Any] | None:
+    """Return what `orchard up` recorded in this state directory, or None if nothing is up."""
+    path = up_file(cfg)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"{path}: unreadable record of `orchard up` ({exc}); stop its processes by hand") from None
+    record["processes"] = [Process(**{**p, "leftovers": tuple(p.get("leftovers", ()))}) for p in record["processes"]]
+    return record
+
+
+def api_url(cfg: Config) -> str | None:
+    """Return the API URL of the Prefect server `orchard up` runs for this state directory, if it is running."""
+    record = read_up(cfg)
+    if record is None:
+        return None
+    server = next((p for p in record["processes"] if p.name == "prefect-server"), None)
+    return f"{server.url}/api" if server is not None and server.running else None
+
+
+def up(cfg: Config, config_path: Path | None, *, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Start everything and deploy; return the record written to up.json. On any failure stop what was started."""
+    record = read_up(cfg)
+    if record is not None and any(p.running for p in record["processes"]):
+        raise ClusterError(f"already up ({up_file(cfg)}): `orchard down` first")
+    orch = cfg.orchestration
+    if config_path is not None and not Path(config_path).is_file():
+        raise ConfigError(f"{config_path}: no such config file")
+    started: list[Process] = []
+    try:
+        server = _record(start_prefect_server(cfg.state_path, orch.api_port))
+        started.append(server)
+        api = f"{server.url}/api"
+        say(f"prefect server: {server.url} (log {server.log})")
+        env = {
+            "PREFECT_API_URL": api,
+            "PREFECT_HOME": str(cfg.state_path / "prefect"),
+            "ORCHARD__STATE_DIR": json.dumps(str(cfg.state_path)),
+        }
+        if config_path is not None:
+            env["ORCHARD_CONFIG"] = str(Path(config_path).resolve())
+        if not cfg.object_store.endpoint_url:
+            store = _record(start_seaweedfs(cfg.object_store, cfg.state_path))
+            started.append(store)
+            env["ORCHARD__OBJECT_STORE__ENDPOINT_URL"] = json.dumps(store.url)
+            say(f"object store: {store.url} (SeaweedFS, bucket {cfg.object_store.bucket})")
+        gpu_limits = {f"{orch.gpu_pool}-{i}": 1 for i in range(orch.gpu_workers)}
+        create_pools_and_limits(api, (orch.cpu_pool, orch.gpu_pool), gpu_limits)
+        deploy(api, cfg.state_path, env)
+        say("deployed: nightly (cron, pool %s), grow-shard (pool %s)" % (orch.cpu_pool, orch.gpu_pool))
+        # The CPU worker runs nightly, which dispatches every shard to the GPU pool (or grows them itself when
+        # there are no GPU workers to dispatch to).
+        grow = "deployment" if orch.gpu_workers else "inline"
+        started.append(_record(start_worker(cfg.state_path, orch.cpu_pool, "cpu-0", {
+            **env, "ORCHARD__ORCHESTRATION__GROW": json.dumps(grow)})))
+        for i, limit in enumerate(gpu_limits):
+            worker_env = {**env, "ORCHARD__ORCHESTRATION__GPU_LIMIT": json.dumps(limit)}
+            for engine_name, engine in cfg.engines.items():
+                if engine.kind != "embedded":
+                    continue  # served elsewhere, or launched by the worker for each shard
+                model = _record(start_llama_server(engine, cfg.state_path, name=f"llama-gpu-{i}-{_slug(engine_name)}"))
+                started.append(model)
+                key = f"ORCHARD__ENGINES__{engine_name.upper()}__"
+                worker_env |= {key + "KIND": '"openai"', key + "BASE_URLS": json.dumps([model.url]),
+                               key + "STRUCTURED_OUTPUT": json.dumps(engine.response_format)}
+            # Besides the GPU limit, the worker itself takes one shard at a time: it never claims a run it must park.
+            started.append(_record(start_worker(cfg.state_path, orch.gpu_pool, f"gpu-{i}", worker_env, limit=1)))
+        record = {"api_url": api, "ui_url": server.url, "config": env.get("ORCHARD_CONFIG"),
+                  "processes": [p.__dict__ for p in started]}
+        up_file(cfg).write_text(json.dumps(record, indent=2))
+        say(f"workers: {orch.cpu_pool} × 1, {orch.gpu_pool} × {orch.gpu_workers}")
+        return read_up(cfg)  # type: ignore[return-value]
+    except BaseException:
+        stop_processes(started)
+        raise
+
+
+def down(cfg: Config, *, say: Callable[[str], None] = print) -> int:
+    """Stop what `orchard up` started here (workers first, the API last); return how many processes were stopped."""
+    record = read_up(cfg)
+    if record is None:
+        say(f"nothing is up in {cfg.state_path}")
+        return 0
+    stopped = stop_processes(record["processes"], say=say)
+    up_file(cfg).unlink(missing_ok=True)
+    return stopped
+
+
+def stop_processes(processes: list[Process], *, say: Callable[[str], None] = lambda _: None) -> int:
+    """Stop each process's group, last started first: SIGTERM, then SIGKILL after a grace period."""
+    stopped = 0
+    for process in reversed(processes):
+        if not process.running:
+            continue
+        _signal(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while process.running and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _signal(process.pid, signal.SIGKILL)  # whatever is left of its group
+        for pattern in process.leftovers:
+            for path in Path("/").glob(pattern.lstrip("/")):
+                path.unlink(missing_ok=True)
+        stopped += 1
+        say(f"stopped {process.name} (pid {process.pid})")
+    return stopped
+
+
+def _signal(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return
+
+
+def status(cfg: Config) -> dict[str, Any]:
+    """Return what runs: each recorded process (running, answering) and, from the API, pools, workers, deployments and
+    the latest flow runs."""
+    record = read_up(cfg)
+    if record is None:
+        return {"up": False, "processes": [], "api": None}
+    processes = [{"name": p.name, "pid": p.pid, "url": p.url, "running": p.running, "log": p.log}
+                 for p in record["processes"]]
+    api = None
+    if any(p["name"] == "prefect-server" and p["running"] for p in processes):
+        api = prefect_overview(record["api_url"])
+    return {"up": all(p["running"] for p in processes), "ui_url": record["ui_url"], "processes": processes, "api": api}
+
+
+def status_text(report: dict[str, Any]) -> str:
+    """Return `orchard status` as lines a person reads."""
+    if not report["processes"]:
+        return "nothing is up (orchard up starts it)"
+    lines = [f"UI: {report['ui_url']}"]
+    for p in report["processes"]:
+        lines.append(f"  {'running' if p['running'] else 'STOPPED':8} {p['name']:<28} pid {p['pid']:<8} {p['url']}")
+    api = report["api"]
+    if api is None:
+        lines.append("  the Prefect API does not answer")
+        return "\n".join(lines)
+    for pool in api["pools"]:
+        workers = ", ".join(f"{w['name']} ({w['status']})" for w in pool["workers"]) or "no workers"
+        lines.append(f"  pool {pool['name']} ({pool['status']}): {workers}")
+    for d in api["deployments"]:
+        lines.append(f"  deployment {d['name']}: pool {d['pool']}, schedule {d['schedule'] or 'none'}")
+    for run in api["flow_runs"]:
+        lines.append(f"  flow run {run['name']} ({run['flow']}): {run['state']}")
+    return "\n".join(lines)
+
+
+# --- the parts ---------------------------------------------------------------------------------
+
+
+def start_prefect_server(state_dir: Path, port: int) -> Service:
+    """Start `prefect server start` (API and UI) on 127.0.0.1:`port`, its database in `<state_dir>/prefect`."""
+    home = state_dir / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    url = f"http://{HOST}:{port}"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_API_URL": f"{url}/api"}
+    env.pop("PREFECT_API_URL", None)
+    argv = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", HOST, "--port", str(port)]
+    service = _launch("prefect-server", argv, state_dir, env=env, url=url)
+
+    def healthy() -> None:
+        response = httpx.get(f"{url}/api/health", timeout=2.0)
+        if response.status_code != 200:
+            raise _NotReady(f"GET /api/health answered {response.status_code}")
+
+    _wait_healthy(service, healthy, API_STARTUP_TIMEOUT_S)
+    return service
+
+
+def start_worker(state_dir: Path, pool: str, name: str, env: dict[str, str], *, limit: int | None = None) -> Service:
+    """Start a process worker on `pool` with `env` (the API URL and this worker's ORCHARD__ variables), running at
+    most `limit` flow runs at once."""
+    argv = [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", pool, "--type", "process",
+            "--name", name]
+    if limit is not None:
+        argv += ["--limit", str(limit)]
+    service = _launch(f"worker-{name}", argv, state_dir, env={**os.environ, **env}, cwd=REPO_ROOT,
+                      url=env["PREFECT_API_URL"])
+
+    def alive() -> None:  # a worker serves nothing: it is up once it has polled its pool without dying
+        if time.monotonic() - born < 3.0:
+            raise _NotReady("starting")
+
+    born = time.monotonic()
+    _wait_healthy(service, alive, 60.0)
+    return service
+
+
+def create_pools_and_limits(api: str, pools: tuple[str, ...], limits: dict[str, int]) -> None:
+    """Create the process work pools and the global concurrency limits (one slot per GPU) unless they exist."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        for pool in pools:
+            try:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            except ObjectAlreadyExists:
+                pass
+        for name, slots in limits.items():
+            client.upsert_global_concurrency_limit_by_name(name, slots)
+
+
+def deploy(api: str, state_dir: Path, env: dict[str, str]) -> None:
+    """Register deployments/prefect.yaml's deployments with the API (`prefect deploy --all` from the repository)."""
+    argv = [str(Path(sys.executable).with_name("prefect")), "--no-prompt", "deploy", "--all",
+            "--prefect-file", "deployments/prefect.yaml"]
+    log = state_dir / "logs" / "deploy.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        done = subprocess.run(argv, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, timeout=DEPLOY_TIMEOUT_S)
+    if done.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        raise ClusterError(f"prefect deploy failed (exit {done.returncode}); log {log}:\n{tail}")
+
+
+def prefect_overview(api: str) -> dict[str, Any]:
+    """Return the work pools with their workers, the deployments and the ten latest flow runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        pools = [{"name": pool.name, "status": str(pool.status.value if pool.status else "unknown").lower(),
+                  "workers": [{"name": w.name, "status": str(w.status.value).lower()}
+                              for w in client.read_workers_for_work_pool(pool.name)]}
+                 for pool in client.read_work_pools()]
+        flows = {}
+        deployments = []
+        for d in client.read_deployments():
+            flows.setdefault(d.flow_id, client.read_flow(d.flow_id).name)
+            schedule = ", ".join(f"{s.schedule.cron} {s.schedule.timezone}" for s in d.schedules
+                                 if getattr(s.schedule, "cron", None))
+            deployments.append({"name": f"{flows[d.flow_id]}/{d.name}", "pool": d.work_pool_name, "schedule": schedule})
+        runs = []
+        for run in client.read_flow_runs(limit=10, sort=FlowRunSort.START_TIME_DESC):
+            flows.setdefault(run.flow_id, client.read_flow(run.flow_id).name)
+            runs.append({"name": run.name, "flow": flows[run.flow_id], "state": run.state_name,
+                         "worker": run.labels.get("prefect.worker.name") if run.labels else None})
+    return {"pools": pools, "deployments": deployments, "flow_runs": runs}

@@ -1,0 +1,246 @@
+"""`orchard up` / `status` / `down`, the deployments, distributed growth on two GPU workers, and the Prefect UI as
+a person sees it (headless Chromium)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import yaml
+
+from flows.grow_shard import worker_config
+from orchard.cluster import ClusterError, down, read_up, status, status_text, up
+from orchard.config import Config, ConfigError, CostConfig, ObjectStoreConfig, load_config, redacted
+from orchard.lake import query
+from orchard.services import free_ports
+from orchard.store import ObjectStore
+from tasks.grow import planned_levels
+from tasks.land import landed_manifest
+from tasks.report import cost_estimate
+from tests.builders import instruction, plan
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+RUN_ID = "cluster-run"
+
+SMALL_RUN = """
+state_dir = "{state}"
+[run]
+instructions_per_shard = 1
+samples_per_strategy = 1
+turns = 1
+mcts_iterations = 1
+max_tokens = 48
+jury_pairs = 0
+jury_canaries = 0
+hard_negatives_per_tree = 0
+[[seeds]]
+kind = "arithmetic"
+count = 4
+difficulty = 1
+[orchestration]
+api_port = {port}
+gpu_workers = 2
+"""
+
+
+# --- the parts, without servers ------------------------------------------------------------------
+
+
+def test_prefect_yaml_declares_a_nightly_cron_with_a_time_zone_and_grow_shard_on_the_gpu_pool() -> None:
+    spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    nightly, grow = deployments["nightly"], deployments["grow-shard"]
+    (schedule,) = nightly["schedules"]
+    assert schedule["cron"] == "0 2 * * *" and schedule["timezone"]
+    assert nightly["concurrency_limit"] == 1
+    assert nightly["work_pool"]["name"] == Config().orchestration.cpu_pool
+    assert set(nightly["parameters"]) == {"preset", "max_shards", "run_id"}
+    assert grow["work_pool"]["name"] == Config().orchestration.gpu_pool
+    for deployment in deployments.values():  # entrypoints resolve from the repository root
+        path, _, name = deployment["entrypoint"].partition(":")
+        assert f"def {name}(" in (REPO / path).read_text()
+
+
+def test_a_worker_applies_its_own_endpoints_but_refuses_variables_that_change_the_data(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = Config().replace(object_store=ObjectStoreConfig(endpoint_url="http://store:8333")).to_dict()
+    monkeypatch.setenv("ORCHARD__ENGINES__EMBEDDED__KIND", '"openai"')
+    monkeypatch.setenv("ORCHARD__ENGINES__EMBEDDED__BASE_URLS", '["http://gpu-host:8000"]')
+    monkeypatch.setenv("ORCHARD__ORCHESTRATION__GPU_LIMIT", '"orchard-gpu-7"')
+    local = worker_config(asked)
+    assert local.engines["embedded"].base_urls == ("http://gpu-host:8000",)
+    assert local.orchestration.gpu_limit == "orchard-gpu-7"
+    monkeypatch.setenv("ORCHARD__RUN__MAX_TOKENS", "7")
+    with pytest.raises(ConfigError, match="change what is grown"):
+        worker_config(asked)
+
+
+def test_a_worker_refuses_a_run_without_a_shared_store() -> None:
+    with pytest.raises(ConfigError, match="object_store.endpoint_url"):
+        worker_config(Config().to_dict())
+
+
+def test_planned_levels_count_every_request_level_of_a_shard() -> None:
+    run = Config().run  # 2 turns, 3 MCTS rounds
+    math = plan(instruction())
+    assert planned_levels(math, run, judged=False) == 1 + 2 + 9
+    assert planned_levels(math, run, judged=True) == 13
+    assert planned_levels(plan(instruction(domain="open_ended")), run, judged=True) == 2
+
+
+def test_cost_estimate_prices_tokens_and_gpu_hours() -> None:
+    stats = [{"engine": {"prompt_tokens": 2_000_000, "completion_tokens": 500_000}, "grow_wall_s": 1800.0},
+             {"engine": {"prompt_tokens": 0, "completion_tokens": 500_000}, "grow_wall_s": 1800.0}]
+    priced = cost_estimate(stats, CostConfig(usd_per_million_prompt_tokens=0.5, usd_per_million_completion_tokens=2.0,
+                                             usd_per_gpu_hour=3.0))
+    assert priced == {"gpu_hours": 1.0, "cost_usd": 0.5 * 2 + 2.0 * 1 + 3.0, "priced": True}
+    assert cost_estimate(stats, CostConfig())["priced"] is False
+
+
+def test_an_unreadable_up_record_is_a_named_error(tmp_path: Path) -> None:
+    cfg = Config(state_dir=str(tmp_path))
+    (tmp_path / "up.json").write_text("{not json")
+    with pytest.raises(ClusterError, match="up.json"):
+        read_up(cfg)
+
+
+# --- orchard up: real Prefect server, SeaweedFS, llama.cpp servers and process workers --------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Config]:
+    """`orchard up` with two GPU workers, and one nightly run through the deployments; `orchard down` at the end."""
+    root = tmp_path_factory.mktemp("cluster")
+    (port,) = free_ports(1)
+    config_path = root / "orchard.toml"
+    config_path.write_text(SMALL_RUN.format(state=root / "state", port=port))
+    cfg = load_config(config_path, environ={})
+    up(cfg, config_path, say=lambda _: None)
+    try:
+        yield cfg
+    finally:
+        down(cfg, say=lambda _: None)
+
+
+def _api(cfg: Config):  # noqa: ANN202 — Prefect settings pointing at the cluster's API
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings({PREFECT_API_URL: read_up(cfg)["api_url"]})
+
+
+def _client(cfg: Config):  # noqa: ANN202 — a Prefect sync client (inside `_api(cfg)`)
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+@pytest.fixture(scope="module")
+def nightly_run(cluster: Config):  # noqa: ANN201 — the finished nightly flow run
+    from prefect.deployments import run_deployment
+
+    with _api(cluster):
+        run = run_deployment("nightly/nightly", parameters={"run_id": RUN_ID}, timeout=900, poll_interval=2,
+                             as_subflow=False)
+    return run
+
+
+@pytest.mark.integration
+def test_up_runs_the_server_store_model_servers_and_workers(cluster: Config) -> None:
+    report = status(cluster)
+    assert report["up"], status_text(report)
+    names = {p["name"] for p in report["processes"]}
+    assert {"prefect-server", "seaweedfs", "worker-cpu-0", "worker-gpu-0", "worker-gpu-1",
+            "llama-gpu-0-embedded", "llama-gpu-1-embedded"} <= names
+    pools = {pool["name"]: pool for pool in report["api"]["pools"]}
+    assert {w["name"] for w in pools["orchard-gpu"]["workers"]} == {"gpu-0", "gpu-1"}
+    deployments = {d["name"]: d for d in report["api"]["deployments"]}
+    assert deployments["nightly/nightly"]["schedule"].startswith("0 2 * * *")
+    assert deployments["grow-shard/grow-shard"]["pool"] == "orchard-gpu"
+    with _api(cluster), _client(cluster) as client:
+        limits = {limit.name: limit.limit for limit in client.read_global_concurrency_limits()}
+    # One slot per GPU worker; Prefect keeps the nightly deployment's concurrency_limit as a limit of its own.
+    assert {k: v for k, v in limits.items() if not k.startswith("deployment:")} == {"orchard-gpu-0": 1, "orchard-gpu-1": 1}
+    assert sorted(v for k, v in limits.items() if k.startswith("deployment:")) == [1]
+
+
+@pytest.mark.integration
+def test_nightly_dispatches_shards_to_both_gpu_workers_and_the_lake_holds_each_once(cluster: Config,
+                                                                                    nightly_run) -> None:
+    assert nightly_run.state.is_completed(), nightly_run.state
+    with _api(cluster), _client(cluster) as client:
+        runs = client.read_flow_runs()
+        flows = {run.flow_id: client.read_flow(run.flow_id).name for run in runs}
+    grown = [run for run in runs if flows[run.flow_id] == "grow-shard"]
+    assert len(grown) == 4 and all(run.state.is_completed() for run in grown)
+    assert all(str(run.parent_task_run_id) for run in grown)  # subflows of the nightly run's dispatch tasks
+    workers = Counter(run.labels.get("prefect.worker.name") for run in grown)
+    assert set(workers) == {"gpu-0", "gpu-1"}, workers
+    store_url = next(p.url for p in read_up(cluster)["processes"] if p.name == "seaweedfs")
+    live = cluster.replace(object_store=dataclasses.replace(cluster.object_store, endpoint_url=store_url))
+    _, shards = query(live, "SELECT shard_id, count(*) FROM trees GROUP BY 1 ORDER BY 1")
+    assert len(shards) == 4 and all(count == 1 for _, count in shards)
+    store = ObjectStore(live.object_store)
+    assert all(landed_manifest(store, RUN_ID, shard_id) for shard_id, _ in shards)
+    (dupes,) = query(live, "SELECT count(*) - count(DISTINCT node_id) FROM nodes")[1]
+    assert dupes == (0,)
+    _, published = query(live, f"SELECT status, shards_published FROM runs WHERE run_id = '{RUN_ID}'")
+    assert published == [("complete", 4)]
+
+
+@pytest.mark.integration
+def test_the_prefect_ui_shows_the_run_its_progress_and_its_report(cluster: Config, nightly_run) -> None:
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        pytest.fail("Debian packages chromium and chromium-driver are missing: `make test` installs them")
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as Driver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ui = read_up(cluster)["ui_url"]
+    report_key = f"orchard-run-{RUN_ID}-report"
+    with _api(cluster), _client(cluster) as client:
+        (report,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[report_key])))
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Driver(CHROMEDRIVER), options=options)
+    try:
+        page = lambda: browser.find_element(By.TAG_NAME, "body").text  # noqa: E731
+        browser.get(f"{ui}/runs/flow-run/{nightly_run.id}")
+        WebDriverWait(browser, 90).until(lambda _: nightly_run.name in page() and "Completed" in page())
+        assert "dispatch-shard" in page() and "materialise" in page()  # the task graph and logs
+        browser.find_element(By.CSS_SELECTOR, "li.p-tab#artifacts").click()
+        WebDriverWait(browser, 60).until(lambda _: f"run {RUN_ID}: shards landed and validated" in page())
+        browser.get(f"{ui}/artifacts/artifact/{report.id}")  # the markdown report, rendered
+        WebDriverWait(browser, 60).until(lambda _: "Judge agreement" in page())
+        text = page()
+        assert f"Orchard run {RUN_ID} — complete" in text
+        assert "cost estimate" in text and "GPU-slot hours" in text
+        assert "gpu-0" in text and "gpu-1" in text  # the shards table names the worker that grew each shard
+    finally:
+        browser.quit()
+
+
+@pytest.mark.integration
+def test_down_stops_everything_up_started(cluster: Config, nightly_run) -> None:
+    processes = read_up(cluster)["processes"]
+    assert down(cluster, say=lambda _: None) == len(processes)
+    assert not any(p.running for p in processes)
+    assert read_up(cluster) is None and status(cluster)["up"] is False
+
+
+def test_flow_parameters_carry_no_secrets_and_the_host_fills_them_in() -> None:
+    own = Config().replace(object_store=ObjectStoreConfig(endpoint_url="http://store:8333", secret_access_key="s3cr3t"))
+    shown = redacted(own.to_dict())
+    assert shown["object_store"]["secret_access_key"] == "" and "s3cr3t" not in str(shown)
+    assert all(engine["api_key"] == "" for engine in shown["engines"].values())
+    local = worker_config(shown, own)
+    assert local.object_store.secret_access_key == "s3cr3t"
+    assert local.engines["embedded"].api_key == own.engines["embedded"].api_key
