@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import duckdb
 import pytest
 
 from orchard import lake
-from orchard.config import Config, LakeConfig
+from orchard.config import Config, LakeConfig, SeedSource
 from orchard.store import ObjectStore
 from orchard.lake import LakeError
 from tasks.materialise import materialise_run, published_config_hash
@@ -245,3 +246,79 @@ def test_the_same_run_published_twice_at_once_adds_its_rows_once(config):
     _, rows = lake.query(config, "SELECT run_id, snapshot_id FROM runs")
     assert rows == [("r1", loser)]
 
+
+
+# --- the whole nightly flow, from two hosts at once ---------------------------------------------
+
+FLOW_RUN_TOML = """state_dir = "{state}"
+[run]
+instructions_per_shard = 1
+samples_per_strategy = 2
+turns = 1
+mcts_iterations = 0
+jury_pairs = 0
+jury_canaries = 0
+hard_negatives_per_tree = 0
+verify_workers = 1
+[[seeds]]
+kind = "arithmetic"
+count = 3
+difficulty = 1
+seed = {seed}
+[engines.embedded]
+kind = "openai"
+model = "scripted"
+base_urls = ["{engine_url}"]
+structured_output = "none"
+[lake]
+catalog = "{catalog}"
+"""
+
+
+def test_two_nightly_runs_from_two_hosts_publish_into_one_postgres_catalog(store, postgres, tmp_path):
+    """Two `orchard run` processes (own state directories, own Prefect) publish at once; a re-run adds nothing."""
+    from builders import ScriptedEngine, ScriptedServer, store_toml
+
+    catalog = postgres.create_database()
+    orchard = Path(sys.executable).with_name("orchard")
+
+    def host(name: str, seed: int, engine_url: str) -> Path:
+        state = tmp_path / name
+        path = tmp_path / f"{name}.toml"
+        store_table = store_toml(Config(object_store=store.cfg)).split("\n", 1)[1]  # from [object_store] on
+        path.write_text(FLOW_RUN_TOML.format(state=state, seed=seed, engine_url=engine_url, catalog=catalog) + store_table)
+        return path
+
+    def start(path: Path, run_id: str) -> subprocess.Popen:
+        return subprocess.Popen([str(orchard), "--config", str(path), "run", "--run-id", run_id],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    from tasks.seeds import load_seeds
+
+    references = {i.text: i.reference for seed in (1, 2)
+                  for i in load_seeds([SeedSource(kind="arithmetic", count=3, difficulty=1, seed=seed)])}
+
+    def answer(messages: list[dict], sampling: Any) -> str:  # right on even sample seeds: siblings that pair
+        reference = references[messages[1]["content"]]
+        return f"Answer: {reference}" if sampling.seed % 2 == 0 else f"Answer: {int(reference) + 1}"
+
+    with ScriptedServer(ScriptedEngine(answer)) as engine:
+        hosts = {"a": host("host-a", 1, engine.url), "b": host("host-b", 2, engine.url)}
+        running = {run_id: start(path, run_id) for run_id, path in (("pg-a", hosts["a"]), ("pg-b", hosts["b"]))}
+        outputs = {run_id: process.communicate(timeout=600)[0] for run_id, process in running.items()}
+        for run_id, process in running.items():
+            assert process.returncode == 0, outputs[run_id][-3000:]
+        again = start(hosts["a"], "pg-a")
+        output = again.communicate(timeout=600)[0]
+        assert again.returncode == 0, output[-3000:]
+        assert "3 already landed" in output
+
+    config = Config(object_store=store.cfg, lake=LakeConfig(catalog=catalog))
+    _, runs = lake.query(config, "SELECT run_id, status, shards_published, trees FROM runs ORDER BY run_id")
+    assert runs == [("pg-a", "complete", 3, 3), ("pg-b", "complete", 3, 3)]
+    for table, key in (("nodes", "node_id"), ("pairs", "pair_id"), ("trees", "tree_id")):
+        total = count(config, f"SELECT count(*) FROM {table}")
+        assert total > 0 and total == count(config, f"SELECT count(DISTINCT {key}) FROM {table}")
+    assert count(config, "SELECT count(*) FROM trees WHERE run_id = 'pg-a'") == 3
+    snapshots = snapshots_by_run(config)
+    assert sorted(s["run_id"] for s in snapshots.values() if s.get("run_id")) == ["pg-a", "pg-a", "pg-b"]
