@@ -47,7 +47,7 @@ def grow_shard_flow(config: dict, run_id: str, plan: ShardPlan) -> dict:
     # The slot is taken before any model server starts, so a launched engine only holds the GPU inside it.
     slot = concurrency(gpu_limit, occupy=1, strict=True) if gpu_limit else contextlib.nullcontext()
     with slot, embedded_services(cfg) as live:
-            return grow_shard_task(live.to_dict(), run_id, plan)
+        return grow_shard_task(live.to_dict(), run_id, plan)
 
 
 @task(name="dispatch-shard", cache_policy=NO_CACHE, retries=0)
@@ -57,15 +57,15 @@ def dispatch_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
     A dispatched shard's receipt comes from its manifest in the store, which the worker wrote when it landed it.
     """
     cfg = Config.from_dict(config)
-    store = ObjectStore(cfg.object_store)
-    known = existing_receipt(store, cfg, run_id, plan.shard_id)
-    if known is not None:
-        get_run_logger().info("shard %s already %s; not grown again", plan.shard_id, known["state"])
-        return known
     if cfg.orchestration.grow == "inline":
         # The flow's body, not a subflow run: a run's parameters show in the UI, and in-process there is no
-        # worker to fill in secrets left out of them.
+        # worker to fill in secrets left out of them. Its grow-shard task skips a shard that already landed.
         return grow_shard_flow.fn(config, run_id, plan)
+    store = ObjectStore(cfg.object_store)
+    known = existing_receipt(store, cfg, run_id, plan.shard_id)
+    if known is not None:  # landed by an earlier attempt of this run: no GPU worker needed
+        get_run_logger().info("shard %s already %s; not dispatched", plan.shard_id, known["state"])
+        return known
     # Parameters show in the UI: the worker fills the blanked secrets from its own config.
     grown = run_deployment(cfg.orchestration.grow_deployment,
                            parameters={"config": redacted(config), "run_id": run_id, "plan": plan},

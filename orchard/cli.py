@@ -24,24 +24,12 @@ def _prefect_env(cfg: Config) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
-def _joined_up(cfg: Config) -> Config:
-    """Return `cfg` using what `orchard up` runs for this state directory: its store (a second SeaweedFS must not
-    open the same data) and its Prefect API (so runs show in the UI)."""
-    from orchard.cluster import read_up
-
-    record = read_up(cfg)
-    if record is None:
-        return cfg
-    running = {p.name: p for p in record["processes"] if p.running}
-    if "prefect-server" in running:
-        os.environ.setdefault("PREFECT_API_URL", record["api_url"])
-    if not cfg.object_store.endpoint_url and "seaweedfs" in running:
-        cfg = cfg.replace(object_store=dataclasses.replace(cfg.object_store, endpoint_url=running["seaweedfs"].url))
-    return cfg
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _joined_up(load_config(args.config))
+    from orchard.cluster import joined
+
+    cfg, api = joined(load_config(args.config))
+    if api is not None:  # `orchard up` runs a Prefect server here: the run shows in its UI
+        os.environ.setdefault("PREFECT_API_URL", api)
     _prefect_env(cfg)
     from flows.nightly import nightly  # imports Prefect: only after its environment is set
     from orchard.services import embedded_services
@@ -57,7 +45,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    cfg = _joined_up(load_config(args.config))
+    from orchard.cluster import joined
+
+    cfg, _ = joined(load_config(args.config))
     from orchard.lake import query
     from orchard.services import embedded_services
 
@@ -68,7 +58,9 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    cfg = _joined_up(load_config(args.config))
+    from orchard.cluster import joined
+
+    cfg, _ = joined(load_config(args.config))
     from orchard.services import embedded_services
     from tasks.export import check_target, export_dataset, push_dataset
 

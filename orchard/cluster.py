@@ -5,6 +5,7 @@ its own model servers), all on 127.0.0.1 and all recorded in `<state_dir>/up.jso
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -81,13 +82,16 @@ def read_up(cfg: Config) -> dict[str, Any] | None:
     return record
 
 
-def api_url(cfg: Config) -> str | None:
-    """Return the API URL of the Prefect server `orchard up` runs for this state directory, if it is running."""
+def joined(cfg: Config) -> tuple[Config, str | None]:
+    """Return `cfg` using the store `orchard up` runs for this state directory (a second SeaweedFS must not open
+    the same data), and the API URL of its Prefect server; as they are, and None, when nothing is up."""
     record = read_up(cfg)
     if record is None:
-        return None
-    server = next((p for p in record["processes"] if p.name == "prefect-server"), None)
-    return f"{server.url}/api" if server is not None and server.running else None
+        return cfg, None
+    running = {p.name: p for p in record["processes"] if p.running}
+    if not cfg.object_store.endpoint_url and "seaweedfs" in running:
+        cfg = cfg.replace(object_store=dataclasses.replace(cfg.object_store, endpoint_url=running["seaweedfs"].url))
+    return cfg, record["api_url"] if "prefect-server" in running else None
 
 
 def up(cfg: Config, config_path: Path | None, *, say: Callable[[str], None] = print) -> dict[str, Any]:

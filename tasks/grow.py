@@ -791,4 +791,3 @@ def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
     )
     update_progress_artifact(moving, progress=100.0)
     return {"shard_id": plan.shard_id, "state": "landed", "manifest": manifest, "stats": grown.stats}
-

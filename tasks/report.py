@@ -44,11 +44,10 @@ def run_totals(grown_stats: Sequence[Mapping[str, Any]], growth_wall_s: float) -
 def cost_estimate(grown_stats: Sequence[Mapping[str, Any]], cost: CostConfig) -> dict[str, Any]:
     """Return what growing these shards cost at `cost`'s prices: tokens at API prices plus GPU hours (one slot per
     shard for its growth time)."""
-    prompt_tokens = sum(s.get("engine", {}).get("prompt_tokens", 0) for s in grown_stats)
-    completion_tokens = sum(s.get("engine", {}).get("completion_tokens", 0) for s in grown_stats)
+    totals = run_totals(grown_stats, 0.0)
     gpu_hours = sum(s.get("grow_wall_s", 0.0) for s in grown_stats) / 3600
-    usd = (prompt_tokens * cost.usd_per_million_prompt_tokens + completion_tokens * cost.usd_per_million_completion_tokens
-           ) / 1e6 + gpu_hours * cost.usd_per_gpu_hour
+    usd = (totals["prompt_tokens"] * cost.usd_per_million_prompt_tokens
+           + totals["completion_tokens"] * cost.usd_per_million_completion_tokens) / 1e6 + gpu_hours * cost.usd_per_gpu_hour
     return {"gpu_hours": round(gpu_hours, 4), "cost_usd": round(usd, 4),
             "priced": any(dataclasses.astuple(cost))}
 

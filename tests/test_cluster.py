@@ -133,7 +133,7 @@ def _api(cfg: Config):  # noqa: ANN202 — Prefect settings pointing at the clus
     return temporary_settings({PREFECT_API_URL: read_up(cfg)["api_url"]})
 
 
-def _client(cfg: Config):  # noqa: ANN202 — a Prefect sync client (inside `_api(cfg)`)
+def _client():  # noqa: ANN202 — a Prefect sync client (inside `_api(cfg)`)
     from prefect.client.orchestration import get_client
 
     return get_client(sync_client=True)
@@ -161,7 +161,7 @@ def test_up_runs_the_server_store_model_servers_and_workers(cluster: Config) -> 
     deployments = {d["name"]: d for d in report["api"]["deployments"]}
     assert deployments["nightly/nightly"]["schedule"].startswith("0 2 * * *")
     assert deployments["grow-shard/grow-shard"]["pool"] == "orchard-gpu"
-    with _api(cluster), _client(cluster) as client:
+    with _api(cluster), _client() as client:
         limits = {limit.name: limit.limit for limit in client.read_global_concurrency_limits()}
     # One slot per GPU worker; Prefect keeps the nightly deployment's concurrency_limit as a limit of its own.
     assert {k: v for k, v in limits.items() if not k.startswith("deployment:")} == {"orchard-gpu-0": 1, "orchard-gpu-1": 1}
@@ -172,7 +172,7 @@ def test_up_runs_the_server_store_model_servers_and_workers(cluster: Config) -> 
 def test_nightly_dispatches_shards_to_both_gpu_workers_and_the_lake_holds_each_once(cluster: Config,
                                                                                     nightly_run) -> None:
     assert nightly_run.state.is_completed(), nightly_run.state
-    with _api(cluster), _client(cluster) as client:
+    with _api(cluster), _client() as client:
         runs = client.read_flow_runs()
         flows = {run.flow_id: client.read_flow(run.flow_id).name for run in runs}
     grown = [run for run in runs if flows[run.flow_id] == "grow-shard"]
@@ -204,7 +204,7 @@ def test_the_prefect_ui_shows_the_run_its_progress_and_its_report(cluster: Confi
 
     ui = read_up(cluster)["ui_url"]
     report_key = f"orchard-run-{RUN_ID}-report"
-    with _api(cluster), _client(cluster) as client:
+    with _api(cluster), _client() as client:
         (report,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[report_key])))
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
