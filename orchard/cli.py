@@ -158,9 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("orchard: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one clear line for the user; the traceback is in the logs
-        from orchard.errors import user_errors
+        from orchard.errors import OrchardError
 
-        if isinstance(exc, user_errors()):
+        if isinstance(exc, OrchardError):
             print(f"orchard: error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import httpx
 
+from orchard.errors import OrchardError
 from orchard.config import Config, ConfigError
 from orchard.services import (
     HOST, STOP_GRACE_S, Service, ServiceError, _launch, _NotReady, _slug, _wait_healthy, keep_running,
@@ -30,7 +31,7 @@ DEPLOY_TIMEOUT_S = 300.0
 REPO_ROOT = Path(__file__).resolve().parent.parent  # deployments/prefect.yaml's entrypoints are relative to it
 
 
-class ClusterError(RuntimeError):
+class ClusterError(OrchardError):
     """`orchard up` could not bring a part up, or `down`/`status` found the record unreadable."""
 
 

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from orchard.errors import OrchardError
 from orchard.sandbox import SandboxConfig
 
 ENV_PREFIX = "ORCHARD__"
 
 
-class ConfigError(ValueError):
+class ConfigError(OrchardError, ValueError):
     """A configuration value is missing, malformed or contradictory; the message names the key."""
 
 

@@ -14,12 +14,13 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import httpx
 
+from orchard.errors import OrchardError
 from orchard.config import EngineConfig
 
 Message = dict[str, str]
 
 
-class EngineError(RuntimeError):
+class EngineError(OrchardError):
     """An endpoint failed after all retries, or answered something that is not a completion."""
 
 

@@ -1,21 +1,38 @@
-"""The errors a user can act on: the CLI prints them as one line instead of a traceback."""
+"""Orchard's one error base class: the CLI prints such an error as one line, and only a transient one is retried.
+
+Every module's error type derives from `OrchardError`. `transient` says whether trying the same thing again can
+help (an object store that is down, a catalog commit another writer won, an engine that timed out); schema,
+config, checksum and ownership errors are not transient, so no retry hides them or delays their message.
+"""
 
 from __future__ import annotations
 
+from typing import Any
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Return the exception types whose message alone tells the user what to fix."""
-    from orchard.cluster import ClusterError
-    from orchard.config import ConfigError
-    from orchard.engine import EngineError
-    from orchard.lake import LakeError
-    from orchard.sandbox import SandboxUnavailable
-    from orchard.services import ServiceError
-    from orchard.store import StoreError
-    from tasks.export import ExportError
-    from tasks.grow import GrowError
-    from tasks.seeds import SeedError
-    from tasks.verify import VerificationError
 
-    return (ClusterError, ConfigError, EngineError, LakeError, ServiceError, StoreError, ExportError, GrowError, SeedError,
-            SandboxUnavailable, VerificationError)
+class OrchardError(Exception):
+    """An error whose message alone tells the user what happened and what to fix (file, row, field or object)."""
+
+    transient: bool = False
+
+
+class TransientError(OrchardError):
+    """An error that trying again, a little later, may not repeat."""
+
+    transient = True
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """Return whether `error`, or an error it was raised from, is one that a retry can help."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "transient", False):
+            return True
+        error = error.__cause__
+    return False
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry a failed task run only when its error is transient."""
+    return is_transient(state.result(raise_on_failure=False) if state is not None else None)

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import duckdb
 import pyarrow as pa
 
+from orchard.errors import OrchardError
 from orchard.config import Config, ObjectStoreConfig
 from schemas.rows import SHARD_TABLES
 
@@ -32,7 +33,7 @@ _CREATION_RACE = ("already exists", "duplicate key")
 _ATTACH_ATTEMPTS = 4
 
 
-class LakeError(RuntimeError):
+class LakeError(OrchardError):
     """The lake cannot be opened, queried or written; the message names the catalog, snapshot or query."""
 
 

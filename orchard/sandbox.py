@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from orchard.errors import OrchardError
 
 # Where the program lies inside the sandbox; tracebacks name this file.
 PROGRAM_PATH = "/tmp/solution.py"
@@ -37,7 +38,7 @@ _SYSTEM_PYTHON = "/usr/bin/python3"
 PRLIMIT = "/usr/bin/prlimit"  # util-linux; inside the sandbox, so under /usr
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(OrchardError):
     """bubblewrap (or the interpreter it should run) is missing or cannot start a sandbox here."""
 
 

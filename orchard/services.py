@@ -24,6 +24,7 @@ from typing import IO, Callable, Iterator
 import httpx
 from botocore.exceptions import BotoCoreError, ClientError
 
+from orchard.errors import OrchardError
 from orchard.config import Config, EngineConfig, ObjectStoreConfig, launch_argv
 from orchard.store import s3_client
 
@@ -33,7 +34,7 @@ STOP_GRACE_S = 10.0
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ServiceError(RuntimeError):
+class ServiceError(OrchardError):
     """An embedded server could not be found, started or reached; the message carries its log tail."""
 
 

@@ -12,6 +12,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from orchard.errors import OrchardError
 from orchard.config import ObjectStoreConfig
 
 # S3 error codes that mean "the key (or bucket) is not there", as different servers spell them.
@@ -32,7 +33,7 @@ _RETRY_CODES = {"RequestTimeout", "RequestTimeoutException", "PriorRequestNotCom
 T = TypeVar("T")
 
 
-class StoreError(RuntimeError):
+class StoreError(OrchardError):
     """An object store call failed; the message names the bucket, the key and the reason."""
 
     def __init__(self, bucket: str, key: str, reason: str) -> None:
@@ -48,6 +49,8 @@ class ObjectMissing(StoreError):
 
 class StoreUnavailable(StoreError):
     """The store did not answer (or only with busy/server errors) through every retry; names endpoint and attempts."""
+
+    transient = True  # it may be back in a minute: the task that met it is retried
 
     def __init__(self, bucket: str, key: str, endpoint: str, attempts: int, waited_s: float, last: Exception) -> None:
         unreachable = isinstance(last, BotoConnectionError | HTTPClientError)

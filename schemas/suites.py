@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
+from orchard.errors import OrchardError
 from schemas.rows import SHARD_TABLES
 
 SUITES_DIR = Path(__file__).parent / "suites"
@@ -31,7 +32,7 @@ ATTEMPT_ROLES = ("action", "refinement")  # the nodes a verifier scores: first a
 PRINCIPLED_ROLES = ("principled", "antithesis", "unconditioned")  # open-ended responses, under a principle or not
 
 
-class SuiteError(ValueError):
+class SuiteError(OrchardError, ValueError):
     """A suite file is missing, malformed or names a column or check that does not exist; the message names it."""
 
 

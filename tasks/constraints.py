@@ -27,6 +27,7 @@ import langdetect
 from if_verifiable.ifeval import instructions_registry as ifeval_registry
 from if_verifiable.ifeval import instructions_util as ifeval_util
 from nltk.tokenize import NLTKWordTokenizer
+from orchard.errors import OrchardError
 
 # langdetect draws random samples while it detects: without a fixed seed the same text can get a different
 # language on another call, and a response's score would change between runs.
@@ -37,7 +38,7 @@ RELATIONS = ("less than", "at least")  # IFEval's comparison words, in its order
 MAX_K = 10
 
 
-class ConstraintError(ValueError):
+class ConstraintError(OrchardError, ValueError):
     """A constraint id is unknown, its parameters are malformed, or prompts cannot be drawn as asked."""
 
 

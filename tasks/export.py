@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from orchard.errors import OrchardError
 from orchard import lake
 from orchard.config import Config
 
@@ -30,7 +31,7 @@ SPLITS = ("train", "test")
 BREAKDOWNS = ("source", "method", "domain", "role", "label")
 
 
-class ExportError(RuntimeError):
+class ExportError(OrchardError):
     """A dataset cannot be exported or pushed; the message names the view, snapshot, directory or repo."""
 
 

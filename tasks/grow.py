@@ -25,6 +25,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from orchard.errors import OrchardError
 from orchard.config import Config, RunConfig
 from orchard.engine import ChatEngine, Completion, EngineClient, Sampling, Usage
 from orchard.store import ObjectStore
@@ -103,7 +104,7 @@ Checker = Callable[[Sequence[tuple[Instruction, str]]], list[Verdict]]
 Progress = Callable[[str, int, int], None]
 
 
-class GrowError(RuntimeError):
+class GrowError(OrchardError):
     """A shard could not be grown; the message says which request failed and why."""
 
 

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchard.errors import OrchardError
 from orchard.store import ObjectMissing, ObjectStore
 from schemas.rows import SHARD_TABLES
 
@@ -24,7 +25,7 @@ MANIFEST = "manifest.json"
 VALIDATION = "validation.json"
 
 
-class LandingError(RuntimeError):
+class LandingError(OrchardError):
     """A shard cannot be landed, read or quarantined; the message names the shard, file or column."""
 
 

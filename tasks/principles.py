@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from orchard.errors import OrchardError
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 CONSTITUTION_SCHEMA = SCHEMAS / "constitution.schema.json"
@@ -21,7 +22,7 @@ DEFAULT_CONSTITUTION = SCHEMAS / "constitutions" / "default.json"
 GENERIC_CANARY = "I will not answer that. Ask someone else."
 
 
-class ConstitutionError(ValueError):
+class ConstitutionError(OrchardError, ValueError):
     """A constitution file is unreadable or breaks the format; the message names the file and field."""
 
 

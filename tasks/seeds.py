@@ -20,12 +20,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from orchard.errors import OrchardError
 from orchard.config import Config, SeedSource
 
 DOMAINS = ("math", "code", "instruction_following", "open_ended")
 
 
-class SeedError(ValueError):
+class SeedError(OrchardError, ValueError):
     """A seed source is unreadable or malformed; the message names the file and line (or row) and field."""
 
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from orchard.errors import OrchardError
 from orchard.config import Config
 from orchard.store import ObjectStore
 from schemas.rows import SHARD_TABLES
@@ -57,7 +58,7 @@ DOCS_SITE_CONFIG = {
 }
 
 
-class ShardValidationError(ValueError):
+class ShardValidationError(OrchardError, ValueError):
     """A shard cannot be validated at all (a table is missing or has the wrong columns); the message names it."""
 
 

@@ -15,6 +15,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from orchard.errors import OrchardError
 from orchard.sandbox import PROGRAM_PATH, SandboxConfig, run_sandboxed, sandbox_self_check
 
 if TYPE_CHECKING:
@@ -213,7 +214,7 @@ def check_constraints_answer(text: str, instruction: Instruction) -> Verdict:
                    failure_reason=", ".join(scored.violated) or None)
 
 
-class VerificationError(ValueError):
+class VerificationError(OrchardError, ValueError):
     """An item cannot be verified: no verifier knows its domain."""
 
 
