@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 import duckdb
 import pyarrow as pa
 
-from orchard.errors import OrchardError
 from orchard.config import Config, ObjectStoreConfig
+from orchard.errors import OrchardError
 from schemas.rows import SHARD_TABLES
 
 LAKE = "lake"  # the name the lake is attached under; queries may say `lake.pairs` or just `pairs`
