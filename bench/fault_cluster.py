@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -233,9 +234,10 @@ def faulted_run(cfg: Config, run_id: str, inject: Callable[[Config, str], str], 
 # --- checks -------------------------------------------------------------------------------------
 
 
-def lake_problems(cfg: Config, run_id: str, shards: int) -> tuple[list[str], dict[str, int]]:
-    """What is wrong with `run_id` in the store and lake (empty: every shard once, whole, in one snapshot), and
-    the run's row counts per table."""
+def lake_problems(cfg: Config, run_id: str, shards: int, *, reused: bool = False) -> tuple[list[str], dict[str, int]]:
+    """What is wrong with `run_id` in the store and lake (empty: every shard once, whole, in one snapshot; its
+    `runs` row complete, with every shard published, or with `reused`, every shard reused), and the run's row
+    counts per table."""
     live = live_config(cfg)
     store = ObjectStore(live.object_store)
     problems: list[str] = []
@@ -265,8 +267,9 @@ def lake_problems(cfg: Config, run_id: str, shards: int) -> tuple[list[str], dic
             if per_shard[table].get(shard_id, 0) != manifest["files"][table]["rows"]:
                 problems.append(f"shard {shard_id} {table}: {per_shard[table].get(shard_id, 0)} rows in the lake, "
                                 f"manifest says {manifest['files'][table]['rows']}")
-    if [r[:3] for r in runs] != [("complete", shards, shards)]:
-        problems.append(f"runs rows of {run_id}: {[r[:3] for r in runs]}")
+    got = [(*r[:3], json.loads(r[3]).get("shards_reused") if r[3] else None) for r in runs]
+    if got != [("complete", shards, 0, shards) if reused else ("complete", shards, shards, 0)]:
+        problems.append(f"runs rows of {run_id} (status, planned, published, reused): {got}")
     for version in snapshots:  # every snapshot holds none or all of the run's rows
         with lake.connect(live, read_only=True, version=version) as con:
             tables = {row[0] for row in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = ?",
@@ -291,7 +294,7 @@ def rerun_problems(cfg: Config, run_id: str, shards: int, counts: dict[str, int]
     problems = []
     if not (again.state.is_completed() and again.state.name == "Completed"):
         problems.append(f"the re-run ended {again.state.type.value} {again.state.name!r}: {again.state.message}")
-    found, after = lake_problems(cfg, run_id, shards)
+    found, after = lake_problems(cfg, run_id, shards, reused=True)
     problems += [f"after the re-run: {p}" for p in found]
     if after != counts:
         problems.append(f"the re-run changed the run's rows: {counts} became {after}")
