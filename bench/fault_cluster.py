@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchard import lake  # noqa: E402
-from orchard.cluster import Process, down, read_up, up  # noqa: E402
+from orchard.cluster import Process, _start_time, down, read_up, up  # noqa: E402
 from orchard.config import Config, load_config  # noqa: E402
 from orchard.services import free_ports  # noqa: E402
 from orchard.store import ObjectStore  # noqa: E402
@@ -185,7 +185,7 @@ def _mid_shard(client: object, run_id: str, alive: Callable[[str], bool]) -> tup
 
 
 def faulted_run(cfg: Config, run_id: str, inject: Callable[[Config, str], str], *,
-                spare: Callable[[str], bool] = lambda _: True) -> FaultedRun:
+                spare: Callable[[str], bool] = lambda _: True, max_shards: int | None = None) -> FaultedRun:
     """Start the nightly deployment for `run_id`, `inject` the fault into the first worker (for which `spare`
     holds) seen mid-shard, and wait, bounded, for the nightly run to end."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
@@ -194,7 +194,8 @@ def faulted_run(cfg: Config, run_id: str, inject: Callable[[Config, str], str], 
 
     seen = FaultedRun(run_id)
     with _api(cfg) as client:
-        nightly = run_deployment("nightly/nightly", parameters={"run_id": run_id}, timeout=0, as_subflow=False)
+        nightly = run_deployment("nightly/nightly", parameters={"run_id": run_id, "max_shards": max_shards}, timeout=0,
+                                 as_subflow=False)
         deadline = time.monotonic() + MID_SHARD_TIMEOUT_S
         found = None
         while found is None and time.monotonic() < deadline:
@@ -284,12 +285,14 @@ def lake_problems(cfg: Config, run_id: str, shards: int, *, reused: bool = False
     return problems, counts
 
 
-def rerun_problems(cfg: Config, run_id: str, shards: int, counts: dict[str, int]) -> tuple[list[str], str]:
+def rerun_problems(cfg: Config, run_id: str, shards: int, counts: dict[str, int],
+                   max_shards: int | None = None) -> tuple[list[str], str]:
     """Run the nightly deployment for `run_id` again: it must complete, reuse every shard and add no row."""
     from prefect.deployments import run_deployment
 
     with _api(cfg):
-        again = run_deployment("nightly/nightly", parameters={"run_id": run_id}, timeout=RUN_TIMEOUT_S,
+        again = run_deployment("nightly/nightly", parameters={"run_id": run_id, "max_shards": max_shards},
+                               timeout=RUN_TIMEOUT_S,
                                poll_interval=2, as_subflow=False)
     problems = []
     if not (again.state.is_completed() and again.state.name == "Completed"):
@@ -301,7 +304,8 @@ def rerun_problems(cfg: Config, run_id: str, shards: int, counts: dict[str, int]
     return problems, again.state.name
 
 
-def judge(seen: FaultedRun, cfg: Config, shards: int, killed_state: str) -> tuple[str, str, bool]:
+def judge(seen: FaultedRun, cfg: Config, shards: int, killed_state: str,
+          max_shards: int | None = None) -> tuple[str, str, bool]:
     """Compare a faulted run with what the fault suite expects of it; return (expected, observed, passed)."""
     expected = (f"nightly Completed (complete, {shards}/{shards} shards published); the killed grow-shard run "
                 f"{killed_state} and its shard grown on another worker; no row lost or duplicated, no partial "
@@ -323,7 +327,7 @@ def judge(seen: FaultedRun, cfg: Config, shards: int, killed_state: str) -> tupl
         found, counts = lake_problems(cfg, seen.run_id, shards)
         problems += found
         if not found:
-            rerun, again = rerun_problems(cfg, seen.run_id, shards, counts)
+            rerun, again = rerun_problems(cfg, seen.run_id, shards, counts, max_shards)
             problems += rerun
     attempts = ", ".join(f"{s[1].lower()} on {s[2]}" for s in killed) or "none"
     observed = (f"{seen.injected or 'no fault injected'}; nightly {seen.nightly_state}; {seen.killed_run or '?'}: "
@@ -335,21 +339,48 @@ def judge(seen: FaultedRun, cfg: Config, shards: int, killed_state: str) -> tupl
 
 
 def gpu_worker_killed_on(cfg: Config, run_id: str = "fault-gpu-worker", *,
-                         spare: Callable[[str], bool] = lambda _: True) -> tuple[str, str, bool]:
+                         max_shards: int | None = None) -> tuple[str, str, bool]:
     """On a running cluster: SIGKILL a GPU worker's process group mid-shard; judge the run."""
-    seen = faulted_run(cfg, run_id, kill_worker, spare=spare)
-    return judge(seen, cfg, _planned(cfg), "Crashed")
+    seen = faulted_run(cfg, run_id, kill_worker, max_shards=max_shards)
+    return judge(seen, cfg, _planned(cfg, max_shards), "Crashed", max_shards)
 
 
-def model_server_killed_on(cfg: Config, run_id: str = "fault-gpu-model", *,
-                           spare: Callable[[str], bool] = lambda _: True) -> tuple[str, str, bool]:
-    """On a running cluster: SIGKILL one GPU worker's model server mid-shard; judge the run."""
-    seen = faulted_run(cfg, run_id, kill_model_server, spare=spare)
-    return judge(seen, cfg, _planned(cfg), "Failed")
+def model_server_killed_on(cfg: Config, run_id: str = "fault-gpu-model", *, max_shards: int | None = None,
+                           restart: bool = False) -> tuple[str, str, bool]:
+    """On a running cluster: SIGKILL one GPU worker's model server mid-shard; judge the run. With `restart`,
+    start the server again afterwards (same port), so the cluster has both workers for what comes next."""
+    seen = faulted_run(cfg, run_id, kill_model_server, max_shards=max_shards)
+    try:
+        return judge(seen, cfg, _planned(cfg, max_shards), "Failed", max_shards)
+    finally:
+        if restart and seen.victim:
+            restart_model_server(cfg, seen.victim)
 
 
-def _planned(cfg: Config) -> int:
-    return sum(source.count for source in cfg.seeds) // cfg.run.instructions_per_shard
+def restart_model_server(cfg: Config, worker: str) -> None:
+    """Start the killed llama.cpp server(s) of `worker` again, as `orchard up` did (same command, same port), and
+    record them in up.json so `orchard down` stops them."""
+    from orchard.services import _launch, _models_answer, _wait_healthy, keep_running
+
+    path = cfg.state_path / "up.json"
+    record = json.loads(path.read_text())
+    index = worker.rsplit("-", 1)[1]
+    for entry in record["processes"]:
+        process = Process(**{**entry, "leftovers": tuple(entry.get("leftovers", ()))})
+        if not process.name.startswith(f"llama-gpu-{index}-") or process.running:
+            continue
+        argv = Path(process.log).read_text(errors="replace").splitlines()[0].removeprefix("$ ").split(" ")
+        service = _launch(process.name, argv, cfg.state_path, url=process.url)
+        _wait_healthy(service, _models_answer(process.url), 60.0)
+        keep_running(service)
+        entry["pid"] = service.process.pid
+        entry["started"] = _start_time(service.process.pid)
+    path.write_text(json.dumps(record, indent=2))
+
+
+def _planned(cfg: Config, max_shards: int | None = None) -> int:
+    planned = sum(source.count for source in cfg.seeds) // cfg.run.instructions_per_shard
+    return min(planned, max_shards) if max_shards else planned
 
 
 def gpu_worker_killed(work_dir: Path) -> tuple[str, str, bool]:

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
+from prefect.logging.loggers import flow_run_logger
 from prefect.runtime import task_run
 from prefect.states import Failed, State
 
 from orchard.config import Config, ConfigError, load_config, redacted, with_secrets
-from orchard.engine import check_endpoints
+from orchard.engine import EngineUnavailable, check_endpoints
 from orchard.errors import OrchardError, is_transient
 from orchard.services import embedded_services
 from orchard.store import ObjectStore
@@ -52,6 +55,7 @@ DISPATCH_RETRY_DELAYS_S = [10, 30]
 # The name of the Failed state a grow-shard run ends in when its error was transient: the dispatch task, in another
 # process, cannot see the exception, only the state.
 RETRYABLE = "Retryable"
+ENGINE_POLL_S = 5.0
 
 
 class DispatchError(GrowError):
@@ -70,10 +74,9 @@ def grow_here(config: dict, run_id: str, plan: ShardPlan) -> dict:
     server is down fails the shard at once, with a transient error, instead of failing every request of it.
     """
     cfg = worker_config(config)
-    for name in sorted(set(cfg.roles.values()) | {j.engine for j in cfg.jury}):
-        engine = cfg.engines.get(name)
-        if engine is not None and engine.kind != "embedded" and not engine.launch:
-            check_endpoints(name, engine)
+    down = engines_down(cfg)
+    if down is not None:
+        raise down
     gpu_limit = cfg.orchestration.gpu_limit
     # The slot is taken before any model server starts, so a launched engine only holds the GPU inside it.
     slot = concurrency(gpu_limit, occupy=1, strict=True) if gpu_limit else contextlib.nullcontext()
@@ -81,7 +84,39 @@ def grow_here(config: dict, run_id: str, plan: ShardPlan) -> dict:
         return grow_shard_task(live.to_dict(), run_id, plan)
 
 
-@flow(name="grow-shard", log_prints=True)
+def engines_down(cfg: Config, *, attempts: int = 3) -> EngineUnavailable | None:
+    """Return why an engine this host serves from elsewhere (its model server) does not answer; None if all do."""
+    for name in sorted(set(cfg.roles.values()) | {j.engine for j in cfg.jury}):
+        engine = cfg.engines.get(name)
+        if engine is not None and engine.kind != "embedded" and not engine.launch:
+            try:
+                check_endpoints(name, engine, attempts=attempts)
+            except EngineUnavailable as exc:
+                return exc
+    return None
+
+
+def hold_while_engines_down(flow: object, flow_run: FlowRun, state: State) -> None:
+    """on_failure hook: after a Retryable failure, keep this worker's flow-run slot while its model server is down
+    (up to orchestration.engine_down_hold_s), so the worker takes no other shard it cannot grow and the pool's
+    other workers grow the shards dispatched again; it takes shards again as soon as its server answers."""
+    if state.name != RETRYABLE:
+        return
+    cfg = worker_config(flow_run.parameters["config"])
+    deadline = time.monotonic() + cfg.orchestration.engine_down_hold_s
+    down = engines_down(cfg, attempts=1)
+    if down is None:
+        return
+    logger = flow_run_logger(flow_run)
+    logger.warning("this worker takes no shard while its model server is down (up to %.0f s): %s",
+                   cfg.orchestration.engine_down_hold_s, down)
+    while down is not None and time.monotonic() < deadline:
+        time.sleep(ENGINE_POLL_S)
+        down = engines_down(cfg, attempts=1)
+    logger.info("model server %s; this worker takes shards again", "answers" if down is None else "still down")
+
+
+@flow(name="grow-shard", log_prints=True, on_failure=[hold_while_engines_down])
 def grow_shard_flow(config: dict, run_id: str, plan: ShardPlan) -> dict | State:
     """Grow, verify and land one shard on this worker; return its receipt, or a Failed state named Retryable when
     what failed may not fail again (a model server down, the store unavailable)."""

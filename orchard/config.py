@@ -145,6 +145,9 @@ class OrchestrationConfig:
     # send one every HEARTBEAT_S) is marked Crashed by an automation `up` creates, so the run waiting on it (the
     # nightly dispatch of a shard) sees it end and grows the shard again elsewhere.
     crashed_after_s: int = 90
+    # A grow-shard run that failed because its worker's model server is down keeps that worker's slot until the
+    # server answers again, at most this long, so the worker takes no shard it cannot grow (flows/grow_shard.py).
+    engine_down_hold_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.grow not in ("inline", "deployment"):

@@ -12,6 +12,7 @@ from typing import Iterator
 import pytest
 import yaml
 
+from bench import fault_cluster
 from flows.grow_shard import DISPATCH_ATTEMPTS, DispatchError, _retry_dispatch, grow_here, worker_config
 from orchard.cluster import CRASH_AUTOMATION, ClusterError, down, read_up, status, status_text, up
 from orchard.config import (HEARTBEAT_S, Config, ConfigError, CostConfig, ObjectStoreConfig, OrchestrationConfig,
@@ -48,6 +49,7 @@ difficulty = 1
 [orchestration]
 api_port = {port}
 gpu_workers = 2
+crashed_after_s = 60
 """
 
 
@@ -262,10 +264,28 @@ def test_the_prefect_ui_shows_the_run_its_progress_and_its_report(cluster: Confi
         browser.quit()
 
 
+# --- cluster faults (issue 12): the scenarios of bench/fault_cluster.py, on this cluster, two shards each ------
+
+
+@pytest.mark.integration
+def test_a_gpu_model_server_killed_mid_shard_fails_that_attempt_and_another_worker_grows_the_shard(
+        cluster: Config, nightly_run) -> None:
+    # The server is started again afterwards, so the next fault has two workers again.
+    expected, observed, passed = fault_cluster.model_server_killed_on(cluster, max_shards=2, restart=True)
+    assert passed, f"expected: {expected}\nobserved: {observed}"
+
+
+@pytest.mark.integration
+def test_a_gpu_worker_killed_mid_shard_is_crashed_and_another_worker_grows_the_shard(cluster: Config,
+                                                                                     nightly_run) -> None:
+    expected, observed, passed = fault_cluster.gpu_worker_killed_on(cluster, max_shards=2)
+    assert passed, f"expected: {expected}\nobserved: {observed}"
+
+
 @pytest.mark.integration
 def test_down_stops_everything_up_started(cluster: Config, nightly_run) -> None:
     processes = read_up(cluster)["processes"]
-    assert down(cluster, say=lambda _: None) == len(processes)
+    assert down(cluster, say=lambda _: None) == sum(p.running for p in processes)  # a killed worker is not stopped
     assert not any(p.running for p in processes)
     assert read_up(cluster) is None and status(cluster)["up"] is False
 
