@@ -253,7 +253,7 @@ def lake_problems(cfg: Config, run_id: str, shards: int, *, reused: bool = False
                 problems.append(f"{table}: {rows} rows, {distinct} distinct {column}")
             per_shard[table] = dict(con.execute(f"SELECT shard_id, count(*) FROM {table} WHERE run_id = ? GROUP BY 1",
                                                 [run_id]).fetchall())
-        runs = con.execute("SELECT status, shards_planned, shards_published, summary FROM runs WHERE run_id = ?",
+        runs = con.execute("SELECT status, shards_planned, shards_published, shards_reused FROM runs WHERE run_id = ?",
                            [run_id]).fetchall()
         snapshots = [s["snapshot_id"] for s in lake.snapshot_rows(con)]
     shard_ids = sorted(per_shard["trees"])
@@ -268,7 +268,7 @@ def lake_problems(cfg: Config, run_id: str, shards: int, *, reused: bool = False
             if per_shard[table].get(shard_id, 0) != manifest["files"][table]["rows"]:
                 problems.append(f"shard {shard_id} {table}: {per_shard[table].get(shard_id, 0)} rows in the lake, "
                                 f"manifest says {manifest['files'][table]['rows']}")
-    got = [(*r[:3], json.loads(r[3]).get("shards_reused") if r[3] else None) for r in runs]
+    got = [tuple(r) for r in runs]
     if got != [("complete", shards, 0, shards) if reused else ("complete", shards, shards, 0)]:
         problems.append(f"runs rows of {run_id} (status, planned, published, reused): {got}")
     for version in snapshots:  # every snapshot holds none or all of the run's rows

@@ -285,7 +285,9 @@ def test_a_gpu_worker_killed_mid_shard_is_crashed_and_another_worker_grows_the_s
 @pytest.mark.integration
 def test_down_stops_everything_up_started(cluster: Config, nightly_run) -> None:
     processes = read_up(cluster)["processes"]
-    assert down(cluster, say=lambda _: None) == sum(p.running for p in processes)  # a killed worker is not stopped
+    running = sum(p.running for p in processes)  # a worker a fault test killed is not stopped again
+    assert running >= len(processes) - 1
+    assert down(cluster, say=lambda _: None) == running
     assert not any(p.running for p in processes)
     assert read_up(cluster) is None and status(cluster)["up"] is False
 
