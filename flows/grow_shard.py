@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
+from prefect.logging.loggers import flow_run_logger
+from prefect.runtime import task_run
+from prefect.states import Failed, State
 
 from orchard.config import Config, ConfigError, load_config, redacted, with_secrets
-from orchard.errors import retry_transient
+from orchard.engine import EngineUnavailable, check_endpoints
+from orchard.errors import OrchardError, is_transient, retry_transient
 from orchard.services import embedded_services
 from orchard.store import ObjectStore
 from tasks.grow import GrowError, grow_shard_task
@@ -41,10 +47,36 @@ def worker_config(config: dict, own: Config | None = None) -> Config:
     return local
 
 
-@flow(name="grow-shard", log_prints=True)
-def grow_shard_flow(config: dict, run_id: str, plan: ShardPlan) -> dict:
-    """Grow, verify and land one shard on this worker; return its receipt."""
+# A dispatched shard is grown at most this many times: again after its grow-shard run crashed (its worker or host
+# died: Prefect's heartbeat automation marks it Crashed) or failed transiently (its model server was down), so
+# another worker of the pool can grow it.
+DISPATCH_ATTEMPTS = 3
+DISPATCH_RETRY_DELAYS_S = [10, 30]
+# The name of the Failed state a grow-shard run ends in when its error was transient: the dispatch task, in another
+# process, cannot see the exception, only the state.
+RETRYABLE = "Retryable"
+ENGINE_POLL_S = 5.0
+
+
+class DispatchError(GrowError):
+    """A dispatched grow-shard run did not land its shard; `transient` when growing it again, on any worker of the
+    pool, may succeed."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+def grow_here(config: dict, run_id: str, plan: ShardPlan) -> dict:
+    """Grow, verify and land one shard with this host's engines; return its receipt.
+
+    Engines served elsewhere (a worker's model server) must answer before the GPU slot is taken: a host whose
+    server is down fails the shard at once, with a transient error, instead of failing every request of it.
+    """
     cfg = worker_config(config)
+    down = engines_down(cfg)
+    if down is not None:
+        raise down
     gpu_limit = cfg.orchestration.gpu_limit
     # The slot is taken before any model server starts, so a launched engine only holds the GPU inside it.
     slot = concurrency(gpu_limit, occupy=1, strict=True) if gpu_limit else contextlib.nullcontext()
@@ -52,35 +84,91 @@ def grow_shard_flow(config: dict, run_id: str, plan: ShardPlan) -> dict:
         return grow_shard_task(live.to_dict(), run_id, plan)
 
 
-# A shard that failed for a transient reason (its store or model server was down) is grown once more; one that
-# failed for a reason a retry repeats (a config, schema or ownership error) is not.
-@task(name="dispatch-shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient)
+def engines_down(cfg: Config, *, attempts: int = 3) -> EngineUnavailable | None:
+    """Return why an engine this host serves from elsewhere (its model server) does not answer; None if all do."""
+    for name in sorted(set(cfg.roles.values()) | {j.engine for j in cfg.jury}):
+        engine = cfg.engines.get(name)
+        if engine is not None and engine.kind != "embedded" and not engine.launch:
+            try:
+                check_endpoints(name, engine, attempts=attempts)
+            except EngineUnavailable as exc:
+                return exc
+    return None
+
+
+def hold_while_engines_down(flow: object, flow_run: FlowRun, state: State) -> None:
+    """on_failure hook: after a Retryable failure, keep this worker's flow-run slot while its model server is down
+    (up to orchestration.engine_down_hold_s), so the worker takes no other shard it cannot grow and the pool's
+    other workers grow the shards dispatched again; it takes shards again as soon as its server answers."""
+    if state.name != RETRYABLE:
+        return
+    cfg = worker_config(flow_run.parameters["config"])
+    deadline = time.monotonic() + cfg.orchestration.engine_down_hold_s
+    down = engines_down(cfg, attempts=1)
+    if down is None:
+        return
+    logger = flow_run_logger(flow_run)
+    logger.warning("this worker takes no shard while its model server is down (up to %.0f s): %s",
+                   cfg.orchestration.engine_down_hold_s, down)
+    while down is not None and time.monotonic() < deadline:
+        time.sleep(ENGINE_POLL_S)
+        down = engines_down(cfg, attempts=1)
+    logger.info("model server %s; this worker takes shards again", "answers" if down is None else "still down")
+
+
+@flow(name="grow-shard", log_prints=True, on_failure=[hold_while_engines_down])
+def grow_shard_flow(config: dict, run_id: str, plan: ShardPlan) -> dict | State:
+    """Grow, verify and land one shard on this worker; return its receipt, or a Failed state named Retryable when
+    what failed may not fail again (a model server down, the store unavailable)."""
+    try:
+        return grow_here(config, run_id, plan)
+    except OrchardError as exc:
+        if not is_transient(exc):
+            raise
+        get_run_logger().error("shard %s: transient failure, the dispatch may grow it again", plan.shard_id,
+                               exc_info=True)
+        return Failed(name=RETRYABLE, message=f"{type(exc).__name__}: {exc}"[:1000])
+
+
+# Grown again only for a transient failure (a crashed or Retryable grow-shard run, or in-process a store or model
+# server that was down); a failure a retry repeats (a config, schema or ownership error) is final at once.
+@task(name="dispatch-shard", cache_policy=NO_CACHE, retries=DISPATCH_ATTEMPTS - 1,
+      retry_delay_seconds=DISPATCH_RETRY_DELAYS_S, retry_condition_fn=retry_transient)
 def dispatch_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
     """Grow one shard with the grow-shard flow, here or on a GPU worker; return its receipt.
 
     A dispatched shard's receipt comes from its manifest in the store, which the worker wrote when it landed it.
+    A grow-shard run that crashed (its worker died) or failed transiently is dispatched again, up to
+    DISPATCH_ATTEMPTS times in all; the error then says how many attempts were made.
     """
     cfg = Config.from_dict(config)
     if cfg.orchestration.grow == "inline":
         # The flow's body, not a subflow run: a run's parameters show in the UI, and in-process there is no
         # worker to fill in secrets left out of them. Its grow-shard task skips a shard that already landed.
-        return grow_shard_flow.fn(config, run_id, plan)
+        return grow_here(config, run_id, plan)
     store = ObjectStore(cfg.object_store)
     known, healed = resume_shard(store, run_id, plan.shard_id, cfg.content_hash())
     if known is not None:  # landed by an earlier attempt of this run: no GPU worker needed
         get_run_logger().info("shard %s already %s; not dispatched", plan.shard_id, known["state"])
         return known
+    attempt = task_run.run_count or 1
     # Parameters show in the UI: the worker fills the blanked secrets from its own config.
     grown = run_deployment(cfg.orchestration.grow_deployment,
                            parameters={"config": redacted(config), "run_id": run_id, "plan": plan},
                            flow_run_name=f"{run_id}-{plan.shard_id}", poll_interval=2)
-    where = f"grow-shard run {grown.name} ({grown.id})"
-    if grown.state is None or not grown.state.is_completed():
-        state = grown.state.name if grown.state else "unknown"
-        raise GrowError(f"shard {plan.shard_id}: {where} ended {state}: {grown.state.message if grown.state else ''}")
+    worker = (grown.labels or {}).get("prefect.worker.name")
+    where = f"grow-shard run {grown.name} ({grown.id}) on worker {worker or '?'}"
+    state = grown.state
+    if state is None or not state.is_completed():
+        transient = state is not None and (state.is_crashed() or (state.is_failed() and state.name == RETRYABLE))
+        then = ("dispatched again" if attempt < DISPATCH_ATTEMPTS else f"gave up after {attempt} attempts") \
+            if transient else "not retried"
+        raise DispatchError(f"shard {plan.shard_id}: {where} ended {state.name if state else 'unknown'}: "
+                            f"{state.message if state else ''} (attempt {attempt} of {DISPATCH_ATTEMPTS}; {then})",
+                            transient=transient)
     landed, corrupt = resume_shard(store, run_id, plan.shard_id, cfg.content_hash())
     if landed is None:
         raise GrowError(f"shard {plan.shard_id}: {where} completed, yet no intact manifest of it is in the store"
                         + (f" ({corrupt})" if corrupt else ""))
     return {**landed, "state": "landed" if landed["state"] == "reused" else landed["state"],
-            "worker": grown.labels.get("prefect.worker.name"), "healed": healed}
+            "worker": worker, "healed": healed}

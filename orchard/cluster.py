@@ -6,6 +6,7 @@ its own model servers), all on 127.0.0.1 and all recorded in `<state_dir>/up.jso
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import signal
@@ -123,6 +124,7 @@ def up(cfg: Config, config_path: Path | None, *, say: Callable[[str], None] = pr
             say(f"object store: {store.url} (SeaweedFS, bucket {cfg.object_store.bucket})")
         gpu_limits = {f"{orch.gpu_pool}-{i}": 1 for i in range(orch.gpu_workers)}
         create_pools_and_limits(api, (orch.cpu_pool, orch.gpu_pool), gpu_limits)
+        create_crash_automation(api, orch.crashed_after_s)
         deploy(api, cfg.state_path, env)
         say("deployed: nightly (cron, pool %s), grow-shard (pool %s)" % (orch.cpu_pool, orch.gpu_pool))
         # The CPU worker runs nightly, which dispatches every shard to the GPU pool (or grows them itself when
@@ -281,6 +283,47 @@ def create_pools_and_limits(api: str, pools: tuple[str, ...], limits: dict[str, 
                 pass
         for name, slots in limits.items():
             client.upsert_global_concurrency_limit_by_name(name, slots)
+
+
+CRASH_AUTOMATION = "orchard: a deployment run whose heartbeats stopped is Crashed"
+ORCHARD_FLOWS = ("nightly", "grow-shard")  # the flows of deployments/prefect.yaml, which send heartbeats every HEARTBEAT_S
+
+
+def create_crash_automation(api: str, crashed_after_s: int) -> None:
+    """Create (or replace) the automation that marks a deployment run of Orchard's flows Crashed once it has sent no
+    heartbeat and changed no state for `crashed_after_s` seconds (Prefect's "detect zombie flows" recipe).
+
+    A worker or host that dies mid-run reports nothing: without this its flow run stays Running for ever, and the
+    nightly dispatch task waiting on it with run_deployment waits for ever too.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    trigger = EventTrigger(
+        after={"prefect.flow-run.heartbeat"},
+        # Any later event of the run (a heartbeat, or a state, final or not, whatever its name: "Partial") shows it alive.
+        expect={"prefect.flow-run.*"},
+        match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+        # Only deployment runs of Orchard's own flows: their deployments set the heartbeat interval; a flow run
+        # elsewhere may beat at Prefect's default (180 s) and must not be taken for dead.
+        match_related=[ResourceSpecification({"prefect.resource.role": "flow", "prefect.resource.name": list(ORCHARD_FLOWS)}),
+                       ResourceSpecification({"prefect.resource.role": "deployment"})],
+        for_each={"prefect.resource.id"},
+        posture=Posture.Proactive,
+        threshold=1,
+        within=datetime.timedelta(seconds=crashed_after_s),
+    )
+    crash = ChangeFlowRunState(state=StateType.CRASHED, message=(
+        f"no heartbeat for {crashed_after_s} s: the worker or host running this flow run died"))
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        for old in client.read_automations_by_name(CRASH_AUTOMATION):
+            client.delete_automation(old.id)
+        client.create_automation(AutomationCore(name=CRASH_AUTOMATION, trigger=trigger, actions=[crash],
+                                                description="created by `orchard up` (orchestration.crashed_after_s)"))
 
 
 def deploy(api: str, state_dir: Path, env: dict[str, str]) -> None:

@@ -122,6 +122,10 @@ class LakeConfig:
     data_path: str = ""
 
 
+# Seconds between a deployment flow run's heartbeats (Prefect's minimum; deployments/prefect.yaml sets it).
+HEARTBEAT_S = 30
+
+
 @dataclass(frozen=True)
 class OrchestrationConfig:
     """Where shards grow: in the nightly flow's own process, or as `grow-shard` deployment runs on a GPU work pool."""
@@ -137,12 +141,22 @@ class OrchestrationConfig:
     gpu_workers: int = 2
     cpu_pool: str = "orchard-cpu"
     gpu_pool: str = "orchard-gpu"
+    # `orchard up` only: a flow run whose heartbeats stop for this long (its worker or host died; the deployments
+    # send one every HEARTBEAT_S) is marked Crashed by an automation `up` creates, so the run waiting on it (the
+    # nightly dispatch of a shard) sees it end and grows the shard again elsewhere.
+    crashed_after_s: int = 90
+    # A grow-shard run that failed because its worker's model server is down keeps that worker's slot until the
+    # server answers again, at most this long, so the worker takes no shard it cannot grow (flows/grow_shard.py).
+    engine_down_hold_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.grow not in ("inline", "deployment"):
             raise ConfigError(f"orchestration.grow: must be inline or deployment, got {self.grow!r}")
         if self.gpu_workers < 0:
             raise ConfigError(f"orchestration.gpu_workers: must be >= 0, got {self.gpu_workers}")
+        if self.crashed_after_s < HEARTBEAT_S + 15:
+            raise ConfigError(f"orchestration.crashed_after_s: must be >= {HEARTBEAT_S + 15} (flow runs send a "
+                              f"heartbeat every {HEARTBEAT_S} s), got {self.crashed_after_s}")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,36 @@ class EngineError(OrchardError):
         self.transient = transient
 
 
+class EngineUnavailable(EngineError):
+    """An endpoint does not answer at all (nothing listens, or it never answers GET /v1/models): it may come back."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "unavailable", transient=True)
+
+
+def check_endpoints(name: str, engine: EngineConfig, *, attempts: int = 3, wait_s: float = 1.0) -> None:
+    """Raise EngineUnavailable unless every base URL of engine `name` answers GET /v1/models with 200 (tried
+    `attempts` times, `wait_s` apart, so a server restarting that moment is not taken for dead)."""
+    down = {}
+    for url in engine.base_urls:
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(wait_s)
+            try:
+                response = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=5.0,
+                                     headers={"Authorization": f"Bearer {engine.api_key}"})
+            except httpx.HTTPError as exc:
+                down[url] = f"{type(exc).__name__}: {exc}"
+                continue
+            if response.status_code == 200:
+                down.pop(url, None)
+                break
+            down[url] = f"HTTP {response.status_code}"
+    if down:
+        where = "; ".join(f"{url} ({why})" for url, why in down.items())
+        raise EngineUnavailable(f"engine {name!r} does not answer GET /v1/models after {attempts} tries: {where}")
+
+
 def _failure_kind(error: str) -> str:
     """The countable part of a failed attempt's description: `HTTP 503`, `ConnectError`, `unusable answer`."""
     if error.startswith("HTTP "):

@@ -12,9 +12,13 @@ from typing import Iterator
 import pytest
 import yaml
 
-from flows.grow_shard import worker_config
-from orchard.cluster import ClusterError, down, read_up, status, status_text, up
-from orchard.config import Config, ConfigError, CostConfig, ObjectStoreConfig, load_config, redacted
+from bench import fault_cluster
+from flows.grow_shard import DISPATCH_ATTEMPTS, DispatchError, _retry_dispatch, grow_here, worker_config
+from orchard.cluster import CRASH_AUTOMATION, ClusterError, down, read_up, status, status_text, up
+from orchard.config import (HEARTBEAT_S, Config, ConfigError, CostConfig, ObjectStoreConfig, OrchestrationConfig,
+                            load_config, redacted)
+from orchard.engine import EngineUnavailable
+from orchard.errors import is_transient
 from orchard.lake import query
 from orchard.services import free_ports
 from orchard.store import ObjectStore
@@ -45,6 +49,7 @@ difficulty = 1
 [orchestration]
 api_port = {port}
 gpu_workers = 2
+crashed_after_s = 60
 """
 
 
@@ -64,6 +69,33 @@ def test_prefect_yaml_declares_a_nightly_cron_with_a_time_zone_and_grow_shard_on
     for deployment in deployments.values():  # entrypoints resolve from the repository root
         path, _, name = deployment["entrypoint"].partition(":")
         assert f"def {name}(" in (REPO / path).read_text()
+        # Heartbeats as often as the crash automation of `orchard up` assumes: a dead worker's run is Crashed.
+        assert deployment["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_S)
+
+
+def test_a_shard_is_dispatched_again_only_when_its_grow_shard_run_crashed_or_failed_transiently() -> None:
+    from prefect.states import Failed
+
+    assert _retry_dispatch(None, None, Failed(data=DispatchError("worker died", transient=True)))
+    assert not _retry_dispatch(None, None, Failed(data=DispatchError("grow-shard run ended Failed: schema")))
+    assert not _retry_dispatch(None, None, Failed(data=ConfigError("bad config")))  # inline growth: not retried here
+    assert DISPATCH_ATTEMPTS > 1
+
+
+def test_a_worker_whose_model_server_is_down_fails_the_shard_at_once_with_a_transient_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    (dead,) = free_ports(1)  # nothing listens there
+    asked = Config().replace(object_store=ObjectStoreConfig(endpoint_url="http://store:8333")).to_dict()
+    monkeypatch.setenv("ORCHARD__ENGINES__EMBEDDED__KIND", '"openai"')
+    monkeypatch.setenv("ORCHARD__ENGINES__EMBEDDED__BASE_URLS", f'["http://127.0.0.1:{dead}"]')
+    with pytest.raises(EngineUnavailable, match=f"engine 'embedded' does not answer GET /v1/models.*127.0.0.1:{dead}") as raised:
+        grow_here(asked, "run", plan(instruction()))  # before any GPU slot, store or request
+    assert is_transient(raised.value)
+
+
+def test_crashed_after_s_must_outlast_a_heartbeat() -> None:
+    with pytest.raises(ConfigError, match="crashed_after_s"):
+        OrchestrationConfig(crashed_after_s=HEARTBEAT_S)
 
 
 def test_a_worker_applies_its_own_endpoints_but_refuses_variables_that_change_the_data(
@@ -166,6 +198,10 @@ def test_up_runs_the_server_store_model_servers_and_workers(cluster: Config) -> 
     # One slot per GPU worker; Prefect keeps the nightly deployment's concurrency_limit as a limit of its own.
     assert {k: v for k, v in limits.items() if not k.startswith("deployment:")} == {"orchard-gpu-0": 1, "orchard-gpu-1": 1}
     assert sorted(v for k, v in limits.items() if k.startswith("deployment:")) == [1]
+    with _api(cluster), _client() as client:
+        (crash,) = client.read_automations_by_name(CRASH_AUTOMATION)
+    assert crash.enabled and crash.trigger.within.total_seconds() == cluster.orchestration.crashed_after_s
+    assert [action.type for action in crash.actions] == ["change-flow-run-state"]
 
 
 @pytest.mark.integration
@@ -228,10 +264,30 @@ def test_the_prefect_ui_shows_the_run_its_progress_and_its_report(cluster: Confi
         browser.quit()
 
 
+# --- cluster faults (issue 12): the scenarios of bench/fault_cluster.py, on this cluster, two shards each ------
+
+
+@pytest.mark.integration
+def test_a_gpu_model_server_killed_mid_shard_fails_that_attempt_and_another_worker_grows_the_shard(
+        cluster: Config, nightly_run) -> None:
+    # The server is started again afterwards, so the next fault has two workers again.
+    expected, observed, passed = fault_cluster.model_server_killed_on(cluster, max_shards=2, restart=True)
+    assert passed, f"expected: {expected}\nobserved: {observed}"
+
+
+@pytest.mark.integration
+def test_a_gpu_worker_killed_mid_shard_is_crashed_and_another_worker_grows_the_shard(cluster: Config,
+                                                                                     nightly_run) -> None:
+    expected, observed, passed = fault_cluster.gpu_worker_killed_on(cluster, max_shards=2)
+    assert passed, f"expected: {expected}\nobserved: {observed}"
+
+
 @pytest.mark.integration
 def test_down_stops_everything_up_started(cluster: Config, nightly_run) -> None:
     processes = read_up(cluster)["processes"]
-    assert down(cluster, say=lambda _: None) == len(processes)
+    running = sum(p.running for p in processes)  # a worker a fault test killed is not stopped again
+    assert running >= len(processes) - 1
+    assert down(cluster, say=lambda _: None) == running
     assert not any(p.running for p in processes)
     assert read_up(cluster) is None and status(cluster)["up"] is False
 
