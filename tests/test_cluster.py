@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from bench import fault_cluster
-from flows.grow_shard import DISPATCH_ATTEMPTS, DispatchError, _retry_dispatch, grow_here, worker_config
+from flows.grow_shard import DISPATCH_ATTEMPTS, DispatchError, dispatch_shard_task, grow_here, worker_config
 from orchard.cluster import CRASH_AUTOMATION, ClusterError, down, read_up, status, status_text, up
 from orchard.config import (HEARTBEAT_S, Config, ConfigError, CostConfig, ObjectStoreConfig, OrchestrationConfig,
                             load_config, redacted)
@@ -21,7 +21,7 @@ from orchard.engine import EngineUnavailable
 from orchard.errors import is_transient
 from orchard.lake import query
 from orchard.services import free_ports
-from orchard.store import ObjectStore
+from orchard.store import ObjectStore, StoreUnavailable
 from tasks.grow import planned_levels
 from tasks.land import landed_manifest
 from tasks.report import cost_estimate
@@ -76,10 +76,12 @@ def test_prefect_yaml_declares_a_nightly_cron_with_a_time_zone_and_grow_shard_on
 def test_a_shard_is_dispatched_again_only_when_its_grow_shard_run_crashed_or_failed_transiently() -> None:
     from prefect.states import Failed
 
-    assert _retry_dispatch(None, None, Failed(data=DispatchError("worker died", transient=True)))
-    assert not _retry_dispatch(None, None, Failed(data=DispatchError("grow-shard run ended Failed: schema")))
-    assert not _retry_dispatch(None, None, Failed(data=ConfigError("bad config")))  # inline growth: not retried here
-    assert DISPATCH_ATTEMPTS > 1
+    retry = dispatch_shard_task.retry_condition_fn
+    assert retry(None, None, Failed(data=DispatchError("worker died", transient=True)))
+    assert not retry(None, None, Failed(data=DispatchError("grow-shard run ended Failed: schema")))
+    assert not retry(None, None, Failed(data=ConfigError("bad config")))
+    assert retry(None, None, Failed(data=StoreUnavailable("b", "k", "http://s3", 5, 30.0, ConnectionError("down"))))
+    assert DISPATCH_ATTEMPTS > 1 and dispatch_shard_task.retries == DISPATCH_ATTEMPTS - 1
 
 
 def test_a_worker_whose_model_server_is_down_fails_the_shard_at_once_with_a_transient_error(
