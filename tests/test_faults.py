@@ -1,0 +1,49 @@
+"""The cheap faults of the fault suite (bench/faults.py), run through the suite's own scenario code.
+
+Every corruption of a landed shard at once (truncated Parquet, wrong checksum, missing part, a manifest of another
+run: one shard each, in one resumed run), and one model request answered HTTP 400: real SeaweedFS, the real
+llama.cpp server, `orchard run` as a subprocess. The slow faults (outages, kills, Postgres) run in the bench only.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import faults  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fault lab (SeaweedFS + llama.cpp) for this module; its servers stop when the module ends."""
+    path = tmp_path_factory.mktemp("faults")
+    with faults.lab_session(path):
+        yield path
+
+
+def _table(results: list[faults.FaultResult]) -> str:
+    return "\n".join(result.line() for result in results)
+
+
+def test_fault_lines_read_fault_expected_observed_verdict():
+    result = faults.FaultResult("wrong-checksum", "exit 0", "exit 2", passed=False)
+    assert result.line() == "wrong-checksum | exit 0 | exit 2 | FAIL"
+    assert set(faults.CORRUPTIONS) <= set(faults.SCENARIOS)
+
+
+def test_every_kind_of_corrupt_landed_shard_is_quarantined_and_regrown_in_the_same_run(work):
+    results = faults.all_corruptions(work)
+    assert [r.fault for r in results] == list(faults.CORRUPTIONS)
+    assert all(r.passed for r in results), _table(results)
+
+
+def test_a_request_answered_400_is_counted_its_node_dropped_and_the_run_completes(work):
+    result = faults.model_answers_once(work, "400")
+    assert result.passed, result.line()
