@@ -102,6 +102,7 @@ class Restartable:
         self.state_dir = state_dir
         self.service: Service | None = None
         self.ports: list[int] = []
+        self.down_s: list[float] = []  # how long each outage lasted, from the stop to the server answering again
         self._lock = threading.Lock()
 
     @property
@@ -140,9 +141,15 @@ class Restartable:
 
     def outage(self, seconds: float, *, kill: bool = False) -> threading.Thread:
         """Stop the server now and start it again `seconds` later, from a thread; return that thread."""
+        began = time.monotonic()
         self.stop(kill=kill)
-        thread = threading.Thread(target=lambda: (time.sleep(seconds), self.start()), daemon=True,
-                                  name=f"{self.name}-outage")
+
+        def come_back() -> None:
+            time.sleep(seconds)
+            self.start()
+            self.down_s.append(round(time.monotonic() - began, 1))
+
+        thread = threading.Thread(target=come_back, daemon=True, name=f"{self.name}-outage")
         thread.start()
         return thread
 
