@@ -527,6 +527,13 @@ def run_orchard(target: Target, log_name: str, *, run_id: str = RUN_ID, kill_whe
         with contextlib.suppress(StoreError):
             _poll(target, store, watch, reader)
         return Attempt(process.returncode, watch.elapsed(), watch, log_path, kill_stragglers(env[TAG_VAR]))
+    except BaseException:
+        # Interrupted (Ctrl-C, a scenario's error): the run started here must not outlive the suite.
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        kill_stragglers(env[TAG_VAR])
+        raise
     finally:
         reader.close()
 
