@@ -19,7 +19,8 @@ from prefect.deployments import run_deployment
 from orchard.config import Config, ConfigError, load_config, redacted, with_secrets
 from orchard.services import embedded_services
 from orchard.store import ObjectStore
-from tasks.grow import GrowError, existing_receipt, grow_shard_task
+from tasks.grow import GrowError, grow_shard_task
+from tasks.land import resume_shard
 from tasks.seeds import ShardPlan
 
 
@@ -62,7 +63,7 @@ def dispatch_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
         # worker to fill in secrets left out of them. Its grow-shard task skips a shard that already landed.
         return grow_shard_flow.fn(config, run_id, plan)
     store = ObjectStore(cfg.object_store)
-    known = existing_receipt(store, cfg, run_id, plan.shard_id)
+    known, healed = resume_shard(store, run_id, plan.shard_id, cfg.content_hash())
     if known is not None:  # landed by an earlier attempt of this run: no GPU worker needed
         get_run_logger().info("shard %s already %s; not dispatched", plan.shard_id, known["state"])
         return known
@@ -74,8 +75,9 @@ def dispatch_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
     if grown.state is None or not grown.state.is_completed():
         state = grown.state.name if grown.state else "unknown"
         raise GrowError(f"shard {plan.shard_id}: {where} ended {state}: {grown.state.message if grown.state else ''}")
-    landed = existing_receipt(store, cfg, run_id, plan.shard_id)
+    landed, corrupt = resume_shard(store, run_id, plan.shard_id, cfg.content_hash())
     if landed is None:
-        raise GrowError(f"shard {plan.shard_id}: {where} completed, yet no manifest of it is in the store")
+        raise GrowError(f"shard {plan.shard_id}: {where} completed, yet no intact manifest of it is in the store"
+                        + (f" ({corrupt})" if corrupt else ""))
     return {**landed, "state": "landed" if landed["state"] == "reused" else landed["state"],
-            "worker": grown.labels.get("prefect.worker.name")}
+            "worker": grown.labels.get("prefect.worker.name"), "healed": healed}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
@@ -15,9 +16,10 @@ from prefect.states import Completed, Failed, State
 from orchard.config import Config, load_config, with_secrets
 from orchard.services import embedded_services
 from flows.grow_shard import dispatch_shard_task
+from tasks.fates import ShardCheck, shard_fate
 from tasks.materialise import check_run_id_task, materialise_task
-from tasks.report import cost_estimate, report_task, run_totals, summary_text
-from tasks.seeds import plan_shards_task
+from tasks.report import report_task, run_summary, summary_text
+from tasks.seeds import ShardPlan, plan_shards_task
 from tasks.validate import validate_shard_task
 
 
@@ -59,72 +61,79 @@ def publish_run(cfg: Config, run_id: str, max_shards: int | None = None) -> dict
     started_at = datetime.now(timezone.utc)
 
     check_run_id_task(config, run_id)  # a run id resumes its run: refuse one published under another config
-    plans = plan_shards_task(config)[:max_shards]
+    seeds = plan_shards_task(config)
+    plans = seeds.plans[:max_shards]
     logger.info("run %s: %d shards of up to %d instructions", run_id, len(plans), cfg.run.instructions_per_shard)
-    progress = create_progress_artifact(progress=0.0, description=f"run {run_id}: shards landed and validated")
-    steps = 2 * max(1, len(plans))  # each shard moves it twice: landed, then validated
+    progress = Progress(run_id, len(plans))
 
     growth_started = time.monotonic()
-    grown = [dispatch_shard_task.submit(config, run_id, plan) for plan in plans]
-    validations, receipts, shards, problems = [], [], [], []
-    for landed, future in enumerate(as_completed(grown), start=1):
-        receipt = future.result(raise_on_failure=False)
-        update_progress_artifact(progress, progress=100.0 * landed / steps)
-        if isinstance(receipt, BaseException):
-            plan = plans[grown.index(future)]
-            problems.append(f"shard {plan.shard_id} failed: {receipt}")
-            shards.append({"shard_id": plan.shard_id, "state": "failed", "reason": str(receipt)[:300]})
-            continue
-        receipts.append(receipt)
-        validations.append(validate_shard_task.submit(config, run_id, receipt))
+    checks = grow_and_validate(config, run_id, plans, progress)
+    # A corrupt shard (its bytes or manifest are not what was landed) is grown again, once, in this same run.
+    corrupt = [plan for plan in plans if checks[plan.shard_id].outcome == "corrupt"]
+    found = {plan.shard_id: checks[plan.shard_id].reason for plan in corrupt}
+    if corrupt:
+        logger.warning("run %s: %d corrupt shard(s) grown again", run_id, len(corrupt))
+        progress.add(len(corrupt))
+        checks.update(grow_and_validate(config, run_id, corrupt, progress))
     growth_wall_s = time.monotonic() - growth_started
 
-    publish, validation_rows, data_docs = [], [], None
-    for done, future in enumerate(as_completed(validations), start=1):
-        checked = future.result(raise_on_failure=False)
-        update_progress_artifact(progress, progress=100.0 * (len(plans) + done) / steps)
-        if isinstance(checked, BaseException):
-            problems.append(f"validation failed to run: {checked}")
-            continue
-        receipt = next(r for r in receipts if r["shard_id"] == checked["shard_id"])
-        data_docs = checked.get("data_docs") or data_docs
-        validation_rows.extend(checked["rows"])
-        state = receipt["state"] if checked["passed"] else "quarantined"
-        if checked["passed"]:
-            publish.append(receipt["manifest"])
-        else:
-            problems.append(f"shard {checked['shard_id']} quarantined: {checked['summary']}")
-        shards.append({"shard_id": checked["shard_id"], "state": state, "reason": "" if checked["passed"] else checked["summary"],
-                       "trees": receipt["stats"].get("trees"), "pairs": receipt["stats"].get("pairs"),
-                       "worker": receipt.get("worker"), "grow_wall_s": receipt["stats"].get("grow_wall_s")})
-
-    fresh = [r["stats"] for r in receipts if r["state"] == "landed"]
-    published_stats = [r["stats"] for r in receipts if r["manifest"] in publish]
-    totals = run_totals(published_stats, growth_wall_s)
-    totals.update({k: v for k, v in run_totals(fresh, growth_wall_s).items() if k in ("prompt_tokens", "completion_tokens", "tokens_per_s")})
-    totals.update(cost_estimate(fresh, cfg.cost))  # what this run paid: shards grown now, not reused ones
-    failed = sum(s["state"] == "failed" for s in shards)
-    quarantined = sum(s["state"] == "quarantined" for s in shards)
-    status = "complete" if not failed and not quarantined else ("failed" if not publish else "partial")
-    summary = {
-        "run_id": run_id,
-        "flow_run_id": str(flow_run.id) if flow_run.id else None,
-        "config_hash": cfg.content_hash(),
-        "status": status,
-        "started_at": started_at.isoformat(),
-        "shards_planned": len(plans),
-        "shards_published": len(publish),
-        "shards_reused": sum(r["state"] == "reused" for r in receipts),
-        "shards_quarantined": quarantined,
-        "shards_failed": failed,
-        **totals,
-        "problems": problems,
-        "data_docs": data_docs,
-    }
-    summary["snapshot_id"] = materialise_task(config, summary, publish, validation_rows)
-    summary.update(report_task(config, summary, shards))
+    fates = [shard_fate(checks[plan.shard_id], found.get(plan.shard_id) or _healed(checks[plan.shard_id]))
+             for plan in plans]
+    passed = [checks[f.shard_id].receipt for f in fates if f.fate == "published"]
+    summary = run_summary(run_id, str(flow_run.id) if flow_run.id else None, cfg, started_at, len(plans), fates,
+                          [checks[p.shard_id].receipt for p in plans if checks[p.shard_id].receipt], passed,
+                          growth_wall_s, seeds.sources)
+    summary["data_docs"] = next((c.data_docs for c in checks.values() if c.data_docs), None)
+    validation_rows = [row for check in checks.values() for row in check.validation_rows]
+    summary.update(materialise_task(config, summary, [r["manifest"] for r in passed], validation_rows))
+    summary.update(report_task(config, summary))
     print(summary_text(summary))
     return summary
+
+
+class Progress:
+    """The run's progress artifact: each shard moves it twice, when it lands and when it is validated."""
+
+    def __init__(self, run_id: str, shards: int) -> None:
+        self.steps, self.done = 2 * max(1, shards), 0
+        self.artifact = create_progress_artifact(progress=0.0,
+                                                 description=f"run {run_id}: shards landed and validated")
+
+    def add(self, shards: int) -> None:
+        self.steps += 2 * shards
+
+    def tick(self) -> None:
+        self.done += 1
+        update_progress_artifact(self.artifact, progress=min(100.0, 100.0 * self.done / self.steps))
+
+
+def grow_and_validate(config: dict, run_id: str, plans: Sequence[ShardPlan], progress: Progress) -> dict[str, ShardCheck]:
+    """Grow (or find landed) every shard of `plans` and validate each as it lands; return each shard's check."""
+    grown = {dispatch_shard_task.submit(config, run_id, plan): plan for plan in plans}
+    checks, validations = {}, {}
+    for future in as_completed(list(grown)):
+        plan, receipt = grown[future], future.result(raise_on_failure=False)
+        progress.tick()
+        if isinstance(receipt, BaseException):
+            checks[plan.shard_id] = ShardCheck(plan.shard_id, "failed", _reason(receipt))
+            continue
+        validations[validate_shard_task.submit(config, run_id, receipt)] = (plan, receipt)
+    for future in as_completed(list(validations)):
+        (plan, receipt), checked = validations[future], future.result(raise_on_failure=False)
+        progress.tick()
+        if isinstance(checked, BaseException):  # transient and still failing after retries: nothing was moved
+            checked = ShardCheck(plan.shard_id, "failed", f"validation could not run: {_reason(checked)}", receipt)
+        checks[plan.shard_id] = checked
+    return checks
+
+
+def _healed(check: ShardCheck) -> str | None:
+    """The corruption the grow step found (and grew over) before this check, if any."""
+    return (check.receipt or {}).get("healed")
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:500]
 
 
 if __name__ == "__main__":

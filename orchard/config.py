@@ -31,7 +31,7 @@ class SeedSource:
     """Where instructions come from: a generator (`arithmetic`) or a local file (`gsm8k`)."""
 
     kind: str = "arithmetic"
-    count: int = 8
+    count: int = 0  # 0: every row of a file or shipped set; a generator needs a count
     difficulty: int = 2
     seed: int = 7
     path: str = ""
@@ -195,9 +195,14 @@ class RunConfig:
     jury_canaries: int = 2  # canary comparisons (known answer) mixed into each shard's judge batch
     # --- hard negatives: a correct math or code answer, minimally edited so that the verifier fails it ---
     hard_negatives_per_tree: int = 1  # 0 turns error injection off
+    # A request that still fails after the engine client's retries costs only its own nodes; a shard fails when
+    # more than this share of its requests do (its server is down or refuses most of them).
+    max_failed_request_share: float = 0.05
 
     def __post_init__(self) -> None:
         problems = []
+        if not 0 <= self.max_failed_request_share <= 1:
+            problems.append(f"run.max_failed_request_share: must lie in [0, 1], got {self.max_failed_request_share}")
         if self.pair_contrast not in ("all", "high", "low", "mix"):
             problems.append(f"run.pair_contrast: must be all, high, low or mix, got {self.pair_contrast!r}")
         if not 0 <= self.contrast_mix_high <= 1:

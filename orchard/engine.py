@@ -21,7 +21,22 @@ Message = dict[str, str]
 
 
 class EngineError(OrchardError):
-    """An endpoint failed after all retries, or answered something that is not a completion."""
+    """An endpoint failed after all retries, or answered something that is not a completion.
+
+    `reason` is a short, countable name for what went wrong (`HTTP 400`, `HTTP 503 after retries`, ...).
+    """
+
+    def __init__(self, message: str, reason: str = "", *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason or "engine error"
+        self.transient = transient
+
+
+def _failure_kind(error: str) -> str:
+    """The countable part of a failed attempt's description: `HTTP 503`, `ConnectError`, `unusable answer`."""
+    if error.startswith("HTTP "):
+        return error.split(":", 1)[0]
+    return error.split(":", 1)[0].strip() or "error"
 
 
 @dataclass(frozen=True)
@@ -245,7 +260,9 @@ class EngineClient:
                 continue
             if response.status_code >= 400:
                 self.usage.failed_requests += 1
-                raise EngineError(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
+                # A request the server refuses (too long, malformed) is refused again: not retried.
+                raise EngineError(f"{url}: HTTP {response.status_code}: {response.text[:300]}",
+                                  f"HTTP {response.status_code}")
             try:
                 answer = response.json()
                 _check_answer(answer)
@@ -261,7 +278,9 @@ class EngineClient:
                 self.usage.cached_tokens = (self.usage.cached_tokens or 0) + cached
             return answer
         self.usage.failed_requests += 1
-        raise EngineError(f"{url}: gave up after {self.engine.retries + 1} attempts: {last_error}")
+        # The server was down, busy or garbled through every retry: it may answer later.
+        raise EngineError(f"{url}: gave up after {self.engine.retries + 1} attempts: {last_error}",
+                          f"{_failure_kind(last_error)} after retries", transient=True)
 
 
 def _nth(sampling: Sampling, k: int) -> Sampling:

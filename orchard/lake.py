@@ -37,6 +37,13 @@ class LakeError(OrchardError):
     """The lake cannot be opened, queried or written; the message names the catalog, snapshot or query."""
 
 
+class LakeUnavailable(LakeError):
+    """The catalog or the lake's data files could not be reached, or other writers kept committing first: a
+    later attempt may succeed."""
+
+    transient = True
+
+
 class LakeNotFound(LakeError):
     """A read-only or versioned connection found no lake in the catalog: no run has created it yet."""
 
@@ -282,6 +289,8 @@ def _attach_error(catalog: str, version: int | None, exc: duckdb.Error) -> LakeE
             f"lake {catalog}: the catalog is open elsewhere (a DuckDB-file catalog admits one process, "
             f"and one open connection per process; close the other or use a Postgres catalog): {_first_line(exc)}"
         )
+    if isinstance(exc, duckdb.IOException | duckdb.ConnectionException | duckdb.HTTPException):
+        return LakeUnavailable(f"lake {catalog}: cannot attach: {_first_line(exc)}")
     return LakeError(f"lake {catalog}: cannot attach: {_first_line(exc)}")
 
 

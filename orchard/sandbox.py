@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
 from orchard.errors import OrchardError
 
 # Where the program lies inside the sandbox; tracebacks name this file.

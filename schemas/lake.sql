@@ -28,10 +28,11 @@ CREATE TABLE IF NOT EXISTS runs (
     completion_tokens BIGINT,
     wall_s DOUBLE,
     tokens_per_s DOUBLE,
-    summary VARCHAR,                 -- JSON or text describing failures
+    summary VARCHAR,                 -- JSON: each shard's fate and reason, problems, failed requests, seeds read/kept
     fleiss_kappa DOUBLE,             -- the jury's Fleiss' κ over this run's judgements (null: nothing judged)
-    agreement VARCHAR                -- JSON: per judge position consistency, A-share and canary accuracy; pairwise
+    agreement VARCHAR,               -- JSON: per judge position consistency, A-share and canary accuracy; pairwise
                                      -- Cohen's κ; label counts; how often a stable jury agrees with the verifier
+    shards_reused BIGINT             -- shards already in the lake from an earlier attempt of the same run id
 );
 
 CREATE TABLE IF NOT EXISTS instructions (
@@ -224,6 +225,7 @@ ALTER TABLE pairs ADD COLUMN IF NOT EXISTS jury_label VARCHAR;
 ALTER TABLE pairs ADD COLUMN IF NOT EXISTS jury_winner VARCHAR;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS fleiss_kappa DOUBLE;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS agreement VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS shards_reused BIGINT;
 
 -- TRL's conversational preference format: `prompt`, `chosen`, `rejected` are message lists, so
 -- `DPOTrainer` applies the chat template itself. The other columns let a query select pairs

@@ -27,6 +27,7 @@ import langdetect
 from if_verifiable.ifeval import instructions_registry as ifeval_registry
 from if_verifiable.ifeval import instructions_util as ifeval_util
 from nltk.tokenize import NLTKWordTokenizer
+
 from orchard.errors import OrchardError
 
 # langdetect draws random samples while it detects: without a fixed seed the same text can get a different

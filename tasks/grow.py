@@ -27,10 +27,10 @@ from prefect.cache_policies import NO_CACHE
 
 from orchard.errors import OrchardError
 from orchard.config import Config, RunConfig
-from orchard.engine import ChatEngine, Completion, EngineClient, Sampling, Usage
+from orchard.engine import ChatEngine, Completion, EngineClient, EngineError, Sampling, Usage
 from orchard.store import ObjectStore
 from schemas import rows
-from tasks.land import land_shard, landed_manifest, quarantined_manifest
+from tasks.land import land_shard, resume_shard
 from tasks.mcts import SearchNode, backup, descendants, node_value, select
 from tasks import jury as juries
 from tasks.inject import error_candidates
@@ -216,9 +216,12 @@ class _Grower:
         self.run_id = run_id
         self.nodes: list[dict] = []
         self.instructions = {i.instruction_id: i for i in plan.instructions}
+        self.sent = 0
+        self.failed: list[tuple[_Request, EngineError]] = []  # requests that failed after the client's retries
 
-    async def ask(self, label: str, requests: Sequence[_Request]) -> list[list[Completion]]:
-        """Send every request of one level at once; return each one's `n` completions, in order."""
+    async def ask(self, label: str, requests: Sequence[_Request]) -> list[list[Completion] | None]:
+        """Send every request of one level at once; return each one's `n` completions, in order (None for a
+        request that failed after the engine client's retries: it is counted, and its nodes are not grown)."""
         done, step = 0, max(1, len(requests) // 10)
 
         async def one(request: _Request) -> list[Completion]:
@@ -234,21 +237,35 @@ class _Grower:
             return answers
 
         results = await asyncio.gather(*(one(r) for r in requests), return_exceptions=True)
-        failures = [(r, e) for r, e in zip(requests, results) if isinstance(e, BaseException)]
-        if failures:
-            request, error = failures[0]
-            raise GrowError(
-                f"shard {self.plan.shard_id}: {len(failures)} of {len(requests)} {label} requests failed; first: "
-                f"instruction {request.instruction.instruction_id} ({request.role}"
-                f"{', ' + request.strategy if request.strategy else ''}): {error}"
-            )
-        return results  # type: ignore[return-value]
+        self.sent += len(requests)
+        answers: list[list[Completion] | None] = []
+        for request, result in zip(requests, results):
+            if isinstance(result, EngineError):
+                self.failed.append((request, result))
+                answers.append(None)
+            elif isinstance(result, BaseException):
+                raise result  # not the engine's failure: a defect to see, not a request to count
+            else:
+                answers.append(result)
+        return answers
 
-    def add_answers(self, requests: Sequence[_Request], answers: Sequence[list[Completion]]) -> list[dict]:
-        """Turn each request's completions into child nodes of its parent; return them."""
+    def failure_stats(self) -> dict:
+        """Return the requests sent and failed, the failures by reason, and the first failure's description."""
+        by_reason: dict[str, int] = defaultdict(int)
+        for _, error in self.failed:
+            by_reason[error.reason] += 1
+        stats = {"sent": self.sent, "failed": len(self.failed), "failed_by_reason": dict(sorted(by_reason.items()))}
+        if self.failed:
+            request, error = self.failed[0]
+            stats["first_failure"] = (f"instruction {request.instruction.instruction_id} ({request.role}"
+                                      f"{', ' + request.strategy if request.strategy else ''}): {error}")[:500]
+        return stats
+
+    def add_answers(self, requests: Sequence[_Request], answers: Sequence[list[Completion] | None]) -> list[dict]:
+        """Turn each request's completions into child nodes of its parent (none for a failed request); return them."""
         children = []
         for request, completions in zip(requests, answers):
-            for k, completion in enumerate(completions):
+            for k, completion in enumerate(completions or ()):
                 node = _blank_node(self.common, request.tree_id, _id(request.parent["node_id"], request.role, request.strategy, k),
                                    request.parent["node_id"], request.instruction, request.parent["depth"] + 1,
                                    request.role)
@@ -337,10 +354,12 @@ class _Grower:
         examples = []
         for root in open_roots:
             tree_id = root["tree_id"]
-            plain = by_key[(tree_id, "unconditioned", None)]
+            plain = by_key.get((tree_id, "unconditioned", None))
             for principle in sampled[tree_id]:
-                response = by_key[(tree_id, "principled", principle.principle_id)]
-                contrast = by_key[(tree_id, "antithesis", principle.principle_id)]
+                response = by_key.get((tree_id, "principled", principle.principle_id))
+                contrast = by_key.get((tree_id, "antithesis", principle.principle_id))
+                if plain is None or response is None or contrast is None:
+                    continue  # one of its requests failed (counted in the shard's requests): no example
                 examples.append({
                     **self.common, "tree_id": tree_id, "example_id": _id(tree_id, principle.principle_id),
                     "instruction_id": root["instruction_id"], "prompt": root["text"],
@@ -428,7 +447,10 @@ class _Grower:
                     keys.append((comparison, judge, presented))
         answers = await self.ask("jury verdicts", requests)
         rows = []
-        for (comparison, judge, presented), request, (answer,) in zip(keys, requests, answers):
+        for (comparison, judge, presented), request, answered in zip(keys, requests, answers):
+            if answered is None:
+                continue  # the request failed (counted): this judge gives no verdict in this order
+            (answer,) = answered
             verdict = juries.parse_verdict(answer.text, answer.finish_reason)
             rows.append({
                 **self.common, "tree_id": comparison.tree_id,
@@ -463,6 +485,8 @@ class _Grower:
             said[row["comparison_id"]][row["judge"]][row["presented"]] = row["preference"]
         names = [judge.name for judge in self.jury]
         labels = {comparison: juries.label_comparison(verdicts, names) for comparison, verdicts in said.items()}
+        for example in examples:  # every verdict of it failed: it is labelled on no votes
+            labels.setdefault(example["example_id"], juries.label_comparison({}, names))
         for row in rows:
             label = labels[row["comparison_id"]]
             row["position_consistent"] = label.consistent[row["judge"]]
@@ -495,12 +519,13 @@ class _Grower:
             for a in attempts
         ]
         critiques = self.add_answers(critique_requests, await self.ask(f"turn {turn} critiques", critique_requests))
+        attempt_of = {a["node_id"]: a for a in attempts}  # a failed critique request leaves its attempt unrefined
         refine_requests = [
             _Request(self.instructions[a["instruction_id"]], a["tree_id"], c, "refinement",
                      refine_messages(self.instructions[a["instruction_id"]], a, c["text"]),
                      self.sampling(self.run.max_tokens, c["node_id"], "refine"), self.run.refine_samples,
                      a["strategy"], REFINE_TEMPLATE, turn)
-            for a, c in zip(attempts, critiques)
+            for c in critiques for a in [attempt_of[c["parent_id"]]]
         ]
         refinements = self.add_answers(refine_requests, await self.ask(f"turn {turn} refinements", refine_requests))
         self.verify(refinements)
@@ -518,7 +543,7 @@ class _Grower:
         if not searched or run.mcts_iterations == 0:
             return {}
         trees = [SearchNode(row=root) for root in searched]
-        counts = {"rounds": 0, "expansions": 0, "steps": 0, "rollouts": 0, "self_eval_missing": 0}
+        counts = {"rounds": 0, "expansions": 0, "steps": 0, "rollouts": 0, "self_eval_missing": 0, "unvalued": 0}
         for round_ in range(1, run.mcts_iterations + 1):
             leaves = select(trees, run.mcts_c_puct, batch=len(trees))
             if not leaves:
@@ -547,11 +572,14 @@ class _Grower:
             rollouts = self.add_answers(rollout_requests, rollout_answers)
             self.verify([c.row for c in children if c.terminal] + rollouts)
             rollout_score = {r["parent_id"]: r["score"] for r in rollouts}
-            for child, (judgement,) in zip(children, judgements):
-                self_eval = yes_probability(judgement.top_logprobs)
+            for child, judged in zip(children, judgements):
+                self_eval = yes_probability(judged[0].top_logprobs) if judged else None
                 counts["self_eval_missing"] += self_eval is None
-                verified = child.row["score"] if child.terminal else rollout_score[child.row["node_id"]]
-                value = node_value(verified, self_eval, run.mcts_lambda)
+                verified = child.row["score"] if child.terminal else rollout_score.get(child.row["node_id"])
+                if verified is None and self_eval is None:  # its rollout and self-evaluation requests failed
+                    counts["unvalued"] += 1
+                    continue
+                value = self_eval if verified is None else node_value(verified, self_eval, run.mcts_lambda)
                 child.row.update(self_eval=self_eval, value=value)
                 backup(child, value)
             counts["steps"] += len(children)
@@ -647,6 +675,15 @@ async def grow_shard(
     # others wait on a level.
     _, search, examples = await asyncio.gather(turns(), grower.search(roots), grower.write_principled(roots))
 
+    requests = grower.failure_stats()
+    if requests["failed"] > run.max_failed_request_share * requests["sent"]:
+        # Kept as the cause: a shard whose requests failed because its server was down may grow on a retry.
+        raise GrowError(
+            f"shard {plan.shard_id}: {requests['failed']} of {requests['sent']} requests failed, more than "
+            f"run.max_failed_request_share ({run.max_failed_request_share:.0%}); by reason: "
+            f"{requests['failed_by_reason']}; first: {requests['first_failure']}"
+        ) from grower.failed[0][1]
+
     rates = pass_rates(grower.nodes)
     found = extract_pairs(grower.nodes, grower.instructions, rates) + mcts_pairs(grower.nodes, grower.instructions, rates)
     found += grower.inject_errors()
@@ -682,6 +719,10 @@ async def grow_shard(
         "judgements": len(judgements),
         "verdicts_unread": sum(j["status"] != "ok" for j in judgements),
         "turns": max((n["turn"] or 0) for n in answers) if answers else 0,
+        "requests": requests,
+        # Trees that got no answer at all (their requests failed): they have no pairs.
+        "trees_unanswered": sum(t["actions"] == 0 and not any(e["tree_id"] == t["tree_id"] for e in examples)
+                                for t in grown.trees),
         "grow_wall_s": round(wall_s, 3),
         "engine": usage,
     }
@@ -732,28 +773,22 @@ def planned_levels(plan: ShardPlan, run: RunConfig, judged: bool) -> int:
     return levels + (1 if judged else 0)  # the jury's verdicts
 
 
-def existing_receipt(store: ObjectStore, cfg: Config, run_id: str, shard_id: str) -> dict | None:
-    """Return the receipt of a shard this run already landed (or quarantined) under this config, else None."""
-    for state, manifest in (
-        ("reused", landed_manifest(store, run_id, shard_id)),
-        ("quarantined", quarantined_manifest(store, run_id, shard_id)),
-    ):
-        if manifest is not None and manifest.get("config_hash") == cfg.content_hash():
-            return {"shard_id": shard_id, "state": state, "manifest": manifest, "stats": manifest["stats"]}
-    return None
-
-
 @task(name="grow-shard", cache_policy=NO_CACHE, retries=0)
 def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
-    """Grow, verify and land one shard, unless its manifest says it already landed; return its receipt."""
+    """Grow, verify and land one shard, unless an intact manifest says it already landed; return its receipt.
+
+    A corrupt landed shard is quarantined and grown again; the receipt's `healed` names what was wrong with it.
+    """
     cfg = Config.from_dict(config)
     store = ObjectStore(cfg.object_store)
     logger = get_run_logger()
-    known = existing_receipt(store, cfg, run_id, plan.shard_id)
+    known, healed = resume_shard(store, run_id, plan.shard_id, cfg.content_hash())
     if known is not None:
         logger.info("shard %s already %s; not grown again", plan.shard_id,
                     "landed" if known["state"] == "reused" else known["state"])
         return known
+    if healed:
+        logger.warning("shard %s is grown again: %s", plan.shard_id, healed)
 
     levels = planned_levels(plan, cfg.run, judged=bool(cfg.jury))
     finished: set[str] = set()
@@ -791,4 +826,4 @@ def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
         grown.stats["critiques"], grown.stats["pairs"], grown.stats["engine"]["tokens_per_s"],
     )
     update_progress_artifact(moving, progress=100.0)
-    return {"shard_id": plan.shard_id, "state": "landed", "manifest": manifest, "stats": grown.stats}
+    return {"shard_id": plan.shard_id, "state": "landed", "manifest": manifest, "stats": grown.stats, "healed": healed}

@@ -33,7 +33,18 @@ class ShardSchemaError(LandingError):
     """A shard table does not have the schema of its contract in schemas/rows.py."""
 
 
-class ShardChecksumError(LandingError):
+class ShardIntegrityError(LandingError):
+    """A landed shard is not what was landed: a file is missing, truncated, unreadable or differs from its manifest,
+    or the manifest is unreadable or belongs to another run, shard or config. Such a shard is quarantined and grown
+    again; `key` names the object at fault and `mismatch` what is wrong with it."""
+
+    def __init__(self, uri: str, key: str, mismatch: str) -> None:
+        super().__init__(f"{uri}: {mismatch}")
+        self.key = key
+        self.mismatch = mismatch
+
+
+class ShardChecksumError(ShardIntegrityError):
     """A shard file's bytes differ from what its manifest recorded."""
 
 
@@ -104,31 +115,83 @@ def quarantined_manifest(store: ObjectStore, run_id: str, shard_id: str) -> dict
     return _manifest_at(store, quarantine_prefix(run_id, shard_id) + MANIFEST)
 
 
+def check_manifest(store: ObjectStore, manifest: Mapping[str, Any], run_id: str, shard_id: str,
+                   config_hash: str) -> None:
+    """Fail with ShardIntegrityError unless `manifest` is shard `shard_id` of run `run_id` under `config_hash` and
+    names a complete file entry for every shard table."""
+    key = shard_prefix(run_id, shard_id) + MANIFEST
+    for field, want in (("run_id", run_id), ("shard_id", shard_id), ("config_hash", config_hash)):
+        if manifest.get(field) != want:
+            raise ShardIntegrityError(store.uri(key), key, f"manifest {field} is {manifest.get(field)!r}, not {want!r}")
+    files = manifest.get("files")
+    for name in SHARD_TABLES:
+        entry = files.get(name) if isinstance(files, Mapping) else None
+        if not isinstance(entry, Mapping) or not all(k in entry for k in ("key", "bytes", "sha256", "rows")):
+            raise ShardIntegrityError(store.uri(key), key, f"manifest has no complete files.{name} entry (got {entry!r})")
+
+
 def read_shard_table(store: ObjectStore, manifest: Mapping[str, Any], name: str) -> pa.Table:
     """Return table `name` of the shard described by `manifest`, after checking its size, sha256 and row count."""
     shard_id = manifest.get("shard_id", "?")
     entry = (manifest.get("files") or {}).get(name)
     if not isinstance(entry, Mapping) or not all(k in entry for k in ("key", "bytes", "sha256", "rows")):
-        raise LandingError(f"shard {shard_id}: manifest has no complete files.{name} entry (got {entry!r})")
+        key = shard_prefix(str(manifest.get("run_id", "?")), shard_id) + MANIFEST
+        raise ShardIntegrityError(store.uri(key), key, f"manifest has no complete files.{name} entry (got {entry!r})")
     key = entry["key"]
     try:
         body = store.get(key)
     except ObjectMissing:
-        raise LandingError(f"{store.uri(key)}: listed in the manifest of shard {shard_id} but missing") from None
+        raise ShardIntegrityError(store.uri(key), key, f"listed in the manifest of shard {shard_id} but missing") from None
     digest = _sha256(body)
     if len(body) != entry["bytes"] or digest != entry["sha256"]:
-        raise ShardChecksumError(
-            f"{store.uri(key)}: {len(body)} bytes with sha256 {digest}, "
-            f"manifest says {entry['bytes']} bytes with sha256 {entry['sha256']}"
-        )
-    table = pq.read_table(io.BytesIO(body))
+        raise ShardChecksumError(store.uri(key), key,
+                                 f"{len(body)} bytes with sha256 {digest}, "
+                                 f"manifest says {entry['bytes']} bytes with sha256 {entry['sha256']}")
+    try:
+        table = pq.read_table(io.BytesIO(body))
+    except (pa.ArrowException, OSError) as exc:
+        raise ShardIntegrityError(store.uri(key), key, f"not a readable Parquet file: {exc}") from None
     if table.num_rows != entry["rows"]:
-        raise LandingError(f"{store.uri(key)}: {table.num_rows} rows, manifest says {entry['rows']}")
+        raise ShardIntegrityError(store.uri(key), key, f"{table.num_rows} rows, manifest says {entry['rows']}")
     return table
 
 
+def read_shard(store: ObjectStore, manifest: Mapping[str, Any]) -> dict[str, pa.Table]:
+    """Return every table of a landed shard, each checked against its manifest (ShardIntegrityError if one is off)."""
+    return {name: read_shard_table(store, manifest, name) for name in SHARD_TABLES}
+
+
+def resume_shard(store: ObjectStore, run_id: str, shard_id: str, config_hash: str) -> tuple[dict | None, str | None]:
+    """Return what an earlier attempt of this run left of a shard: (its receipt, or None if it must be grown; the
+    corruption found, if any).
+
+    A landed shard whose manifest is intact and this run's is `reused`; one quarantined by a failed suite stays
+    `quarantined` (growing it again would grow the same data); a corrupt one is moved to quarantine here and
+    must be grown again, as must one an earlier attempt quarantined as corrupt without landing its regrowth.
+    """
+    try:
+        manifest = landed_manifest(store, run_id, shard_id)
+        if manifest is not None:
+            check_manifest(store, manifest, run_id, shard_id, config_hash)
+            return {"shard_id": shard_id, "state": "reused", "manifest": manifest, "stats": manifest.get("stats") or {}}, None
+    except ShardIntegrityError as error:
+        quarantine_corrupt(store, run_id, shard_id, error)
+        return None, str(error)
+    try:
+        quarantined = quarantined_manifest(store, run_id, shard_id)
+    except ShardIntegrityError as error:  # a quarantine copy that cannot be read says nothing final
+        return None, str(error)
+    if quarantined is None or quarantined.get("config_hash") != config_hash:
+        return None, None
+    if quarantined.get("kind") == "integrity":
+        return None, f"{store.uri(quarantined.get('object', ''))}: {quarantined.get('mismatch', '')}"
+    return {"shard_id": shard_id, "state": "quarantined", "manifest": quarantined,
+            "stats": quarantined.get("stats") or {}}, None
+
+
 def quarantine_shard(store: ObjectStore, run_id: str, shard_id: str, validation: Mapping[str, Any]) -> str:
-    """Move a landed shard to quarantine with its validation result; return the quarantine prefix URI."""
+    """Move a landed shard that failed its suites to quarantine with its validation result; return the quarantine
+    prefix URI."""
     source = shard_prefix(run_id, shard_id)
     target = quarantine_prefix(run_id, shard_id)
     manifest = landed_manifest(store, run_id, shard_id)
@@ -138,31 +201,61 @@ def quarantine_shard(store: ObjectStore, run_id: str, shard_id: str, validation:
             _delete_prefix(store, source)
             return store.uri(target)
         raise LandingError(f"{store.uri(source + MANIFEST)}: no landed shard to quarantine")
+    files = {name: entry for name, entry in manifest["files"].items()}
+    return _quarantine(store, run_id, shard_id, {"kind": "validation", **validation},
+                       {**manifest, "kind": "validation"}, files)
+
+
+def quarantine_corrupt(store: ObjectStore, run_id: str, shard_id: str, error: ShardIntegrityError) -> str:
+    """Move whatever is under a corrupt landed shard's prefix to quarantine, as it is, with a validation.json that
+    names the object at fault and the mismatch; return the quarantine prefix URI."""
+    source = shard_prefix(run_id, shard_id)
+    keys = [k for k in store.list_keys(source) if k != source + MANIFEST]
+    files = {key.rsplit("/", 1)[-1]: {"key": key} for key in keys}
+    try:
+        landed = store.get(source + MANIFEST).decode("utf-8", errors="replace")
+    except ObjectMissing:
+        landed = None
+    validation = {"kind": "integrity", "shard_id": shard_id, "passed": False, "object": error.key,
+                  "mismatch": error.mismatch, "summary": f"corrupt: {error}", "landed_manifest": landed}
+    config_hash = None
+    try:
+        config_hash = json.loads(landed or "null").get("config_hash")
+    except (ValueError, AttributeError):
+        pass  # an unreadable manifest has no config hash; the quarantine record says why it is here
+    quarantined = {"run_id": run_id, "shard_id": shard_id, "kind": "integrity", "object": error.key,
+                   "mismatch": error.mismatch, "config_hash": config_hash, "stats": {}}
+    return _quarantine(store, run_id, shard_id, validation, quarantined, files)
+
+
+# --- internals ----------------------------------------------------------------------------------------
+
+
+def _quarantine(store: ObjectStore, run_id: str, shard_id: str, validation: Mapping[str, Any],
+                manifest: Mapping[str, Any], files: Mapping[str, Mapping[str, Any]]) -> str:
+    """Copy `files` (name -> entry with the landed `key`) to the shard's quarantine prefix, write `validation`, then
+    the quarantine manifest, then delete the landed prefix; return the quarantine prefix URI."""
+    target = quarantine_prefix(run_id, shard_id)
     try:
         validation_body = json.dumps(validation, indent=2, sort_keys=True, default=str).encode()
     except (TypeError, ValueError) as exc:
         raise LandingError(f"shard {shard_id}: validation result is not JSON-serialisable: {exc}") from None
-
-    files: dict[str, dict[str, Any]] = {}
-    for name, entry in manifest["files"].items():
+    copied: dict[str, dict[str, Any]] = {}
+    for name, entry in files.items():
         key = target + entry["key"].rsplit("/", 1)[-1]
-        # Bytes are copied as they are, unverified: a shard may be quarantined because they are bad.
-        _put_replacing(store, key, store.get(entry["key"]))
-        files[name] = {**entry, "key": key}
+        try:
+            # Bytes are copied as they are, unverified: a shard may be quarantined because they are bad.
+            _put_replacing(store, key, store.get(entry["key"]))
+        except ObjectMissing:
+            continue  # a part the manifest lists but the store lost: validation.json says so
+        copied[name] = {**entry, "key": key}
     _put_replacing(store, target + VALIDATION, validation_body)
-    quarantined = {
-        **manifest,
-        "files": files,
-        "validation_key": target + VALIDATION,
-        "quarantined_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    quarantined = {**manifest, "files": copied, "validation_key": target + VALIDATION,
+                   "quarantined_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     # Written last among the quarantine files so it only ever describes a complete copy.
     _put_replacing(store, target + MANIFEST, json.dumps(quarantined, indent=2, sort_keys=True).encode())
-    _delete_prefix(store, source)
+    _delete_prefix(store, shard_prefix(run_id, shard_id))
     return store.uri(target)
-
-
-# --- internals ----------------------------------------------------------------------------------------
 
 
 def _same_landing(store: ObjectStore, prefix: str, manifest: dict[str, Any], config_hash: str) -> dict[str, Any]:
@@ -222,11 +315,15 @@ def _put_replacing(store: ObjectStore, key: str, body: bytes) -> None:
 
 def _manifest_at(store: ObjectStore, key: str) -> dict[str, Any] | None:
     try:
-        manifest = store.get_json(key)
+        body = store.get(key)
     except ObjectMissing:
         return None
+    try:
+        manifest = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShardIntegrityError(store.uri(key), key, f"manifest is not valid JSON: {exc}") from None
     if not isinstance(manifest, dict):
-        raise LandingError(f"{store.uri(key)}: manifest is not a JSON object")
+        raise ShardIntegrityError(store.uri(key), key, "manifest is not a JSON object")
     return manifest
 
 

@@ -23,16 +23,20 @@ from prefect.cache_policies import NO_CACHE
 
 from orchard import lake
 from orchard.config import Config
-from orchard.lake import LakeError
+from orchard.errors import retry_transient
+from orchard.lake import LakeError, LakeUnavailable
 from schemas.rows import SHARD_TABLES, VALIDATIONS
+from tasks.fates import ShardFate, fate_counts, settle, with_fates
 from tasks.jury import agreement
 
 RUN_COLUMNS = (
     "run_id", "flow_run_id", "snapshot_id", "config_hash", "started_at", "finished_at", "status",
     "shards_planned", "shards_published", "shards_quarantined", "shards_failed", "trees", "nodes", "pairs",
     "pass_rate", "prompt_tokens", "completion_tokens", "wall_s", "tokens_per_s", "summary", "fleiss_kappa",
-    "agreement",
+    "agreement", "shards_reused",
 )  # fmt: skip
+# The parts of a run's summary kept as JSON in runs.summary: why shards and rows did not make it, and the fates.
+SUMMARY_FIELDS = ("problems", "fates", "shards_healed", "requests", "trees_unanswered", "seeds")
 COMPUTED = ("snapshot_id", "fleiss_kappa", "agreement")  # filled in here, from what the lake holds
 RUN_STATUSES = ("complete", "partial", "failed")
 # Publishing attempts when other writers of a shared catalog keep committing first; the wait between
@@ -57,6 +61,18 @@ def materialise_run(
     and quarantined shards alike. Shards and validation results already in the lake for this run
     are skipped; the run row is replaced. If anything fails, nothing is published.
     """
+    return publish_run_snapshot(config, run_row, shards, validations)[0]
+
+
+def publish_run_snapshot(
+    config: Config,
+    run_row: Mapping[str, Any],
+    shards: Sequence[Mapping[str, Any]],
+    validations: Iterable[Mapping[str, Any]] = (),
+    fates: Sequence[ShardFate] | None = None,
+) -> tuple[int, list[ShardFate] | None]:
+    """Publish like materialise_run; with the run's shard `fates`, settle them inside the publishing transaction
+    (a passing shard the lake already held is `reused`), write the run row's counts from them, and return them."""
     run = _run_values(run_row)
     run_id = run["run_id"]
     for manifest in shards:
@@ -71,10 +87,10 @@ def materialise_run(
         con.execute("SET ducklake_max_retry_count = 0")
         for attempt in range(1, PUBLISH_ATTEMPTS + 1):
             try:
-                return _publish(con, config, run, shards, validations)
+                return _publish(con, config, run, shards, validations, fates)
             except _LostCommitRace:
                 if attempt == PUBLISH_ATTEMPTS:
-                    raise LakeError(
+                    raise LakeUnavailable(
                         f"run {run_id}: nothing published: other writers of the catalog committed first "
                         f"{attempt} times in a row"
                     ) from None
@@ -88,7 +104,8 @@ def _publish(
     run: dict[str, Any],
     shards: Sequence[Mapping[str, Any]],
     validations: Sequence[Mapping[str, Any]],
-) -> int:
+    fates: Sequence[ShardFate] | None,
+) -> tuple[int, list[ShardFate] | None]:
     """One publishing transaction of materialise_run; raises _LostCommitRace when another writer committed first."""
     run_id = run["run_id"]
     con.execute("BEGIN")
@@ -103,6 +120,13 @@ def _publish(
         _check_same_config(con, run_id, run["config_hash"])
         present = _shards_in_lake(con, run_id)
         new_shards = [m for m in shards if m["shard_id"] not in present]
+        settled = None if fates is None else settle(fates, present)
+        if settled is not None:  # the run row says what this transaction found, not what the caller expected
+            counts = fate_counts(settled, run["shards_planned"])
+            run.update({k: v for k, v in counts.items() if k in RUN_COLUMNS})
+            summary = json.loads(run["summary"] or "{}")
+            summary.update(fates=[f.to_dict() for f in settled], shards_healed=counts["shards_healed"])
+            run["summary"] = json.dumps(summary, sort_keys=True, default=str)
         for table in SHARD_TABLES:
             _insert_shard_table(con, config.object_store.bucket, table, new_shards)
 
@@ -127,6 +151,8 @@ def _publish(
         lake.rollback(con)
         if isinstance(exc, duckdb.TransactionException) and "maximum retry count" in str(exc):
             raise _LostCommitRace() from None
+        if isinstance(exc, duckdb.IOException | duckdb.ConnectionException | duckdb.HTTPException):
+            raise LakeUnavailable(f"run {run_id}: nothing published: {exc}") from None
         if isinstance(exc, duckdb.Error | LakeError):
             raise LakeError(f"run {run_id}: nothing published: {exc}") from None
         raise
@@ -141,7 +167,7 @@ def _publish(
             f"run {run_id}: published as snapshot {committed}, but runs.snapshot_id says {snapshot_id} "
             "(another writer committed in between); fix the runs row by hand"
         )
-    return snapshot_id
+    return snapshot_id, settled
 
 
 def published_config_hash(config: Config, run_id: str) -> str | None:
@@ -306,12 +332,14 @@ def check_run_id_task(config: dict, run_id: str) -> None:
 
 
 
-@task(name="materialise", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def materialise_task(config: dict, summary: dict, shards: list[dict], validations: list[dict]) -> int:
-    """Publish the run's validated shards and its runs row as one lake snapshot; return the snapshot id."""
+@task(name="materialise", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
+def materialise_task(config: dict, summary: dict, shards: list[dict], validations: list[dict]) -> dict:
+    """Publish the run's validated shards and its runs row as one lake snapshot; return the snapshot id and the
+    run's fates, counts and status as the publishing transaction settled them (keys of `with_fates`)."""
     run_row = {column: summary.get(column) for column in RUN_COLUMNS if column not in COMPUTED}
     run_row["finished_at"] = datetime.now(timezone.utc).isoformat()
-    run_row["summary"] = {"problems": summary.get("problems", []), "shards_reused": summary.get("shards_reused", 0)}
-    snapshot_id = materialise_run(Config.from_dict(config), run_row, shards, validations)
+    run_row["summary"] = {k: summary[k] for k in SUMMARY_FIELDS if k in summary}
+    fates = [ShardFate(**f) for f in summary["fates"]]
+    snapshot_id, settled = publish_run_snapshot(Config.from_dict(config), run_row, shards, validations, fates)
     get_run_logger().info("run %s published as lake snapshot %d", summary["run_id"], snapshot_id)
-    return snapshot_id
+    return {"snapshot_id": snapshot_id, **with_fates(summary, settled or [])}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
 from orchard.errors import OrchardError
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"

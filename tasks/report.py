@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from datetime import datetime
 from typing import Any, Mapping, Sequence
 
 import duckdb
@@ -13,6 +14,8 @@ from prefect.cache_policies import NO_CACHE
 
 from orchard.config import Config, CostConfig
 from orchard.lake import LakeError, connect
+from tasks.fates import ShardFate, with_fates
+from tasks.seeds import SourceCount
 
 MARGIN_BINS = (0.25, 0.5, 0.75, 1.0)  # upper edges of the margin histogram's bins
 
@@ -41,6 +44,41 @@ def run_totals(grown_stats: Sequence[Mapping[str, Any]], growth_wall_s: float) -
     }
 
 
+def run_summary(run_id: str, flow_run_id: str | None, cfg: Config, started_at: datetime, planned: int,
+                fates: Sequence[ShardFate], receipts: Sequence[Mapping[str, Any]], passed: Sequence[Mapping[str, Any]],
+                growth_wall_s: float, seeds: Sequence[SourceCount]) -> dict[str, Any]:
+    """Return a run's summary before it is published: its fates and status, the rows of the shards that passed
+    (`passed` receipts), what the shards grown now cost (`receipts` whose state is `landed`), failed requests,
+    and what each seed source gave."""
+    fresh = [r["stats"] for r in receipts if r["state"] == "landed"]
+    totals = run_totals([r["stats"] for r in passed], growth_wall_s)
+    # What this run paid for: tokens and GPU time of the shards grown now, not of reused ones.
+    totals.update({k: v for k, v in run_totals(fresh, growth_wall_s).items()
+                   if k in ("prompt_tokens", "completion_tokens", "tokens_per_s")})
+    totals.update(cost_estimate(fresh, cfg.cost))
+    return {
+        "run_id": run_id,
+        "flow_run_id": flow_run_id,
+        "config_hash": cfg.content_hash(),
+        "started_at": started_at.isoformat(),
+        **with_fates({"shards_planned": planned}, fates),
+        **totals,
+        "requests": request_totals(fresh),
+        "trees_unanswered": sum(r["stats"].get("trees_unanswered", 0) for r in passed),
+        "seeds": [source.to_dict() for source in seeds],
+    }
+
+
+def request_totals(grown_stats: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Return the requests sent and failed over the shards' stats, with the failures by reason."""
+    by_reason: dict[str, int] = {}
+    for stats in grown_stats:
+        for reason, count in (stats.get("requests") or {}).get("failed_by_reason", {}).items():
+            by_reason[reason] = by_reason.get(reason, 0) + count
+    return {"sent": sum((s.get("requests") or {}).get("sent", 0) for s in grown_stats),
+            "failed": sum(by_reason.values()), "failed_by_reason": dict(sorted(by_reason.items()))}
+
+
 def cost_estimate(grown_stats: Sequence[Mapping[str, Any]], cost: CostConfig) -> dict[str, Any]:
     """Return what growing these shards cost at `cost`'s prices: tokens at API prices plus GPU hours (one slot per
     shard for its growth time)."""
@@ -57,13 +95,16 @@ def summary_text(summary: Mapping[str, Any]) -> str:
     lines = [
         f"run {summary['run_id']}: {summary['status']}",
         f"  shards: {summary['shards_planned']} planned, {summary['shards_published']} published, "
-        f"{summary['shards_reused']} already landed, {summary['shards_quarantined']} quarantined, "
-        f"{summary['shards_failed']} failed",
+        f"{summary['shards_reused']} already in the lake, {summary['shards_quarantined']} quarantined, "
+        f"{summary['shards_failed']} failed" + (f" ({summary['shards_healed']} grown again after corruption)"
+                                                 if summary.get("shards_healed") else ""),
         f"  trees {summary['trees']}, nodes {summary['nodes']}, pairs {summary['pairs']}"
         f"{_methods(summary.get('pairs_by_method'))}, pass rate {_pct(summary['pass_rate'])}",
         f"  tokens: {summary['prompt_tokens']} prompt + {summary['completion_tokens']} completion "
         f"in {summary['wall_s']} s of growth = {summary['tokens_per_s']} tokens/s",
         f"  cost estimate: {_cost(summary)}",
+        *_request_lines(summary),
+        *_seed_lines(summary.get("seeds")),
         f"  lake snapshot: {summary['snapshot_id']}",
     ]
     for method, m in (summary.get("curation") or {}).items():
@@ -80,6 +121,23 @@ def summary_text(summary: Mapping[str, Any]) -> str:
     if summary.get("snapshot_id") is not None:
         lines.append(f'            orchard sql --version {summary["snapshot_id"]} "SELECT count(*) FROM dpo_pairs"')
     return "\n".join(lines)
+
+
+def _request_lines(summary: Mapping[str, Any]) -> list[str]:
+    requests = summary.get("requests") or {}
+    lines = []
+    if requests.get("failed"):
+        reasons = ", ".join(f"{reason} {n}" for reason, n in requests["failed_by_reason"].items())
+        lines.append(f"  requests: {requests['failed']} of {requests['sent']} failed after retries ({reasons}); "
+                     "their nodes were not grown")
+    if summary.get("trees_unanswered"):
+        lines.append(f"  trees without an answer (no pairs): {summary['trees_unanswered']}")
+    return lines
+
+
+def _seed_lines(seeds: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    return [f"  seeds: {s['source']}: {s['read']} read, {s['kept']} kept"
+            + "".join(f", {n} dropped ({reason})" for reason, n in s["dropped"].items()) for s in seeds or ()]
 
 
 def jury_lines(jury: Mapping[str, Any] | None) -> list[str]:
@@ -131,6 +189,10 @@ def _cost(summary: Mapping[str, Any]) -> str:
         return "–"
     unpriced = "" if summary.get("priced") else " (no prices set under [cost])"
     return f"${summary['cost_usd']:.2f} for {summary['gpu_hours']:.3f} GPU-slot hours of growth{unpriced}"
+
+
+def _blank(value: Any) -> str:
+    return "" if value is None else str(value)
 
 
 def _num(value: float | None) -> str:
@@ -206,14 +268,19 @@ def curation_markdown(methods: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def report_markdown(summary: Mapping[str, Any], shards: Sequence[Mapping[str, Any]],
-                    curation: Mapping[str, Any] | None = None, jury: Mapping[str, Any] | None = None) -> str:
-    """Return the markdown report of a run: totals, pairs per curation method, then one line per shard."""
+def report_markdown(summary: Mapping[str, Any], curation: Mapping[str, Any] | None = None,
+                    jury: Mapping[str, Any] | None = None) -> str:
+    """Return the markdown report of a run: totals, pairs per curation method, then each shard's fate."""
     rows = "\n".join(
-        f"| `{s['shard_id']}` | {s['state']} | {s.get('trees', '')} | {s.get('pairs', '')} | {s.get('worker') or 'in-process'} "
-        f"| {s.get('reason', '')} |"
-        for s in shards
+        f"| `{f['shard_id']}` | {f['fate']}{' (grown again)' if f.get('healed') else ''} | {_blank(f.get('trees'))} "
+        f"| {_blank(f.get('pairs'))} | {f.get('worker') or 'in-process'} | {f.get('reason') or f.get('healed') or ''} |"
+        for f in summary["fates"]
     )
+    requests = summary.get("requests") or {}
+    failed = "; ".join(f"{reason}: {n}" for reason, n in (requests.get("failed_by_reason") or {}).items()) or "none"
+    seeds = "\n".join(f"| {s['source']} | {s['read']} | {s['kept']} | "
+                      f"{', '.join(f'{reason} {n}' for reason, n in s['dropped'].items()) or '–'} |"
+                      for s in summary.get("seeds") or ())
     problems = "\n".join(f"- {p}" for p in summary.get("problems", [])) or "- none"
     docs = f"[Data Docs]({summary['data_docs']})" if summary.get("data_docs") else "no Data Docs"
     return f"""# Orchard run `{summary['run_id']}` — {summary['status']}
@@ -229,9 +296,19 @@ def report_markdown(summary: Mapping[str, Any], shards: Sequence[Mapping[str, An
 {jury_markdown(jury)}
 
 ## Shards
-| shard | state | trees | pairs | grown by | reason |
+{summary['shards_planned']} planned: {summary['shards_published']} published, {summary['shards_reused']} already in the lake, {summary['shards_quarantined']} quarantined, {summary['shards_failed']} failed.
+
+| shard | fate | trees | pairs | grown by | reason |
 |---|---|---|---|---|---|
 {rows}
+
+## Requests
+{requests.get('failed', 0)} of {requests.get('sent', 0)} requests failed after the engine's retries ({failed}); their nodes were not grown. Trees without an answer (no pairs): {summary.get('trees_unanswered', 0)}.
+
+## Seeds
+| source | read | kept | dropped |
+|---|---|---|---|
+{seeds}
 
 ## Problems
 {problems}
@@ -241,7 +318,7 @@ Validation: {docs}
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report_task(config: dict, summary: dict, shards: list[dict]) -> dict:
+def report_task(config: dict, summary: dict) -> dict:
     """Publish the run's summary table and markdown report as Prefect artifacts; return the curation and jury
     statistics (keys `curation`, `jury`).
 
@@ -262,5 +339,5 @@ def report_task(config: dict, summary: dict, shards: list[dict]) -> dict:
         table=[{k: v for k, v in summary.items() if not isinstance(v, list | dict)}],
         description=f"Orchard run {summary['run_id']}",
     )
-    create_markdown_artifact(key=f"{key}-report"[:100], markdown=report_markdown(summary, shards, curation, jury))
+    create_markdown_artifact(key=f"{key}-report"[:100], markdown=report_markdown(summary, curation, jury))
     return {"curation": curation, "jury": jury}

@@ -467,44 +467,92 @@ def _if_instructions(prompts: Sequence[Any]) -> list[Instruction]:
     return [_make("instruction_following", p.source, p.source_row, p.text, p.reference(), p.k) for p in prompts]
 
 
+@dataclass(frozen=True)
+class SourceCount:
+    """How many rows one seed source gave, how many became instructions, and why the others did not."""
+
+    source: str  # e.g. "seeds[0] gsm8k data/train.jsonl"
+    read: int
+    kept: int
+    dropped: dict[str, int]  # reason -> rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """The run's shards and what each seed source contributed to them."""
+
+    plans: list[ShardPlan]
+    sources: list[SourceCount]
+
+
+DROPPED_BEYOND_COUNT = "beyond count"
+DROPPED_DUPLICATE = "duplicate instruction id"
+GENERATED = ("arithmetic", "code", "if_synth")  # kinds that make their rows: they need a count
+
+
 def load_seeds(sources: Iterable[SeedSource]) -> list[Instruction]:
     """Return the instructions of every configured source, first occurrence of a duplicate kept."""
-    seen: dict[str, Instruction] = {}
-    for i, source in enumerate(sources):
-        if source.kind == "arithmetic":
-            found = generate_arithmetic(source.count, difficulty=source.difficulty, seed=source.seed)
-        elif source.kind == "code":
-            found = generate_code_tasks(source.count, seed=source.seed, difficulty=source.difficulty)
-        elif source.kind == "open_ended":  # the shipped prompts, or a local JSONL/Parquet file of them
-            found = load_open_ended(source.path or None, source.count)
-        elif source.kind == "humaneval":
-            found = load_humaneval(source.count, path=source.path or None)
-        elif source.kind == "if_synth":
-            from tasks.constraints import synthesize_if_prompts  # imports nltk: only when asked for
+    return read_seeds(sources)[0]
 
-            # difficulty = the most constraints a prompt gets (k is drawn from 1..difficulty)
-            found = _if_instructions(synthesize_if_prompts(source.count, k_min=1, k_max=source.difficulty,
-                                                           seed=source.seed))
-        elif source.kind == "ifeval":
+
+def read_seeds(sources: Iterable[SeedSource]) -> tuple[list[Instruction], list[SourceCount]]:
+    """Return the instructions of every configured source (first occurrence of a duplicate kept) and, per source,
+    the rows read, kept and dropped with the reason.
+
+    A file (or shipped set) without `count` is read whole; with one, its first `count` rows are kept. A
+    generator needs a count: it makes that many rows.
+    """
+    seen: dict[str, Instruction] = {}
+    counts = []
+    for i, source in enumerate(sources):
+        if source.kind in GENERATED and source.count < 1:
+            raise SeedError(f"seeds[{i}].count: a generated source ({source.kind}) needs a count of at least 1, "
+                            f"got {source.count}")
+        if source.count < 0:
+            raise SeedError(f"seeds[{i}].count: must be 0 (every row) or more, got {source.count}")
+        found = _source_rows(i, source)
+        kept = found[: source.count] if source.count else found
+        dropped = {DROPPED_BEYOND_COUNT: len(found) - len(kept)}
+        new = 0
+        for instruction in kept:
+            if instruction.instruction_id in seen:
+                dropped[DROPPED_DUPLICATE] = dropped.get(DROPPED_DUPLICATE, 0) + 1
+            else:
+                seen[instruction.instruction_id] = instruction
+                new += 1
+        label = " ".join(filter(None, (f"seeds[{i}]", source.kind, source.path)))
+        counts.append(SourceCount(label, len(found), new, {k: v for k, v in dropped.items() if v}))
+    return list(seen.values()), counts
+
+
+def _source_rows(i: int, source: SeedSource) -> list[Instruction]:
+    """Return every row source `i` gives (a generator: `count` rows), in order."""
+    if source.kind == "arithmetic":
+        return generate_arithmetic(source.count, difficulty=source.difficulty, seed=source.seed)
+    if source.kind == "code":
+        return generate_code_tasks(source.count, seed=source.seed, difficulty=source.difficulty)
+    if source.kind == "if_synth":
+        from tasks.constraints import synthesize_if_prompts  # imports nltk: only when asked for
+
+        # difficulty = the most constraints a prompt gets (k is drawn from 1..difficulty)
+        return _if_instructions(synthesize_if_prompts(source.count, k_min=1, k_max=source.difficulty, seed=source.seed))
+    if source.kind == "open_ended":  # the shipped prompts, or a local JSONL/Parquet file of them
+        return load_open_ended(source.path or None)
+    if source.kind == "humaneval":
+        return load_humaneval(path=source.path or None)
+    if source.kind in ("ifeval", "gsm8k", "mbpp"):
+        if not source.path:
+            raise SeedError(f"seeds[{i}]: a {source.kind} source needs a path")
+        if source.kind == "ifeval":
             from tasks.constraints import load_ifeval
 
-            if not source.path:
-                raise SeedError(f"seeds[{i}]: an ifeval source needs a path")
-            found = _if_instructions(load_ifeval(source.path))
-            if source.count:
-                found = found[: source.count]
-        elif source.kind in ("gsm8k", "mbpp"):
-            if not source.path:
-                raise SeedError(f"seeds[{i}]: a {source.kind} source needs a path")
-            loader = load_gsm8k if source.kind == "gsm8k" else load_mbpp
-            found = loader(source.path, difficulty=source.difficulty)
-            if source.count:
-                found = found[: source.count]
-        else:
-            raise SeedError(f"seeds[{i}].kind: unknown seed kind {source.kind!r} (known: {', '.join(SEED_KINDS)})")
-        for instruction in found:
-            seen.setdefault(instruction.instruction_id, instruction)
-    return list(seen.values())
+            return _if_instructions(load_ifeval(source.path))
+        loader = load_gsm8k if source.kind == "gsm8k" else load_mbpp
+        return loader(source.path, difficulty=source.difficulty)
+    raise SeedError(f"seeds[{i}].kind: unknown seed kind {source.kind!r} (known: {', '.join(SEED_KINDS)})")
 
 
 def plan_shards(instructions: Sequence[Instruction], *, per_shard: int, config_hash: str) -> list[ShardPlan]:
@@ -522,10 +570,11 @@ def plan_shards(instructions: Sequence[Instruction], *, per_shard: int, config_h
 
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
-def plan_shards_task(config: dict) -> list[ShardPlan]:
-    """Load every seed source and split the instructions into shards."""
+def plan_shards_task(config: dict) -> SeedPlan:
+    """Load every seed source and split the instructions into shards; say what each source gave."""
     cfg = Config.from_dict(config)
-    instructions = load_seeds(cfg.seeds)
+    instructions, sources = read_seeds(cfg.seeds)
     if not instructions:
         raise SeedError("seeds: the configured sources produced no instructions")
-    return plan_shards(instructions, per_shard=cfg.run.instructions_per_shard, config_hash=cfg.content_hash())
+    plans = plan_shards(instructions, per_shard=cfg.run.instructions_per_shard, config_hash=cfg.content_hash())
+    return SeedPlan(plans, sources)

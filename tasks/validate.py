@@ -25,12 +25,13 @@ import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from orchard.errors import OrchardError
 from orchard.config import Config
+from orchard.errors import OrchardError, is_transient, retry_transient
 from orchard.store import ObjectStore
 from schemas.rows import SHARD_TABLES
-from tasks.land import quarantine_shard, read_shard_table
 from schemas.suites import SUITES_DIR, SuiteError, SuiteSpec, columns_of, load_suites, with_checks
+from tasks.fates import ShardCheck
+from tasks.land import ShardIntegrityError, quarantine_corrupt, quarantine_shard, read_shard
 
 if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuiteValidationResult
@@ -468,21 +469,43 @@ def _short(value: Any, limit: int = 40) -> str:
 # --- Prefect task: one per shard --------------------------------------------------------------
 
 
-@task(name="validate-shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def validate_shard_task(config: dict, run_id: str, receipt: dict) -> dict:
-    """Validate a landed shard; quarantine it if an expectation fails; return the verdict and validation rows."""
+@task(name="validate-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
+def validate_shard_task(config: dict, run_id: str, receipt: dict) -> ShardCheck:
+    """Validate a landed shard: quarantine it if it is corrupt (outcome `corrupt`: it is grown again) or an
+    expectation fails, or if its validation cannot run (`quarantined`, with the reason); return the outcome.
+
+    Only a transient error (the store unreachable) is retried, and it quarantines nothing.
+    """
     cfg = Config.from_dict(config)
     store = ObjectStore(cfg.object_store)
-    manifest = receipt["manifest"]
+    shard_id, manifest = receipt["shard_id"], receipt["manifest"]
+    logger = get_run_logger()
     if receipt["state"] == "quarantined":  # quarantined by an earlier attempt of this run: report it again
         stored = store.get_json(manifest["validation_key"])
-        return {"shard_id": receipt["shard_id"], "passed": False, "summary": stored["summary"],
-                "rows": stored["rows"], "data_docs": stored.get("data_docs_index")}
-    tables = {name: read_shard_table(store, manifest, name) for name in SHARD_TABLES}
-    validation = validate_shard(tables, shard_id=receipt["shard_id"], gx_dir=cfg.state_path / "gx")
-    outcome = {"shard_id": receipt["shard_id"], "passed": validation.success, "summary": validation.summary(),
-               "rows": validation.rows(run_id), "data_docs": validation.data_docs_index}
-    if not validation.success:
-        where = quarantine_shard(store, run_id, receipt["shard_id"], {**validation.to_dict(), **outcome})
-        get_run_logger().warning("shard %s quarantined at %s: %s", receipt["shard_id"], where, outcome["summary"])
-    return outcome
+        return ShardCheck(shard_id, "quarantined", stored["summary"], receipt, tuple(stored.get("rows") or ()),
+                          stored.get("data_docs_index"))
+    try:
+        tables = read_shard(store, manifest)
+    except ShardIntegrityError as error:
+        where = quarantine_corrupt(store, run_id, shard_id, error)
+        logger.warning("shard %s is corrupt, quarantined at %s: %s", shard_id, where, error)
+        return ShardCheck(shard_id, "corrupt", str(error), receipt)
+    try:
+        validation = validate_shard(tables, shard_id=shard_id, gx_dir=cfg.state_path / "gx")
+    except Exception as error:  # noqa: BLE001 - a validation that cannot run is a fate: quarantined, with why
+        if is_transient(error):
+            raise
+        summary = f"validation could not run: {type(error).__name__}: {error}"
+        logger.error("shard %s: %s", shard_id, summary, exc_info=True)
+        where = quarantine_shard(store, run_id, shard_id, {"shard_id": shard_id, "passed": False, "summary": summary,
+                                                            "rows": []})
+        logger.warning("shard %s quarantined at %s", shard_id, where)
+        return ShardCheck(shard_id, "quarantined", summary, receipt)
+    rows = tuple(validation.rows(run_id))
+    if validation.success:
+        return ShardCheck(shard_id, "passed", "", receipt, rows, validation.data_docs_index)
+    outcome = {"shard_id": shard_id, "passed": False, "summary": validation.summary(), "rows": list(rows),
+               "data_docs": validation.data_docs_index}
+    where = quarantine_shard(store, run_id, shard_id, {**validation.to_dict(), **outcome})
+    logger.warning("shard %s quarantined at %s: %s", shard_id, where, outcome["summary"])
+    return ShardCheck(shard_id, "quarantined", validation.summary(), receipt, rows, validation.data_docs_index)

@@ -3,6 +3,8 @@ import asyncio
 import pytest
 
 from orchard.config import RunConfig
+from orchard.engine import EngineError
+from orchard.errors import is_transient
 from schemas import rows
 from tasks.grow import GrowError, grow_shard
 from tasks.pairs import extract_pairs
@@ -95,10 +97,48 @@ def test_sampling_parameters_are_recorded_on_nodes():
 
 def test_a_failing_engine_fails_the_shard_with_its_reason():
     def broken(messages, sampling):
-        raise ConnectionError("engine unreachable")
+        raise EngineError("http://model: gave up after 4 attempts: ConnectError: engine unreachable",
+                          "ConnectError after retries", transient=True)
 
-    with pytest.raises(GrowError, match="3 of 3 turn 1 actions requests failed.*engine unreachable"):
+    with pytest.raises(GrowError, match=r"3 of 3 requests failed, more than run.max_failed_request_share \(5%\).*"
+                                        r"ConnectError after retries.*engine unreachable") as raised:
         grow(ScriptedEngine(broken), instruction())
+    assert is_transient(raised.value), "a server that was down may answer a retry of the shard"
+
+
+def test_a_request_that_fails_costs_only_its_own_nodes_and_is_counted():
+    def refuses_plan_first(messages, sampling):
+        if "First write a one-line plan" in messages[0]["content"]:
+            raise EngineError("http://model: HTTP 400: prompt too long", "HTTP 400")
+        return "Answer: 6"
+
+    grown = grow(ScriptedEngine(refuses_plan_first), instruction(), max_failed_request_share=0.5)
+    assert {a["strategy"] for a in by_role(grown, "action")} == {"step_by_step", "work_backwards"}
+    assert len(by_role(grown, "action")) == 4  # 2 samples of each strategy that was answered
+    requests = grown.stats["requests"]
+    assert (requests["sent"], requests["failed"], requests["failed_by_reason"]) == (3, 1, {"HTTP 400": 1})
+    assert "plan_first" in requests["first_failure"] and grown.stats["trees_unanswered"] == 0
+
+
+def test_a_tree_whose_requests_all_fail_is_counted_unanswered_and_has_no_pairs():
+    other = instruction("Compute 3 × 3.", "9")
+
+    def refuses_the_second(messages, sampling):
+        if "3 × 3" in messages[-1]["content"]:
+            raise EngineError("http://model: HTTP 400: no", "HTTP 400")
+        return "Answer: 6" if sampling.seed % 2 else "Answer: 7"
+
+    grown = grow(ScriptedEngine(refuses_the_second), instruction(), other, max_failed_request_share=0.5)
+    assert grown.stats["trees_unanswered"] == 1 and grown.stats["requests"]["failed"] == 3
+    assert not [p for p in grown.pairs if p["instruction_id"] == other.instruction_id]
+
+
+def test_an_error_that_is_not_the_engines_is_not_counted_but_raised():
+    def buggy(messages, sampling):
+        raise KeyError("a defect")
+
+    with pytest.raises(KeyError, match="a defect"):
+        grow(ScriptedEngine(buggy), instruction())
 
 
 def test_unknown_strategy_is_named():

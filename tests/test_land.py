@@ -13,14 +13,19 @@ import pytest
 from orchard.store import ObjectMissing, ObjectStore
 from schemas.rows import MESSAGES, SHARD_TABLES
 from tasks.land import (
+    MANIFEST,
     LandingError,
     ShardChecksumError,
+    ShardIntegrityError,
     ShardSchemaError,
     land_shard,
     landed_manifest,
+    quarantine_corrupt,
     quarantine_shard,
     quarantined_manifest,
+    read_shard,
     read_shard_table,
+    resume_shard,
     shard_prefix,
 )
 
@@ -184,7 +189,7 @@ def test_quarantine_moves_the_shard_with_its_validation(store: ObjectStore) -> N
     assert store.list_keys(shard_prefix(RUN, SHARD)) == []
     quarantined = quarantined_manifest(store, RUN, SHARD)
     assert quarantined is not None and quarantined["stats"] == STATS
-    assert store.get_json(quarantined["validation_key"]) == validation
+    assert store.get_json(quarantined["validation_key"]) == {"kind": "validation", **validation}
     for name in SHARD_TABLES:
         assert quarantined["files"][name]["key"] == f"runs/{RUN}/quarantine/{SHARD}/{name}.parquet"
         assert read_shard_table(store, quarantined, name).equals(tables[name])
@@ -203,3 +208,78 @@ def test_interrupted_quarantine_finishes_removing_the_shard(store: ObjectStore) 
 def test_quarantining_a_shard_that_never_landed_is_refused(store: ObjectStore) -> None:
     with pytest.raises(LandingError, match="no landed shard to quarantine"):
         quarantine_shard(store, RUN, "never-landed", {"success": False})
+
+
+# --- corrupt landed shards: found on resume or when read, quarantined with what is wrong, grown again --------------
+
+
+def _corrupt(store: ObjectStore, how: str) -> str:
+    """Land a shard, then damage it `how`; return the key of the object at fault."""
+    manifest = land_shard(store, RUN, SHARD, shard_tables(), config_hash="cfg1", stats=STATS)
+    prefix = shard_prefix(RUN, SHARD)
+    if how == "truncated":  # the bytes cut short, the manifest untouched
+        key = manifest["files"]["nodes"]["key"]
+        body = store.get(key)
+        store.delete(key)
+        store.put_new(key, body[: len(body) // 2])
+        return key
+    if how == "truncated, manifest rewritten to match":  # the checksums agree: only reading the Parquet tells
+        key = manifest["files"]["nodes"]["key"]
+        body = store.get(key)[:-40]
+        store.delete(key)
+        store.put_new(key, body)
+        manifest["files"]["nodes"].update(bytes=len(body), sha256=hashlib.sha256(body).hexdigest())
+    elif how == "missing part":
+        key = manifest["files"]["pairs"]["key"]
+        store.delete(key)
+        return key
+    elif how == "other run":
+        manifest["run_id"] = "run-0"
+    elif how == "unparseable":
+        store.delete(prefix + MANIFEST)
+        store.put_new(prefix + MANIFEST, b'{"run_id": "run-1", "files": ')
+        return prefix + MANIFEST
+    store.delete(prefix + MANIFEST)
+    store.put_new(prefix + MANIFEST, json.dumps(manifest).encode())
+    return manifest["files"]["nodes"]["key"] if how.startswith("truncated") else prefix + MANIFEST
+
+
+@pytest.mark.parametrize("how", ["truncated", "truncated, manifest rewritten to match", "missing part"])
+def test_a_shard_whose_files_are_damaged_fails_to_read_naming_the_object(store: ObjectStore, how: str) -> None:
+    key = _corrupt(store, how)
+    known, healed = resume_shard(store, RUN, SHARD, "cfg1")  # its manifest is intact: it resumes as landed
+    assert known["state"] == "reused" and healed is None
+    with pytest.raises(ShardIntegrityError) as raised:
+        read_shard(store, known["manifest"])
+    assert raised.value.key == key and store.uri(key) in str(raised.value)
+
+
+@pytest.mark.parametrize(("how", "says"), [("other run", "manifest run_id is 'run-0', not 'run-1'"),
+                                          ("unparseable", "manifest is not valid JSON")])
+def test_a_shard_whose_manifest_is_not_this_runs_is_quarantined_on_resume_and_grown_again(
+        store: ObjectStore, how: str, says: str) -> None:
+    key = _corrupt(store, how)
+    known, healed = resume_shard(store, RUN, SHARD, "cfg1")
+    assert known is None and says in healed  # to be grown again
+    assert landed_manifest(store, RUN, SHARD) is None and store.list_keys(shard_prefix(RUN, SHARD)) == []
+    quarantined = quarantined_manifest(store, RUN, SHARD)
+    validation = store.get_json(quarantined["validation_key"])
+    assert (validation["kind"], validation["object"]) == ("integrity", key) and says in validation["mismatch"]
+    # Until its regrowth lands, a re-run grows it again rather than calling it quarantined or landed.
+    assert resume_shard(store, RUN, SHARD, "cfg1")[0] is None
+
+
+def test_a_corrupt_shard_read_at_validation_moves_to_quarantine_whole(store: ObjectStore) -> None:
+    key = _corrupt(store, "truncated")
+    manifest = landed_manifest(store, RUN, SHARD)
+    with pytest.raises(ShardIntegrityError) as raised:
+        read_shard(store, manifest)
+    quarantine_corrupt(store, RUN, SHARD, raised.value)
+    quarantined = quarantined_manifest(store, RUN, SHARD)
+    assert quarantined["kind"] == "integrity" and quarantined["object"] == key
+    assert sorted(quarantined["files"]) == sorted(f"{name}.parquet" for name in SHARD_TABLES)
+    assert store.get_json(quarantined["validation_key"])["landed_manifest"]  # the manifest as it was, kept
+    assert resume_shard(store, RUN, SHARD, "cfg1") == (None, f"{store.uri(key)}: {raised.value.mismatch}")
+    # Its regrowth lands under the same prefix and is then what a re-run finds.
+    land_shard(store, RUN, SHARD, shard_tables(), config_hash="cfg1", stats=STATS)
+    assert resume_shard(store, RUN, SHARD, "cfg1")[0]["state"] == "reused"

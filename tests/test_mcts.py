@@ -110,7 +110,8 @@ def test_steps_continue_their_parent_and_unfinished_steps_are_rolled_out():
     for node in steps[2:] + rollouts:
         assert node["text"].startswith(by_id[node["parent_id"]]["text"])
         assert node["verdict"] in ("correct", "incorrect") and node["turn"] == 1
-    assert grown.stats["mcts"] == {"rounds": 2, "expansions": 2, "steps": 4, "rollouts": 2, "self_eval_missing": 0}
+    assert grown.stats["mcts"] == {"rounds": 2, "expansions": 2, "steps": 4, "rollouts": 2, "self_eval_missing": 0,
+                                   "unvalued": 0}
 
 
 def test_values_and_visits_are_recorded_and_q_is_their_mean():

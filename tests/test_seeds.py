@@ -17,6 +17,7 @@ from tasks.seeds import (
     load_mbpp,
     load_seeds,
     plan_shards,
+    read_seeds,
 )
 from tasks.verify import CORRECT, INCORRECT, check_code_answer
 
@@ -204,3 +205,35 @@ def test_code_seed_kinds_load():
 def test_mbpp_source_needs_a_path():
     with pytest.raises(SeedError, match=r"seeds\[0\]: a mbpp source needs a path"):
         load_seeds([SeedSource(kind="mbpp")])
+
+
+def _gsm8k_file(tmp_path, rows: int):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n"
+                            for i in range(rows)))
+    return path
+
+
+def test_a_file_source_without_count_reads_every_row(tmp_path):
+    path = _gsm8k_file(tmp_path, 11)
+    instructions, (source,) = read_seeds([SeedSource(kind="gsm8k", path=str(path))])
+    assert len(instructions) == 11
+    assert (source.read, source.kept, source.dropped) == (11, 11, {})
+    assert source.source == f"seeds[0] gsm8k {path}"
+
+
+def test_seed_counts_say_what_count_and_duplicates_dropped(tmp_path):
+    path = _gsm8k_file(tmp_path, 11)
+    instructions, (first, second) = read_seeds([SeedSource(kind="gsm8k", path=str(path), count=4),
+                                                SeedSource(kind="gsm8k", path=str(path))])
+    assert len(instructions) == 11
+    assert (first.read, first.kept, first.dropped) == (11, 4, {"beyond count": 7})
+    assert (second.read, second.kept, second.dropped) == (11, 7, {"duplicate instruction id": 4})
+    # The rows that went missing are exactly the ones the reasons account for.
+    for source in (first, second):
+        assert source.read - source.kept == sum(source.dropped.values())
+
+
+def test_a_generator_without_count_is_refused_with_the_field():
+    with pytest.raises(SeedError, match=r"seeds\[0\]\.count: a generated source \(arithmetic\) needs a count"):
+        read_seeds([SeedSource(kind="arithmetic")])
