@@ -647,24 +647,28 @@ def lake_facts(cfg: Config, run_id: str) -> dict:
             facts["rows"][table], facts["distinct"][table] = rows, distinct
             facts["per_shard"][table] = dict(con.execute(
                 f"SELECT shard_id, count(*) FROM {table} WHERE run_id = ? GROUP BY 1", [run_id]).fetchall())
-        columns = [c[0] for c in con.execute("SELECT * FROM runs LIMIT 0").description]
-        summary = ", summary" if "summary" in columns else ", NULL"
-        facts["runs"] = con.execute(f"SELECT status, snapshot_id{summary} FROM runs WHERE run_id = ?", [run_id]).fetchall()
+        cursor = con.execute("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        columns = [c[0] for c in cursor.description]
+        rows = [dict(zip(columns, row)) for row in cursor.fetchall()]
+        facts["runs"] = [(r["status"], r["snapshot_id"], r) for r in rows]
         facts["digest"] = con.execute(
             "SELECT md5(string_agg(node_id || ':' || coalesce(text, ''), '|' ORDER BY node_id)) FROM nodes "
             "WHERE run_id = ?", [run_id]).fetchone()[0]
         facts["snapshots"] = [(s["snapshot_id"], s["commit_message"]) for s in lake.snapshot_rows(con)]
-    facts["summary"] = _summary_json(facts["runs"][-1][2]) if facts["runs"] else None
+    facts["summary"] = _run_summary(facts["runs"][-1][2]) if facts["runs"] else None
     return facts
 
 
-def _summary_json(text: Any) -> dict | None:
-    if not text:
-        return None
+def _run_summary(row: dict) -> dict:
+    """The run's `runs` row as one dict: its columns, and its `summary` JSON (fates, requests, …) merged in."""
+    merged = {k: v for k, v in row.items() if k != "summary"}
     try:
-        return json.loads(text) if isinstance(text, str) else dict(text)
+        merged.update(json.loads(row.get("summary") or "{}"))
     except (TypeError, ValueError):
-        return None
+        pass
+    fates = merged.get("fates") or []
+    merged.setdefault("shards_reused", sum(f.get("fate") == "reused" for f in fates))
+    return merged
 
 
 def shard_rows_at(cfg: Config, run_id: str, version: int) -> dict[str, dict[str, int]]:

@@ -212,10 +212,10 @@ def judge_corruption(episode: CorruptEpisode, kind: str) -> FaultResult:
                       f"mismatch={str(validation.get('mismatch'))[:80]!r}")
     if episode.again_check.failed:
         failed.append("re-run: " + _problems(episode.again_check.failed, 1))
-    summary = episode.again_check.summary
-    if summary and (summary.get("shards_published"), summary.get("shards_reused")) != (0, len(episode.baseline.planned)):
-        failed.append(f"re-run published {summary.get('shards_published')}, reused {summary.get('shards_reused')}")
-    observed = (f"{episode.first.brief()}; fate {fate.get('fate', '?')} healed={str(fate.get('healed'))[:40]!r}; "
+    again_fates = [f.get("fate") for f in episode.again_check.summary.get("fates") or ()]
+    if again_fates != ["reused"] * len(episode.baseline.planned):
+        failed.append(f"re-run fates {again_fates}, expected every shard reused")
+    observed = (f"{episode.first.brief()}; fate {fate.get('fate', '?')}, healed: {str(fate.get('healed'))[-70:]!r}; "
                 f"validation.json mismatch={str(validation.get('mismatch', '-'))[:60]!r}; "
                 f"{counts_text(episode.first_check.counts)}; re-run {episode.again.brief()}")
     if failed:
