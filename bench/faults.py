@@ -18,7 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import importlib.util
+import importlib
 import json
 import os
 import sys
@@ -292,7 +292,8 @@ def s3_outage(work_dir: Path, seconds: float | None, *, name: str, store_retries
                 failed.append(f"rows of shard {shard} published")
             again, again_check = _rerun_completes(lab, target, baseline, baseline.planned)
             failed += ["re-run: " + p for p in again_check.failed]
-            observed = (f"{first.brief()}; store down {lab.seaweed.down_s[-1] if outage else '-'} s from "
+            observed = (f"{first.brief()}: {first.error_line()[:90]!r}; store down "
+                        f"{lab.seaweed.down_s[-1] if outage else 'until the run ended,'} s from "
                         f"{triggered.get('key', '-')}: shard {shard} published "
                         f"{'no' if not any(shard in r for r in check.facts.get('per_shard', {}).values()) else 'YES'}"
                         f" rows; re-run {again.brief()}, {counts_text(again_check.counts)}")
@@ -452,6 +453,7 @@ def model_answers_many(work_dir: Path) -> FaultResult:
             failed.append("rows published")
         requests = check.summary.get("requests") or {}
         fates = [f.get("fate") for f in check.summary.get("fates") or ()]
+        reasons = [str(f.get("reason", ""))[:110] for f in check.summary.get("fates") or ()]
         healthy.set()
         nodes = MODEL_TREES + MODEL_REQUESTS
         again = lab.run(target, "rerun.log")
@@ -462,7 +464,8 @@ def model_answers_many(work_dir: Path) -> FaultResult:
     expected = "exit 1 failed (shard past 5 % failed requests), nothing published; re-run on a healthy server " \
                f"exit 0 complete, {nodes} nodes"
     observed = (f"{first.brief()}; {len(faulted)} of {MODEL_REQUESTS} requests faulted, proxy answered {answered}; "
-                f"fates {fates or '?'}; requests failed {requests.get('failed', '?')}; re-run {again.brief()}, "
+                f"fates {fates or '?'} ({'; '.join(reasons)}); summary requests.failed {requests.get('failed', '?')}; "
+                f"re-run {again.brief()}, "
                 f"{counts_text(again_check.counts)}")
     if failed:
         observed += " ! " + _problems(failed)
@@ -574,6 +577,8 @@ def postgres_down_in_publish(work_dir: Path) -> FaultResult:
     failed += check.failed
     if first.code in (0, None):
         failed.append(f"exit {first.code}")
+    if first.code == 2 and not first.watch.log_text.rstrip().splitlines()[-2:][0].startswith("orchard: error:"):
+        failed.append("exit 2 without the CLI's one-line error")
     if any(check.facts.get("per_shard", {}).values()) or check.facts.get("runs"):
         failed.append("something of the run was published")
     before = {s: m.get("landed_at") for s, m in check.bucket.get("manifests", {}).items()}
@@ -585,7 +590,7 @@ def postgres_down_in_publish(work_dir: Path) -> FaultResult:
         failed.append(f"re-run grew landed shards again: {regrown}")
     expected = "exit non-zero, nothing published; re-run (catalog back) exit 0 complete reusing the landed shards " \
                "(not regrown), counts = clean run"
-    observed = (f"{first.brief()}; catalog stopped at {round(stopped[0], 1) if stopped else '-'} s, {len(before)} shards "
+    observed = (f"{first.brief()}: {first.error_line()[:90]!r}; catalog stopped at {round(stopped[0], 1) if stopped else '-'} s, {len(before)} shards "
                 f"landed then; published rows {sum(sum(t.values()) for t in check.facts.get('per_shard', {}).values())}"
                 f"; re-run {again.brief()}, regrown {len(regrown)}, {counts_text(again_check.counts)}")
     if failed:
@@ -616,9 +621,7 @@ def cluster_scenarios() -> dict[str, Callable[[Path], FaultResult]]:
     path = Path(__file__).with_name("fault_cluster.py")
     if not path.exists():
         return {}
-    spec = importlib.util.spec_from_file_location("fault_cluster", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("fault_cluster")  # bench/ is on sys.path (see the top of this file)
 
     def wrap(name: str, scenario: Callable[[Path], tuple[str, str, bool]]) -> Callable[[Path], FaultResult]:
         def run(work: Path) -> FaultResult:
