@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fault_lab  # noqa: E402
 from fault_lab import (  # noqa: E402
-    FORWARD, RUN_ID, SMALL_RUN, Attempt, Baseline, Check, FaultProxy, Lab, Target, body_share, check_complete,
+    FORWARD, RUN_ID, Attempt, Baseline, Check, FaultProxy, Lab, Target, body_share, check_complete,
     check_state, clean_run, counts_text,
 )
 from orchard.store import ObjectStore  # noqa: E402
@@ -292,8 +292,8 @@ def s3_outage(work_dir: Path, seconds: float | None, *, name: str, store_retries
                 failed.append(f"rows of shard {shard} published")
             again, again_check = _rerun_completes(lab, target, baseline, baseline.planned)
             failed += ["re-run: " + p for p in again_check.failed]
-            observed = (f"{first.brief()}: {first.error_line()[:90]!r}; store down "
-                        f"{lab.seaweed.down_s[-1] if outage else 'until the run ended,'} s from "
+            down = f"{lab.seaweed.down_s[-1]} s" if outage else "until the run ended"
+            observed = (f"{first.brief()}: {first.error_line()[:90]!r}; store down {down} from "
                         f"{triggered.get('key', '-')}: shard {shard} published "
                         f"{'no' if not any(shard in r for r in check.facts.get('per_shard', {}).values()) else 'YES'}"
                         f" rows; re-run {again.brief()}, {counts_text(again_check.counts)}")
