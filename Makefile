@@ -11,7 +11,7 @@ PIP_FLAGS ?= --disable-pip-version-check
 # only when missing; as root here and in CI, through sudo otherwise.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup sandbox postgres browser vllm-env run test clean-state
+.PHONY: setup sandbox postgres browser vllm-env run test check clean-state
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,10 @@ run: $(STAMP) sandbox
 
 test: $(STAMP) sandbox postgres browser vllm-env
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: the tests that start no service (no SeaweedFS, model server, Prefect or vLLM); a few minutes.
+check: $(STAMP) sandbox
+	$(PY) -m pytest -m "not integration and not vllm" $(PYTEST_ARGS)
 
 clean-state:
 	rm -rf .orchard

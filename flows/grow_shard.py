@@ -17,6 +17,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 
 from orchard.config import Config, ConfigError, load_config, redacted, with_secrets
+from orchard.errors import retry_transient
 from orchard.services import embedded_services
 from orchard.store import ObjectStore
 from tasks.grow import GrowError, grow_shard_task
@@ -51,7 +52,9 @@ def grow_shard_flow(config: dict, run_id: str, plan: ShardPlan) -> dict:
         return grow_shard_task(live.to_dict(), run_id, plan)
 
 
-@task(name="dispatch-shard", cache_policy=NO_CACHE, retries=0)
+# A shard that failed for a transient reason (its store or model server was down) is grown once more; one that
+# failed for a reason a retry repeats (a config, schema or ownership error) is not.
+@task(name="dispatch-shard", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def dispatch_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
     """Grow one shard with the grow-shard flow, here or on a GPU worker; return its receipt.
 

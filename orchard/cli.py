@@ -24,6 +24,46 @@ def _prefect_env(cfg: Config) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
+def _log_to_file(cfg: Config) -> Path:
+    """Send every log record, tracebacks included, to `<state>/logs/orchard.log`; leave the console one line per
+    record (a failed task's traceback is in the file, not on the screen). Return the log file's path."""
+    import logging
+
+    path = cfg.state_path / "logs" / "orchard.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "orchard_log_file", False)]:
+        root.removeHandler(handler)  # an earlier run in this process (tests call main() repeatedly)
+        handler.close()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.orchard_log_file = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    root.addHandler(handler)
+    for console in root.handlers:
+        if console is not handler and not isinstance(console.formatter, _WithoutTraceback):
+            console.setFormatter(_WithoutTraceback(console.formatter))
+    return path
+
+
+class _WithoutTraceback:
+    """A console formatter that leaves tracebacks out of what another formatter writes."""
+
+    def __init__(self, inner: object) -> None:
+        import logging
+
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: object) -> str:
+        import copy
+
+        brief = copy.copy(record)
+        brief.exc_info, brief.exc_text, brief.stack_info = None, None, None  # type: ignore[attr-defined]
+        return self.inner.format(brief)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from orchard.cluster import joined
 
@@ -32,16 +72,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ.setdefault("PREFECT_API_URL", api)
     _prefect_env(cfg)
     from flows.nightly import nightly  # imports Prefect: only after its environment is set
+    from orchard.errors import OrchardError
     from orchard.services import embedded_services
+    from tasks.fates import exit_code
 
+    log_file = _log_to_file(cfg)
     if args.config is not None:  # the flow fills the secrets its parameters leave out from the same file
         os.environ["ORCHARD_CONFIG"] = str(Path(args.config).resolve())
     with embedded_services(cfg) as live:
         state = nightly(config=redacted(live.to_dict()), run_id=args.run_id, return_state=True)
     summary = state.result(raise_on_failure=False)
-    if isinstance(summary, BaseException):  # the flow itself failed (a run that published nothing has a summary)
+    if isinstance(summary, OrchardError):  # the flow itself failed: nothing was published
+        print(f"orchard: run failed, nothing published: {summary} (details: {log_file})", file=sys.stderr)
+        return exit_code("failed")
+    if isinstance(summary, BaseException):  # a defect, not a failed run: its traceback helps
         raise summary
-    return 0 if summary["status"] == "complete" else (1 if summary["status"] == "failed" else 3)
+    return exit_code(summary["status"])
 
 
 def cmd_sql(args: argparse.Namespace) -> int:

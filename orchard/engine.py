@@ -14,8 +14,8 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import httpx
 
-from orchard.errors import OrchardError
 from orchard.config import EngineConfig
+from orchard.errors import OrchardError
 
 Message = dict[str, str]
 

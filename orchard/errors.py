@@ -16,12 +16,6 @@ class OrchardError(Exception):
     transient: bool = False
 
 
-class TransientError(OrchardError):
-    """An error that trying again, a little later, may not repeat."""
-
-    transient = True
-
-
 def is_transient(error: BaseException | None) -> bool:
     """Return whether `error`, or an error it was raised from, is one that a retry can help."""
     seen = set()

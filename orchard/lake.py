@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 import duckdb
 import pyarrow as pa
 
-from orchard.errors import OrchardError
 from orchard.config import Config, ObjectStoreConfig
+from orchard.errors import OrchardError
 from schemas.rows import SHARD_TABLES
 
 _log = logging.getLogger(__name__)

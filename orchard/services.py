@@ -24,8 +24,8 @@ from typing import IO, Callable, Iterator
 import httpx
 from botocore.exceptions import BotoCoreError, ClientError
 
-from orchard.errors import OrchardError
 from orchard.config import Config, EngineConfig, ObjectStoreConfig, launch_argv
+from orchard.errors import OrchardError
 from orchard.store import s3_client
 
 HOST = "127.0.0.1"

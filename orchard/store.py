@@ -12,8 +12,8 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from orchard.errors import OrchardError
 from orchard.config import ObjectStoreConfig
+from orchard.errors import OrchardError
 
 # S3 error codes that mean "the key (or bucket) is not there", as different servers spell them.
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}

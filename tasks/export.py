@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from orchard.errors import OrchardError
 from orchard import lake
 from orchard.config import Config
+from orchard.errors import OrchardError
 
 SPLITS = ("train", "test")
 # Columns the card breaks row counts down by, where a format has them.

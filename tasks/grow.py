@@ -25,9 +25,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from orchard.errors import OrchardError
 from orchard.config import Config, RunConfig
 from orchard.engine import ChatEngine, Completion, EngineClient, EngineError, Sampling, Usage
+from orchard.errors import OrchardError
 from orchard.store import ObjectStore
 from schemas import rows
 from tasks.land import land_shard, resume_shard

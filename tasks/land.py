@@ -181,10 +181,10 @@ def resume_shard(store: ObjectStore, run_id: str, shard_id: str, config_hash: st
         quarantined = quarantined_manifest(store, run_id, shard_id)
     except ShardIntegrityError as error:  # a quarantine copy that cannot be read says nothing final
         return None, str(error)
+    if quarantined is not None and quarantined.get("kind") == "integrity":
+        return None, f"{store.uri(quarantined.get('object', ''))}: {quarantined.get('mismatch', '')}"
     if quarantined is None or quarantined.get("config_hash") != config_hash:
         return None, None
-    if quarantined.get("kind") == "integrity":
-        return None, f"{store.uri(quarantined.get('object', ''))}: {quarantined.get('mismatch', '')}"
     return {"shard_id": shard_id, "state": "quarantined", "manifest": quarantined,
             "stats": quarantined.get("stats") or {}}, None
 
@@ -218,13 +218,8 @@ def quarantine_corrupt(store: ObjectStore, run_id: str, shard_id: str, error: Sh
         landed = None
     validation = {"kind": "integrity", "shard_id": shard_id, "passed": False, "object": error.key,
                   "mismatch": error.mismatch, "summary": f"corrupt: {error}", "landed_manifest": landed}
-    config_hash = None
-    try:
-        config_hash = json.loads(landed or "null").get("config_hash")
-    except (ValueError, AttributeError):
-        pass  # an unreadable manifest has no config hash; the quarantine record says why it is here
     quarantined = {"run_id": run_id, "shard_id": shard_id, "kind": "integrity", "object": error.key,
-                   "mismatch": error.mismatch, "config_hash": config_hash, "stats": {}}
+                   "mismatch": error.mismatch, "stats": {}}
     return _quarantine(store, run_id, shard_id, validation, quarantined, files)
 
 

@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from orchard.errors import OrchardError
 from orchard.config import Config, SeedSource
+from orchard.errors import OrchardError
 
 DOMAINS = ("math", "code", "instruction_following", "open_ended")
 

@@ -123,7 +123,8 @@ def run_row(run_id: str, shards: list[dict], status: str = "complete") -> dict:
     trees = sum(m["stats"]["trees"] for m in shards)
     return dict(run_id=run_id, flow_run_id=f"flow-{run_id}", config_hash="cfg123",
                 started_at="2026-01-01T00:00:00+00:00", finished_at="2026-01-01T00:05:00+00:00", status=status,
-                shards_planned=len(shards), shards_published=len(shards), shards_quarantined=0, shards_failed=0,
+                shards_planned=len(shards), shards_published=len(shards), shards_reused=0, shards_quarantined=0,
+                shards_failed=0,
                 trees=trees, nodes=sum(m["files"]["nodes"]["rows"] for m in shards),
                 pairs=sum(m["files"]["pairs"]["rows"] for m in shards), pass_rate=2 / 3, prompt_tokens=100,
                 completion_tokens=50, wall_s=300.0, tokens_per_s=0.5, summary={"failures": []})  # fmt: skip

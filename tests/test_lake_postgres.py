@@ -311,11 +311,11 @@ def test_two_nightly_runs_from_two_hosts_publish_into_one_postgres_catalog(store
         again = start(hosts["a"], "pg-a")
         output = again.communicate(timeout=600)[0]
         assert again.returncode == 0, output[-3000:]
-        assert "3 already landed" in output
+        assert "3 already in the lake" in output
 
     config = Config(object_store=store.cfg, lake=LakeConfig(catalog=catalog))
-    _, runs = lake.query(config, "SELECT run_id, status, shards_published, trees FROM runs ORDER BY run_id")
-    assert runs == [("pg-a", "complete", 3, 3), ("pg-b", "complete", 3, 3)]
+    _, runs = lake.query(config, "SELECT run_id, status, shards_published, shards_reused, trees FROM runs ORDER BY run_id")
+    assert runs == [("pg-a", "complete", 0, 3, 3), ("pg-b", "complete", 3, 0, 3)]  # pg-a's re-run reused all 3
     for table, key in (("nodes", "node_id"), ("pairs", "pair_id"), ("trees", "tree_id")):
         total = count(config, f"SELECT count(*) FROM {table}")
         assert total > 0 and total == count(config, f"SELECT count(DISTINCT {key}) FROM {table}")

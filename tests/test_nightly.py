@@ -277,3 +277,17 @@ def test_malformed_seed_file_names_the_line_and_publishes_nothing(config, store,
         run(broken, "it-bad-seeds")
     assert store.list_keys("") == []
     assert not Path(broken.lake_catalog).exists()
+
+
+def test_a_user_error_in_a_run_is_one_line_on_the_console_and_its_traceback_is_in_the_log(config, tmp_path, capfd):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"question": "What is 1+1?", "answer": "#### 2"}\n{"question": "What is 2+2?"}\n')
+    path = tmp_path / "orchard.toml"
+    path.write_text(store_toml(config) + f'[[seeds]]\nkind = "gsm8k"\npath = "{seeds}"\n')
+    assert orchard_main(["--config", str(path), "run", "--run-id", "it-cli-error"]) == 1
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [l for l in err.splitlines() if l.startswith("orchard:")]
+    assert "seeds.jsonl: line 2: field 'answer' is missing" in line and "orchard.log" in line
+    log = (Path(config.state_dir) / "logs" / "orchard.log").read_text()
+    assert "Traceback" in log and "SeedError" in log
