@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import logging
 import re
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ import pyarrow as pa
 from orchard.config import Config, ObjectStoreConfig
 from orchard.errors import OrchardError
 from schemas.rows import SHARD_TABLES
+
+_log = logging.getLogger(__name__)
 
 LAKE = "lake"  # the name the lake is attached under; queries may say `lake.pairs` or just `pairs`
 _SCHEMA_MARK = "orchard-schema sha256:"  # prefix of the comment on `runs` that records the applied DDL
@@ -160,12 +163,19 @@ def snapshot_rows(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
 
 
 def rollback(con: duckdb.DuckDBPyConnection) -> None:
-    """Roll back the open transaction; one whose COMMIT failed has already ended, which is fine."""
+    """Roll back the open transaction; one whose COMMIT failed has already ended, which is fine.
+
+    Callers roll back on their way out with an error of their own. A catalog that went away mid-transaction (a
+    Postgres server stopped) cannot roll back either: nothing was committed, and the caller's error says why, so
+    the rollback's failure is logged rather than raised over it.
+    """
     try:
         con.execute("ROLLBACK")
     except duckdb.TransactionException as exc:
         if "no transaction is active" not in str(exc):
             raise
+    except duckdb.Error as exc:
+        _log.warning("rollback failed (the transaction was not committed): %s", _first_line(exc) or type(exc).__name__)
 
 
 # --- internals --------------------------------------------------------------------------------

@@ -243,7 +243,7 @@ def test_a_run_id_published_under_another_config_is_refused(config):
 def test_a_catalog_left_without_tables_by_a_killed_first_publish_has_no_published_run(config):
     from tasks.materialise import published_config_hash
 
-    # What a SIGKILL between creating the catalog file and committing the schema leaves (bench/crash_resume.py).
+    # What a SIGKILL between creating the catalog file and committing the schema leaves (bench/faults.py, sigkill-materialise).
     Path(config.lake_catalog).parent.mkdir(parents=True)
     con = duckdb.connect()
     for name in ("httpfs", "ducklake"):
