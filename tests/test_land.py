@@ -235,6 +235,8 @@ def _corrupt(store: ObjectStore, how: str) -> str:
         return key
     elif how == "other run":
         manifest["run_id"] = "run-0"
+    elif how == "other config":
+        manifest["config_hash"] = "cfg0"
     elif how == "unparseable":
         store.delete(prefix + MANIFEST)
         store.put_new(prefix + MANIFEST, b'{"run_id": "run-1", "files": ')
@@ -255,6 +257,7 @@ def test_a_shard_whose_files_are_damaged_fails_to_read_naming_the_object(store: 
 
 
 @pytest.mark.parametrize(("how", "says"), [("other run", "manifest run_id is 'run-0', not 'run-1'"),
+                                          ("other config", "manifest config_hash is 'cfg0', not 'cfg1'"),
                                           ("unparseable", "manifest is not valid JSON")])
 def test_a_shard_whose_manifest_is_not_this_runs_is_quarantined_on_resume_and_grown_again(
         store: ObjectStore, how: str, says: str) -> None:
