@@ -40,8 +40,13 @@ class EngineUnavailable(EngineError):
 
 
 def check_endpoints(name: str, engine: EngineConfig, *, attempts: int = 3, wait_s: float = 1.0) -> None:
-    """Raise EngineUnavailable unless every base URL of engine `name` answers GET /v1/models with 200 (tried
-    `attempts` times, `wait_s` apart, so a server restarting that moment is not taken for dead)."""
+    """Raise EngineUnavailable unless every base URL of engine `name` answers GET /v1/models (tried `attempts`
+    times, `wait_s` apart, so a server restarting that moment is not taken for dead).
+
+    A server that answers at all is up, even if it does not serve the models list (404, 501: some OpenAI-compatible
+    servers serve only the completion routes); one that refuses the connection, times out, or answers 500/502/503/
+    504 (a gateway in front of a dead server, a server failing) is down.
+    """
     down = {}
     for url in engine.base_urls:
         for attempt in range(attempts):
@@ -53,7 +58,7 @@ def check_endpoints(name: str, engine: EngineConfig, *, attempts: int = 3, wait_
             except httpx.HTTPError as exc:
                 down[url] = f"{type(exc).__name__}: {exc}"
                 continue
-            if response.status_code == 200:
+            if response.status_code < 500 or response.status_code == 501:
                 down.pop(url, None)
                 break
             down[url] = f"HTTP {response.status_code}"

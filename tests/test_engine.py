@@ -231,3 +231,16 @@ def test_real_llama_server_continues_a_prefix_and_reports_yes_no_logprobs(llama)
     assert step.finish_reason == "length" and step.completion_tokens == 8
     assert whole.finish_reason == "stop" and "<|im_end|>" not in whole.text
     assert judge.top_logprobs and 0.0 <= yes_probability(judge.top_logprobs) <= 1.0
+
+
+def test_a_server_that_answers_at_all_is_up_and_one_that_refuses_connections_is_down():
+    from orchard.engine import EngineUnavailable, check_endpoints
+    from orchard.services import free_ports
+
+    from builders import ScriptedEngine, ScriptedServer
+
+    with ScriptedServer(ScriptedEngine(lambda m, s: "hi")) as server:  # serves no /v1/models: HTTP 501
+        check_endpoints("scripted", EngineConfig(model="m", base_urls=(server.url,)), attempts=1)
+    (dead,) = free_ports(1)
+    with pytest.raises(EngineUnavailable, match=rf"127.0.0.1:{dead} \(ConnectError"):
+        check_endpoints("dead", EngineConfig(model="m", base_urls=(f"http://127.0.0.1:{dead}",)), attempts=1)
