@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.fault_lab import ID_COLUMNS  # noqa: E402
 from orchard import lake  # noqa: E402
 from orchard.cluster import Process, _start_time, down, read_up, up  # noqa: E402
 from orchard.config import Config, load_config  # noqa: E402
@@ -41,8 +42,6 @@ from tasks.land import landed_manifest  # noqa: E402
 SHARDS = 3  # enough that both workers are busy when one is killed, and the survivor has more than its own to grow
 RUN_TIMEOUT_S = 420.0  # a nightly run not final by then is hung: the worst outcome, and a failed scenario
 MID_SHARD_TIMEOUT_S = 240.0
-ID_COLUMNS = {"instructions": "instruction_id", "nodes": "node_id", "pairs": "pair_id", "trees": "tree_id",
-              "principle_examples": "example_id", "judgements": "judgement_id"}
 
 # One instruction per shard, one turn, one sample per strategy, one MCTS round, no jury: seconds per shard.
 CLUSTER_RUN = """
