@@ -177,11 +177,12 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(Path(args.checkout).resolve()))
 
+    import tasks.verify
     from orchard.sandbox import SandboxConfig, run_sandboxed
     from tasks.verify import Verifiers
 
     ballast, stop = hold_ballast(args.ballast_mb, args.threads)
-    print(f"checkout {Path(args.checkout).resolve()}  python {sys.version.split()[0]}  euid {os.geteuid()}  "
+    print(f"measuring {Path(tasks.verify.__file__).resolve().parents[1]}  python {sys.version.split()[0]}  euid {os.geteuid()}  "
           f"ballast {args.ballast_mb} MiB + {args.threads} threads  cpus {os.cpu_count()}  repeat {args.repeat}")
     print("per item, ms:")
     limits = SandboxConfig()

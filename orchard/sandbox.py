@@ -11,7 +11,8 @@ Why an unprivileged uid: RLIMIT_NPROC is never enforced for processes of the hos
 namespace that maps its uid to host root still counts as uid 0. So when Orchard runs as root, bwrap
 itself is started as `SandboxConfig.uid` (nobody by default); its user namespace then counts the
 sandbox's processes on their own (kernels >= 5.14 count RLIMIT_NPROC per user namespace), and a fork
-bomb stops at `max_processes`.
+bomb stops at `max_processes`. The drop is done by util-linux's `setpriv`, which execs bwrap: Popen's own
+`user=`/`group=` would make CPython fork() the whole parent instead of vfork() (see `run_sandboxed`).
 
 There is no fallback: if bubblewrap is missing or cannot start, `SandboxUnavailable` is raised and no
 code runs.
@@ -37,6 +38,8 @@ from orchard.errors import OrchardError
 PROGRAM_PATH = "/tmp/solution.py"
 _SYSTEM_PYTHON = "/usr/bin/python3"
 PRLIMIT = "/usr/bin/prlimit"  # util-linux; inside the sandbox, so under /usr
+# util-linux too, an Essential package in Debian (no `make sandbox` step needed): drops root before bwrap runs.
+SETPRIV = "/usr/bin/setpriv"
 
 
 class SandboxUnavailable(OrchardError):
@@ -150,6 +153,17 @@ def _command(limits: SandboxConfig, bwrap: str, python: str, program_fd: int, in
     ]
 
 
+def _unprivileged(uid: int) -> list[str]:
+    """setpriv arguments that run the rest of the command line as `uid`:`uid`, without groups or capabilities.
+
+    The same drop as Popen's user=, group=, extra_groups=[], done after exec: setresuid and setresgid set the
+    saved ids too, so nothing can switch back; the kernel clears the permitted and effective capabilities of a
+    process that leaves uid 0, and the inheritable ones are cleared here. The process stays the one Popen
+    started (setpriv execs bwrap), so its pid, process group and inherited descriptors are bwrap's.
+    """
+    return [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all", "--"]
+
+
 def _memfd(name: str, content: bytes) -> int:
     """A file descriptor of an anonymous in-memory file holding `content`, positioned at its start."""
     fd = os.memfd_create(name)
@@ -170,18 +184,25 @@ def run_sandboxed(program: str, *, limits: SandboxConfig, stdin: str = "") -> Sa
     python = resolve_python(limits)
     if not os.access(PRLIMIT, os.X_OK):
         raise SandboxUnavailable(f"{PRLIMIT} (util-linux) not found: the sandbox cannot set its limits")
+    as_root = os.geteuid() == 0
+    if as_root and not os.access(SETPRIV, os.X_OK):
+        raise SandboxUnavailable(f"{SETPRIV} (util-linux) not found: as root the sandbox cannot drop to "
+                                 f"uid {limits.uid}, and RLIMIT_NPROC is not enforced for uid 0")
     program_fd = _memfd("orchard-program", program.encode())
     stdin_fd = _memfd("orchard-stdin", stdin.encode())
     info_read, info_write = os.pipe()
     try:
         command = _command(limits, bwrap, python, program_fd, info_write)
-        # As root, bwrap runs as an unprivileged uid: RLIMIT_NPROC is not enforced for host uid 0.
-        drop = {"user": limits.uid, "group": limits.uid, "extra_groups": []} if os.geteuid() == 0 else {}
+        if as_root:
+            command = _unprivileged(limits.uid) + command
         started = time.monotonic()
         try:
+            # No user=/group=/extra_groups= and no preexec_fn: any of them makes CPython fork() this whole
+            # process (tens of ms of page-table copying per sandbox in a shard's ~1 GB parent) instead of
+            # vfork(); pass_fds, cwd and process_group keep the vfork path (bench/verify_cost.py measures it).
             proc = subprocess.Popen(
                 command, stdin=stdin_fd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(program_fd, info_write), env={"PATH": "/usr/bin:/bin"}, cwd="/", process_group=0, **drop,
+                pass_fds=(program_fd, info_write), env={"PATH": "/usr/bin:/bin"}, cwd="/", process_group=0,
             )
         except OSError as exc:
             os.close(info_read)
