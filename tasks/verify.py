@@ -1,13 +1,20 @@
 """Verifiers: turn an action's text into a verdict and a score, and say which verifier said so.
 
-Math: math-verify's timeouts use `signal.alarm`, which only works in a main thread, so answers are checked
-in worker processes (each worker's main thread), never in the flow's threads.
+Math and instruction following: checked in spawned worker processes (`check_answer`), never in the caller's
+thread. Math-verify's timeouts use `signal.alarm`, which only works in a main thread (each worker's); the
+constraint checkers are pure Python but slow (langdetect takes milliseconds per language check), and the
+caller is a shard's event loop. Workers load math-verify, the checkers and langdetect's profiles once, at start.
 Code: the answer's code and the instruction's test program run together in a bubblewrap sandbox
-(orchard/sandbox.py); the answer is correct iff the program exits 0. Never outside the sandbox.
+(orchard/sandbox.py); the answer is correct iff the program exits 0. Never outside the sandbox. A thread waits
+on each sandbox.
+
+`Verifiers.verify` (async) and `Verifiers.check` (sync) submit every item to its pool and wait on the futures,
+so hundreds of coroutines on one loop can verify at once without blocking it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import re
 import threading
@@ -71,37 +78,6 @@ def check_math_answer(text: str, reference: str, timeout_s: int = 5) -> Verdict:
         return Verdict(CORRECT, 1.0, MATH_VERIFIER, f"expected {reference}, got {shown}", feedback="Your answer is correct.")
     return Verdict(INCORRECT, 0.0, MATH_VERIFIER, f"expected {reference}, got {shown}",
                    feedback=f"Your answer {shown} is incorrect.", failure_reason="wrong answer")
-
-
-def _check_one(item: tuple[str, str]) -> Verdict:
-    return check_math_answer(*item)
-
-
-def _warm_up() -> None:
-    import math_verify  # noqa: F401  (import once per worker, not per answer)
-
-
-class MathVerifier:
-    """A pool of worker processes that check (text, reference) items with math-verify."""
-
-    def __init__(self, workers: int = 2) -> None:
-        # spawn, not fork: the parent runs threads (Prefect, asyncio) that a fork would copy mid-flight.
-        self._pool = ProcessPoolExecutor(
-            max_workers=max(1, workers), mp_context=multiprocessing.get_context("spawn"), initializer=_warm_up
-        )
-
-    def __enter__(self) -> "MathVerifier":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def check(self, items: Sequence[tuple[str, str]]) -> list[Verdict]:
-        """Return one verdict per (text, reference), in order."""
-        return list(self._pool.map(_check_one, items, chunksize=max(1, len(items) // 8)))
 
 
 # --- code ---------------------------------------------------------------------------------------
@@ -191,27 +167,57 @@ def _code_feedback(reason: str, failing: str | None, below: list[str], limits: S
     return "\n".join(parts)
 
 
-# --- dispatch by domain ---------------------------------------------------------------------------
+# --- instruction following ------------------------------------------------------------------------
 
 
 IF_VERIFIER = "if_constraints"
 
 
-def check_constraints_answer(text: str, instruction: Instruction) -> Verdict:
-    """Return the verdict of `text` against the verifiable constraints of an instruction-following prompt.
+def check_constraints_answer(text: str, reference: str, prompt: str = "") -> Verdict:
+    """Return the verdict of `text` against the constraints `reference` of the instruction-following `prompt`.
 
-    The score is the fraction of constraints satisfied; the verdict is correct only when all are.
+    The score is the fraction of constraints satisfied; the verdict is correct only when all are. `prompt` is the
+    request text that `combination:repeat_prompt` asks to repeat.
     """
     from tasks.constraints import parse_constraints_reference, score_response  # imports nltk: only when needed
 
-    ids, kwargs = parse_constraints_reference(instruction.reference)
-    scored = score_response(text, ids, kwargs, instruction.text)
+    ids, kwargs = parse_constraints_reference(reference)
+    scored = score_response(text, ids, kwargs, prompt)
     detail = f"{sum(r.satisfied for r in scored.results)}/{len(scored.results)} constraints satisfied"
     if scored.violated:
         detail += "; violated: " + ", ".join(scored.violated)
     return Verdict(CORRECT if scored.strict else INCORRECT, scored.fraction, IF_VERIFIER, detail,
                    feedback=scored.feedback or "Every constraint is satisfied.",
                    failure_reason=", ".join(scored.violated) or None)
+
+
+# --- the worker processes -------------------------------------------------------------------------
+
+# The domains a worker process checks, and the sandboxed one.
+PROCESS_DOMAINS = ("instruction_following", "math")
+
+
+def check_answer(domain: str, text: str, reference: str, prompt: str = "") -> Verdict:
+    """Return the verdict of `text` on a math or instruction-following item: what a worker process runs.
+
+    Plain strings, not an Instruction, cross to the worker: unpickling an Instruction would import tasks.seeds,
+    and with it Prefect, into every worker.
+    """
+    if domain == "math":
+        return check_math_answer(text, reference)
+    if domain == "instruction_following":
+        return check_constraints_answer(text, reference, prompt)
+    raise VerificationError(f"check_answer: no worker verifier for domain {domain!r} "
+                            f"(known: {', '.join(PROCESS_DOMAINS)})")
+
+
+def _start_worker() -> None:
+    """Load what every check needs once per worker, not on its first item."""
+    import math_verify  # noqa: F401
+
+    from tasks.constraints import load_language_profiles  # also fixes langdetect's seed
+
+    load_language_profiles()
 
 
 class VerificationError(OrchardError, ValueError):
@@ -224,17 +230,20 @@ class Verifiers:
 
     Pools start on first use, and the sandbox is checked on the first code item, so a math-only run needs no
     bubblewrap; without a working sandbox, code items raise SandboxUnavailable and nothing runs unsandboxed.
+    `workers` is the size of each pool: worker processes for math and instruction following, and threads that
+    wait on sandboxes (each sandbox is one process busy on a CPU).
     """
 
-    DOMAINS = ("code", "instruction_following", "math")
+    DOMAINS = ("code", *PROCESS_DOMAINS)
 
     def __init__(self, workers: int = 2, sandbox: SandboxConfig = SandboxConfig()) -> None:
         self.workers = max(1, workers)
         self.sandbox = sandbox
-        self._math: MathVerifier | None = None
+        self._processes: ProcessPoolExecutor | None = None
         self._threads: ThreadPoolExecutor | None = None
         self._sandbox_checked = False
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards pool creation, from any thread or loop
+        self._sandbox_lock = threading.Lock()  # held through the one self-check: other sandbox threads wait for it
 
     def __enter__(self) -> "Verifiers":
         return self
@@ -245,46 +254,58 @@ class Verifiers:
     def close(self) -> None:
         if self._threads is not None:
             self._threads.shutdown(wait=True, cancel_futures=True)
-        if self._math is not None:
-            self._math.close()
+        if self._processes is not None:
+            self._processes.shutdown(wait=True, cancel_futures=True)
 
     def check(self, items: Sequence[tuple[Instruction, str]]) -> list[Verdict]:
-        """Return one verdict per (instruction, text), in order; code runs concurrently with math."""
+        """Return one verdict per (instruction, text), in order, waiting in this thread; all items run concurrently."""
+        return [future.result() for future in self.submit(items)]
+
+    async def verify(self, items: Sequence[tuple[Instruction, str]]) -> list[Verdict]:
+        """Return one verdict per (instruction, text), in order, without blocking the running event loop.
+
+        Cancelling the caller cancels the checks that have not started yet.
+        """
+        return list(await asyncio.gather(*(asyncio.wrap_future(future) for future in self.submit(items))))
+
+    def submit(self, items: Sequence[tuple[Instruction, str]]) -> list[Future[Verdict]]:
+        """Start checking every item in its pool and return their futures, in order; waits for no check.
+
+        Raises VerificationError, before anything starts, when an item's domain has no verifier.
+        """
         for instruction, _ in items:
             if instruction.domain not in self.DOMAINS:
                 raise VerificationError(f"instruction {instruction.instruction_id}: no verifier for domain "
                                         f"{instruction.domain!r} (known: {', '.join(self.DOMAINS)})")
-        code = [i for i, (instruction, _) in enumerate(items) if instruction.domain == "code"]
-        math = [i for i, (instruction, _) in enumerate(items) if instruction.domain == "math"]
-        verdicts: list[Verdict | None] = [None] * len(items)
-        running: dict[int, Future[Verdict]] = {}
-        if code:
-            pool = self._code_pool()
-            running = {i: pool.submit(check_code_answer, items[i][1], items[i][0].reference, self.sandbox)
-                       for i in code}
-        if math:
-            checked = self._math_pool().check([(items[i][1], items[i][0].reference) for i in math])
-            for i, verdict in zip(math, checked):
-                verdicts[i] = verdict
-        for i, (instruction, text) in enumerate(items):
-            if instruction.domain == "instruction_following":  # pure Python and fast: checked in this thread
-                verdicts[i] = check_constraints_answer(text, instruction)
-        for i, future in running.items():
-            verdicts[i] = future.result()
-        return verdicts  # type: ignore[return-value]  (every index was filled above)
+        futures = []
+        for instruction, text in items:
+            if instruction.domain == "code":
+                futures.append(self._thread_pool().submit(self._check_code, text, instruction.reference))
+            else:
+                futures.append(self._process_pool().submit(check_answer, instruction.domain, text,
+                                                           instruction.reference, instruction.text))
+        return futures
 
-    def _code_pool(self) -> ThreadPoolExecutor:
-        # Threads are enough: each sandbox is its own process, the thread only waits on it.
-        with self._lock:
+    def _check_code(self, text: str, reference: str) -> Verdict:
+        # The self-check runs in a sandbox thread, not in the submitting one: it starts a sandbox, and the caller
+        # may be an event loop.
+        with self._sandbox_lock:
             if not self._sandbox_checked:
                 sandbox_self_check(self.sandbox)
                 self._sandbox_checked = True
+        return check_code_answer(text, reference, self.sandbox)
+
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        # Threads are enough: each sandbox is its own process, the thread only waits on it.
+        with self._lock:
             if self._threads is None:
                 self._threads = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sandbox")
             return self._threads
 
-    def _math_pool(self) -> MathVerifier:
+    def _process_pool(self) -> ProcessPoolExecutor:
         with self._lock:
-            if self._math is None:
-                self._math = MathVerifier(self.workers)
-            return self._math
+            if self._processes is None:
+                # spawn, not fork: the parent runs threads (Prefect, asyncio) that a fork would copy mid-flight.
+                self._processes = ProcessPoolExecutor(max_workers=self.workers, initializer=_start_worker,
+                                                      mp_context=multiprocessing.get_context("spawn"))
+            return self._processes

@@ -1,3 +1,5 @@
+import asyncio
+
 import pytest
 from builders import instruction
 
@@ -6,7 +8,6 @@ from tasks.verify import (
     CORRECT,
     INCORRECT,
     UNPARSABLE,
-    MathVerifier,
     VerificationError,
     Verifiers,
     answer_span,
@@ -14,6 +15,14 @@ from tasks.verify import (
     check_math_answer,
     extract_code,
 )
+
+
+@pytest.fixture(scope="module")
+def verifiers():
+    """One set of pools for the module: a worker process loads math-verify, nltk and langdetect's profiles once,
+    which takes seconds."""
+    with Verifiers(workers=2) as shared:
+        yield shared
 
 
 @pytest.mark.parametrize(
@@ -39,10 +48,9 @@ def test_last_answer_line_wins():
     assert answer_span("Answer: 3\nwait, no.\nAnswer: 4") == "4"
 
 
-def test_verifier_pool_checks_in_worker_processes_in_order():
-    items = [(f"Answer: {n}", str(n if n % 2 else n + 1)) for n in range(6)]
-    with MathVerifier(workers=2) as verifier:
-        verdicts = verifier.check(items)
+def test_verifiers_return_math_verdicts_in_the_order_of_the_items(verifiers):
+    items = [(instruction(reference=str(n if n % 2 else n + 1)), f"Answer: {n}") for n in range(6)]
+    verdicts = verifiers.check(items)
     assert [v.verdict for v in verdicts] == [INCORRECT, CORRECT] * 3
 
 
@@ -86,15 +94,14 @@ def test_syntax_error_is_named():
     assert "SyntaxError" in verdict.feedback
 
 
-def test_verifiers_route_mixed_math_and_code_in_order():
+def test_verifiers_route_mixed_math_and_code_in_order(verifiers):
     math_item = instruction("Compute 2 × 3.", "6")
     code_item = instruction("Write add(a, b).", ADD_TESTS, domain="code")
     right_code = "```python\ndef add(a, b):\n    return a + b\n```"
     wrong_code = "```python\ndef add(a, b):\n    return 0\n```"
     items = [(math_item, "Answer: 6"), (code_item, wrong_code), (math_item, "Answer: 7"), (code_item, right_code),
              (code_item, right_code), (math_item, "Answer: 6")]
-    with Verifiers(workers=2) as verifiers:
-        verdicts = verifiers.check(items)
+    verdicts = verifiers.check(items)
     assert [v.verdict for v in verdicts] == [CORRECT, INCORRECT, INCORRECT, CORRECT, CORRECT, CORRECT]
     assert [v.verifier for v in verdicts] == ["math_verify", "sandbox_tests", "math_verify", "sandbox_tests",
                                               "sandbox_tests", "math_verify"]
@@ -106,15 +113,15 @@ def test_math_only_runs_need_no_sandbox(tmp_path):
         assert [v.verdict for v in verifiers.check([(instruction(), "Answer: 6")])] == [CORRECT]
 
 
-def test_unknown_domain_is_refused_by_name():
+def test_unknown_domain_is_refused_by_name(verifiers):
     poem = instruction("Write a poem.", "", domain="open_ended")
-    with Verifiers(workers=1) as verifiers, pytest.raises(VerificationError, match=r"domain 'open_ended'"):
+    with pytest.raises(VerificationError, match=r"domain 'open_ended'"):
         verifiers.check([(instruction(), "Answer: 6"), (poem, "Roses are red.")])
 
 
 # --- instruction following: scored by the constraint checkers -------------------------------------
 
-def test_instruction_following_answers_score_the_fraction_of_constraints_kept():
+def test_instruction_following_answers_score_the_fraction_of_constraints_kept(verifiers):
     from tasks.constraints import constraints_reference
     from tasks.seeds import Instruction, instruction_id
 
@@ -122,9 +129,8 @@ def test_instruction_following_answers_score_the_fraction_of_constraints_kept():
     text = "Describe the sea. Do not use commas. Use only lowercase letters."
     ins = Instruction(instruction_id("instruction_following", text, reference), "instruction_following", "test", 1,
                       text, reference, 2)
-    with Verifiers() as verifiers:
-        kept, half, none = verifiers.check([(ins, "the sea is wide and blue"), (ins, "the sea, wide and blue"),
-                                            (ins, "The sea, wide and blue")])
+    kept, half, none = verifiers.check([(ins, "the sea is wide and blue"), (ins, "the sea, wide and blue"),
+                                        (ins, "The sea, wide and blue")])
     assert (kept.verdict, kept.score, kept.verifier) == ("correct", 1.0, "if_constraints")
     assert (half.verdict, half.score, half.failure_reason) == ("incorrect", 0.5, "punctuation:no_comma")
     assert none.score == 0.0 and "english_lowercase" in none.detail
@@ -139,3 +145,75 @@ def test_synthesized_instruction_following_seeds_carry_k_as_difficulty():
     assert len(seeds) == 5
     assert all(s.domain == "instruction_following" and 1 <= s.difficulty <= 3 for s in seeds)
     assert seeds == load_seeds([SeedSource(kind="if_synth", count=5, difficulty=3, seed=1)])
+
+
+def _if_instruction(constraint_ids: list[str], kwargs: list[dict], text: str):
+    from tasks.constraints import constraints_reference
+    from tasks.seeds import Instruction, instruction_id
+
+    reference = constraints_reference(constraint_ids, kwargs)
+    return Instruction(instruction_id("instruction_following", text, reference), "instruction_following", "test", 1,
+                       text, reference, 2)
+
+
+def test_instruction_following_is_checked_in_a_worker_process_not_the_callers(verifiers, monkeypatch):
+    import tasks.constraints
+    import tasks.verify
+
+    ins = _if_instruction(["language:response_language", "punctuation:no_comma"], [{"language": "fr"}, {}],
+                          "Describe the sea in French without commas.")
+    called_here = []
+
+    def not_in_the_caller(*args, **kwargs):
+        called_here.append(args)
+        raise AssertionError("a constraint check ran in the calling process")
+
+    # Spawned workers import these modules afresh: only a check in this process would meet the replacements.
+    for module, name in [(tasks.constraints, "score_response"), (tasks.verify, "check_constraints_answer"),
+                         (tasks.verify, "check_math_answer")]:
+        monkeypatch.setattr(module, name, not_in_the_caller)
+    kept, broken = verifiers.check([(ins, "La mer est grande et bleue et les vagues viennent sur la plage."),
+                                    (ins, "The sea is wide, blue and calm under the evening sun.")])
+    (again,) = asyncio.run(verifiers.verify([(ins, "The sea is wide, blue and calm under the evening sun.")]))
+    assert called_here == []
+    assert (kept.verdict, kept.score) == (CORRECT, 1.0)
+    assert (broken.verdict, broken.score) == (INCORRECT, 0.0)
+    assert "language:response_language" in broken.failure_reason
+    assert again == broken
+
+
+def test_language_checks_are_deterministic_across_worker_processes(verifiers):
+    from tasks.verify import check_constraints_answer
+
+    ins = _if_instruction(["language:response_language"], [{"language": "de"}], "Describe the sea in German.")
+    # Mixed languages: langdetect's random sampling could tip either way here without its fixed seed.
+    mixed = "Das Meer ist the sea, and die Wellen come to the beach und gehen zurück."
+    here = check_constraints_answer(mixed, ins.reference, ins.text)
+    assert verifiers.check([(ins, mixed)] * 8) == [here] * 8
+
+
+def test_many_coroutines_verifying_at_once_get_the_verdicts_of_check(verifiers):
+    math_item = instruction("Compute 2 × 3.", "6")
+    code_item = instruction("Write add(a, b).", ADD_TESTS, domain="code")
+    if_item = _if_instruction(["punctuation:no_comma", "change_case:english_lowercase"], [{}, {}],
+                              "Describe the sea. Do not use commas. Use only lowercase letters.")
+    items = [(math_item, "Answer: 6"), (math_item, "Answer: 7"), (if_item, "the sea is wide and blue"),
+             (if_item, "The sea, wide and blue"), (code_item, "```python\ndef add(a, b):\n    return a + b\n```"),
+             (code_item, "```python\ndef add(a, b):\n    return 0\n```")]
+    # One tree's batch per coroutine: hundreds of math and IF trees, a few code trees, on one loop.
+    batches = [[items[k % 4], items[(k + 1) % 4]] for k in range(200)] + [[items[4 + k % 2]] for k in range(6)]
+
+    async def trees(verifiers: Verifiers) -> list[list]:
+        return await asyncio.gather(*(verifiers.verify(batch) for batch in batches))
+
+    expected = dict(zip(range(len(items)), verifiers.check(items)))
+    verified = asyncio.run(trees(verifiers))
+    by_item = {id(item): expected[i] for i, item in enumerate(items)}
+    assert verified == [[by_item[id(item)] for item in batch] for batch in batches]
+    assert [v.verdict for v in expected.values()] == [CORRECT, INCORRECT, CORRECT, INCORRECT, CORRECT, INCORRECT]
+
+
+def test_verify_refuses_an_unknown_domain_before_anything_runs(verifiers):
+    poem = instruction("Write a poem.", "", domain="open_ended")
+    with pytest.raises(VerificationError, match=r"domain 'open_ended'"):
+        asyncio.run(verifiers.verify([(instruction(), "Answer: 6"), (poem, "Roses are red.")]))
