@@ -298,6 +298,40 @@ def test_sandbox_sees_only_its_own_files_and_a_clean_environment(secret_env):
     assert set(environ) <= {"PATH", "HOME", "LANG", "PYTHONDONTWRITEBYTECODE", "PWD"}
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the drop to SandboxConfig.uid happens only when Orchard runs as root")
+def test_as_root_the_sandbox_runs_as_the_unprivileged_uid_without_groups_or_capabilities():
+    program = """
+import json, os
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+print(json.dumps([os.getresuid(), os.getresgid(), os.getgroups(),
+                  {k: int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapAmb")}]))
+"""
+    result = run_sandboxed(program, limits=LIMITS)
+    uids, gids, groups, caps = json.loads(result.stdout)
+    # bwrap maps the host uid onto itself inside the sandbox's user namespace.
+    assert uids == gids == [TEST_UID] * 3
+    assert groups == []
+    assert caps == {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapAmb": 0}
+
+
+def test_sandbox_is_spawned_without_arguments_that_make_cpython_fork_the_parent(monkeypatch):
+    import subprocess
+
+    given: list[dict] = []
+    popen = subprocess.Popen
+
+    def recording(*args, **kwargs):
+        given.append(kwargs)
+        return popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", recording)
+    assert run_sandboxed("print(1)", limits=LIMITS).stdout == "1\n"
+    # With any of these CPython fork()s the whole parent (page tables of a ~1 GB shard) instead of vfork().
+    fork_only = {"user", "group", "extra_groups", "preexec_fn"}
+    assert [sorted(fork_only & set(kwargs)) for kwargs in given] == [[]]
+    assert given[0].get("close_fds", True)
+
+
 def test_processes_are_capped_per_sandbox():
     program = """
 import os, time
