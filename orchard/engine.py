@@ -6,6 +6,7 @@ Bounded concurrency per endpoint, retries with backoff, timeouts, and token usag
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import random
 import time
@@ -177,16 +178,51 @@ def render_chat(messages: Sequence[Message], chat_format: str, prefix: str = "")
 
 
 class ChatEngine(Protocol):
-    """What tree growth needs from an engine: `n` chat completions for one prompt, or continuations of an answer."""
+    """What tree growth needs from an engine: `n` chat completions for one prompt, or continuations of an answer.
+
+    `priority`: among requests waiting for a free slot of the endpoint, higher goes first (tree growth passes how
+    many dependent levels still follow the request, so long chains start early and do not form the idle tail).
+    """
 
     model: str
     usage: Usage
     response_format: str  # how the server is asked for a schema-shaped answer: json_schema | json_object | none
 
-    async def chat(self, messages: Sequence[Message], sampling: Sampling, n: int = 1) -> list[Completion]: ...
+    async def chat(self, messages: Sequence[Message], sampling: Sampling, n: int = 1, *,
+                   priority: int = 0) -> list[Completion]: ...
 
-    async def continue_chat(self, messages: Sequence[Message], prefix: str, sampling: Sampling,
-                            n: int = 1) -> list[Completion]: ...
+    async def continue_chat(self, messages: Sequence[Message], prefix: str, sampling: Sampling, n: int = 1, *,
+                            priority: int = 0) -> list[Completion]: ...
+
+
+class Slots:
+    """A counting semaphore whose waiters get a freed slot by priority (highest first), then in arrival order."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    async def acquire(self, priority: int = 0) -> None:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (-priority, next(self._arrivals), handed))
+        try:
+            await handed
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled():  # the slot was handed over as the waiter was cancelled
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self._waiting:
+            _, _, handed = heapq.heappop(self._waiting)
+            if not handed.done():  # a cancelled waiter left its entry behind
+                handed.set_result(None)
+                return
+        self._free += 1
 
 
 class EngineClient:
@@ -201,7 +237,7 @@ class EngineClient:
         self.usage = Usage()
         self._urls = [u.rstrip("/") for u in engine.base_urls]
         self._next_url = itertools.cycle(range(len(self._urls)))
-        self._slots = [asyncio.Semaphore(engine.max_concurrency) for _ in self._urls]
+        self._slots = [Slots(engine.max_concurrency) for _ in self._urls]
         # Whether the server honours `n` (vLLM does; llama.cpp's server answers one choice): None = not known yet.
         self.supports_n: bool | None = None
         self._http = httpx.AsyncClient(
@@ -219,16 +255,18 @@ class EngineClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def chat(self, messages: Sequence[Message], sampling: Sampling, n: int = 1) -> list[Completion]:
+    async def chat(self, messages: Sequence[Message], sampling: Sampling, n: int = 1, *,
+                   priority: int = 0) -> list[Completion]:
         """Return `n` chat completions of `messages` (one request with `n` where the server honours it)."""
-        return await self._sample("/v1/chat/completions", {"messages": list(messages)}, sampling, n, key="message")
+        return await self._sample("/v1/chat/completions", {"messages": list(messages)}, sampling, n, key="message",
+                                  priority=priority)
 
-    async def complete(self, prompt: str, sampling: Sampling, n: int = 1) -> list[Completion]:
+    async def complete(self, prompt: str, sampling: Sampling, n: int = 1, *, priority: int = 0) -> list[Completion]:
         """Return `n` raw-text completions of `prompt` (for continuing an exact prefix)."""
-        return await self._sample("/v1/completions", {"prompt": prompt}, sampling, n, key="text")
+        return await self._sample("/v1/completions", {"prompt": prompt}, sampling, n, key="text", priority=priority)
 
-    async def continue_chat(self, messages: Sequence[Message], prefix: str, sampling: Sampling,
-                            n: int = 1) -> list[Completion]:
+    async def continue_chat(self, messages: Sequence[Message], prefix: str, sampling: Sampling, n: int = 1, *,
+                            priority: int = 0) -> list[Completion]:
         """Return `n` continuations of an assistant answer that starts with `prefix` (may be empty).
 
         The chat is rendered in the engine's `chat_format` and sent to the completions endpoint, so the
@@ -238,21 +276,22 @@ class EngineClient:
         end = CHAT_FORMATS.get(self.engine.chat_format, {}).get("end")
         stop = sampling.stop if end is None or end in sampling.stop else (*sampling.stop, end)
         prompt = render_chat(messages, self.engine.chat_format, prefix)
-        return await self.complete(prompt, replace(sampling, stop=stop), n)
+        return await self.complete(prompt, replace(sampling, stop=stop), n, priority=priority)
 
-    async def _sample(self, path: str, request: dict[str, Any], sampling: Sampling, n: int, *, key: str) -> list[Completion]:
+    async def _sample(self, path: str, request: dict[str, Any], sampling: Sampling, n: int, *, key: str,
+                      priority: int) -> list[Completion]:
         got: list[Completion] = []
         if n == 1 or self.supports_n is not False:
             body = {"model": self.model, **request, **self._body(path, sampling)}
             if n != 1:
                 body["n"] = n
-            got = _completions(await self._post(path, body), self.model, key=key, seed=sampling.seed)[:n]
+            got = _completions(await self._post(path, body, priority), self.model, key=key, seed=sampling.seed)[:n]
             if n > 1:
                 self.supports_n = len(got) == n
         # A server that ignores `n` gets the missing siblings as separate requests, each with its own seed.
         missing = range(len(got), n)
         extra = await asyncio.gather(*(
-            self._post(path, {"model": self.model, **request, **self._body(path, _nth(sampling, k))})
+            self._post(path, {"model": self.model, **request, **self._body(path, _nth(sampling, k))}, priority)
             for k in missing
         ))
         for k, answer in zip(missing, extra):
@@ -269,7 +308,7 @@ class EngineClient:
             body["response_format"] = {"type": "json_object", "schema": sampling.json_schema}
         return body
 
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(self, path: str, body: dict[str, Any], priority: int = 0) -> dict[str, Any]:
         index = next(self._next_url)
         url = self._urls[index] + path
         last_error = "no attempt made"
@@ -277,19 +316,21 @@ class EngineClient:
             if attempt:
                 self.usage.retries += 1
                 await asyncio.sleep(self.engine.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
-            async with self._slots[index]:
-                started = time.monotonic()
-                if self.usage._first_start is None:
-                    self.usage._first_start = started
-                try:
-                    response = await self._http.post(url, json=body)
-                except httpx.HTTPError as exc:
-                    last_error = f"{type(exc).__name__}: {exc}"
-                    continue
-                finally:
-                    ended = time.monotonic()
-                    self.usage.busy_s += ended - started
-                    self.usage._last_end = ended
+            slot = self._slots[index]
+            await slot.acquire(priority)
+            started = time.monotonic()
+            if self.usage._first_start is None:
+                self.usage._first_start = started
+            try:
+                response = await self._http.post(url, json=body)
+            except httpx.HTTPError as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+                continue
+            finally:
+                slot.release()
+                ended = time.monotonic()
+                self.usage.busy_s += ended - started
+                self.usage._last_end = ended
             if response.status_code >= 500 or response.status_code == 429:
                 last_error = f"HTTP {response.status_code}: {response.text[:200]}"
                 continue

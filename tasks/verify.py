@@ -273,6 +273,12 @@ class Verifiers:
             verdicts[i] = future.result()
         return verdicts  # type: ignore[return-value]  (every index was filled above)
 
+    async def verify(self, items: Sequence[tuple[Instruction, str]]) -> list[Verdict]:
+        """Return one verdict per (instruction, text), in order, without blocking the event loop."""
+        import asyncio
+
+        return await asyncio.to_thread(self.check, items)
+
     def _code_pool(self) -> ThreadPoolExecutor:
         # Threads are enough: each sandbox is its own process, the thread only waits on it.
         with self._lock:

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from orchard.config import EngineConfig
-from orchard.engine import EngineClient, EngineError, Sampling
+from orchard.engine import EngineClient, EngineError, Sampling, Slots
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -166,6 +166,29 @@ def test_usage_of_several_clients_adds_up_and_keeps_unreported_cache_hits_null()
 # --- prefix continuation and first-token logprobs (MCTS steps and self-evaluation) --------------------
 
 
+def test_a_freed_slot_goes_to_the_highest_priority_waiter_then_the_earliest():
+    async def scenario() -> list[str]:
+        slots, served = Slots(1), []
+
+        async def wait(name: str, priority: int) -> None:
+            await slots.acquire(priority)
+            served.append(name)
+            await asyncio.sleep(0)
+            slots.release()
+
+        await slots.acquire()  # the one slot is taken: everyone below queues
+        waiting = [asyncio.ensure_future(wait(name, priority))
+                   for name, priority in (("short", 0), ("long", 5), ("cancelled", 9), ("short-2", 0), ("medium", 2))]
+        await asyncio.sleep(0)
+        waiting[2].cancel()  # a waiter that gives up leaves no slot behind
+        slots.release()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        await slots.acquire()  # every slot came back
+        return served
+
+    assert asyncio.run(scenario()) == ["long", "medium", "short", "short-2"]
+
+
 def test_render_chat_lays_out_chatml_with_an_open_assistant_turn():
     from orchard.engine import render_chat
 
@@ -216,7 +239,7 @@ def test_first_token_alternatives_are_read_from_either_endpoint(server, logprobs
 
 def test_real_llama_server_continues_a_prefix_and_reports_yes_no_logprobs(llama):
     """The embedded llama.cpp server: a step continues the exact prefix; a judge's first token carries alternatives."""
-    from tasks.grow import yes_probability
+    from tasks.mcts import yes_probability
 
     async def go():
         async with EngineClient(llama) as client:

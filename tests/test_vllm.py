@@ -24,8 +24,9 @@ from orchard.config import EngineConfig, RunConfig, load_config
 from orchard.engine import EngineClient, Sampling
 from orchard.services import embedded_services, smollm2_gguf
 from tasks import jury as juries
-from tasks.grow import (SELF_EVAL_REQUEST, SELF_EVAL_SYSTEM, SELF_EVAL_TOP_LOGPROBS, action_messages, sample_seed,
-                        strategies_for, yes_probability)
+from tasks.growth import sample_seed
+from tasks.mcts import SELF_EVAL_REQUEST, SELF_EVAL_SYSTEM, SELF_EVAL_TOP_LOGPROBS, yes_probability
+from tasks.turns import action_messages, strategies_for
 from tasks.seeds import Instruction
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
