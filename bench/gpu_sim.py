@@ -29,7 +29,8 @@ against the same engine, one after the other. Factory CPU is measured from /proc
 process (RUSAGE_SELF) + its reaped children (RUSAGE_CHILDREN) + its live descendants (utime+stime+cutime+cstime
 of /proc/<pid>/stat), the simulated engine's process left out; Prefect's ephemeral API is started before the
 measurement (a trivial flow), so its start-up is not counted. "run" is CPU over the whole `nightly()` call,
-"growth" CPU within the flow's engine window (sampled every 0.2 s and interpolated).
+"growth" CPU within the flow's engine window (sampled every 0.2 s and interpolated). "occ/growth" divides the
+flow's busy slot time by slots × its whole growth wall (summary wall_s: verification, landing, validation included).
 
 Usage:
     PYTHONPATH=. .venv/bin/python bench/gpu_sim.py [--instructions 64 256] [--slots 64] [--per-token-ms 10]
@@ -552,7 +553,7 @@ def bench_one(settings: SimSettings, instructions: int, per_shard: int, concurre
     (state / "timeline.json").write_text(json.dumps({"flow": flow, "raw": raw, "summary_nodes": nodes}, default=str))
     base = {"instructions": instructions, "mode": mode, "slots": settings.slots}
     return [
-        {**base, "who": "flow", **_row(flow), "nodes": nodes, "growth_wall_s": summary.get("wall_s"),
+        {**base, "who": "flow", **_row(flow), "nodes": nodes, "busy_slot_s": flow.get("busy_slot_s"), "growth_wall_s": summary.get("wall_s"),
          "flow_wall_s": flow_wall, "pairs": summary.get("pairs"), "status": summary.get("status"),
          "run_cpu_s": run_cpu, "growth_cpu_s": growth_cpu, "timeline": str(state / "timeline.json")},
         {**base, "who": "raw", **_row(raw), "wall_s": raw_wall},
@@ -566,7 +567,7 @@ def _row(stats: Mapping[str, Any]) -> dict[str, Any]:
 
 def print_table(rows: Sequence[Mapping[str, Any]]) -> None:
     """One line per (instructions, mode, flow|raw), then the flow ÷ raw ratio of occupancy and requests/s."""
-    head = (f"{'instr':>5} {'mode':<7} {'who':<4} {'occupancy':>9} {'req':>6} {'req/s':>7} {'window s':>8} "
+    head = (f"{'instr':>5} {'mode':<7} {'who':<4} {'occupancy':>9} {'occ/growth':>10} {'req':>6} {'req/s':>7} {'window s':>8} "
             f"{'nodes':>6} {'nodes/s':>7} {'cpu ms/node run':>15} {'growth':>7} {'conns':>6} {'peak infl':>9}")
     print(head)
     print("-" * len(head))
@@ -577,9 +578,11 @@ def print_table(rows: Sequence[Mapping[str, Any]]) -> None:
             per_node = f"{1000 * row['run_cpu_s'] / nodes:>15.1f} {1000 * row['growth_cpu_s'] / nodes:>7.1f}" \
                 if nodes else f"{'-':>15} {'-':>7}"
             extra = f"{nodes:>6} {nodes / wall if wall else 0:>7.1f} {per_node}"
+            over_growth = f"{row['busy_slot_s'] / (row['slots'] * wall) if wall else 0:>10.3f}"
         else:
             extra = f"{'':>6} {'':>7} {'':>15} {'':>7}"
-        print(f"{row['instructions']:>5} {row['mode']:<7} {row['who']:<4} {row['occupancy'] or 0:>9.3f} "
+            over_growth = f"{'':>10}"
+        print(f"{row['instructions']:>5} {row['mode']:<7} {row['who']:<4} {row['occupancy'] or 0:>9.3f} {over_growth} "
               f"{row['requests']:>6} {rps:>7.1f} {row['window_s'] or 0:>8.1f} {extra} {row['connections']:>6} "
               f"{row['peak_in_flight']:>9}")
     print()
@@ -635,10 +638,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows.extend(bench_one(settings, instructions, args.per_shard, concurrency, mode, state_root))
     print()
     print_table(rows)
-    print("\noccupancy: Σ sequence slot time ÷ (slots × [first request arrival, last answer sent]); nodes/s: nodes "
+    print("\noccupancy: Σ sequence slot time ÷ (slots × [first request arrival, last answer sent]); occ/growth: the "
+          "same slot time ÷ (slots × the flow's whole growth wall, verification/landing/validation included); nodes/s: nodes "
           "landed ÷ the flow's growth wall (summary wall_s); cpu ms/node: CPU of this process (RUSAGE_SELF) + its "
           "children (RUSAGE_CHILDREN + live descendants from /proc), engine excluded, over nightly() ('run') and "
-          "over the flow's engine window ('growth'); conns: TCP connections the engine accepted in that period")
+          "over the flow's engine window ('growth'); conns: TCP connections that carried completion requests in that period")
 
 
 if __name__ == "__main__":
