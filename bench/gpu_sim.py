@@ -257,7 +257,8 @@ class GpuSim:
                          occupancy=busy / (self.settings.slots * window) if window > 0 else 0.0,
                          profile=occupancy_profile(self.sequences, first, last, self.settings.slots))
         if bodies:
-            found["bodies"] = [{"path": r["path"], "body": r["body"]} for r in self.requests]
+            found["bodies"] = [{"path": r["path"], "body": r["body"], "arrival": r["arrival"], "answered": r["answered"]}
+                               for r in self.requests]
         return found
 
 
@@ -542,6 +543,7 @@ def bench_one(settings: SimSettings, instructions: int, per_shard: int, concurre
             flow = sim_call(url, "GET", "/sim/stats")
             sim_call(url, "POST", "/sim/reset")
             bodies = flow.pop("bodies")
+            (state / "requests.jsonl").write_text("".join(json.dumps(b) + "\n" for b in bodies))
             started = time.monotonic()
             asyncio.run(replay(url, bodies, concurrency))
             raw_wall = time.monotonic() - started
