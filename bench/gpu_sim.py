@@ -24,7 +24,7 @@ moment a sequence takes it (prefill included) until it frees it. 1.0 means no sl
 The benchmark, for each instruction count: (a) the nightly flow on arithmetic seeds (domain math, turns 2, MCTS,
 jury of three and hard negatives on: RunConfig/Config defaults), every engine and judge on the simulated engine,
 inside `embedded_services` (SeaweedFS only); (b) raw: every request body the engine received from the flow, sent
-again exactly, all ready at once, through one httpx client with `--concurrency` requests in flight. Both run
+again exactly, all ready at once, by `--concurrency` workers with a kept httpx connection each. Both run
 against the same engine, one after the other. Factory CPU is measured from /proc and `resource.getrusage`: this
 process (RUSAGE_SELF) + its reaped children (RUSAGE_CHILDREN) + its live descendants (utime+stime+cutime+cstime
 of /proc/<pid>/stat), the simulated engine's process left out; Prefect's ephemeral API is started before the
@@ -477,19 +477,27 @@ class CpuSampler:
 
 
 async def replay(url: str, bodies: Sequence[Mapping[str, Any]], concurrency: int) -> None:
-    """Send every logged request body again, all ready at once, `concurrency` in flight through one kept pool."""
+    """Send every logged request body again, all ready at once: `concurrency` workers, each with its own kept
+    connection, take the next body as soon as their last answer came.
+
+    One client per worker, not one pool for all: httpcore's pool walks every waiting request on every release,
+    which at hundreds in flight costs more CPU than the requests (the instant engine idled behind it).
+    """
     import httpx
 
-    slots = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=600.0, limits=limits,
-                                 headers={"Authorization": "Bearer orchard"}) as client:
-        async def one(logged: Mapping[str, Any]) -> None:
-            async with slots:
+    queue: asyncio.Queue[Mapping[str, Any]] = asyncio.Queue()
+    for logged in bodies:
+        queue.put_nowait(logged)
+
+    async def worker() -> None:
+        async with httpx.AsyncClient(timeout=600.0, limits=httpx.Limits(max_connections=1),
+                                     headers={"Authorization": "Bearer orchard"}) as client:
+            while not queue.empty():
+                logged = queue.get_nowait()
                 response = await client.post(url + logged["path"], json=logged["body"])
                 response.raise_for_status()
 
-        await asyncio.gather(*(one(b) for b in bodies))
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
 
 
 def sim_config(state: Path, url: str, instructions: int, per_shard: int, concurrency: int):
