@@ -507,17 +507,28 @@ def sim_config(state: Path, url: str, instructions: int, per_shard: int, concurr
     preset = Config()
     engine = EngineConfig(kind="openai", model="sim", base_urls=(url,), max_concurrency=concurrency,
                           structured_output="json_schema", timeout_s=600.0)
-    return Config(state_dir=str(state), run=RunConfig(instructions_per_shard=per_shard),
-                  seeds=(SeedSource(kind="arithmetic", count=instructions, difficulty=1, seed=3),),
+    seeds = tuple(SeedSource(kind="arithmetic", count=count, difficulty=1, seed=seed)
+                  for seed, count in seed_chunks(instructions))
+    return Config(state_dir=str(state), run=RunConfig(instructions_per_shard=per_shard), seeds=seeds,
                   engines={"sim": engine}, roles={role: "sim" for role in preset.roles},
                   jury=tuple(dataclasses.replace(judge, engine="sim") for judge in preset.jury))
+
+
+# Difficulty 1 has fewer than 256 distinct problems per generator seed: larger runs draw from several seeds.
+SEED_CHUNK = 64
+
+
+def seed_chunks(instructions: int) -> list[tuple[int, int]]:
+    """(generator seed, count) of each arithmetic seed source of a run of `instructions`."""
+    return [(3 + i, min(SEED_CHUNK, instructions - start)) for i, start in enumerate(range(0, instructions, SEED_CHUNK))]
 
 
 def references_of(instructions: int) -> dict[str, str]:
     """The reference answer of each arithmetic seed, by its text: the engine answers some of them right."""
     from tasks.seeds import generate_arithmetic
 
-    return {i.text: i.reference for i in generate_arithmetic(instructions, difficulty=1, seed=3)}
+    return {i.text: i.reference for seed, count in seed_chunks(instructions)
+            for i in generate_arithmetic(count, difficulty=1, seed=seed)}
 
 
 def warm_prefect() -> None:
@@ -564,7 +575,7 @@ def bench_one(settings: SimSettings, instructions: int, per_shard: int, concurre
     base = {"instructions": instructions, "mode": mode, "slots": settings.slots}
     return [
         {**base, "who": "flow", **_row(flow), "nodes": nodes, "busy_slot_s": flow.get("busy_slot_s"), "growth_wall_s": summary.get("wall_s"),
-         "flow_wall_s": flow_wall, "pairs": summary.get("pairs"), "status": summary.get("status"),
+         "flow_wall_s": flow_wall, "pairs": summary.get("pairs"), "trees": summary.get("trees"), "status": summary.get("status"),
          "run_cpu_s": run_cpu, "growth_cpu_s": growth_cpu, "timeline": str(state / "timeline.json")},
         {**base, "who": "raw", **_row(raw), "wall_s": raw_wall},
     ]
@@ -600,7 +611,7 @@ def print_table(rows: Sequence[Mapping[str, Any]]) -> None:
         ratio = flow["occupancy"] / raw["occupancy"] if raw.get("occupancy") else float("nan")
         rate = (flow["requests"] / flow["window_s"]) / (raw["requests"] / raw["window_s"])
         print(f"{flow['instructions']} instructions, {flow['mode']}: occupancy flow/raw = {ratio:.3f}, requests/s "
-              f"flow/raw = {rate:.3f}; flow {flow['status']}, {flow['pairs']} pairs, growth {flow['growth_wall_s']} s "
+              f"flow/raw = {rate:.3f}; flow {flow['status']}, {flow['trees']} trees, {flow['pairs']} pairs, growth {flow['growth_wall_s']} s "
               f"of {flow['flow_wall_s']:.1f} s; {flow['sequences']} sequences")
         print(f"  occupancy profile, flow (20 parts of its window): {flow['profile']}")
         print(f"  occupancy profile, raw : {raw['profile']}")
