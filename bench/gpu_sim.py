@@ -29,7 +29,8 @@ against the same engine, one after the other. Factory CPU is measured from /proc
 process (RUSAGE_SELF) + its reaped children (RUSAGE_CHILDREN) + its live descendants (utime+stime+cutime+cstime
 of /proc/<pid>/stat), the simulated engine's process left out; Prefect's ephemeral API is started before the
 measurement (a trivial flow), so its start-up is not counted. "run" is CPU over the whole `nightly()` call,
-"growth" CPU within the flow's engine window (sampled every 0.2 s and interpolated). "occ/growth" divides the
+"growth" CPU within the flow's engine window (sampled every 0.2 s and interpolated; the sampler's own /proc
+reads, a fraction of a ms per node, are counted too). "occ/growth" divides the
 flow's busy slot time by slots × its whole growth wall (summary wall_s: verification, landing, validation included).
 
 Usage:

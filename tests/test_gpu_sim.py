@@ -1,4 +1,7 @@
-"""The simulated GPU engine of bench/gpu_sim.py answers every request shape Orchard sends as Orchard reads it."""
+"""The simulated GPU engine of bench/gpu_sim.py answers every request shape Orchard sends as Orchard reads it.
+
+Fast tier (`make check`): the engine runs on a thread of this process; no SeaweedFS, model server or Prefect.
+"""
 
 from __future__ import annotations
 
