@@ -240,9 +240,14 @@ class EngineClient:
         self._slots = [Slots(engine.max_concurrency) for _ in self._urls]
         # Whether the server honours `n` (vLLM does; llama.cpp's server answers one choice): None = not known yet.
         self.supports_n: bool | None = None
+        # Up to max_concurrency requests per base URL are in flight: httpx's default pool keeps only 20 connections
+        # alive, so above that every answer closed a connection and the next request opened a new one (a TCP
+        # handshake per request, and the server's accept loop in the way). One kept connection per slot instead.
+        in_flight = engine.max_concurrency * len(self._urls)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(engine.timeout_s, connect=10.0),
             headers={"Authorization": f"Bearer {engine.api_key}"},
+            limits=httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight),
             transport=transport,
         )
 
