@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from orchard.config import Config, RunConfig
 from orchard.engine import ChatEngine, Completion, EngineClient, EngineError, Sampling, Usage
+from orchard.engine import PrefixCache, counters_delta, prefix_cache_counters
 from orchard.errors import OrchardError
 from orchard.store import ObjectStore
 from schemas import rows
@@ -811,8 +812,13 @@ def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
         try:
             engines = {role: clients[name] for role, name in cfg.roles.items()}
             jury = [Judge(judge.name, judge.rubric, clients[judge.engine]) for judge in cfg.jury]
-            return await grow_shard(plan, run_id=run_id, run=cfg.run, engines=engines, check=verifiers.check,
-                                    progress=progress, jury=jury, constitution=constitution)
+            # The servers' prefix-cache counters (vLLM's GET /metrics) before and after: their growth is the shard's.
+            before = await prefix_cache_counters(clients.values())
+            grown = await grow_shard(plan, run_id=run_id, run=cfg.run, engines=engines, check=verifiers.check,
+                                     progress=progress, jury=jury, constitution=constitution)
+            metrics = counters_delta(before, await prefix_cache_counters(clients.values()))
+            grown.stats["prefix_cache"] = PrefixCache.of_usage(grown.stats["engine"], metrics).as_dict()
+            return grown
         finally:
             for client in clients.values():
                 await client.aclose()
