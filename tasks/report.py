@@ -42,7 +42,8 @@ def run_totals(grown_stats: Sequence[Mapping[str, Any]], growth_wall_s: float) -
         "completion_tokens": completion_tokens,
         "wall_s": round(growth_wall_s, 2),
         "tokens_per_s": round(completion_tokens / growth_wall_s, 2) if growth_wall_s > 0 else None,
-        "prefix_cache": PrefixCache.combined([PrefixCache.from_dict(s.get("prefix_cache")) for s in grown_stats]).as_dict(),
+        "prefix_cache": PrefixCache.combined([PrefixCache.from_dict(s.get("prefix_cache"))
+                                              for s in grown_stats]).as_dict(),
     }
 
 
@@ -140,8 +141,8 @@ def prefix_cache_text(figures: Mapping[str, Any] | None) -> str:
         usage = (f"{figures['cached_tokens']} of {figures['prompt_tokens']} prompt tokens cached "
                  f"({_pct(figures.get('cached_share'))})")
     metrics = figures.get("metrics")
-    served = ("no server metrics" if not metrics else
-              f"server metrics: {metrics['hits']} of {metrics['queries']} queried tokens hit ({_pct(metrics['hit_rate'])})")
+    served = ("no server metrics" if not metrics else f"server metrics: {metrics['hits']} of {metrics['queries']} "
+              f"queried tokens hit ({_pct(metrics['hit_rate'])})")
     return f"{usage}; {served}"
 
 
