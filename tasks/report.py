@@ -132,7 +132,8 @@ def summary_text(summary: Mapping[str, Any]) -> str:
 
 def prefix_cache_text(figures: Mapping[str, Any] | None) -> str:
     """Return the share of prompt tokens served from the prefix cache, as the answers' usage and the servers'
-    metrics give it: `1200 of 4000 prompt tokens cached (30.0%); server metrics: 1100 of 3900 queried (28.2%)`."""
+    metrics give it: `1200 of 4000 prompt tokens cached (30.0%); server metrics: 1100 of 3900 queried tokens hit
+    (28.2%)`."""
     if not figures:
         return "–"
     if figures.get("cached_tokens") is None:
