@@ -9,9 +9,10 @@ import asyncio
 import heapq
 import itertools
 import random
+import re
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import httpx
 
@@ -156,6 +157,124 @@ class Usage:
         }
 
 
+# The Prometheus counters of prefix-cache hits and queries (in tokens), newest name first: vLLM's V1 engine
+# exposes `vllm:prefix_cache_*_total` (0.32 does), earlier V1 releases `vllm:gpu_prefix_cache_*`. A server that
+# exposes two of these names (a deprecated alias beside the new one) is read under the first only.
+PREFIX_CACHE_METRICS = {
+    "hits": ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_hits",
+             "vllm:gpu_prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits"),
+    "queries": ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_queries",
+                "vllm:gpu_prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries"),
+}
+# One sample line of Prometheus' text format: `name{labels} value [timestamp]`.
+_PROMETHEUS_SAMPLE = re.compile(r"^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)(?:\{.*\})?\s+(?P<value>\S+)")
+METRICS_TIMEOUT_S = 2.0  # a scrape is a side look: a server slow to answer it has no figures, the shard goes on
+
+
+@dataclass(frozen=True)
+class CacheCounters:
+    """Prompt tokens a server looked up in its prefix cache (`queries`) and found there (`hits`)."""
+
+    hits: int
+    queries: int
+
+    @property
+    def hit_rate(self) -> float | None:
+        return round(self.hits / self.queries, 4) if self.queries > 0 else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"hits": self.hits, "queries": self.queries, "hit_rate": self.hit_rate}
+
+
+def parse_prefix_cache_counters(text: str) -> CacheCounters | None:
+    """Return the prefix-cache counters of a Prometheus text page, summed over label sets (engines, models); None
+    when the page has none of PREFIX_CACHE_METRICS (not vLLM, or not a metrics page)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        sample = _PROMETHEUS_SAMPLE.match(line)
+        if sample is None:
+            continue  # a comment, a blank line, or not a metrics page at all
+        try:
+            value = float(sample["value"])
+        except ValueError:
+            continue
+        values[sample["name"]] = values.get(sample["name"], 0.0) + value
+    found = {}
+    for kind, names in PREFIX_CACHE_METRICS.items():
+        name = next((n for n in names if n in values), None)
+        if name is None:
+            return None
+        found[kind] = int(values[name])
+    return CacheCounters(**found)
+
+
+def counters_delta(before: Mapping[str, CacheCounters], after: Mapping[str, CacheCounters]) -> CacheCounters | None:
+    """Return the prefix-cache counters gained between two scrapes, summed over the base URLs read both times;
+    None when no URL was, or when a counter went back (the server restarted in between)."""
+    urls = [url for url in after if url in before]
+    if not urls:
+        return None
+    if any(after[u].hits < before[u].hits or after[u].queries < before[u].queries for u in urls):
+        return None
+    return CacheCounters(sum(after[u].hits - before[u].hits for u in urls),
+                         sum(after[u].queries - before[u].queries for u in urls))
+
+
+async def prefix_cache_counters(clients: Iterable["EngineClient"]) -> dict[str, CacheCounters]:
+    """Return the prefix-cache counters of every base URL of `clients` that exposes them (GET /metrics), by URL
+    (a URL shared by two clients is read once)."""
+    clients = list(clients)
+    scraped = await asyncio.gather(*(client.prefix_cache_counters() for client in clients))
+    return {url: counters for found in scraped for url, counters in found.items()}
+
+
+@dataclass(frozen=True)
+class PrefixCache:
+    """How much of a shard's (or run's) prompt the servers answered from their prefix cache.
+
+    Two views: `cached_tokens` is what the answers' `usage.prompt_tokens_details.cached_tokens` said (None when no
+    server reported it; vLLM needs `--enable-prompt-tokens-details`), over this client's own prompt tokens;
+    `metrics` is the growth of the servers' Prometheus counters over the shard (None when no server exposes
+    them), which also counts other clients' requests served meanwhile.
+    """
+
+    prompt_tokens: int = 0
+    cached_tokens: int | None = None
+    metrics: CacheCounters | None = None
+
+    @property
+    def cached_share(self) -> float | None:
+        if self.cached_tokens is None or self.prompt_tokens <= 0:
+            return None
+        return round(self.cached_tokens / self.prompt_tokens, 4)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+                "cached_share": self.cached_share, "metrics": self.metrics.as_dict() if self.metrics else None}
+
+    @classmethod
+    def of_usage(cls, usage: Mapping[str, Any], metrics: CacheCounters | None) -> "PrefixCache":
+        """Return the figures of a shard whose engine usage was `usage` (`Usage.as_dict`) and whose servers'
+        counters grew by `metrics` meanwhile."""
+        return cls(int(usage.get("prompt_tokens") or 0), usage.get("cached_tokens"), metrics)
+
+    @classmethod
+    def from_dict(cls, figures: Mapping[str, Any] | None) -> "PrefixCache":
+        """Return the figures `as_dict` wrote (a shard's stats); empty figures for a shard that has none."""
+        figures = figures or {}
+        metrics = figures.get("metrics")
+        return cls(int(figures.get("prompt_tokens") or 0), figures.get("cached_tokens"),
+                   CacheCounters(int(metrics["hits"]), int(metrics["queries"])) if metrics else None)
+
+    @classmethod
+    def combined(cls, parts: Sequence["PrefixCache"]) -> "PrefixCache":
+        """Return the sum of several shards' figures; a view none of them has stays None."""
+        cached = [p.cached_tokens for p in parts if p.cached_tokens is not None]
+        metrics = [p.metrics for p in parts if p.metrics is not None]
+        return cls(sum(p.prompt_tokens for p in parts), sum(cached) if cached else None,
+                   CacheCounters(sum(m.hits for m in metrics), sum(m.queries for m in metrics)) if metrics else None)
+
+
 # How a chat is laid out as raw text for the completions endpoint, so a partial answer can be continued
 # exactly (MCTS steps). ChatML is what SmolLM2, Qwen and many others use.
 CHAT_FORMATS: dict[str, dict[str, str]] = {
@@ -259,6 +378,20 @@ class EngineClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    async def prefix_cache_counters(self) -> dict[str, CacheCounters]:
+        """Return, by base URL, the prefix-cache counters of each endpoint whose GET /metrics has them; an endpoint
+        without them (llama.cpp's server, a hosted API), slow or down is left out, never an error."""
+
+        async def scrape(url: str) -> CacheCounters | None:
+            try:
+                response = await self._http.get(f"{url}/metrics", timeout=METRICS_TIMEOUT_S)
+            except httpx.HTTPError:
+                return None
+            return parse_prefix_cache_counters(response.text) if response.status_code == 200 else None
+
+        found = await asyncio.gather(*(scrape(url) for url in self._urls))
+        return {url: counters for url, counters in zip(self._urls, found) if counters is not None}
 
     async def chat(self, messages: Sequence[Message], sampling: Sampling, n: int = 1, *,
                    priority: int = 0) -> list[Completion]:

@@ -25,7 +25,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from orchard.config import Config, RunConfig
-from orchard.engine import ChatEngine, EngineClient, Usage
+from orchard.engine import ChatEngine, EngineClient, PrefixCache, Usage, counters_delta, prefix_cache_counters
 from orchard.store import ObjectStore
 from schemas import rows
 from tasks import jury as juries
@@ -212,8 +212,13 @@ def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
         try:
             engines = {role: clients[name] for role, name in cfg.roles.items()}
             jury = [Judge(judge.name, judge.rubric, clients[judge.engine]) for judge in cfg.jury]
-            return await grow_shard(plan, run_id=run_id, run=cfg.run, engines=engines, check=verifiers.verify,
-                                    progress=progress, jury=jury, constitution=constitution)
+            # The servers' prefix-cache counters (vLLM's GET /metrics) before and after: their growth is the shard's.
+            before = await prefix_cache_counters(clients.values())
+            grown = await grow_shard(plan, run_id=run_id, run=cfg.run, engines=engines, check=verifiers.verify,
+                                     progress=progress, jury=jury, constitution=constitution)
+            metrics = counters_delta(before, await prefix_cache_counters(clients.values()))
+            grown.stats["prefix_cache"] = PrefixCache.of_usage(grown.stats["engine"], metrics).as_dict()
+            return grown
         finally:
             for client in clients.values():
                 await client.aclose()
