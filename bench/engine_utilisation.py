@@ -1,6 +1,6 @@
 """How busy does the nightly flow keep the engine? The same requests, two ways, measured side by side in one run.
 
-(a) factory: the nightly flow (plan → grow level by level with critiques and refinements → verify → land →
+(a) factory: the nightly flow (plan → grow every tree with critiques and refinements → verify → land →
     validate → materialise) on a shard of `--instructions` trees;
 (b) raw: every request the flow sent — read back from the nodes it landed: messages, sampling, seed — sent
     straight through the engine client, all in flight together, with nothing else to do.

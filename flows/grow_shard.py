@@ -26,7 +26,8 @@ from orchard.engine import EngineUnavailable, check_endpoints
 from orchard.errors import OrchardError, is_transient, retry_transient
 from orchard.services import embedded_services
 from orchard.store import ObjectStore
-from tasks.grow import GrowError, grow_shard_task
+from tasks.grow import grow_shard_task
+from tasks.growth import GrowError
 from tasks.land import resume_shard
 from tasks.seeds import ShardPlan
 

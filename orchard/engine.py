@@ -6,11 +6,13 @@ Bounded concurrency per endpoint, retries with backoff, timeouts, and token usag
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import random
+import re
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import httpx
 
@@ -155,6 +157,124 @@ class Usage:
         }
 
 
+# The Prometheus counters of prefix-cache hits and queries (in tokens), newest name first: vLLM's V1 engine
+# exposes `vllm:prefix_cache_*_total` (0.32 does), earlier V1 releases `vllm:gpu_prefix_cache_*`. A server that
+# exposes two of these names (a deprecated alias beside the new one) is read under the first only.
+PREFIX_CACHE_METRICS = {
+    "hits": ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_hits",
+             "vllm:gpu_prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits"),
+    "queries": ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_queries",
+                "vllm:gpu_prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries"),
+}
+# One sample line of Prometheus' text format: `name{labels} value [timestamp]`.
+_PROMETHEUS_SAMPLE = re.compile(r"^(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)(?:\{.*\})?\s+(?P<value>\S+)")
+METRICS_TIMEOUT_S = 2.0  # a scrape is a side look: a server slow to answer it has no figures, the shard goes on
+
+
+@dataclass(frozen=True)
+class CacheCounters:
+    """Prompt tokens a server looked up in its prefix cache (`queries`) and found there (`hits`)."""
+
+    hits: int
+    queries: int
+
+    @property
+    def hit_rate(self) -> float | None:
+        return round(self.hits / self.queries, 4) if self.queries > 0 else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"hits": self.hits, "queries": self.queries, "hit_rate": self.hit_rate}
+
+
+def parse_prefix_cache_counters(text: str) -> CacheCounters | None:
+    """Return the prefix-cache counters of a Prometheus text page, summed over label sets (engines, models); None
+    when the page has none of PREFIX_CACHE_METRICS (not vLLM, or not a metrics page)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        sample = _PROMETHEUS_SAMPLE.match(line)
+        if sample is None:
+            continue  # a comment, a blank line, or not a metrics page at all
+        try:
+            value = float(sample["value"])
+        except ValueError:
+            continue
+        values[sample["name"]] = values.get(sample["name"], 0.0) + value
+    found = {}
+    for kind, names in PREFIX_CACHE_METRICS.items():
+        name = next((n for n in names if n in values), None)
+        if name is None:
+            return None
+        found[kind] = int(values[name])
+    return CacheCounters(**found)
+
+
+def counters_delta(before: Mapping[str, CacheCounters], after: Mapping[str, CacheCounters]) -> CacheCounters | None:
+    """Return the prefix-cache counters gained between two scrapes, summed over the base URLs read both times;
+    None when no URL was, or when a counter went back (the server restarted in between)."""
+    urls = [url for url in after if url in before]
+    if not urls:
+        return None
+    if any(after[u].hits < before[u].hits or after[u].queries < before[u].queries for u in urls):
+        return None
+    return CacheCounters(sum(after[u].hits - before[u].hits for u in urls),
+                         sum(after[u].queries - before[u].queries for u in urls))
+
+
+async def prefix_cache_counters(clients: Iterable["EngineClient"]) -> dict[str, CacheCounters]:
+    """Return the prefix-cache counters of every base URL of `clients` that exposes them (GET /metrics), by URL
+    (a URL shared by two clients is read once)."""
+    clients = list(clients)
+    scraped = await asyncio.gather(*(client.prefix_cache_counters() for client in clients))
+    return {url: counters for found in scraped for url, counters in found.items()}
+
+
+@dataclass(frozen=True)
+class PrefixCache:
+    """How much of a shard's (or run's) prompt the servers answered from their prefix cache.
+
+    Two views: `cached_tokens` is what the answers' `usage.prompt_tokens_details.cached_tokens` said (None when no
+    server reported it; vLLM needs `--enable-prompt-tokens-details`), over this client's own prompt tokens;
+    `metrics` is the growth of the servers' Prometheus counters over the shard (None when no server exposes
+    them), which also counts other clients' requests served meanwhile.
+    """
+
+    prompt_tokens: int = 0
+    cached_tokens: int | None = None
+    metrics: CacheCounters | None = None
+
+    @property
+    def cached_share(self) -> float | None:
+        if self.cached_tokens is None or self.prompt_tokens <= 0:
+            return None
+        return round(self.cached_tokens / self.prompt_tokens, 4)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+                "cached_share": self.cached_share, "metrics": self.metrics.as_dict() if self.metrics else None}
+
+    @classmethod
+    def of_usage(cls, usage: Mapping[str, Any], metrics: CacheCounters | None) -> "PrefixCache":
+        """Return the figures of a shard whose engine usage was `usage` (`Usage.as_dict`) and whose servers'
+        counters grew by `metrics` meanwhile."""
+        return cls(int(usage.get("prompt_tokens") or 0), usage.get("cached_tokens"), metrics)
+
+    @classmethod
+    def from_dict(cls, figures: Mapping[str, Any] | None) -> "PrefixCache":
+        """Return the figures `as_dict` wrote (a shard's stats); empty figures for a shard that has none."""
+        figures = figures or {}
+        metrics = figures.get("metrics")
+        return cls(int(figures.get("prompt_tokens") or 0), figures.get("cached_tokens"),
+                   CacheCounters(int(metrics["hits"]), int(metrics["queries"])) if metrics else None)
+
+    @classmethod
+    def combined(cls, parts: Sequence["PrefixCache"]) -> "PrefixCache":
+        """Return the sum of several shards' figures; a view none of them has stays None."""
+        cached = [p.cached_tokens for p in parts if p.cached_tokens is not None]
+        metrics = [p.metrics for p in parts if p.metrics is not None]
+        return cls(sum(p.prompt_tokens for p in parts), sum(cached) if cached else None,
+                   CacheCounters(sum(m.hits for m in metrics), sum(m.queries for m in metrics)) if metrics else None)
+
+
 # How a chat is laid out as raw text for the completions endpoint, so a partial answer can be continued
 # exactly (MCTS steps). ChatML is what SmolLM2, Qwen and many others use.
 CHAT_FORMATS: dict[str, dict[str, str]] = {
@@ -177,16 +297,51 @@ def render_chat(messages: Sequence[Message], chat_format: str, prefix: str = "")
 
 
 class ChatEngine(Protocol):
-    """What tree growth needs from an engine: `n` chat completions for one prompt, or continuations of an answer."""
+    """What tree growth needs from an engine: `n` chat completions for one prompt, or continuations of an answer.
+
+    `priority`: among requests waiting for a free slot of the endpoint, higher goes first (tree growth passes how
+    many dependent levels still follow the request, so long chains start early and do not form the idle tail).
+    """
 
     model: str
     usage: Usage
     response_format: str  # how the server is asked for a schema-shaped answer: json_schema | json_object | none
 
-    async def chat(self, messages: Sequence[Message], sampling: Sampling, n: int = 1) -> list[Completion]: ...
+    async def chat(self, messages: Sequence[Message], sampling: Sampling, n: int = 1, *,
+                   priority: int = 0) -> list[Completion]: ...
 
-    async def continue_chat(self, messages: Sequence[Message], prefix: str, sampling: Sampling,
-                            n: int = 1) -> list[Completion]: ...
+    async def continue_chat(self, messages: Sequence[Message], prefix: str, sampling: Sampling, n: int = 1, *,
+                            priority: int = 0) -> list[Completion]: ...
+
+
+class Slots:
+    """A counting semaphore whose waiters get a freed slot by priority (highest first), then in arrival order."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    async def acquire(self, priority: int = 0) -> None:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (-priority, next(self._arrivals), handed))
+        try:
+            await handed
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled():  # the slot was handed over as the waiter was cancelled
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self._waiting:
+            _, _, handed = heapq.heappop(self._waiting)
+            if not handed.done():  # a cancelled waiter left its entry behind
+                handed.set_result(None)
+                return
+        self._free += 1
 
 
 class EngineClient:
@@ -201,12 +356,17 @@ class EngineClient:
         self.usage = Usage()
         self._urls = [u.rstrip("/") for u in engine.base_urls]
         self._next_url = itertools.cycle(range(len(self._urls)))
-        self._slots = [asyncio.Semaphore(engine.max_concurrency) for _ in self._urls]
+        self._slots = [Slots(engine.max_concurrency) for _ in self._urls]
         # Whether the server honours `n` (vLLM does; llama.cpp's server answers one choice): None = not known yet.
         self.supports_n: bool | None = None
+        # Up to max_concurrency requests per base URL are in flight: httpx's default pool keeps only 20 connections
+        # alive, so above that every answer closed a connection and the next request opened a new one (a TCP
+        # handshake per request, and the server's accept loop in the way). One kept connection per slot instead.
+        in_flight = engine.max_concurrency * len(self._urls)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(engine.timeout_s, connect=10.0),
             headers={"Authorization": f"Bearer {engine.api_key}"},
+            limits=httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight),
             transport=transport,
         )
 
@@ -219,16 +379,32 @@ class EngineClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def chat(self, messages: Sequence[Message], sampling: Sampling, n: int = 1) -> list[Completion]:
+    async def prefix_cache_counters(self) -> dict[str, CacheCounters]:
+        """Return, by base URL, the prefix-cache counters of each endpoint whose GET /metrics has them; an endpoint
+        without them (llama.cpp's server, a hosted API), slow or down is left out, never an error."""
+
+        async def scrape(url: str) -> CacheCounters | None:
+            try:
+                response = await self._http.get(f"{url}/metrics", timeout=METRICS_TIMEOUT_S)
+            except httpx.HTTPError:
+                return None
+            return parse_prefix_cache_counters(response.text) if response.status_code == 200 else None
+
+        found = await asyncio.gather(*(scrape(url) for url in self._urls))
+        return {url: counters for url, counters in zip(self._urls, found) if counters is not None}
+
+    async def chat(self, messages: Sequence[Message], sampling: Sampling, n: int = 1, *,
+                   priority: int = 0) -> list[Completion]:
         """Return `n` chat completions of `messages` (one request with `n` where the server honours it)."""
-        return await self._sample("/v1/chat/completions", {"messages": list(messages)}, sampling, n, key="message")
+        return await self._sample("/v1/chat/completions", {"messages": list(messages)}, sampling, n, key="message",
+                                  priority=priority)
 
-    async def complete(self, prompt: str, sampling: Sampling, n: int = 1) -> list[Completion]:
+    async def complete(self, prompt: str, sampling: Sampling, n: int = 1, *, priority: int = 0) -> list[Completion]:
         """Return `n` raw-text completions of `prompt` (for continuing an exact prefix)."""
-        return await self._sample("/v1/completions", {"prompt": prompt}, sampling, n, key="text")
+        return await self._sample("/v1/completions", {"prompt": prompt}, sampling, n, key="text", priority=priority)
 
-    async def continue_chat(self, messages: Sequence[Message], prefix: str, sampling: Sampling,
-                            n: int = 1) -> list[Completion]:
+    async def continue_chat(self, messages: Sequence[Message], prefix: str, sampling: Sampling, n: int = 1, *,
+                            priority: int = 0) -> list[Completion]:
         """Return `n` continuations of an assistant answer that starts with `prefix` (may be empty).
 
         The chat is rendered in the engine's `chat_format` and sent to the completions endpoint, so the
@@ -238,21 +414,22 @@ class EngineClient:
         end = CHAT_FORMATS.get(self.engine.chat_format, {}).get("end")
         stop = sampling.stop if end is None or end in sampling.stop else (*sampling.stop, end)
         prompt = render_chat(messages, self.engine.chat_format, prefix)
-        return await self.complete(prompt, replace(sampling, stop=stop), n)
+        return await self.complete(prompt, replace(sampling, stop=stop), n, priority=priority)
 
-    async def _sample(self, path: str, request: dict[str, Any], sampling: Sampling, n: int, *, key: str) -> list[Completion]:
+    async def _sample(self, path: str, request: dict[str, Any], sampling: Sampling, n: int, *, key: str,
+                      priority: int) -> list[Completion]:
         got: list[Completion] = []
         if n == 1 or self.supports_n is not False:
             body = {"model": self.model, **request, **self._body(path, sampling)}
             if n != 1:
                 body["n"] = n
-            got = _completions(await self._post(path, body), self.model, key=key, seed=sampling.seed)[:n]
+            got = _completions(await self._post(path, body, priority), self.model, key=key, seed=sampling.seed)[:n]
             if n > 1:
                 self.supports_n = len(got) == n
         # A server that ignores `n` gets the missing siblings as separate requests, each with its own seed.
         missing = range(len(got), n)
         extra = await asyncio.gather(*(
-            self._post(path, {"model": self.model, **request, **self._body(path, _nth(sampling, k))})
+            self._post(path, {"model": self.model, **request, **self._body(path, _nth(sampling, k))}, priority)
             for k in missing
         ))
         for k, answer in zip(missing, extra):
@@ -269,7 +446,7 @@ class EngineClient:
             body["response_format"] = {"type": "json_object", "schema": sampling.json_schema}
         return body
 
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(self, path: str, body: dict[str, Any], priority: int = 0) -> dict[str, Any]:
         index = next(self._next_url)
         url = self._urls[index] + path
         last_error = "no attempt made"
@@ -277,19 +454,21 @@ class EngineClient:
             if attempt:
                 self.usage.retries += 1
                 await asyncio.sleep(self.engine.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
-            async with self._slots[index]:
-                started = time.monotonic()
-                if self.usage._first_start is None:
-                    self.usage._first_start = started
-                try:
-                    response = await self._http.post(url, json=body)
-                except httpx.HTTPError as exc:
-                    last_error = f"{type(exc).__name__}: {exc}"
-                    continue
-                finally:
-                    ended = time.monotonic()
-                    self.usage.busy_s += ended - started
-                    self.usage._last_end = ended
+            slot = self._slots[index]
+            await slot.acquire(priority)
+            started = time.monotonic()
+            if self.usage._first_start is None:
+                self.usage._first_start = started
+            try:
+                response = await self._http.post(url, json=body)
+            except httpx.HTTPError as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+                continue
+            finally:
+                slot.release()
+                ended = time.monotonic()
+                self.usage.busy_s += ended - started
+                self.usage._last_end = ended
             if response.status_code >= 500 or response.status_code == 429:
                 last_error = f"HTTP {response.status_code}: {response.text[:200]}"
                 continue

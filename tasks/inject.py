@@ -3,8 +3,9 @@
 UltraInteract pairs a correct solution with a wrong one that differs from it as little as possible, so that what
 separates chosen from rejected is the error and nothing else. Here such wrong versions are made by rule: each
 candidate is one small, plausible slip (an answer off by one, a swapped comparison, a negated condition, …)
-applied to the correct text, best first. Nothing here verifies: the caller checks each candidate with the real
-verifier and keeps the first that is wrong (a slip can be harmless, e.g. `<` -> `<=` where equality never occurs).
+applied to the correct text, best first. `error_candidates` does not verify: the `Injection` phase checks each
+candidate with the real verifier and keeps the first that is wrong (a slip can be harmless, e.g. `<` -> `<=` where
+equality never occurs), once the tree's turns are verified.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 from decimal import Decimal, localcontext
 from fractions import Fraction
 from typing import Callable, Iterator
+
+from tasks.growth import Phase, Shard, Tree, node_id, sample_seed
+from tasks.pairs import ANSWER_ROLES, ERROR_INJECTION, pair_row, pass_rates
 
 # Math: the verifier reads the last "Answer: …" line, else the whole text (the same pattern as tasks/verify.py).
 _ANSWER_LINE = re.compile(r"answer\s*(?:is)?\s*[:=]\s*(.+)", re.I)
@@ -315,3 +319,47 @@ def _ends_operand(token: tokenize.TokenInfo | None) -> bool:
     if token.type == tokenize.NAME:
         return not keyword.iskeyword(token.string) or token.string in ("True", "False", "None")
     return token.type in (tokenize.NUMBER, tokenize.STRING) or token.string in _CLOSE
+
+
+# --- the phase: hard negatives for each tree's correct answers --------------------------------------------------
+
+INJECT_TEMPLATE = "inject/v1"
+INJECT_TRIES = 4  # edited candidates verified per correct answer; the first the verifier fails is kept
+VERIFIED_DOMAINS = ("math", "code")  # where a minimally edited answer can be proven wrong
+
+
+class Injection(Phase):
+    """For up to `hard_negatives_per_tree` correct math or code answers of a tree, the first minimally edited copy
+    the verifier fails becomes an `injected` sibling, paired with the answer it was made from."""
+
+    name = "inject"
+    needs = ("turns",)  # it edits the tree's verified answers
+
+    async def grow(self, shard: Shard, tree: Tree) -> None:
+        run = shard.run
+        per_tree = run.hard_negatives_per_tree
+        if per_tree == 0 or tree.instruction.domain not in VERIFIED_DOMAINS:
+            return
+        sources = [n for n in sorted(tree.nodes, key=lambda n: n["node_id"])
+                   if n["role"] in ANSWER_ROLES and n["verdict"] == "correct"][: 2 * per_tree]
+        candidates = []
+        for source in sources:
+            for edit in error_candidates(source["text"], tree.instruction.domain,
+                                         seed=sample_seed(run.seed, source["node_id"]), limit=INJECT_TRIES):
+                node = {**source, "node_id": node_id(source["node_id"], "injected", edit.text), "role": "injected",
+                        "text": edit.text, "edit": edit.description, "prompt_template_version": INJECT_TEMPLATE,
+                        "completion_tokens": None, "finish_reason": None, "cached_tokens": None}
+                candidates.append((source, node, edit))
+        await shard.verify([node for _, node, _ in candidates])
+        kept: list[str] = []
+        rate = pass_rates(tree.nodes).get(tree.instruction.instruction_id)
+        for source, node, edit in candidates:
+            if node["verdict"] == "correct" or source["node_id"] in kept or len(kept) >= per_tree:
+                continue
+            kept.append(source["node_id"])
+            shard.add_nodes(tree, [node])
+            pair = pair_row(source, node, tree.instruction, method=ERROR_INJECTION, chosen_score=source["score"],
+                            rejected_score=node["score"], chosen_text=source["text"], rejected_text=node["text"],
+                            pass_rate=rate)
+            pair["edit_distance"] = edit.edit_distance
+            shard.injected_pairs.append(pair)

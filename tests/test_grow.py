@@ -1,4 +1,6 @@
 import asyncio
+import json
+import random
 
 import pytest
 
@@ -6,22 +8,21 @@ from orchard.config import RunConfig
 from orchard.engine import EngineError
 from orchard.errors import is_transient
 from schemas import rows
-from tasks.grow import GrowError, grow_shard
+from tasks.grow import grow_shard
+from tasks.growth import GrowError
 from tasks.pairs import extract_pairs
-from tasks.verify import check_math_answer
-
-from builders import ScriptedEngine, instruction, plan
 
 
-def check(items):
-    return [check_math_answer(text, i.reference) for i, text in items]
+from builders import ScriptedEngine, check_math, instruction, plan
+
+
 
 
 def grow(engine, *instructions, critic=None, **run):
     run = RunConfig(**{"strategies": ("step_by_step", "plan_first", "work_backwards"), "samples_per_strategy": 2,
                        "turns": 1, "mcts_iterations": 0, "hard_negatives_per_tree": 0, **run})
     engines = {"generator": engine, "critic": critic or engine, "refiner": engine}
-    return asyncio.run(grow_shard(plan(*instructions), run_id="r1", run=run, engines=engines, check=check))
+    return asyncio.run(grow_shard(plan(*instructions), run_id="r1", run=run, engines=engines, check=check_math))
 
 
 def by_role(grown, role):
@@ -153,14 +154,16 @@ def test_identical_texts_never_pair():
     assert extract_pairs(nodes, {instruction().instruction_id: instruction()}) == []
 
 
-def test_progress_is_reported_per_level():
+def test_progress_counts_the_request_levels_every_phase_plans():
     seen = []
-    run = RunConfig(strategies=("step_by_step", "plan_first"), samples_per_strategy=1, turns=1, mcts_iterations=0,
-                    hard_negatives_per_tree=0)
-    engine = ScriptedEngine(lambda m, s: "Answer: 6")
-    asyncio.run(grow_shard(plan(instruction()), run_id="r1", run=run, engines={"generator": engine}, check=check,
-                           progress=lambda level, done, total: seen.append((level, done, total))))
-    assert seen == [("turn 1 actions", 1, 2), ("turn 1 actions", 2, 2)]
+    run = RunConfig()  # 2 turns, 3 MCTS rounds
+    engine = ScriptedEngine(lambda m, s: "Answer: 6")  # every action right: turn 2 is not needed
+    asyncio.run(grow_shard(plan(instruction(), instruction("Compute 1 + 5.", "6")), run_id="r1", run=run,
+                           engines={"generator": engine, "critic": engine, "refiner": engine}, check=check_math,
+                           progress=lambda done, planned: seen.append((done, planned))))
+    per_tree = 1 + 2 * (run.turns - 1) + 2 * run.mcts_iterations  # turns' levels, then each MCTS round's two
+    assert {planned for _, planned in seen} == {2 * per_tree}
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen) and seen[-1] == (2 * per_tree, 2 * per_tree)
 
 
 # --- critique and refinement turns ----------------------------------------------------------------
@@ -240,8 +243,72 @@ def test_instruction_following_siblings_pair_by_the_fraction_of_constraints_kept
     run = RunConfig(if_strategies=("direct",), samples_per_strategy=3, turns=1)
     with Verifiers() as verifiers:
         grown = asyncio.run(grow_shard(plan(ask), run_id="r1", run=run, engines={"generator": engine},
-                                       check=verifiers.check))
+                                       check=verifiers.verify))
     assert sorted(n["score"] for n in by_role(grown, "action")) == [0.0, 0.5, 1.0]
     assert sorted(p["margin"] for p in grown.pairs if p["method"] == "rs") == [0.5, 0.5, 1.0]
     assert {p["domain"] for p in grown.pairs} == {"instruction_following"}
     assert "Reply with the response only." in by_role(grown, "action")[0]["prompt"][0]["content"]
+
+
+# --- every tree on its own clock ------------------------------------------------------------------------
+
+
+class Unhurried:
+    """A scripted engine whose every answer takes a random time (seeded): answers arrive in a shuffled order."""
+
+    def __init__(self, inner: ScriptedEngine, latency_seed: int) -> None:
+        self.inner, self.rng = inner, random.Random(latency_seed)
+        self.model, self.usage, self.response_format = inner.model, inner.usage, inner.response_format
+        self.order: list[int | None] = []  # the seeds of the requests, in the order they were answered
+
+    async def _wait(self, sampling) -> None:
+        await asyncio.sleep(self.rng.random() * 0.004)
+        self.order.append(sampling.seed)
+
+    async def chat(self, messages, sampling, n=1, *, priority=0):
+        await self._wait(sampling)
+        return await self.inner.chat(messages, sampling, n)
+
+    async def continue_chat(self, messages, prefix, sampling, n=1, *, priority=0):
+        await self._wait(sampling)
+        return await self.inner.continue_chat(messages, prefix, sampling, n)
+
+
+def everything(messages, sampling) -> str:
+    """Answers for every phase: right or wrong math by seed, critiques, principled responses, and verdicts."""
+    system, last = messages[0]["content"], messages[-1]["content"]
+    if system.startswith("You review"):
+        return "Multiply instead."
+    if "<<<RESPONSE A" in last:
+        return json.dumps({"reason": "seeded", "winner": "AB"[sampling.seed % 2]})
+    if "Answer: <number>" in system:
+        return f"2 × 3 = 6\nAnswer: {6 + sampling.seed % 2}"
+    return f"Response {sampling.seed % 7}"
+
+
+def test_tables_do_not_depend_on_the_order_answers_arrive_in():
+    from tasks.jury import Judge
+
+    def stepper(messages, prefix, sampling):
+        return ("We multiply." if not prefix else f" Answer: {6 + sampling.seed % 2}", "length" if not prefix else "stop")
+
+    run = RunConfig(strategies=("step_by_step", "plan_first"), samples_per_strategy=2, turns=3, refine_per_tree=2,
+                    refine_samples=2, mcts_iterations=2, mcts_width=2, mcts_max_steps=2, hard_negatives_per_tree=1,
+                    principles_per_prompt=2, jury_pairs=2, jury_canaries=2)
+    instructions = [instruction(), instruction("Compute 1 + 5.", "6"), instruction("Compute 4 + 2.", "6"),
+                    instruction("Describe the sea.", "", domain="open_ended")]
+
+    def grow_with(latency_seed: int):
+        engine = Unhurried(ScriptedEngine(everything, step=stepper, judge=lambda m: {"Yes": -0.3, "No": -1.4}),
+                           latency_seed)
+        judges = [Judge(name, name, engine) for name in ("direct", "violations", "reader")]
+        grown = asyncio.run(grow_shard(plan(*instructions), run_id="r1", run=run, check=check_math, jury=judges,
+                                       engines={"generator": engine, "critic": engine, "refiner": engine}))
+        return grown, engine.order
+
+    (first, first_order), (second, second_order) = grow_with(1), grow_with(2)
+    assert first_order != second_order and sorted(first_order, key=str) == sorted(second_order, key=str)
+    assert {m for m in first.stats["pairs_by_method"]} == {"rs", "mcts", "error_injection"}
+    assert first.judgements and first.principle_examples and first.stats["critiques"]
+    for name, table in first.tables().items():
+        assert table.to_pylist() == second.tables()[name].to_pylist(), name

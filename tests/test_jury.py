@@ -12,11 +12,12 @@ import pytest
 
 from orchard.config import ConfigError, EngineConfig, RunConfig, load_config
 from orchard.engine import EngineClient
-from tasks.grow import GrowError, Judge, grow_shard
+from tasks.grow import grow_shard
+from tasks.growth import GrowError
 from tasks.principles import load_constitution
-from tasks.jury import (CORRECTNESS_CANARY, Comparison, agreement, cohen_kappa, fleiss_kappa, judge_messages, label_comparison,
+from tasks.jury import (CORRECTNESS_CANARY, Comparison, Judge, agreement, cohen_kappa, fleiss_kappa, judge_messages, label_comparison,
                         parse_verdict, preference)
-from tests.builders import ScriptedEngine, instruction, plan
+from tests.builders import ScriptedEngine, check_math, instruction, plan
 
 JURY = ("direct", "violations", "reader")
 
@@ -198,13 +199,9 @@ def grow(*instructions, judges=None, **run) -> object:
     config = RunConfig(**{"strategies": ("step_by_step",), "samples_per_strategy": 2, "turns": 1, "mcts_iterations": 0,
                           "principles_per_prompt": 2, "jury_canaries": 2, "jury_pairs": 1, **run})
     return asyncio.run(grow_shard(plan(*instructions), run_id="r1", run=config, engines={"generator": engine},
-                                  check=check, jury=judges))
+                                  check=check_math, jury=judges))
 
 
-def check(items):
-    from tasks.verify import check_math_answer
-
-    return [check_math_answer(answer, i.reference) for i, answer in items]
 
 
 def test_each_prompt_gets_principled_antithesis_and_unconditioned_responses() -> None:
@@ -280,7 +277,7 @@ def test_error_injection_pairs_a_correct_answer_with_its_edited_wrong_copy() -> 
 def test_open_ended_prompts_without_a_jury_are_refused() -> None:
     with pytest.raises(GrowError, match="jury"):
         asyncio.run(grow_shard(plan(OPEN), run_id="r1", run=RunConfig(turns=1), engines={"generator": ScriptedEngine(writer)},
-                               check=check))
+                               check=check_math))
 
 
 @pytest.mark.parametrize(("toml", "message"), [
@@ -305,7 +302,7 @@ def test_real_model_jury_returns_schema_checked_verdicts(llama: EngineConfig) ->
             judges = [Judge(name, name, engine) for name in JURY]
             config = RunConfig(principles_per_prompt=1, principle_max_tokens=48, judge_max_tokens=80, jury_canaries=1, turns=1,
                                mcts_iterations=0)
-            return await grow_shard(plan(OPEN), run_id="r1", run=config, engines={"generator": engine}, check=check,
+            return await grow_shard(plan(OPEN), run_id="r1", run=config, engines={"generator": engine}, check=check_math,
                                     jury=judges)
 
     grown = asyncio.run(run())

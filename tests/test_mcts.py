@@ -6,12 +6,12 @@ import math
 import pytest
 
 from orchard.config import ConfigError, RunConfig
-from tasks.grow import grow_shard, yes_probability
-from tasks.mcts import SearchNode, backup, node_value, select
+from tasks.grow import grow_shard
+from tasks.mcts import SearchNode, backup, node_value, select, yes_probability
 from tasks.pairs import contrast_of, curate
-from tasks.verify import check_math_answer
 
-from builders import ScriptedEngine, instruction, plan
+
+from builders import ScriptedEngine, check_math, instruction, plan
 
 
 def leaf(name: str, parent: SearchNode | None = None, terminal: bool = False) -> SearchNode:
@@ -77,8 +77,6 @@ def test_yes_probability_reads_yes_against_no_and_refuses_to_guess():
 # --- growing steps on a scripted engine ---------------------------------------------------------
 
 
-def check(items):
-    return [check_math_answer(text, i.reference) for i, text in items]
 
 
 def stepper(messages, prefix, sampling):
@@ -96,7 +94,7 @@ def search(*instructions, engine=None, **run):
     engine = engine or ScriptedEngine(lambda m, s: "Answer: 6" if s.seed % 2 else "Answer: 7", step=stepper, judge=judge)
     run = RunConfig(**{"strategies": ("step_by_step",), "samples_per_strategy": 1, "turns": 1, "mcts_iterations": 2,
                        "mcts_width": 2, "mcts_max_steps": 2, **run})
-    return asyncio.run(grow_shard(plan(*instructions), run_id="r1", run=run, engines={"generator": engine}, check=check))
+    return asyncio.run(grow_shard(plan(*instructions), run_id="r1", run=run, engines={"generator": engine}, check=check_math))
 
 
 def test_steps_continue_their_parent_and_unfinished_steps_are_rolled_out():

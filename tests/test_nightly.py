@@ -19,9 +19,8 @@ from schemas import rows
 from tasks.grow import grow_shard
 from tasks.land import land_shard, landed_manifest, quarantine_prefix
 from tasks.seeds import SeedError, load_seeds, plan_shards
-from tasks.verify import check_math_answer
 
-from builders import ScriptedEngine, store_toml
+from builders import ScriptedEngine, check_math, store_toml
 
 pytestmark = pytest.mark.integration
 
@@ -225,11 +224,8 @@ def test_garbage_from_the_model_fails_one_shard_and_the_others_publish(config, t
 def test_shard_violating_a_suite_is_quarantined_and_not_published(config, store):
     plans = plan_shards(load_seeds(config.seeds), per_shard=2, config_hash=config.content_hash())
     bad_plan = plans[0]
-    def check(items):
-        return [check_math_answer(text, instruction.reference) for instruction, text in items]
-
     scripted = _RightOrWrong(bad_plan)
-    grown = asyncio.run(grow_shard(bad_plan, run_id="it-bad", run=config.run, check=check,
+    grown = asyncio.run(grow_shard(bad_plan, run_id="it-bad", run=config.run, check=check_math,
                                    engines={"generator": scripted, "critic": scripted, "refiner": scripted}))
     assert grown.pairs
     grown.pairs[0]["chosen_text"] = ""  # the injected violation: an empty chosen response
@@ -262,10 +258,10 @@ class _RightOrWrong:
         reference = self.references[messages[1]["content"]]
         return f"Answer: {reference}" if sampling.seed % 2 == 0 else f"Answer: {int(reference) + 1}"
 
-    async def chat(self, messages, sampling, n=1):
+    async def chat(self, messages, sampling, n=1, *, priority=0):
         return await self.inner.chat(messages, sampling, n)
 
-    async def continue_chat(self, messages, prefix, sampling, n=1):
+    async def continue_chat(self, messages, prefix, sampling, n=1, *, priority=0):
         return await self.inner.continue_chat(messages, prefix, sampling, n)
 
 

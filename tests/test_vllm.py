@@ -21,11 +21,12 @@ from pathlib import Path
 import pytest
 
 from orchard.config import EngineConfig, RunConfig, load_config
-from orchard.engine import EngineClient, Sampling
+from orchard.engine import EngineClient, PrefixCache, Sampling, counters_delta, prefix_cache_counters
 from orchard.services import embedded_services, smollm2_gguf
 from tasks import jury as juries
-from tasks.grow import (SELF_EVAL_REQUEST, SELF_EVAL_SYSTEM, SELF_EVAL_TOP_LOGPROBS, action_messages, sample_seed,
-                        strategies_for, yes_probability)
+from tasks.growth import sample_seed
+from tasks.mcts import SELF_EVAL_REQUEST, SELF_EVAL_SYSTEM, SELF_EVAL_TOP_LOGPROBS, yes_probability
+from tasks.turns import action_messages, strategies_for
 from tasks.seeds import Instruction
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
@@ -204,3 +205,30 @@ def test_self_evaluation_reads_yes_no_probability_from_chat_logprobs(vllm: Engin
     assert all(logprob <= 0 for logprob in answer.top_logprobs.values())
     p_yes = yes_probability(answer.top_logprobs)
     assert p_yes is not None and 0 < p_yes < 1
+
+
+def test_a_shared_long_prefix_is_served_from_the_cache_in_usage_and_in_the_server_metrics(vllm: EngineConfig) -> None:
+    # About 420 tokens, over three KV-cache blocks (128 tokens on CPU): whole blocks of it are cached after the
+    # first request.
+    shared = "An orchard keeps twelve rows of apple trees with seven trees in each row, and every tree is pruned. " * 20
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_tokens=4, seed=5)
+
+    async def ask_twice() -> tuple:
+        async with EngineClient(vllm) as client:
+            before = await prefix_cache_counters([client])
+            first = await client.complete(shared + "How many rows are there?", sampling)
+            second = await client.complete(shared + "How many trees are there?", sampling)
+            return before, first[0], second[0], client.usage, await prefix_cache_counters([client])
+
+    before, first, second, usage, after = asyncio.run(ask_twice())
+    # vLLM serves vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total (tokens) at GET /metrics.
+    assert list(before) == list(after) == list(vllm.base_urls)
+    assert second.prompt_tokens > 256 and second.cached_tokens is not None and second.cached_tokens >= 256
+    assert second.cached_tokens <= second.prompt_tokens and first.cached_tokens is not None
+    metrics = counters_delta(before, after)
+    assert metrics is not None and metrics.queries >= first.prompt_tokens + second.prompt_tokens
+    assert metrics.hits >= second.cached_tokens and 0 < metrics.hit_rate < 1
+    figures = PrefixCache.of_usage(usage.as_dict(), metrics)
+    assert figures.cached_tokens == first.cached_tokens + second.cached_tokens
+    assert 0.3 < figures.cached_share < 0.6  # about half: the second prompt's shared blocks of two like prompts
+    print(f"vLLM prefix cache over two requests: {figures.as_dict()}")
