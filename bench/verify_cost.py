@@ -76,6 +76,20 @@ def _live_children_cpu_s() -> float:
     return total_ns / 1e9
 
 
+def _live_children_rss_mb() -> list[int]:
+    """Resident memory of each live child (the pool's workers), in MiB."""
+    sizes = []
+    for task in Path("/proc/self/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except FileNotFoundError:
+                continue
+            rss_kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+            sizes.append(rss_kb // 1024)
+    return sizes
+
+
 def measure(operation: Callable[[], object], repeat: int) -> Cost:
     """Run `operation` `repeat` times in this thread and return its mean cost."""
     wall0, thread0, proc0 = time.perf_counter(), time.thread_time(), _process_cpu_s()
@@ -191,7 +205,9 @@ def main() -> None:
 
     items = _items()
     with Verifiers(args.workers, limits) as verifiers:
-        verifiers.check(list(items.values()) * args.workers)  # start the pools and load what workers load once
+        warm_up = measure(lambda: verifiers.check(list(items.values()) * args.workers), 1)
+        print(f"pool start (every worker loads its checkers once): wall {warm_up.wall_ms:.0f} ms, "
+              f"worker RSS {_live_children_rss_mb()} MiB")
         for domain, item in items.items():
             print(measure(lambda: verifiers.check([item]), args.repeat).row(f"verdict: {domain}"))
         batch = [items["math"], items["instruction_following"]] * (args.repeat * 2)
