@@ -240,13 +240,6 @@ def _capital_words(text: str) -> int:
     return sum(1 for token in _WORD_TOKENIZER.tokenize(text) if token.isupper())
 
 
-def load_language_profiles() -> None:
-    """Load langdetect's language profiles now, once per process, instead of inside the first language check."""
-    from langdetect.detector_factory import init_factory  # what langdetect.detect calls: a no-op once loaded
-
-    init_factory()
-
-
 def _detected(text: str) -> str:
     try:
         return langdetect.detect(text)

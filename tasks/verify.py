@@ -1,9 +1,11 @@
 """Verifiers: turn an action's text into a verdict and a score, and say which verifier said so.
 
-Math and instruction following: checked in spawned worker processes (`check_answer`), never in the caller's
-thread. Math-verify's timeouts use `signal.alarm`, which only works in a main thread (each worker's); the
-constraint checkers are pure Python but slow (langdetect takes milliseconds per language check), and the
-caller is a shard's event loop. Workers load math-verify, the checkers and langdetect's profiles once, at start.
+Math and instruction following: checked in worker processes (`check_answer`), never in the caller's thread.
+Math-verify's timeouts use `signal.alarm`, which only works in a main thread (each worker's); the constraint
+checkers are pure Python but slow (langdetect takes milliseconds per language check), and the caller is a shard's
+event loop. Workers fork from a fork server that imported math-verify and the checkers once per process
+(`WORKER_PRELOAD`), so a shard's pool starts in milliseconds instead of seconds of imports per worker; a worker
+loads langdetect's profiles on its first language check.
 Code: the answer's code and the instruction's test program run together in a bubblewrap sandbox
 (orchard/sandbox.py); the answer is correct iff the program exits 0. Never outside the sandbox. A thread waits
 on each sandbox.
@@ -211,13 +213,18 @@ def check_answer(domain: str, text: str, reference: str, prompt: str = "") -> Ve
                             f"(known: {', '.join(PROCESS_DOMAINS)})")
 
 
-def _start_worker() -> None:
-    """Load what every check needs once per worker, not on its first item."""
-    import math_verify  # noqa: F401
+# What the fork server imports once, for every worker it forks: math-verify (sympy, the LaTeX parser) and the
+# constraint checkers (nltk, if-verifiable; the module also fixes langdetect's seed).
+WORKER_PRELOAD = ["math_verify", "tasks.constraints"]
 
-    from tasks.constraints import load_language_profiles  # also fixes langdetect's seed
 
-    load_language_profiles()
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """The worker processes' start method: forkserver. Not fork: the parent runs threads (Prefect, asyncio, other
+    shards) that a fork would copy mid-flight; the fork server is a fresh single-threaded process. Not spawn: every
+    worker of every shard would import math-verify and the checkers again (seconds of CPU each)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)  # read when the fork server starts, once per process
+    return context
 
 
 class VerificationError(OrchardError, ValueError):
@@ -307,7 +314,5 @@ class Verifiers:
     def _process_pool(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._processes is None:
-                # spawn, not fork: the parent runs threads (Prefect, asyncio) that a fork would copy mid-flight.
-                self._processes = ProcessPoolExecutor(max_workers=self.workers, initializer=_start_worker,
-                                                      mp_context=multiprocessing.get_context("spawn"))
+                self._processes = ProcessPoolExecutor(max_workers=self.workers, mp_context=_worker_context())
             return self._processes
