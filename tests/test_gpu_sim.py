@@ -101,7 +101,7 @@ def test_models_route_and_the_request_log(sim_url: str) -> None:
 
 
 def test_engine_client_keeps_one_connection_per_request_in_flight(sim_url: str) -> None:
-    """More requests in flight than httpx's default 20 kept connections: none is closed and opened again."""
+    """More requests in flight than a small default pool keeps alive (httpx kept 20): none is closed and opened again."""
     concurrency = 32
     httpx.post(f"{sim_url}/sim/reset")
 
