@@ -205,8 +205,11 @@ class RunConfig:
     principles_per_prompt: int = 2  # principles sampled per open-ended prompt (each: a response and its contrast)
     principle_max_tokens: int = 128
     judge_max_tokens: int = 96
-    jury_pairs: int = 2  # verifiable pairs per shard the jury also judges, to measure jury-verifier agreement
-    jury_canaries: int = 2  # canary comparisons (known answer) mixed into each shard's judge batch
+    # The jury also judges one pair of each of a shard's first `jury_pairs` trees (plan order) that have one, to
+    # measure jury-verifier agreement; and `jury_canaries` canaries (a known answer) made from the shard's first
+    # comparisons.
+    jury_pairs: int = 2
+    jury_canaries: int = 2
     # --- hard negatives: a correct math or code answer, minimally edited so that the verifier fails it ---
     hard_negatives_per_tree: int = 1  # 0 turns error injection off
     # A request that still fails after the engine client's retries costs only its own nodes; a shard fails when

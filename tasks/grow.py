@@ -34,7 +34,7 @@ from tasks.inject import Injection
 from tasks.jury import Judge, Jury
 from tasks.land import land_shard, resume_shard
 from tasks.mcts import Search
-from tasks.pairs import constraint_count, curate, extract_pairs, mcts_pairs, pass_rates
+from tasks.pairs import constraint_count, curate, found_pairs
 from tasks.principles import Constitution, Principled, load_constitution
 from tasks.seeds import Instruction, ShardPlan
 from tasks.turns import Turns
@@ -84,7 +84,7 @@ async def grow_shard(
     growth = phases(jury, constitution or load_constitution())
     shard = Shard(plan, run_id, run, engines, check, progress)
     for phase in growth:
-        phase.ready(shard)  # fail before any request is sent
+        phase.start(shard)  # fails before any request is sent
     started = time.monotonic()
     await shard.grow(growth)
 
@@ -98,9 +98,7 @@ async def grow_shard(
         ) from shard.first_failure()[1]
 
     shard.ordered()
-    rates = pass_rates(shard.nodes)
-    found = extract_pairs(shard.nodes, shard.instructions, rates) + mcts_pairs(shard.nodes, shard.instructions, rates)
-    found += shard.injected_pairs
+    found = found_pairs(shard.nodes, shard.instructions, shard.injected_pairs)
     shard.pairs = curate(found, run)
     await shard.finish(growth)
     requests = shard.failure_stats()  # with the shard-wide requests (the jury's pairs and canaries)

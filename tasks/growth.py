@@ -86,19 +86,16 @@ class Tree:
 class Phase:
     """A growth method. `grow` grows one tree, after the phases named in `needs` finished that tree; `finish` does
     the shard-wide part once every tree is grown and the shard's pairs are chosen. `levels` is how many dependent
-    request levels it plans for one tree at most (and `shard_levels` for `finish`): the shard's progress."""
+    request levels it plans for one tree at most: the shard's progress."""
 
     name = "phase"
     needs: tuple[str, ...] = ()
 
-    def ready(self, shard: "Shard") -> None:
-        """Raise GrowError when the phase cannot grow this shard (a missing engine, an unknown strategy), before any
-        request is sent."""
+    def start(self, shard: "Shard") -> None:
+        """Prepare to grow `shard`'s trees, before any request is sent; raise GrowError when the phase cannot grow
+        this shard (a missing engine, an unknown strategy)."""
 
     def levels(self, instruction: Instruction, run: RunConfig) -> int:
-        return 0
-
-    def shard_levels(self) -> int:
         return 0
 
     async def grow(self, shard: "Shard", tree: Tree) -> None:
@@ -263,7 +260,7 @@ class Shard:
         it needs have finished that tree, whatever the other trees are doing."""
         for tree in self.trees:
             tree.planned = sum(phase.levels(tree.instruction, self.run) for phase in phases)
-        self.levels_planned = sum(t.planned for t in self.trees) + sum(p.shard_levels() for p in phases)
+        self.levels_planned = sum(t.planned for t in self.trees)
         await all_of(self._grow_tree(tree, phases) for tree in self.trees)
 
     async def _grow_tree(self, tree: Tree, phases: Sequence[Phase]) -> None:

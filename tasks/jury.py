@@ -20,6 +20,7 @@ the judges' preferences, and how often a stable jury agrees with the verifier on
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import json
@@ -31,6 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from orchard.config import RunConfig
 from orchard.engine import ChatEngine, Completion, Sampling
 from tasks.growth import GrowError, Phase, Request, Shard, Tree, all_of, node_id, sample_seed
+from tasks.pairs import found_pairs, may_keep
 from tasks.principles import Constitution
 from tasks.seeds import Instruction
 
@@ -292,51 +294,72 @@ class Judge:
 
 
 class Jury(Phase):
-    """Every judge reads every comparison in both orders: each principle example (response vs antithesis) as soon
-    as its tree wrote it; once the shard's pairs are chosen, up to `jury_pairs` verifiable pairs and `jury_canaries`
-    canaries. Then each comparison is labelled, and the label written onto its judgements, example or pair."""
+    """Every judge reads every comparison in both orders, as soon as the comparison's tree is grown: each principle
+    example (response vs antithesis); one verifiable pair (chosen vs rejected, under correctness) of each of the
+    shard's first `jury_pairs` trees with a pair curation may keep; and `jury_canaries` canaries, made from the
+    shard's first comparisons. Once every tree is judged, each comparison is labelled, and the label written onto
+    its judgements, example or pair.
+
+    "First" is in plan order, so what is judged does not depend on which tree finished first: a tree waits for the
+    trees before it only while it is not yet known whether they hold the first pairs and comparisons.
+    """
 
     name = "jury"
-    needs = ("principles",)
+    needs = ("turns", "mcts", "principles", "inject")  # the tree's examples and pairs exist
 
     def __init__(self, judges: Sequence[Judge], constitution: Constitution) -> None:
         self.judges, self.constitution = tuple(judges), constitution
+        self._has_pair: dict[int, asyncio.Future[bool]] = {}  # by tree index: whether it has a pair to judge
+        self._comparisons: dict[int, asyncio.Future[list[Comparison]]] = {}  # by tree index: what it has judged
 
-    def ready(self, shard: Shard) -> None:
+    def start(self, shard: Shard) -> None:
         if not self.judges and any(i.domain == "open_ended" for i in shard.plan.instructions):
             raise GrowError(f"shard {shard.plan.shard_id}: open-ended prompts are judged by a jury, and none was given")
+        loop = asyncio.get_running_loop()
+        for tree in shard.trees:
+            self._has_pair[tree.index], self._comparisons[tree.index] = loop.create_future(), loop.create_future()
 
     def levels(self, instruction: Instruction, run: RunConfig) -> int:
-        return 1 if self.judges and instruction.domain == "open_ended" else 0
-
-    def shard_levels(self) -> int:
-        return 1 if self.judges else 0  # the verifiable pairs and canaries
+        return 1 if self.judges else 0  # a tree's comparisons, if it has any
 
     async def grow(self, shard: Shard, tree: Tree) -> None:
-        examples = [e for e in shard.examples if e["tree_id"] == tree.tree_id]
-        if not self.judges or not examples:
+        if not self.judges:
             return
-        shard.judgements += await self._judge(shard, [example_comparison(e) for e in examples])
+        pairs = sorted((p for p in found_pairs(tree.nodes, shard.instructions,
+                                               [p for p in shard.injected_pairs if p["tree_id"] == tree.tree_id])
+                        if may_keep(p, shard.run)), key=lambda p: p["pair_id"])
+        self._has_pair[tree.index].set_result(bool(pairs))
+        comparisons = [example_comparison(e) for e in shard.examples if e["tree_id"] == tree.tree_id]
+        if pairs and await self._before(tree, self._has_pair, lambda has: int(has)) < shard.run.jury_pairs:
+            comparisons.append(pair_comparison(pairs[0], tree.instruction.text))
+        self._comparisons[tree.index].set_result(comparisons)
+        if not comparisons:
+            return
+        first = await self._before(tree, self._comparisons, len)  # canary k is made from the shard's k-th comparison
+        canaries = [self._canary(shard, k, source) for k, source in enumerate(comparisons, start=first)
+                    if k < shard.run.jury_canaries]
+        shard.judgements += await self._judge(shard, comparisons + canaries)
         shard.level_done(tree)
+
+    @staticmethod
+    async def _before(tree: Tree, found: Mapping[int, asyncio.Future], count) -> int:
+        """Return how many of what `count` counts the trees before `tree` (plan order) hold."""
+        return sum([count(await found[index]) for index in range(tree.index)])
 
     async def finish(self, shard: Shard) -> None:
         if not self.judges:
             return
-        principle = [example_comparison(e) for e in shard.examples]
-        judged_pairs = sorted((p for p in shard.pairs if p["domain"] != "open_ended"), key=lambda p: p["pair_id"])
-        verifiable = [pair_comparison(p, shard.instructions[p["instruction_id"]].text)
-                      for p in judged_pairs[: shard.run.jury_pairs]]
-        comparisons = principle + verifiable
-        if not comparisons:
-            return
-        sources = itertools.cycle(sorted(comparisons, key=lambda c: c.comparison_id))
-        canaries = [self._canary(shard, k, source) for k, source in zip(range(shard.run.jury_canaries), sources)]
-        shard.judgements += await self._judge(shard, verifiable + canaries)
-        # In the order the comparisons were made, then by judge and presentation: the same every run.
-        order = {c.comparison_id: i for i, c in enumerate(comparisons + canaries)}
+        comparisons = [c for tree in shard.trees for c in self._comparisons[tree.index].result()]
+        if comparisons and len(comparisons) < shard.run.jury_canaries:  # few comparisons: canaries cycle over them
+            shard.judgements += await self._judge(shard, [
+                self._canary(shard, k, comparisons[k % len(comparisons)])
+                for k in range(len(comparisons), shard.run.jury_canaries)])
+        # In plan order, each tree's comparisons before its canaries, then by judge and presentation: every run alike.
+        index = {tree.tree_id: tree.index for tree in shard.trees}
+        kinds = {"principle": 0, "verifiable": 1, "canary": 2}
         judges = {judge.name: i for i, judge in enumerate(self.judges)}
-        shard.judgements.sort(key=lambda r: (order[r["comparison_id"]], judges[r["judge"]],
-                                             PRESENTATIONS.index(r["presented"])))
+        shard.judgements.sort(key=lambda r: (index[r["tree_id"]], kinds[r["kind"]], r["comparison_id"],
+                                             judges[r["judge"]], PRESENTATIONS.index(r["presented"])))
         self._label(shard)
 
     async def _judge(self, shard: Shard, comparisons: Sequence[Comparison]) -> list[dict]:

@@ -142,6 +142,13 @@ def mcts_pairs(nodes: Sequence[Mapping], instructions: Mapping[str, Instruction]
     return pairs
 
 
+def found_pairs(nodes: Sequence[Mapping], instructions: Mapping[str, Instruction], injected: Sequence[dict]) -> list[dict]:
+    """Return every pair the trees of `nodes` hold, before curation: rejection-sampling and MCTS pairs, then the
+    error-injection pairs made for them (`injected`)."""
+    rates = pass_rates(nodes)
+    return extract_pairs(nodes, instructions, rates) + mcts_pairs(nodes, instructions, rates) + list(injected)
+
+
 def contrast_of(margin: float, run: RunConfig) -> str:
     """Return `high`, `low` or `mid` for a pair's margin under the run's thresholds."""
     if margin >= run.contrast_high_min:
@@ -151,6 +158,15 @@ def contrast_of(margin: float, run: RunConfig) -> str:
     return "mid"
 
 
+def may_keep(pair: Mapping, run: RunConfig) -> bool:
+    """Whether curation can keep `pair` on its own merits: its prompt's pass rate lies in the difficulty band, and
+    its contrast is the one asked for (under `mix`, the shard-wide proportion decides the rest)."""
+    low, high = run.difficulty_band
+    if pair["pass_rate"] is not None and not low <= pair["pass_rate"] <= high:
+        return False
+    return run.pair_contrast not in ("high", "low") or contrast_of(pair["margin"], run) == run.pair_contrast
+
+
 def curate(pairs: Sequence[dict], run: RunConfig) -> list[dict]:
     """Label each pair's contrast, then keep the pairs the run asks for.
 
@@ -158,14 +174,11 @@ def curate(pairs: Sequence[dict], run: RunConfig) -> list[dict]:
     only `low`, or `mix` — high and low pairs in the proportion `contrast_mix_high`, as many as the scarcer
     kind allows, chosen by pair id (a stable, content-derived order).
     """
-    low, high = run.difficulty_band
     kept = []
     for pair in pairs:
         pair["contrast"] = contrast_of(pair["margin"], run)
-        if pair["pass_rate"] is None or low <= pair["pass_rate"] <= high:
+        if may_keep(pair, run):
             kept.append(pair)
-    if run.pair_contrast in ("high", "low"):
-        return [p for p in kept if p["contrast"] == run.pair_contrast]
     if run.pair_contrast == "mix":
         share = run.contrast_mix_high
         highs = sorted((p for p in kept if p["contrast"] == "high"), key=lambda p: p["pair_id"])

@@ -107,7 +107,7 @@ class Turns(Phase):
 
     name = "turns"
 
-    def ready(self, shard: Shard) -> None:
+    def start(self, shard: Shard) -> None:
         shard.engine("generator")
         if shard.run.turns > 1:
             shard.engine("critic"), shard.engine("refiner")

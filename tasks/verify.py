@@ -218,6 +218,10 @@ def check_answer(domain: str, text: str, reference: str, prompt: str = "") -> Ve
 WORKER_PRELOAD = ["math_verify", "tasks.constraints"]
 
 
+def _answered() -> None:
+    """A call that does nothing: its answer says a worker runs."""
+
+
 def _worker_context() -> multiprocessing.context.BaseContext:
     """The worker processes' start method: forkserver. Not fork: the parent runs threads (Prefect, asyncio, other
     shards) that a fork would copy mid-flight; the fork server is a fresh single-threaded process. Not spawn: every
@@ -248,6 +252,7 @@ class Verifiers:
         self.sandbox = sandbox
         self._processes: ProcessPoolExecutor | None = None
         self._threads: ThreadPoolExecutor | None = None
+        self._started: Future[None] | None = None  # the worker pool's first answer (see _processes_running)
         self._sandbox_checked = False
         self._lock = threading.Lock()  # guards pool creation, from any thread or loop
         self._sandbox_lock = threading.Lock()  # held through the one self-check: other sandbox threads wait for it
@@ -273,7 +278,27 @@ class Verifiers:
 
         Cancelling the caller cancels the checks that have not started yet.
         """
+        if any(instruction.domain in PROCESS_DOMAINS for instruction, _ in items):
+            await asyncio.wrap_future(self._processes_running())
         return list(await asyncio.gather(*(asyncio.wrap_future(future) for future in self.submit(items))))
+
+    def _processes_running(self) -> Future[None]:
+        """Return a future done once the worker pool has answered a first call. The first caller starts the pool in
+        a thread of its own: the fork server imports math-verify and the checkers before it forks a worker (seconds),
+        and a submit from the event loop would hold the loop, and every tree's next request, that long."""
+        with self._lock:
+            if self._started is None:
+                self._started = Future()
+                threading.Thread(target=self._start_processes, name="verify-pool-start", daemon=True).start()
+            return self._started
+
+    def _start_processes(self) -> None:
+        try:
+            self._process_pool().submit(_answered).result()
+        except BaseException as exc:  # handed to every verify call, which raises it
+            self._started.set_exception(exc)
+        else:
+            self._started.set_result(None)
 
     def submit(self, items: Sequence[tuple[Instruction, str]]) -> list[Future[Verdict]]:
         """Start checking every item in its pool and return their futures, in order; waits for no check.
