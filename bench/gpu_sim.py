@@ -477,9 +477,9 @@ class CpuSampler:
 # --- the benchmark ----------------------------------------------------------------------------------------------
 
 
-async def replay(url: str, bodies: Sequence[Mapping[str, Any]], concurrency: int) -> None:
+async def replay(url: str, bodies: Sequence[Mapping[str, Any]], concurrency: int) -> int:
     """Send every logged request body again, all ready at once: `concurrency` workers, each with its own kept
-    connection, take the next body as soon as their last answer came.
+    connection, take the next body as soon as their last answer came. Return the completion tokens answered.
 
     One client per worker, not one pool for all: httpcore's pool walks every waiting request on every release,
     which at hundreds in flight costs more CPU than the requests (the instant engine idled behind it).
@@ -490,15 +490,18 @@ async def replay(url: str, bodies: Sequence[Mapping[str, Any]], concurrency: int
     for logged in bodies:
         queue.put_nowait(logged)
 
-    async def worker() -> None:
+    async def worker() -> int:
+        tokens = 0
         async with httpx.AsyncClient(timeout=600.0, limits=httpx.Limits(max_connections=1),
                                      headers={"Authorization": "Bearer orchard"}) as client:
             while not queue.empty():
                 logged = queue.get_nowait()
                 response = await client.post(url + logged["path"], json=logged["body"])
                 response.raise_for_status()
+                tokens += int((response.json().get("usage") or {}).get("completion_tokens") or 0)
+        return tokens
 
-    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
+    return sum(await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies))))))
 
 
 def sim_config(state: Path, url: str, instructions: int, per_shard: int, concurrency: int):
@@ -590,7 +593,7 @@ def _row(stats: Mapping[str, Any]) -> dict[str, Any]:
 def print_table(rows: Sequence[Mapping[str, Any]]) -> None:
     """One line per (instructions, mode, flow|raw), then the flow ÷ raw ratio of occupancy and requests/s."""
     head = (f"{'instr':>5} {'mode':<7} {'who':<4} {'occupancy':>9} {'occ/growth':>10} {'req':>6} {'req/s':>7} {'window s':>8} "
-            f"{'nodes':>6} {'nodes/s':>7} {'cpu ms/node run':>15} {'growth':>7} {'conns':>6} {'peak infl':>9}")
+            f"{'nodes':>6} {'nodes/s':>7} {'n/s wall':>8} {'cpu ms/node run':>15} {'growth':>7} {'conns':>6} {'peak infl':>9}")
     print(head)
     print("-" * len(head))
     for row in rows:
@@ -599,10 +602,11 @@ def print_table(rows: Sequence[Mapping[str, Any]]) -> None:
             nodes, wall = row["nodes"], row["growth_wall_s"] or 0.0
             per_node = f"{1000 * row['run_cpu_s'] / nodes:>15.1f} {1000 * row['growth_cpu_s'] / nodes:>7.1f}" \
                 if nodes else f"{'-':>15} {'-':>7}"
-            extra = f"{nodes:>6} {nodes / wall if wall else 0:>7.1f} {per_node}"
+            window = row.get("window_s") or 0.0
+            extra = f"{nodes:>6} {nodes / window if window else 0:>7.1f} {nodes / wall if wall else 0:>8.1f} {per_node}"
             over_growth = f"{row['busy_slot_s'] / (row['slots'] * wall) if wall else 0:>10.3f}"
         else:
-            extra = f"{'':>6} {'':>7} {'':>15} {'':>7}"
+            extra = f"{'':>6} {'':>7} {'':>8} {'':>15} {'':>7}"
             over_growth = f"{'':>10}"
         print(f"{row['instructions']:>5} {row['mode']:<7} {row['who']:<4} {row['occupancy'] or 0:>9.3f} {over_growth} "
               f"{row['requests']:>6} {rps:>7.1f} {row['window_s'] or 0:>8.1f} {extra} {row['connections']:>6} "
@@ -662,7 +666,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_table(rows)
     print("\noccupancy: Σ sequence slot time ÷ (slots × [first request arrival, last answer sent]); occ/growth: the "
           "same slot time ÷ (slots × the flow's whole growth wall, verification/landing/validation included); nodes/s: nodes "
-          "landed ÷ the flow's growth wall (summary wall_s); cpu ms/node: CPU of this process (RUSAGE_SELF) + its "
+          "landed ÷ the engine window (the trees' growth); n/s wall: nodes ÷ the flow's growth wall (summary wall_s: "
+          "landing and the GX validation of every shard included); cpu ms/node: CPU of this process (RUSAGE_SELF) + its "
           "children (RUSAGE_CHILDREN + live descendants from /proc), engine excluded, over nightly() ('run') and "
           "over the flow's engine window ('growth'); conns: TCP connections that carried completion requests in that period")
 
