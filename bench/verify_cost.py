@@ -6,7 +6,7 @@ the engine clients, the asyncio loop): a fork() copies the page tables of all of
 (a) spawn: `run_sandboxed("pass")` one at a time: wall, the calling thread's CPU, the whole parent's CPU.
 (b) verdicts: `Verifiers.check` of one math, instruction-following (with a language constraint) or code item at a
     time, after a warm-up: wall, calling-thread CPU, parent CPU, and the CPU of the pool workers and sandboxes.
-(c) pool: the spawn process pool's own round trip for an item that does nothing (`len` of the strings a math or
+(c) pool: the worker process pool's own round trip for an item that does nothing (`len` of the strings a math or
     instruction-following check sends), one in flight and many in flight: what a batcher could save.
 (d) loop: `--coroutines` coroutines on one asyncio loop each verify one IF item and one math item, the way a
     shard's trees do; a heartbeat that sleeps 1 ms records the loop's longest stall. With `Verifiers.verify`
