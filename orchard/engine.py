@@ -364,8 +364,8 @@ class EngineClient:
         self._http: aiohttp.ClientSession | None = None  # made on first use, inside the loop that uses it
 
     def _session(self) -> aiohttp.ClientSession:
-        # aiohttp, not httpx: httpx's pool cost ~3-4 ms of CPU per request at 64 in flight (it scans every pooled
-        # connection per request), aiohttp ~0.2 ms (measured side by side against bench/gpu_sim.py's instant engine). One kept
+        # aiohttp, not httpx: at 64 in flight an httpx pool costs this process 3-7 ms of CPU per request (it scans
+        # every pooled connection per request), this client ~0.25 ms (bench/engine_client_cost.py). One kept
         # connection per slot: up to max_concurrency requests per base URL are in flight, and a pool smaller than
         # that closes a connection after every answer and opens one for the next request.
         if self._http is None:

@@ -34,7 +34,7 @@ from tasks.inject import Injection
 from tasks.jury import Judge, Jury
 from tasks.land import land_shard, resume_shard
 from tasks.mcts import Search
-from tasks.pairs import constraint_count, curate, found_pairs
+from tasks.pairs import constraint_count, curate
 from tasks.principles import Constitution, Principled, load_constitution
 from tasks.seeds import Instruction, ShardPlan
 from tasks.turns import Turns
@@ -98,7 +98,7 @@ async def grow_shard(
         ) from shard.first_failure()[1]
 
     shard.ordered()
-    found = found_pairs(shard.nodes, shard.instructions, shard.injected_pairs)
+    found = [pair for tree in shard.trees for pair in shard.found_pairs(tree)]
     shard.pairs = curate(found, run)
     await shard.finish(growth)
     requests = shard.failure_stats()  # with the shard-wide requests (the jury's pairs and canaries)

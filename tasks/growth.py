@@ -22,6 +22,7 @@ from orchard.config import RunConfig
 from orchard.engine import ChatEngine, Completion, EngineError, Sampling
 from orchard.errors import OrchardError
 from schemas import rows
+from tasks.pairs import found_pairs
 from tasks.seeds import Instruction, ShardPlan
 from tasks.verify import Verdict
 
@@ -75,8 +76,10 @@ class Tree:
     instruction: Instruction
     root: dict
     nodes: list[dict] = field(default_factory=list)
+    injected_pairs: list[dict] = field(default_factory=list)  # error-injection pairs (tasks/inject.py)
     planned: int = 0
     done: int = 0
+    pairs_found: list[dict] | None = None  # once grown: every pair it holds, before curation (Shard.found_pairs)
 
     @property
     def tree_id(self) -> str:
@@ -138,7 +141,6 @@ class Shard:
         self.trees: list[Tree] = []
         self.nodes: list[dict] = []
         self.examples: list[dict] = []  # principle examples (tasks/principles.py), labelled by the jury
-        self.injected_pairs: list[dict] = []  # error-injection pairs (tasks/inject.py), found per tree
         self.pairs: list[dict] = []  # the shard's curated pairs, once every tree is grown
         self.judgements: list[dict] = []
         self.counts: dict[str, dict] = {}  # a phase's own statistics (e.g. the search's), by phase
@@ -284,10 +286,17 @@ class Shard:
             await phase.finish(self)
         self.advance(self.levels_planned - self.levels_done)
 
+    def found_pairs(self, tree: Tree) -> list[dict]:
+        """Return every pair `tree` holds before curation (tasks/pairs.py: found_pairs), once all its phases are done:
+        found once, for the jury and for the shard's curation."""
+        if tree.pairs_found is None:
+            ordered = sorted(tree.nodes, key=lambda n: (n["depth"], n["node_id"]))  # not the order answers arrived in
+            tree.pairs_found = found_pairs(ordered, self.instructions, tree.injected_pairs)
+        return tree.pairs_found
+
     def ordered(self) -> None:
-        """Put nodes, principle examples and injected pairs in plan order: the tables do not depend on the order in
-        which answers arrived."""
+        """Put nodes and principle examples in plan order: the tables do not depend on the order in which answers
+        arrived."""
         index = {tree.tree_id: tree.index for tree in self.trees}
         self.nodes.sort(key=lambda n: (index[n["tree_id"]], n["depth"], n["node_id"]))
         self.examples.sort(key=lambda e: index[e["tree_id"]])  # stable: a tree's examples keep their order
-        self.injected_pairs.sort(key=lambda p: index[p["tree_id"]])

@@ -362,4 +362,4 @@ class Injection(Phase):
                             rejected_score=node["score"], chosen_text=source["text"], rejected_text=node["text"],
                             pass_rate=rate)
             pair["edit_distance"] = edit.edit_distance
-            shard.injected_pairs.append(pair)
+            tree.injected_pairs.append(pair)

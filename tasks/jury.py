@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from orchard.config import RunConfig
 from orchard.engine import ChatEngine, Completion, Sampling
 from tasks.growth import GrowError, Phase, Request, Shard, Tree, all_of, node_id, sample_seed
-from tasks.pairs import found_pairs, may_keep
+from tasks.pairs import may_keep
 from tasks.principles import Constitution
 from tasks.seeds import Instruction
 
@@ -325,9 +325,7 @@ class Jury(Phase):
     async def grow(self, shard: Shard, tree: Tree) -> None:
         if not self.judges:
             return
-        pairs = sorted((p for p in found_pairs(tree.nodes, shard.instructions,
-                                               [p for p in shard.injected_pairs if p["tree_id"] == tree.tree_id])
-                        if may_keep(p, shard.run)), key=lambda p: p["pair_id"])
+        pairs = sorted((p for p in shard.found_pairs(tree) if may_keep(p, shard.run)), key=lambda p: p["pair_id"])
         self._has_pair[tree.index].set_result(bool(pairs))
         comparisons = [example_comparison(e) for e in shard.examples if e["tree_id"] == tree.tree_id]
         if pairs and await self._before(tree, self._has_pair, lambda has: int(has)) < shard.run.jury_pairs:
