@@ -4,20 +4,29 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# llama-cpp-python builds from source once (~5-11 min on 2 cores); pip's wheel cache makes later installs take seconds.
 PIP_FLAGS ?= --disable-pip-version-check
 
 # Code answers run in a bubblewrap sandbox with the system python3 (Debian packages, not pip): installed
 # only when missing; as root here and in CI, through sudo otherwise.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup sandbox postgres browser vllm-env run test check clean-state
+.PHONY: setup sandbox embedded-engine postgres browser vllm-env run test check clean-state
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_FLAGS) -q --upgrade pip wheel setuptools
 	$(PY) -m pip install $(PIP_FLAGS) -e ".[test]"
 	touch $(STAMP)
+
+# The embedded engine: llama.cpp's llama-server built from pinned source once per machine (~20 min on 2 cores, cmake
+# and a C++ compiler), and the SmolLM2 file it serves, all in ~/.cache/orchard (orchard/llama_build.py): a fresh
+# clone on the same machine finds them there and this step takes a moment. Standard library only: no venv needed.
+embedded-engine:
+	@command -v cmake >/dev/null && command -v c++ >/dev/null || { \
+	  echo "installing cmake and g++ (they build llama-server)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cmake g++ >/dev/null; }
+	$(PYTHON) -m orchard.llama_build
 
 sandbox:
 	@command -v bwrap >/dev/null && test -x /usr/bin/python3 || { \
@@ -59,16 +68,16 @@ $(VLLM_STAMP):
 
 vllm-env: $(VLLM_STAMP)
 
-setup: $(STAMP) sandbox
+setup: $(STAMP) sandbox embedded-engine
 
-run: $(STAMP) sandbox
+run: $(STAMP) sandbox embedded-engine
 	$(VENV)/bin/orchard run $(ARGS)
 
-test: $(STAMP) sandbox postgres browser vllm-env
+test: $(STAMP) sandbox embedded-engine postgres browser vllm-env
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The inner loop: the tests that start no service (no SeaweedFS, model server, Prefect or vLLM); a few minutes.
-check: $(STAMP) sandbox
+check: $(STAMP) sandbox embedded-engine
 	$(PY) -m pytest -m "not integration and not vllm" $(PYTEST_ARGS)
 
 clean-state:

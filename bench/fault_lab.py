@@ -157,8 +157,8 @@ class Restartable:
 def clear_prompt_cache(model_url: str) -> None:
     """Leave an unrelated prompt in the model server's cache, as it is when an uninterrupted run starts.
 
-    llama-cpp-python answers a request whose whole prompt is still cached from the previous request differently
-    from the same request (same seed) evaluated afresh: a run that ended mid-way would change what the next grows.
+    A llama.cpp server may answer a request whose prompt is still cached from an earlier request differently from
+    the same request (same seed) evaluated afresh: a run that ended mid-way would change what the next grows.
     """
     response = httpx.post(f"{model_url}/v1/chat/completions", timeout=300.0, json={
         "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "seed": 0, "temperature": 0.0})

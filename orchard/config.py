@@ -37,6 +37,12 @@ class SeedSource:
     path: str = ""
 
 
+# The embedded llama-server: parallel slots (requests decoded together in one batch) and compute threads.
+# Measured on 2 cores, 8 sequences decoding together (Q4_1): 2 threads 110-120 tokens/s, 1 thread 60-70.
+EMBEDDED_SLOTS = 8
+EMBEDDED_THREADS = 2
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """An OpenAI-compatible endpoint set. `kind = "embedded"` means Orchard starts llama.cpp itself."""
@@ -45,15 +51,24 @@ class EngineConfig:
     model: str = ""
     base_urls: tuple[str, ...] = ()
     api_key: str = "orchard"
-    max_concurrency: int = 2
+    # Requests in flight per base URL. 0: the kind's default, EMBEDDED_SLOTS for the embedded engine (its server's
+    # --parallel slots, which batch on the CPU), 2 for any other.
+    max_concurrency: int = 0
+    # The most choices one request may ask for (`n`); a larger `n` is split into requests of at most this many,
+    # choice k keeping seed + k. 0: no limit. The embedded engine: 1. llama-server starts a request for n choices
+    # only when n slots are free at once and holds them until its last choice ends (and answers HTTP 400 above its
+    # slots); one request per choice keeps every slot busy: 2.8x the tokens/s (bench/embedded_engine.py).
+    max_n: int = 0
+    # The embedded server's compute threads. 0: EMBEDDED_THREADS.
+    threads: int = 0
     timeout_s: float = 120.0
     retries: int = 3
     backoff_s: float = 1.0
     n_ctx: int = 2048
     chat_format: str = "chatml"  # how a chat is laid out as raw text to continue a partial answer (MCTS steps)
-    # How the server constrains a judge's answer to the verdict schema: json_schema (vLLM, OpenAI), json_object
-    # (llama.cpp's server: response_format json_object with a schema), none (ask in the prompt, check the answer).
-    # Empty: json_object for the embedded engine, json_schema otherwise.
+    # How the server constrains a judge's answer to the verdict schema: json_schema (vLLM, OpenAI, llama.cpp's
+    # llama-server), json_object (response_format json_object with a schema: older llama.cpp servers), none (ask in
+    # the prompt, check the answer). Empty: json_schema.
     structured_output: str = ""
     # A command that serves this engine, started by whoever grows shards (orchard.services.embedded_services) and
     # stopped when they end: e.g. "/opt/vllm/bin/vllm serve MODEL --host {host} --port {port}". `{port}` (required)
@@ -61,9 +76,18 @@ class EngineConfig:
     launch: str = ""
     startup_timeout_s: float = 600.0  # how long a launched server may take to answer /v1/models (vLLM: minutes)
 
+    def __post_init__(self) -> None:
+        # Frozen: the kind's defaults are settled once, so every copy (to_dict, a worker's config) carries them.
+        if self.max_concurrency <= 0:
+            object.__setattr__(self, "max_concurrency", EMBEDDED_SLOTS if self.kind == "embedded" else 2)
+        if self.kind == "embedded" and self.max_n <= 0:
+            object.__setattr__(self, "max_n", 1)
+        if self.kind == "embedded" and self.threads <= 0:
+            object.__setattr__(self, "threads", EMBEDDED_THREADS)
+
     @property
     def response_format(self) -> str:
-        return self.structured_output or ("json_object" if self.kind == "embedded" else "json_schema")
+        return self.structured_output or "json_schema"
 
 
 LAUNCH_FIELDS = ("port", "host")

@@ -359,7 +359,7 @@ class EngineClient:
         self._urls = [u.rstrip("/") for u in engine.base_urls]
         self._next_url = itertools.cycle(range(len(self._urls)))
         self._slots = [Slots(engine.max_concurrency) for _ in self._urls]
-        # Whether the server honours `n` (vLLM does; llama.cpp's server answers one choice): None = not known yet.
+        # Whether the server honours `n` (vLLM and llama-server do; some answer one choice): None = not known yet.
         self.supports_n: bool | None = None
         self._http: aiohttp.ClientSession | None = None  # made on first use, inside the loop that uses it
 
@@ -430,6 +430,15 @@ class EngineClient:
 
     async def _sample(self, path: str, request: dict[str, Any], sampling: Sampling, n: int, *, key: str,
                       priority: int) -> list[Completion]:
+        limit = self.engine.max_n
+        if limit and n > limit:
+            # More choices than the server gives in one answer: requests of at most `limit`, the one starting at
+            # choice k with seed + k (choice k of a request with seed s is what a request with seed s + k answers).
+            parts = await asyncio.gather(*(
+                self._sample(path, request, _nth(sampling, start), min(limit, n - start), key=key, priority=priority)
+                for start in range(0, n, limit)
+            ))
+            return [completion for part in parts for completion in part]
         got: list[Completion] = []
         if n == 1 or self.supports_n is not False:
             body = {"model": self.model, **request, **self._body(path, sampling)}

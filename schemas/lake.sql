@@ -32,7 +32,9 @@ CREATE TABLE IF NOT EXISTS runs (
     fleiss_kappa DOUBLE,             -- the jury's Fleiss' κ over this run's judgements (null: nothing judged)
     agreement VARCHAR,               -- JSON: per judge position consistency, A-share and canary accuracy; pairwise
                                      -- Cohen's κ; label counts; how often a stable jury agrees with the verifier
-    shards_reused BIGINT             -- shards already in the lake from an earlier attempt of the same run id
+    shards_reused BIGINT,            -- shards already in the lake from an earlier attempt of the same run id
+    cached_share DOUBLE              -- share of the prompt tokens of the shards grown now that the model servers
+                                     -- answered from their prompt cache (null: no server reported it)
 );
 
 CREATE TABLE IF NOT EXISTS instructions (
@@ -226,6 +228,7 @@ ALTER TABLE pairs ADD COLUMN IF NOT EXISTS jury_winner VARCHAR;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS fleiss_kappa DOUBLE;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS agreement VARCHAR;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS shards_reused BIGINT;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS cached_share DOUBLE;
 
 -- TRL's conversational preference format: `prompt`, `chosen`, `rejected` are message lists, so
 -- `DPOTrainer` applies the chat template itself. The other columns let a query select pairs

@@ -33,7 +33,7 @@ RUN_COLUMNS = (
     "run_id", "flow_run_id", "snapshot_id", "config_hash", "started_at", "finished_at", "status",
     "shards_planned", "shards_published", "shards_quarantined", "shards_failed", "trees", "nodes", "pairs",
     "pass_rate", "prompt_tokens", "completion_tokens", "wall_s", "tokens_per_s", "summary", "fleiss_kappa",
-    "agreement", "shards_reused",
+    "agreement", "shards_reused", "cached_share",
 )  # fmt: skip
 # The parts of a run's summary kept as JSON in runs.summary: why shards and rows did not make it, and the fates.
 SUMMARY_FIELDS = ("problems", "fates", "shards_healed", "requests", "trees_unanswered", "seeds", "prefix_cache",

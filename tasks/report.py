@@ -59,6 +59,7 @@ def run_summary(run_id: str, flow_run_id: str | None, cfg: Config, started_at: d
     totals.update({k: v for k, v in run_totals(fresh, growth_wall_s).items()
                    if k in ("prompt_tokens", "completion_tokens", "tokens_per_s", "prefix_cache")})
     totals.update(cost_estimate(fresh, cfg.cost))
+    totals["cached_share"] = totals["prefix_cache"]["cached_share"]
     return {
         "run_id": run_id,
         "flow_run_id": flow_run_id,

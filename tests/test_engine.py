@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from orchard.config import EngineConfig
+from orchard.config import EMBEDDED_SLOTS, EMBEDDED_THREADS, EngineConfig
 from orchard.engine import (CacheCounters, EngineClient, EngineError, PrefixCache, Sampling, Slots, counters_delta,
                             parse_prefix_cache_counters, prefix_cache_counters)
 
@@ -165,6 +165,25 @@ def test_server_that_honours_n_gets_one_request(server):
     handler.script = [(200, completion(n=3))]
     answers, usage = chat(engine(url), n=3)
     assert len(answers) == 3 and usage.requests == 1
+
+
+def test_an_n_above_the_engines_max_n_is_split_into_requests_whose_seeds_move_on(server):
+    """llama-server answers HTTP 400 to an `n` above its slots: the client asks for at most max_n choices at a time,
+    the request for choices k.. with seed + k (what choice k of one big request would have had)."""
+    handler, url = server
+    handler.script = [(200, completion(n=2))]
+    answers, usage = chat(engine(url, max_n=2), n=5)
+    assert len(answers) == 5 and usage.requests == 3
+    assert sorted((body.get("n") or 1, body["seed"]) for _, body in handler.seen) == [(1, 7), (2, 3), (2, 5)]
+    assert [a.seed for a in answers] == [3, 3, 5, 5, 7]
+
+
+def test_the_embedded_engine_gets_its_slots_as_concurrency_and_max_n_and_other_engines_keep_theirs():
+    embedded = EngineConfig(kind="embedded", model="m")
+    assert embedded.max_concurrency == EMBEDDED_SLOTS and embedded.max_n == 1 and embedded.threads == EMBEDDED_THREADS
+    assert EngineConfig(kind="embedded", model="m", max_n=4).max_n == 4
+    remote = EngineConfig(model="m", base_urls=("http://gpu:8000",))
+    assert (remote.max_concurrency, remote.max_n) == (2, 0)
 
 
 def test_usage_of_several_clients_adds_up_and_keeps_unreported_cache_hits_null():
@@ -370,9 +389,10 @@ def test_prefix_cache_figures_keep_an_unreported_view_null_and_add_up_over_shard
     assert PrefixCache.combined([unreported]).cached_share is None
 
 
-def test_real_llama_server_reports_no_cached_tokens_and_serves_no_metrics(llama):
-    """llama-cpp-python's server reuses the KV cache of the longest matching prefix, but says so only in its log:
-    its usage has no prompt_tokens_details and it has no /metrics, so both views stay null, without an error."""
+def test_real_llama_server_reports_the_prompt_tokens_it_served_from_its_cache(llama):
+    """llama-server reuses the KV cache of a slot's longest matching prefix and says so in every answer's
+    usage.prompt_tokens_details.cached_tokens; it serves no /metrics (not started with --metrics), so that view
+    stays null, without an error."""
     prompt = "The orchard keeps twelve rows of apple trees, seven trees to a row. " * 8
 
     async def go():
@@ -383,6 +403,8 @@ def test_real_llama_server_reports_no_cached_tokens_and_serves_no_metrics(llama)
             return before, first[0], second[0], client.usage, await prefix_cache_counters([client])
 
     before, first, second, usage, after = asyncio.run(go())
-    assert second.prompt_tokens > 60 and first.cached_tokens is None and second.cached_tokens is None
-    assert usage.cached_tokens is None and before == after == {} and counters_delta(before, after) is None
-    assert PrefixCache.of_usage(usage.as_dict(), None).cached_share is None
+    assert second.prompt_tokens > 60 and first.cached_tokens is not None
+    assert second.cached_tokens >= second.prompt_tokens - 8  # all but the last words came from the cache
+    assert usage.cached_tokens == first.cached_tokens + second.cached_tokens
+    assert before == after == {} and counters_delta(before, after) is None
+    assert PrefixCache.of_usage(usage.as_dict(), None).cached_share >= 0.4

@@ -127,7 +127,7 @@ def run_row(run_id: str, shards: list[dict], status: str = "complete") -> dict:
                 shards_failed=0,
                 trees=trees, nodes=sum(m["files"]["nodes"]["rows"] for m in shards),
                 pairs=sum(m["files"]["pairs"]["rows"] for m in shards), pass_rate=2 / 3, prompt_tokens=100,
-                completion_tokens=50, wall_s=300.0, tokens_per_s=0.5, summary={"failures": []})  # fmt: skip
+                completion_tokens=50, wall_s=300.0, tokens_per_s=0.5, cached_share=None, summary={"failures": []})  # fmt: skip
 
 
 def validation_rows(shards: list[dict]) -> list[dict]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchard import services
+from orchard import llama_build, services
 from orchard.config import Config, ConfigError, EngineConfig, JudgeConfig, launch_argv, load_config
 from orchard.engine import EngineClient, Sampling
 from orchard.services import ServiceError, embedded_services, start_launched_engine
@@ -20,8 +20,8 @@ STORE_ELSEWHERE = {"ORCHARD__OBJECT_STORE__ENDPOINT_URL": "http://s3.example.inv
 
 def llama_launch(alias: str) -> str:
     """A launch command for the packaged SmolLM2 on llama.cpp's server: any OpenAI-compatible server will do."""
-    return (f"{shlex.quote(sys.executable)} -m llama_cpp.server --model {shlex.quote(str(services.smollm2_gguf()))} "
-            f"--host {{host}} --port {{port}} --n_ctx 1024 --model_alias {shlex.quote(alias)}")
+    return (f"{shlex.quote(str(llama_build.find_binary()))} --model {shlex.quote(str(services.embedded_gguf()))} "
+            f"--host {{host}} --port {{port}} --ctx-size 1024 --threads 1 --alias {shlex.quote(alias)}")
 
 
 def config_file(tmp_path: Path, engine_toml: str) -> Path:
@@ -123,7 +123,7 @@ def test_launched_llama_server_answers_a_chat_and_stops_with_the_block(tmp_path:
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/v1/models", timeout=2)
     log = (tmp_path / "state" / "logs" / "engine-gpu.log").read_text()
-    assert log.startswith(f"$ {sys.executable} -m llama_cpp.server")
+    assert log.startswith(f"$ {llama_build.find_binary()} --model")
 
 
 @pytest.mark.integration

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from orchard import services
+from orchard import llama_build, services
 from orchard.config import Config, EngineConfig, ObjectStoreConfig
 from orchard.services import Service, ServiceError, embedded_services, start_seaweedfs
 from orchard.store import ObjectStore
@@ -101,10 +101,35 @@ def test_a_server_that_exits_at_start_is_reported_with_its_log(tmp_path: Path, m
         start_seaweedfs(STORE, tmp_path)
 
 
-def test_packaged_model_and_store_binary_are_found_without_path_lookups() -> None:
-    assert services.smollm2_gguf().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+def test_embedded_model_server_and_store_binary_are_found_without_path_lookups() -> None:
+    assert services.smollm2_gguf().name.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert services.smollm2_gguf().stat().st_size > 50_000_000
+    assert services.embedded_gguf().name.endswith(f"SmolLM2-135M-Instruct.{llama_build.EMBEDDED_QUANT}.gguf")
+    assert services.embedded_gguf().read_bytes()[:4] == b"GGUF"
+    assert os.access(llama_build.find_binary(), os.X_OK)
     assert os.access(services.weed_binary(), os.X_OK)
+
+
+def test_the_llama_server_build_is_keyed_by_what_changes_the_binary(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path))
+    monkeypatch.delenv("ORCHARD_LLAMA_SERVER", raising=False)
+    key = llama_build.build_key()
+    assert llama_build.build_dir() == tmp_path / "llama-server" / key and llama_build.find_binary() is None
+    monkeypatch.setattr(llama_build, "CMAKE_FLAGS", (*llama_build.CMAKE_FLAGS, "-DGGML_AVX512=OFF"))
+    assert llama_build.build_key() != key
+    monkeypatch.setattr(llama_build, "_cpu_flags", lambda: "fpu sse")
+    assert llama_build.build_key() != key
+    monkeypatch.setenv("ORCHARD_LLAMA_SERVER", "/opt/llama/bin/llama-server")
+    assert llama_build.find_binary() == Path("/opt/llama/bin/llama-server")
+
+
+def test_a_machine_without_the_embedded_engine_is_told_how_to_set_it_up(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path))
+    monkeypatch.delenv("ORCHARD_LLAMA_SERVER", raising=False)
+    with pytest.raises(ServiceError, match=r"llama-server is not built on this machine .*make setup"):
+        services.start_llama_server(EngineConfig(kind="embedded", model="m"), tmp_path)
+    with pytest.raises(ServiceError, match=r"not set up on this machine .*orchard.llama_build"):
+        services.embedded_gguf()
 
 
 def test_free_ports_are_distinct() -> None:
