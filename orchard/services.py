@@ -291,10 +291,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
 
 
-def start_llama_server(engine: EngineConfig, state_dir: Path, *, name: str | None = None,
+def start_llama_server(engine: EngineConfig, state_dir: Path, *, name: str | None = None, model: Path | None = None,
                        timeout_s: float = STARTUP_TIMEOUT_S) -> Service:
-    """Start llama.cpp's `llama-server` (orchard.llama_build) with the embedded model on 127.0.0.1, its log in
-    `state_dir/logs`; return once GET /health answers 200 (the model is loaded).
+    """Start llama.cpp's `llama-server` (orchard.llama_build) with `model` (default: the embedded model) on
+    127.0.0.1, its log in `state_dir/logs`; return once GET /health answers 200 (the model is loaded).
 
     One slot per request in flight (`engine.max_concurrency`), each with `engine.n_ctx` tokens of context; the
     prompt cache (on by default) lets siblings, critiques and MCTS continuations reuse their parent's prompt.
@@ -310,7 +310,7 @@ def start_llama_server(engine: EngineConfig, state_dir: Path, *, name: str | Non
     slots = engine.max_concurrency
     argv = [
         str(binary),
-        "--model", str(embedded_gguf()),
+        "--model", str(model or embedded_gguf()),
         "--host", HOST,
         "--port", str(port),
         "--parallel", str(slots),

@@ -123,6 +123,16 @@ def test_the_llama_server_build_is_keyed_by_what_changes_the_binary(monkeypatch,
     assert llama_build.find_binary() == Path("/opt/llama/bin/llama-server")
 
 
+def test_an_x86_build_keeps_ggml_amx_out_and_other_machines_build_native(monkeypatch) -> None:
+    monkeypatch.setattr(llama_build.platform, "machine", lambda: "x86_64")
+    flags = llama_build.cmake_flags()
+    assert "-DGGML_NATIVE=ON" in flags
+    for language in ("C", "CXX"):
+        assert any(f.startswith(f"-DCMAKE_{language}_FLAGS=") and "-mno-amx-int8" in f for f in flags)
+    monkeypatch.setattr(llama_build.platform, "machine", lambda: "aarch64")
+    assert llama_build.cmake_flags() == llama_build.CMAKE_FLAGS
+
+
 def test_a_machine_without_the_embedded_engine_is_told_how_to_set_it_up(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path))
     monkeypatch.delenv("ORCHARD_LLAMA_SERVER", raising=False)
