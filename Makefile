@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install $(PIP_FLAGS) -e ".[test]"
 	touch $(STAMP)
 
-# The embedded engine: llama.cpp's llama-server built from pinned source once per machine (12.6 min on 2 cores here, cmake
+# The embedded engine: llama.cpp's llama-server built from pinned source once per machine (4.5-13 min on 2 cores, cmake
 # and a C++ compiler), and the SmolLM2 file it serves, all in ~/.cache/orchard (orchard/llama_build.py): a fresh
 # clone on the same machine finds them there and this step takes a moment. Standard library only: no venv needed.
 embedded-engine:

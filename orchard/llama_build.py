@@ -181,7 +181,7 @@ def build(*, jobs: int | None = None, log=lambda message: print(message, file=sy
             work_dir = Path(work)
             source = _extract(_download(SOURCE_URL, SOURCE_SHA256, work_dir, log), work_dir)
             objects = work_dir / "build"
-            log(f"building {', '.join(TARGETS)} (once per machine; about 20 minutes on 2 cores) into {home}")
+            log(f"building {', '.join(TARGETS)} (once per machine; 5 to 13 minutes on 2 cores) into {home}")
             build_log = home / "build.log"
             with build_log.open("w") as out:
                 for argv in (["cmake", "-S", str(source), "-B", str(objects), *cmake_flags()],
