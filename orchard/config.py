@@ -280,8 +280,9 @@ class Config:
     seeds: tuple[SeedSource, ...] = (
         SeedSource(kind="arithmetic", count=5, difficulty=1, seed=7),
         SeedSource(kind="arithmetic", count=2, difficulty=2, seed=7),
-        SeedSource(kind="code", count=2, difficulty=1, seed=7),
-        SeedSource(kind="humaneval", count=1),
+        # Generated tasks, not HumanEval: HumanEval is the code benchmark a trained model is evaluated on, so pairs grown
+        # from its problems would contaminate it.
+        SeedSource(kind="code", count=3, difficulty=1, seed=7),
         SeedSource(kind="if_synth", count=2, difficulty=3, seed=21),  # 2-3 verifiable constraints each
         SeedSource(kind="open_ended", count=4),  # the first shipped prompts: writing, advice, explanation, rewriting
     )

@@ -11,6 +11,12 @@ def test_embedded_preset_needs_no_file_and_no_environment():
     assert cfg.lake_data_path == "s3://orchard/lake/"
 
 
+def test_the_default_run_grows_nothing_from_an_evaluation_benchmark():
+    kinds = [source.kind for source in load_config(None, environ={}).seeds]
+    assert "humaneval" not in kinds and "code" in kinds
+    assert sum(source.count for source in load_config(None, environ={}).seeds) == 16
+
+
 def test_file_overrides_preset_and_environment_overrides_file(tmp_path):
     path = tmp_path / "orchard.toml"
     path.write_text(
