@@ -39,7 +39,7 @@ class SeedSource:
 
 # The embedded llama-server: parallel slots (requests decoded together in one batch) and compute threads.
 # Measured on 2 cores, 8 sequences decoding together (Q4_1): 2 threads 110-120 tokens/s, 1 thread 60-70. In the
-# default `make run` (Q8_0) the server held 180-200 % CPU and the flow's own processes under 15 % (sampled with top):
+# default `make run` (Q8_0) the server held 160-200 % CPU and the flow's own processes under 15 % (sampled with top):
 # the cores are the model server's to use, so it gets both.
 EMBEDDED_SLOTS = 8
 EMBEDDED_THREADS = 2
