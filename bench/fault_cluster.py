@@ -250,8 +250,9 @@ def lake_problems(cfg: Config, run_id: str, shards: int, *, reused: bool = False
             counts[table] = rows
             if rows != distinct:
                 problems.append(f"{table}: {rows} rows, {distinct} distinct {column}")
-            per_shard[table] = dict(con.execute(f"SELECT shard_id, count(*) FROM {table} WHERE run_id = ? GROUP BY 1",
-                                                [run_id]).fetchall())
+        for table in SHARD_TABLES:  # rows per shard (a run's own drops, before shards, have none: left out)
+            per_shard[table] = dict(con.execute(f"SELECT shard_id, count(*) FROM {table} WHERE run_id = ? AND "
+                                                "shard_id IS NOT NULL GROUP BY 1", [run_id]).fetchall())
         runs = con.execute("SELECT status, shards_planned, shards_published, shards_reused FROM runs WHERE run_id = ?",
                            [run_id]).fetchall()
         snapshots = [s["snapshot_id"] for s in lake.snapshot_rows(con)]

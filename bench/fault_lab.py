@@ -415,12 +415,11 @@ secret_access_key = {json.dumps(self.store_cfg.secret_access_key)}
         return target
 
     def planned(self, target: Target) -> list[str]:
-        """The shard ids the target's config plans (deterministic from the seeds and the config hash)."""
-        from tasks.seeds import load_seeds, plan_shards
+        """The shard ids the target's config plans (deterministic from the seeds, the hygiene gate and the config
+        hash; the lab's runs each have a lake of their own, so nothing another run published counts)."""
+        from tasks.seeds import plan_seeds
 
-        cfg = target.cfg
-        return [p.shard_id for p in plan_shards(load_seeds(cfg.seeds), per_shard=cfg.run.instructions_per_shard,
-                                                config_hash=cfg.content_hash())]
+        return [p.shard_id for p in plan_seeds(target.cfg, "planned").plans]
 
     def run(self, target: Target, log_name: str, **options: Any) -> "Attempt":
         """`run_orchard`, after leaving the model server's prompt cache as a fresh start has it."""
@@ -645,8 +644,10 @@ def lake_facts(cfg: Config, run_id: str) -> dict:
             rows, distinct = con.execute(f"SELECT count(*), count(DISTINCT {column}) FROM {table} WHERE run_id = ?",
                                          [run_id]).fetchone()
             facts["rows"][table], facts["distinct"][table] = rows, distinct
+        for table in SHARD_TABLES:  # rows per shard (a run's own drops, before shards, have none: left out)
             facts["per_shard"][table] = dict(con.execute(
-                f"SELECT shard_id, count(*) FROM {table} WHERE run_id = ? GROUP BY 1", [run_id]).fetchall())
+                f"SELECT shard_id, count(*) FROM {table} WHERE run_id = ? AND shard_id IS NOT NULL GROUP BY 1",
+                [run_id]).fetchall())
         cursor = con.execute("SELECT * FROM runs WHERE run_id = ?", [run_id])
         columns = [c[0] for c in cursor.description]
         rows = [dict(zip(columns, row)) for row in cursor.fetchall()]
@@ -676,8 +677,8 @@ def shard_rows_at(cfg: Config, run_id: str, version: int) -> dict[str, dict[str,
     with lake.connect(cfg, version=version) as con:
         tables = {row[0] for row in con.execute(
             "SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [lake.LAKE]).fetchall()}
-        return {table: dict(con.execute(f"SELECT shard_id, count(*) FROM {table} WHERE run_id = ? GROUP BY 1",
-                                        [run_id]).fetchall()) if table in tables else {}
+        return {table: dict(con.execute(f"SELECT shard_id, count(*) FROM {table} WHERE run_id = ? AND shard_id IS NOT "
+                                        "NULL GROUP BY 1", [run_id]).fetchall()) if table in tables else {}
                 for table in SHARD_TABLES}
 
 

@@ -61,7 +61,7 @@ def publish_run(cfg: Config, run_id: str, max_shards: int | None = None) -> dict
     started_at = datetime.now(timezone.utc)
 
     check_run_id_task(config, run_id)  # a run id resumes its run: refuse one published under another config
-    seeds = plan_shards_task(config)
+    seeds = plan_shards_task(config, run_id)  # through the hygiene gate: decontaminated and deduplicated
     plans = seeds.plans[:max_shards]
     logger.info("run %s: %d shards of up to %d instructions", run_id, len(plans), cfg.run.instructions_per_shard)
     progress = Progress(run_id, len(plans))
@@ -82,10 +82,11 @@ def publish_run(cfg: Config, run_id: str, max_shards: int | None = None) -> dict
     passed = [checks[f.shard_id].receipt for f in fates if f.fate == "published"]
     summary = run_summary(run_id, str(flow_run.id) if flow_run.id else None, cfg, started_at, len(plans), fates,
                           [checks[p.shard_id].receipt for p in plans if checks[p.shard_id].receipt], passed,
-                          growth_wall_s, seeds.sources)
+                          growth_wall_s, seeds.sources, seeds.drops, seeds.contamination)
     summary["data_docs"] = next((c.data_docs for c in checks.values() if c.data_docs), None)
     validation_rows = [row for check in checks.values() for row in check.validation_rows]
-    summary.update(materialise_task(config, summary, [r["manifest"] for r in passed], validation_rows))
+    run_rows = {"drops": seeds.drops, "contamination": seeds.contamination}
+    summary.update(materialise_task(config, summary, [r["manifest"] for r in passed], validation_rows, run_rows))
     summary.update(report_task(config, summary))
     print(summary_text(summary))
     return summary

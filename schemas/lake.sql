@@ -204,6 +204,28 @@ CREATE TABLE IF NOT EXISTS validations (
     observed VARCHAR                 -- the observed value, as text or JSON
 );
 
+-- Rows dropped on the way, with the reason: a run's seeds stages (seeds, decontamination, dedup; shard_id null)
+-- and each shard's (pair_hygiene, curation, jury). "What went missing, and why" is a GROUP BY here.
+CREATE TABLE IF NOT EXISTS drops (
+    run_id VARCHAR,
+    shard_id VARCHAR,                -- null: a run-level stage, before shards were planned
+    stage VARCHAR,
+    reason VARCHAR,
+    "count" BIGINT,
+    example_ids VARCHAR[]            -- the first few ids dropped for this reason
+);
+
+-- Every instruction the hygiene gate flagged: which eval item it covers, by how many n-grams. Never grown.
+CREATE TABLE IF NOT EXISTS contamination (
+    run_id VARCHAR,
+    instruction_id VARCHAR,
+    eval_set VARCHAR,
+    eval_item_id VARCHAR,
+    matched_ngrams BIGINT,
+    eval_ngrams BIGINT,
+    coverage DOUBLE
+);
+
 -- Migrations: columns appended after the first lakes were made (multi-turn trees, sandboxed code).
 -- A no-op on a lake that has them; on an older lake they are added at the end, as in schemas/rows.py.
 ALTER TABLE nodes ADD COLUMN IF NOT EXISTS turn BIGINT;

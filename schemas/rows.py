@@ -193,6 +193,32 @@ JUDGEMENTS = pa.schema(
     ]
 )
 
+# Rows dropped, by stage and reason: a shard's (pair hygiene, curation, jury labels) land with it; a run's own
+# (seeds, decontamination, dedup: before shards exist; shard_id null) are written by materialise.
+DROPS = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("shard_id", pa.string()),
+        ("stage", pa.string()),  # seeds | decontamination | dedup | pair_hygiene | curation | jury
+        ("reason", pa.string()),
+        ("count", pa.int64()),
+        ("example_ids", pa.list_(pa.string())),  # a few of the dropped ids (instruction, pair or example ids), the smallest
+    ]
+)
+
+# An instruction the hygiene gate flagged as contaminated by one eval item (written by materialise; never grown).
+CONTAMINATION = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("instruction_id", pa.string()),
+        ("eval_set", pa.string()),
+        ("eval_item_id", pa.string()),
+        ("matched_ngrams", pa.int64()),  # the eval item's distinct n-grams found in the instruction
+        ("eval_ngrams", pa.int64()),  # the eval item's distinct n-grams
+        ("coverage", pa.float64()),  # matched_ngrams / eval_ngrams
+    ]
+)
+
 # One expectation's outcome on one shard (written by materialise, not landed with the shard).
 VALIDATIONS = pa.schema(
     [
@@ -214,6 +240,7 @@ SHARD_TABLES: dict[str, pa.Schema] = {
     "trees": TREES,
     "principle_examples": PRINCIPLE_EXAMPLES,
     "judgements": JUDGEMENTS,
+    "drops": DROPS,
 }
 
 

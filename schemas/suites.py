@@ -364,6 +364,7 @@ CHECKS: dict[str, Callable[[Mapping[str, pd.DataFrame]], dict[str, pd.Series]]] 
     "trees": _tree_checks,
     "principle_examples": _principle_example_checks,
     "judgements": _judgement_checks,
+    "drops": lambda frames: {},  # plain columns only
 }
 
 

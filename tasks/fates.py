@@ -114,7 +114,7 @@ def with_fates(summary: Mapping[str, Any], fates: Sequence[ShardFate]) -> dict[s
     """Return the run status, shard counts, fates and problems of a run whose planned shards ended in `fates`, as
     the keys a run's summary holds them under."""
     return {**fate_counts(fates, summary["shards_planned"]), "fates": [f.to_dict() for f in fates],
-            "problems": problems(fates)}
+            "problems": problems(fates) + ([summary["nothing_planned"]] if summary.get("nothing_planned") else [])}
 
 
 def exit_code(status: str) -> int:

@@ -24,7 +24,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from orchard.config import Config, RunConfig
+from orchard.config import Config, HygieneConfig, RunConfig
 from orchard.engine import ChatEngine, EngineClient, PrefixCache, Usage, counters_delta, prefix_cache_counters
 from orchard.store import ObjectStore
 from schemas import rows
@@ -51,6 +51,7 @@ class GrownShard:
     trees: list[dict] = field(default_factory=list)
     principle_examples: list[dict] = field(default_factory=list)
     judgements: list[dict] = field(default_factory=list)
+    drops: list[dict] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
 
     def tables(self) -> dict:
@@ -73,6 +74,7 @@ async def grow_shard(
     progress: Progress | None = None,
     jury: Sequence[Judge] = (),
     constitution: Constitution | None = None,
+    hygiene: HygieneConfig | None = None,
 ) -> GrownShard:
     """Return the instructions, nodes, pairs, trees, principle examples and judgements of every tree of `plan`.
 
@@ -82,7 +84,7 @@ async def grow_shard(
     shipped default if None), some verifiable pairs, and canaries; without a jury nothing is judged.
     """
     growth = phases(jury, constitution or load_constitution())
-    shard = Shard(plan, run_id, run, engines, check, progress)
+    shard = Shard(plan, run_id, run, engines, check, progress, hygiene)
     for phase in growth:
         phase.start(shard)  # fails before any request is sent
     started = time.monotonic()
@@ -99,9 +101,14 @@ async def grow_shard(
 
     shard.ordered()
     found = [pair for tree in shard.trees for pair in shard.found_pairs(tree)]
-    shard.pairs = curate(found, run)
+    shard.pairs = curate(found, run, shard.drops)
     await shard.finish(growth)
     requests = shard.failure_stats()  # with the shard-wide requests (the jury's pairs and canaries)
+    for example in shard.examples:  # the principle_pairs view publishes the stable examples won by the response
+        if not (example["label"] == "stable" and example["jury_winner"] == "response"):
+            why = (f"jury preferred the {example['jury_winner']}" if example["label"] == "stable"
+                   else f"jury label {example['label'] or 'none (not judged)'}")
+            shard.drops.add("jury", f"{why}: not a principle pair", example["example_id"])
 
     grown = GrownShard(
         instructions=[{**shard.common, **i.as_row()} for i in plan.instructions],
@@ -109,6 +116,7 @@ async def grow_shard(
         pairs=shard.pairs,
         principle_examples=shard.examples,
         judgements=shard.judgements,
+        drops=shard.drops.rows(run_id, plan.shard_id),
     )
     grown.trees = tree_rows(grown.nodes, grown.pairs, shard.instructions)
     examples = grown.principle_examples
@@ -126,7 +134,8 @@ async def grow_shard(
         "correct": sum(n["verdict"] == "correct" for n in answers),
         "critiques": sum(n["role"] == "critique" for n in grown.nodes),
         "pairs": len(grown.pairs),
-        "pairs_found": len(found),  # before the run's contrast and difficulty selection
+        "pairs_found": len(found),  # after pair hygiene, before the run's contrast and difficulty selection
+        "drops": shard.drops.by_stage(),  # pair hygiene, curation, jury labels: reason -> count
         "pairs_by_method": {m: sum(p["method"] == m for p in grown.pairs) for m in sorted({p["method"] for p in grown.pairs})},
         "mcts": shard.counts.get("mcts", {}),
         "principle_examples": len(examples),
@@ -213,7 +222,7 @@ def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
             # The servers' prefix-cache counters (vLLM's GET /metrics) before and after: their growth is the shard's.
             before = await prefix_cache_counters(clients.values())
             grown = await grow_shard(plan, run_id=run_id, run=cfg.run, engines=engines, check=verifiers.verify,
-                                     progress=progress, jury=jury, constitution=constitution)
+                                     progress=progress, jury=jury, constitution=constitution, hygiene=cfg.hygiene)
             metrics = counters_delta(before, await prefix_cache_counters(clients.values()))
             grown.stats["prefix_cache"] = PrefixCache.of_usage(grown.stats["engine"], metrics).as_dict()
             return grown

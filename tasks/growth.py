@@ -18,10 +18,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 
-from orchard.config import RunConfig
+from orchard.config import HygieneConfig, RunConfig
 from orchard.engine import ChatEngine, Completion, EngineError, Sampling
 from orchard.errors import OrchardError
 from schemas import rows
+from tasks.hygiene import Drops, clean_pairs
 from tasks.pairs import found_pairs
 from tasks.seeds import Instruction, ShardPlan
 from tasks.verify import Verdict
@@ -134,8 +135,10 @@ class Shard:
     produced, and the requests sent and failed."""
 
     def __init__(self, plan: ShardPlan, run_id: str, run: RunConfig, engines: Mapping[str, ChatEngine],
-                 check: Checker, progress: Progress | None = None) -> None:
+                 check: Checker, progress: Progress | None = None, hygiene: HygieneConfig | None = None) -> None:
         self.plan, self.run_id, self.run, self.engines, self.check, self.progress = plan, run_id, run, engines, check, progress
+        self.hygiene = hygiene or HygieneConfig()
+        self.drops = Drops()  # what pair hygiene, curation and the jury's labels left out, and why
         self.common = {"run_id": run_id, "shard_id": plan.shard_id}
         self.instructions = {i.instruction_id: i for i in plan.instructions}
         self.trees: list[Tree] = []
@@ -287,11 +290,12 @@ class Shard:
         self.advance(self.levels_planned - self.levels_done)
 
     def found_pairs(self, tree: Tree) -> list[dict]:
-        """Return every pair `tree` holds before curation (tasks/pairs.py: found_pairs), once all its phases are done:
-        found once, for the jury and for the shard's curation."""
+        """Return every pair `tree` holds that passes pair hygiene, before curation (tasks/pairs.py: found_pairs), once
+        all its phases are done: found once, for the jury and for the shard's curation; the others go to `drops`."""
         if tree.pairs_found is None:
             ordered = sorted(tree.nodes, key=lambda n: (n["depth"], n["node_id"]))  # not the order answers arrived in
-            tree.pairs_found = found_pairs(ordered, self.instructions, tree.injected_pairs)
+            tree.pairs_found = clean_pairs(found_pairs(ordered, self.instructions, tree.injected_pairs), self.hygiene,
+                                           self.drops)
         return tree.pairs_found
 
     def ordered(self) -> None:

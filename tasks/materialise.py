@@ -10,6 +10,7 @@ published, and the snapshot id it records, are still true when it commits.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from datetime import datetime, timezone
@@ -25,7 +26,7 @@ from orchard import lake
 from orchard.config import Config
 from orchard.errors import retry_transient
 from orchard.lake import LakeError, LakeUnavailable
-from schemas.rows import SHARD_TABLES, VALIDATIONS
+from schemas.rows import CONTAMINATION, DROPS, SHARD_TABLES, VALIDATIONS
 from tasks.fates import ShardFate, fate_counts, settle, with_fates
 from tasks.jury import agreement
 
@@ -37,7 +38,7 @@ RUN_COLUMNS = (
 )  # fmt: skip
 # The parts of a run's summary kept as JSON in runs.summary: why shards and rows did not make it, and the fates.
 SUMMARY_FIELDS = ("problems", "fates", "shards_healed", "requests", "trees_unanswered", "seeds", "prefix_cache",
-                  "prefix_cache_by_shard")
+                  "prefix_cache_by_shard", "drops_before_growth", "contaminated", "nothing_planned")
 COMPUTED = ("snapshot_id", "fleiss_kappa", "agreement")  # filled in here, from what the lake holds
 RUN_STATUSES = ("complete", "partial", "failed")
 # Publishing attempts when other writers of a shared catalog keep committing first; the wait between
@@ -71,9 +72,11 @@ def publish_run_snapshot(
     shards: Sequence[Mapping[str, Any]],
     validations: Iterable[Mapping[str, Any]] = (),
     fates: Sequence[ShardFate] | None = None,
+    run_rows: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> tuple[int, list[ShardFate] | None]:
     """Publish like materialise_run; with the run's shard `fates`, settle them inside the publishing transaction
-    (a passing shard the lake already held is `reused`), write the run row's counts from them, and return them."""
+    (a passing shard the lake already held is `reused`), write the run row's counts from them, and return them.
+    `run_rows` holds the run-level rows of `drops` (shard_id null) and `contamination`: they replace the run's."""
     run = _run_values(run_row)
     run_id = run["run_id"]
     for manifest in shards:
@@ -88,7 +91,7 @@ def publish_run_snapshot(
         con.execute("SET ducklake_max_retry_count = 0")
         for attempt in range(1, PUBLISH_ATTEMPTS + 1):
             try:
-                return _publish(con, config, run, shards, validations, fates)
+                return _publish(con, config, run, shards, validations, fates, run_rows or {})
             except _LostCommitRace:
                 if attempt == PUBLISH_ATTEMPTS:
                     raise LakeUnavailable(
@@ -106,6 +109,7 @@ def _publish(
     shards: Sequence[Mapping[str, Any]],
     validations: Sequence[Mapping[str, Any]],
     fates: Sequence[ShardFate] | None,
+    run_rows: Mapping[str, Sequence[Mapping[str, Any]]],
 ) -> tuple[int, list[ShardFate] | None]:
     """One publishing transaction of materialise_run; raises _LostCommitRace when another writer committed first."""
     run_id = run["run_id"]
@@ -132,6 +136,7 @@ def _publish(
             _insert_shard_table(con, config.object_store.bucket, table, new_shards)
 
         _insert_validations(con, run_id, validations)
+        _replace_run_rows(con, run_id, run_rows)
 
         con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
         run["snapshot_id"] = snapshot_id
@@ -278,6 +283,54 @@ def _insert_shard_table(
         raise LakeError(f"{table}: read {inserted} rows, manifests say {expected}: " + "; ".join(wrong))
 
 
+def _replace_run_rows(con: duckdb.DuckDBPyConnection, run_id: str,
+                      run_rows: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+    """Replace the run's own rows of `drops` (shard_id null) and `contamination` with `run_rows`' (a re-run plans
+    the same seeds again, so they are the same rows, not more)."""
+    schemas = {"drops": DROPS, "contamination": CONTAMINATION}
+    con.execute("DELETE FROM drops WHERE run_id = ? AND shard_id IS NULL", [run_id])
+    con.execute("DELETE FROM contamination WHERE run_id = ?", [run_id])
+    for table, schema in schemas.items():
+        rows = [dict(row) for row in run_rows.get(table, ())]
+        if table == "drops" and any(row.get("shard_id") is not None for row in rows):
+            raise LakeError(f"run {run_id}: a run-level drops row names a shard (shard drops land with the shard)")
+        if any(row.get("run_id") != run_id for row in rows):
+            raise LakeError(f"run {run_id}: a {table} row belongs to another run")
+        if not rows:
+            continue
+        con.register("run_rows", pa.Table.from_pylist(rows, schema=schema))
+        try:
+            columns = ", ".join(f'"{name}"' for name in schema.names)
+            con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM run_rows")
+        finally:
+            con.unregister("run_rows")
+
+
+def published_instructions(config: Config, run_id: str) -> list[tuple[str, str, str]]:
+    """(instruction id, text, run id) of the instructions published by runs that first published before `run_id`
+    did (all other runs, when it has not published yet), oldest run first: the hygiene gate's dedup keeps the first.
+
+    A resumed run plans against the same runs as its first attempt did, so its plan does not change under it.
+    Nothing when there is no lake yet.
+    """
+    if not lake.exists(config):
+        return []
+    with lake.connect(config, read_only=True) as con:
+        firsts: dict[str, int] = {}
+        for row in lake.snapshot_rows(con):
+            run = json.loads(row["commit_extra_info"] or "{}").get("run_id")
+            if run is not None and run not in firsts:
+                firsts[run] = row["snapshot_id"]
+        mine = firsts.get(run_id, math.inf)
+        earlier = sorted((first, run) for run, first in firsts.items() if run != run_id and first < mine)
+        if not earlier:
+            return []
+        rows = con.execute("SELECT run_id, instruction_id, text FROM instructions WHERE list_contains(?, run_id) "
+                           "ORDER BY instruction_id", [[run for _, run in earlier]]).fetchall()
+    order = {run: i for i, (_, run) in enumerate(earlier)}
+    return [(iid, text, run) for run, iid, text in sorted(rows, key=lambda r: order[r[0]])]
+
+
 def _insert_validations(
     con: duckdb.DuckDBPyConnection, run_id: str, validations: Iterable[Mapping[str, Any]]
 ) -> None:
@@ -334,13 +387,15 @@ def check_run_id_task(config: dict, run_id: str) -> None:
 
 
 @task(name="materialise", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
-def materialise_task(config: dict, summary: dict, shards: list[dict], validations: list[dict]) -> dict:
+def materialise_task(config: dict, summary: dict, shards: list[dict], validations: list[dict],
+                     run_rows: dict | None = None) -> dict:
     """Publish the run's validated shards and its runs row as one lake snapshot; return the snapshot id and the
     run's fates, counts and status as the publishing transaction settled them (keys of `with_fates`)."""
     run_row = {column: summary.get(column) for column in RUN_COLUMNS if column not in COMPUTED}
     run_row["finished_at"] = datetime.now(timezone.utc).isoformat()
     run_row["summary"] = {k: summary[k] for k in SUMMARY_FIELDS if k in summary}
     fates = [ShardFate(**f) for f in summary["fates"]]
-    snapshot_id, settled = publish_run_snapshot(Config.from_dict(config), run_row, shards, validations, fates)
+    snapshot_id, settled = publish_run_snapshot(Config.from_dict(config), run_row, shards, validations, fates,
+                                                run_rows)
     get_run_logger().info("run %s published as lake snapshot %d", summary["run_id"], snapshot_id)
     return {"snapshot_id": snapshot_id, **with_fates(summary, settled or [])}

@@ -14,6 +14,7 @@ from collections import defaultdict
 from typing import Mapping, Sequence
 
 from orchard.config import RunConfig
+from tasks.hygiene import Drops
 from tasks.seeds import Instruction
 
 # Rejection sampling: n responses to one prompt (siblings sent the same messages), paired by verifier score.
@@ -95,8 +96,7 @@ def extract_pairs(nodes: Sequence[Mapping], instructions: Mapping[str, Instructi
         ordered = sorted(siblings, key=lambda n: n["node_id"])
         for chosen in ordered:
             for rejected in ordered:
-                if chosen["score"] - rejected["score"] <= 0 or chosen["text"].strip() == rejected["text"].strip() \
-                        or not chosen["text"].strip():
+                if chosen["score"] - rejected["score"] <= 0:  # not a pair; texts are checked by pair hygiene
                     continue
                 instruction = instructions[chosen["instruction_id"]]
                 pairs.append(pair_row(chosen, rejected, instruction, method=REJECTION_SAMPLING,
@@ -132,8 +132,7 @@ def mcts_pairs(nodes: Sequence[Mapping], instructions: Mapping[str, Instruction]
         ordered = sorted(siblings, key=lambda n: (-n["q_value"], n["node_id"]))
         chosen, rejected = ordered[0], ordered[-1]
         chosen_text, rejected_text = answer(chosen), answer(rejected)
-        if chosen["q_value"] - rejected["q_value"] <= 1e-9 or not chosen_text.strip() \
-                or chosen_text.strip() == rejected_text.strip():
+        if chosen["q_value"] - rejected["q_value"] <= 1e-9:  # not a pair; texts are checked by pair hygiene
             continue
         instruction = instructions[chosen["instruction_id"]]
         pairs.append(pair_row(chosen, rejected, instruction, method=MCTS, chosen_score=chosen["q_value"],
@@ -167,18 +166,24 @@ def may_keep(pair: Mapping, run: RunConfig) -> bool:
     return run.pair_contrast not in ("high", "low") or contrast_of(pair["margin"], run) == run.pair_contrast
 
 
-def curate(pairs: Sequence[dict], run: RunConfig) -> list[dict]:
-    """Label each pair's contrast, then keep the pairs the run asks for.
+def curate(pairs: Sequence[dict], run: RunConfig, drops: Drops | None = None) -> list[dict]:
+    """Label each pair's contrast, then keep the pairs the run asks for; say in `drops` why each other one went.
 
     Difficulty: only prompts whose pass rate lies in `run.difficulty_band`. Contrast: `all`, only `high`,
     only `low`, or `mix` — high and low pairs in the proportion `contrast_mix_high`, as many as the scarcer
     kind allows, chosen by pair id (a stable, content-derived order).
     """
+    drops = drops if drops is not None else Drops()
     kept = []
+    low, high = run.difficulty_band
     for pair in pairs:
         pair["contrast"] = contrast_of(pair["margin"], run)
         if may_keep(pair, run):
             kept.append(pair)
+        elif pair["pass_rate"] is not None and not low <= pair["pass_rate"] <= high:
+            drops.add("curation", f"pass rate outside run.difficulty_band [{low:g}, {high:g}]", pair["pair_id"])
+        else:
+            drops.add("curation", f"{pair['contrast']} contrast (run.pair_contrast = {run.pair_contrast})", pair["pair_id"])
     if run.pair_contrast == "mix":
         share = run.contrast_mix_high
         highs = sorted((p for p in kept if p["contrast"] == "high"), key=lambda p: p["pair_id"])
@@ -187,5 +192,10 @@ def curate(pairs: Sequence[dict], run: RunConfig) -> list[dict]:
         n_high = min(len(highs), math.floor(total * share + 1e-9))
         n_low = min(len(lows), math.floor(total * (1 - share) + 1e-9))
         chosen = {p["pair_id"] for p in highs[:n_high] + lows[:n_low]}
+        for pair in kept:
+            if pair["pair_id"] not in chosen:
+                reason = ("mid contrast (run.pair_contrast = mix keeps high and low)" if pair["contrast"] == "mid" else
+                          f"{pair['contrast']} contrast beyond the mix's share (run.contrast_mix_high = {share:g})")
+                drops.add("curation", reason, pair["pair_id"])
         return [p for p in kept if p["pair_id"] in chosen]
     return kept

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 
@@ -16,6 +17,7 @@ from orchard.config import Config, CostConfig
 from orchard.engine import PrefixCache
 from orchard.lake import LakeError, connect
 from tasks.fates import ShardFate, with_fates
+from tasks.hygiene import Drops
 from tasks.seeds import SourceCount
 
 MARGIN_BINS = (0.25, 0.5, 0.75, 1.0)  # upper edges of the margin histogram's bins
@@ -49,7 +51,8 @@ def run_totals(grown_stats: Sequence[Mapping[str, Any]], growth_wall_s: float) -
 
 def run_summary(run_id: str, flow_run_id: str | None, cfg: Config, started_at: datetime, planned: int,
                 fates: Sequence[ShardFate], receipts: Sequence[Mapping[str, Any]], passed: Sequence[Mapping[str, Any]],
-                growth_wall_s: float, seeds: Sequence[SourceCount]) -> dict[str, Any]:
+                growth_wall_s: float, seeds: Sequence[SourceCount], run_drops: Sequence[Mapping[str, Any]] = (),
+                contamination: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """Return a run's summary before it is published: its fates and status, the rows of the shards that passed
     (`passed` receipts), what the shards grown now cost (`receipts` whose state is `landed`), failed requests,
     and what each seed source gave."""
@@ -60,12 +63,17 @@ def run_summary(run_id: str, flow_run_id: str | None, cfg: Config, started_at: d
                    if k in ("prompt_tokens", "completion_tokens", "tokens_per_s", "prefix_cache")})
     totals.update(cost_estimate(fresh, cfg.cost))
     totals["cached_share"] = totals["prefix_cache"]["cached_share"]
+    before = Drops.from_rows(run_drops)
+    # A run whose every instruction the hygiene gate dropped plans nothing: its summary says why.
+    nothing = (f"nothing to grow: the hygiene gate dropped all {before.total()} instructions "
+               f"({'; '.join(f'{stage}: {n}' for stage, n in _stage_totals(before).items())})" if not planned else None)
     return {
         "run_id": run_id,
         "flow_run_id": flow_run_id,
         "config_hash": cfg.content_hash(),
         "started_at": started_at.isoformat(),
-        **with_fates({"shards_planned": planned}, fates),
+        **with_fates({"shards_planned": planned, "nothing_planned": nothing}, fates),
+        "nothing_planned": nothing,
         **totals,
         "requests": request_totals(fresh),
         # Each shard grown now: how much of its prompt the servers answered from their prefix cache.
@@ -73,7 +81,15 @@ def run_summary(run_id: str, flow_run_id: str | None, cfg: Config, started_at: d
                                   if r["state"] == "landed" and r["stats"].get("prefix_cache")},
         "trees_unanswered": sum(r["stats"].get("trees_unanswered", 0) for r in passed),
         "seeds": [source.to_dict() for source in seeds],
+        # The hygiene gate's: rows dropped before growth by stage and reason, and the instructions flagged.
+        "drops_before_growth": Drops.from_rows(run_drops).by_stage(),
+        "contaminated": {"instructions": len({c["instruction_id"] for c in contamination}),
+                         "by_eval_set": dict(sorted(Counter(c["eval_set"] for c in contamination).items()))},
     }
+
+
+def _stage_totals(drops: Drops) -> dict[str, int]:
+    return {stage: sum(reasons.values()) for stage, reasons in drops.by_stage().items()}
 
 
 def request_totals(grown_stats: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -119,8 +135,10 @@ def summary_text(summary: Mapping[str, Any]) -> str:
         c = m["contrast"]
         lines.append(f"  {method} pairs: {m['pairs']} (contrast high {c['high']} / mid {c['mid']} / low {c['low']}), "
                      f"median margin {m['margin']['median']:.3f}, "
-                     f"median shared prefix {m['shared_prefix_tokens']['median']:.0f} tokens")
+                     f"median shared prefix {m['shared_prefix_tokens']['median']:.0f} tokens, "
+                     f"median length ratio chosen/rejected {_num(m.get('length_ratio_median'))}")
     lines += jury_lines(summary.get("jury"))
+    lines += drop_lines(summary.get("dropped"))
     for problem in summary.get("problems", []):
         lines.append(f"  ! {problem}")
     if summary.get("data_docs"):
@@ -257,16 +275,19 @@ def curation_stats(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any
                    count(*) FILTER (WHERE contrast = 'high'), count(*) FILTER (WHERE contrast = 'mid'),
                    count(*) FILTER (WHERE contrast = 'low'),
                    min(margin), quantile_cont(margin, 0.5), max(margin), {bins},
-                   min(shared_prefix_tokens), quantile_cont(shared_prefix_tokens, 0.5), max(shared_prefix_tokens)
+                   min(shared_prefix_tokens), quantile_cont(shared_prefix_tokens, 0.5), max(shared_prefix_tokens),
+                   quantile_cont(length(chosen_text) / nullif(length(rejected_text), 0), 0.5)
             FROM pairs WHERE run_id = ? GROUP BY method ORDER BY method""",
         [run_id],
     ).fetchall():
         method, pairs, high, mid, low, m_min, m_med, m_max, *rest = row
-        hist, (p_min, p_med, p_max) = rest[: len(MARGIN_BINS)], rest[len(MARGIN_BINS):]
+        hist, (p_min, p_med, p_max, length_ratio) = rest[: len(MARGIN_BINS)], rest[len(MARGIN_BINS):]
         methods[method] = {
             "pairs": pairs, "contrast": {"high": high, "mid": mid, "low": low},
             "margin": {"min": m_min, "median": m_med, "max": m_max, "histogram": list(hist)},
             "shared_prefix_tokens": {"min": p_min, "median": p_med, "max": p_max},
+            # Length bias (open-instruct reports it): median len(chosen) / len(rejected) in characters.
+            "length_ratio_median": length_ratio,
             "pass_rate_by_k": [],
         }
     for method, k, prompts, pairs, rate in con.execute(
@@ -278,6 +299,61 @@ def curation_stats(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any
     return methods
 
 
+def drop_stats(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
+    """Return what run `run_id` dropped, from the lake's `drops` table: per (stage, reason) the count and a few ids
+    (run-level stages first, in pipeline order), and why each published shard without pairs has none."""
+    order = {stage: i for i, stage in enumerate(DROP_STAGES)}
+    reasons = [{"stage": stage, "reason": reason, "count": int(count), "examples": list(examples or [])[:3]}
+               for stage, reason, count, examples in con.execute(
+                   """SELECT stage, reason, sum("count"), flatten(list(example_ids)) FROM drops WHERE run_id = ?
+                      GROUP BY stage, reason""", [run_id]).fetchall()]
+    reasons.sort(key=lambda r: (order.get(r["stage"], len(order)), -r["count"], r["reason"]))
+    empty = {}
+    for shard_id, answers, rate in con.execute(
+            "SELECT shard_id, sum(actions), sum(correct) / nullif(sum(actions), 0) FROM trees WHERE run_id = ? "
+            "GROUP BY 1 HAVING sum(pairs) = 0 ORDER BY 1", [run_id]).fetchall():
+        why = con.execute("""SELECT stage, reason, "count" FROM drops WHERE run_id = ? AND shard_id = ?
+                             AND stage IN ('pair_hygiene', 'curation') ORDER BY "count" DESC, reason""",
+                          [run_id, shard_id]).fetchall()
+        if why:
+            empty[shard_id] = "; ".join(f"{n} dropped by {stage}: {reason}" for stage, reason, n in why)
+        elif not answers:
+            empty[shard_id] = "no verified answers (open-ended prompts: their pairs are in principle_pairs)"
+        else:
+            empty[shard_id] = (f"no candidate pair: no two answers to one prompt scored differently (pass rate "
+                               f"{_pct(rate)} over {answers} answers)")
+    return {"reasons": reasons, "shards_without_pairs": empty}
+
+
+# The stages a row can be dropped at, in the order a run passes them.
+DROP_STAGES = ("seeds", "decontamination", "dedup", "pair_hygiene", "curation", "jury")
+
+
+def drop_lines(dropped: Mapping[str, Any] | None) -> list[str]:
+    """The summary's lines about dropped rows: per stage, each reason and its count; shards without pairs."""
+    if not dropped or not (dropped.get("reasons") or dropped.get("shards_without_pairs")):
+        return []
+    stages: dict[str, list[str]] = {}
+    for r in dropped["reasons"]:
+        stages.setdefault(r["stage"], []).append(f"{r['reason']} {r['count']}")
+    lines = [f"  dropped at {stage}: {'; '.join(items)}" for stage, items in stages.items()]
+    lines += [f"  shard {shard} has no pairs: {why}" for shard, why in dropped["shards_without_pairs"].items()]
+    return lines
+
+
+def drops_markdown(dropped: Mapping[str, Any] | None) -> str:
+    """The report's "What was dropped, and why" section."""
+    if not dropped or not (dropped.get("reasons") or dropped.get("shards_without_pairs")):
+        return "Nothing was dropped."
+    lines = ["| stage | reason | rows | e.g. |", "|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['reason']} | {r['count']} | {', '.join(f'`{e}`' for e in r['examples'])} |"
+              for r in dropped["reasons"]]
+    if dropped.get("shards_without_pairs"):
+        lines += ["", "Shards without pairs:", ""]
+        lines += [f"- `{shard}`: {why}" for shard, why in dropped["shards_without_pairs"].items()]
+    return "\n".join(lines)
+
+
 def curation_markdown(methods: Mapping[str, Any]) -> str:
     """Return the per-method curation section of the run report."""
     if not methods:
@@ -285,15 +361,15 @@ def curation_markdown(methods: Mapping[str, Any]) -> str:
     edges = " | ".join(f"≤{high}" for high in MARGIN_BINS)
     lines = [
         f"| method | pairs | high / mid / low contrast | margin min / median / max | margin {edges} "
-        "| shared prefix tokens min / median / max |",
-        "|---|---|---|---|" + "---|" * len(MARGIN_BINS) + "---|",
+        "| shared prefix tokens min / median / max | median len(chosen) / len(rejected) |",
+        "|---|---|---|---|" + "---|" * len(MARGIN_BINS) + "---|---|",
     ]
     for method, m in methods.items():
         c, g, p = m["contrast"], m["margin"], m["shared_prefix_tokens"]
         lines.append(
             f"| {method} | {m['pairs']} | {c['high']} / {c['mid']} / {c['low']} "
             f"| {g['min']:.3f} / {g['median']:.3f} / {g['max']:.3f} | {' | '.join(map(str, g['histogram']))} "
-            f"| {p['min']} / {p['median']:.0f} / {p['max']} |"
+            f"| {p['min']} / {p['median']:.0f} / {p['max']} | {_num(m.get('length_ratio_median'))} |"
         )
     lines += ["", "Pass rate of the pairs' prompts by k (constraints per prompt; – outside instruction following):", "",
               "| method | k | prompts | pairs | mean pass rate |", "|---|---|---|---|---|"]
@@ -305,7 +381,7 @@ def curation_markdown(methods: Mapping[str, Any]) -> str:
 
 
 def report_markdown(summary: Mapping[str, Any], curation: Mapping[str, Any] | None = None,
-                    jury: Mapping[str, Any] | None = None) -> str:
+                    jury: Mapping[str, Any] | None = None, dropped: Mapping[str, Any] | None = None) -> str:
     """Return the markdown report of a run: totals, pairs per curation method, then each shard's fate."""
     cache = summary.get("prefix_cache_by_shard") or {}
     rows = "\n".join(
@@ -332,6 +408,9 @@ def report_markdown(summary: Mapping[str, Any], curation: Mapping[str, Any] | No
 
 ## Judge agreement
 {jury_markdown(jury)}
+
+## What was dropped, and why
+{drops_markdown(dropped)}
 
 ## Shards
 {summary['shards_planned']} planned: {summary['shards_published']} published, {summary['shards_reused']} already in the lake, {summary['shards_quarantined']} quarantined, {summary['shards_failed']} failed.
@@ -369,11 +448,13 @@ def report_task(config: dict, summary: dict) -> dict:
     """
     curation: dict[str, Any] = {}
     jury: dict[str, Any] | None = None
+    dropped: dict[str, Any] | None = None
     if summary.get("snapshot_id") is not None:
         try:
             with connect(Config.from_dict(config), version=summary["snapshot_id"]) as con:
                 curation = curation_stats(con, summary["run_id"])
                 jury = jury_stats(con, summary["run_id"])
+                dropped = drop_stats(con, summary["run_id"])
         except (LakeError, duckdb.Error) as exc:
             get_run_logger().warning("run %s: no curation statistics: %s", summary["run_id"], exc)
     key = "orchard-run-" + "".join(c if c.isalnum() else "-" for c in summary["run_id"].lower())
@@ -384,5 +465,5 @@ def report_task(config: dict, summary: dict) -> dict:
                 "prefix_cache_hit_rate": ((summary.get("prefix_cache") or {}).get("metrics") or {}).get("hit_rate")}],
         description=f"Orchard run {summary['run_id']}",
     )
-    create_markdown_artifact(key=f"{key}-report"[:100], markdown=report_markdown(summary, curation, jury))
-    return {"curation": curation, "jury": jury}
+    create_markdown_artifact(key=f"{key}-report"[:100], markdown=report_markdown(summary, curation, jury, dropped))
+    return {"curation": curation, "jury": jury, "dropped": dropped}

@@ -13,7 +13,7 @@ import importlib.resources
 import json
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -482,10 +482,13 @@ class SourceCount:
 
 @dataclass(frozen=True)
 class SeedPlan:
-    """The run's shards and what each seed source contributed to them."""
+    """The run's shards, what each seed source contributed to them, and what the hygiene gate dropped and flagged
+    before planning: rows of the lake's `drops` (run-level: shard_id null) and `contamination` tables."""
 
     plans: list[ShardPlan]
     sources: list[SourceCount]
+    drops: list[dict] = field(default_factory=list)
+    contamination: list[dict] = field(default_factory=list)
 
 
 DROPPED_BEYOND_COUNT = "beyond count"
@@ -498,9 +501,9 @@ def load_seeds(sources: Iterable[SeedSource]) -> list[Instruction]:
     return read_seeds(sources)[0]
 
 
-def read_seeds(sources: Iterable[SeedSource]) -> tuple[list[Instruction], list[SourceCount]]:
+def read_seeds(sources: Iterable[SeedSource], drops: Any = None) -> tuple[list[Instruction], list[SourceCount]]:
     """Return the instructions of every configured source (first occurrence of a duplicate kept) and, per source,
-    the rows read, kept and dropped with the reason.
+    the rows read, kept and dropped with the reason (each drop also goes into `drops`, a tasks.hygiene.Drops).
 
     A file (or shipped set) without `count` is read whole; with one, its first `count` rows are kept. A
     generator needs a count: it makes that many rows.
@@ -516,14 +519,19 @@ def read_seeds(sources: Iterable[SeedSource]) -> tuple[list[Instruction], list[S
         found = _source_rows(i, source)
         kept = found[: source.count] if source.count else found
         dropped = {DROPPED_BEYOND_COUNT: len(found) - len(kept)}
+        label = " ".join(filter(None, (f"seeds[{i}]", source.kind, source.path)))
         new = 0
+        for instruction in found[len(kept):]:
+            if drops is not None:
+                drops.add("seeds", f"{DROPPED_BEYOND_COUNT} ({label})", instruction.instruction_id)
         for instruction in kept:
             if instruction.instruction_id in seen:
                 dropped[DROPPED_DUPLICATE] = dropped.get(DROPPED_DUPLICATE, 0) + 1
+                if drops is not None:
+                    drops.add("seeds", f"{DROPPED_DUPLICATE} ({label})", instruction.instruction_id)
             else:
                 seen[instruction.instruction_id] = instruction
                 new += 1
-        label = " ".join(filter(None, (f"seeds[{i}]", source.kind, source.path)))
         counts.append(SourceCount(label, len(found), new, {k: v for k, v in dropped.items() if v}))
     return list(seen.values()), counts
 
@@ -569,12 +577,29 @@ def plan_shards(instructions: Sequence[Instruction], *, per_shard: int, config_h
     return plans
 
 
-@task(name="plan-shards", cache_policy=NO_CACHE)
-def plan_shards_task(config: dict) -> SeedPlan:
-    """Load every seed source and split the instructions into shards; say what each source gave."""
-    cfg = Config.from_dict(config)
-    instructions, sources = read_seeds(cfg.seeds)
+def plan_seeds(cfg: Config, run_id: str, published: Sequence[tuple[str, str, str]] = ()) -> SeedPlan:
+    """Load every seed source, pass the instructions through the hygiene gate (decontamination, dedup against each
+    other and `published`: (id, text, run) of instructions other runs published) and split what is left into
+    shards; say what each source gave and what was dropped, and why."""
+    from tasks.hygiene import Drops, contamination_rows, screen_seeds
+
+    drops = Drops()
+    instructions, sources = read_seeds(cfg.seeds, drops)
     if not instructions:
         raise SeedError("seeds: the configured sources produced no instructions")
-    plans = plan_shards(instructions, per_shard=cfg.run.instructions_per_shard, config_hash=cfg.content_hash())
-    return SeedPlan(plans, sources)
+    screened = screen_seeds(instructions, cfg, published)
+    drops.merge(screened.drops)
+    plans = plan_shards(screened.kept, per_shard=cfg.run.instructions_per_shard, config_hash=cfg.content_hash())
+    return SeedPlan(plans, sources, drops.rows(run_id, None), contamination_rows(run_id, screened.contamination))
+
+
+@task(name="plan-shards", cache_policy=NO_CACHE)
+def plan_shards_task(config: dict, run_id: str) -> SeedPlan:
+    """Load, screen and plan the run's seeds (plan_seeds), against the instructions other runs published."""
+    cfg = Config.from_dict(config)
+    published = ()
+    if cfg.hygiene.dedup and cfg.hygiene.dedup_against_lake:
+        from tasks.materialise import published_instructions
+
+        published = published_instructions(cfg, run_id)
+    return plan_seeds(cfg, run_id, published)

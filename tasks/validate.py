@@ -18,7 +18,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import pandas as pd
 import pyarrow as pa
@@ -31,6 +31,7 @@ from orchard.store import ObjectStore
 from schemas.rows import SHARD_TABLES
 from schemas.suites import SUITES_DIR, SuiteError, SuiteSpec, columns_of, load_suites, with_checks
 from tasks.fates import ShardCheck
+from tasks.hygiene import flagged_ids
 from tasks.land import ShardIntegrityError, quarantine_corrupt, quarantine_shard, read_shard
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ DATASOURCE = "orchard_shards"
 BATCH_DEFINITION = "whole_table"
 # Suite parameter the suites use for "rows name the shard being validated" ({"$PARAMETER": "this_shard"}).
 THIS_SHARD = "this_shard"
+# Suite parameter: the ids of the shard's instructions that the run's eval sets flag (tasks/hygiene.py: flagged_ids).
+CONTAMINATED = "contaminated"
 EXAMPLES = 3  # unexpected rows quoted per failed expectation
 LOCK_FILE = "orchard-validate.lock"
 DOCS_SITE = "local_site"
@@ -165,6 +168,7 @@ def validate_shard(
     gx_dir: Path,
     suites_dir: Path = SUITES_DIR,
     data_docs: bool = True,
+    contaminated: Sequence[str] = (),
 ) -> ShardValidation:
     """Return how a shard's tables fare against the suites, recorded with Data Docs in the GX project at `gx_dir`.
 
@@ -195,7 +199,7 @@ def validate_shard(
         for table, suite in suites.items():
             suite_results[table] = definitions[table].run(
                 batch_parameters={"dataframe": checked[table]},
-                expectation_parameters={THIS_SHARD: [shard_id]},
+                expectation_parameters={THIS_SHARD: [shard_id], CONTAMINATED: list(contaminated)},
                 result_format={
                     "result_format": "SUMMARY",
                     "partial_unexpected_count": EXAMPLES,
@@ -491,7 +495,9 @@ def validate_shard_task(config: dict, run_id: str, receipt: dict) -> ShardCheck:
         logger.warning("shard %s is corrupt, quarantined at %s: %s", shard_id, where, error)
         return ShardCheck(shard_id, "corrupt", str(error), receipt)
     try:
-        validation = validate_shard(tables, shard_id=shard_id, gx_dir=cfg.state_path / "gx")
+        # The gate's own check of the hygiene stage: the shard's instructions flagged again, against the same sets.
+        contaminated = flagged_ids(cfg, tables["instructions"].select(["instruction_id", "text", "reference"]).to_pylist())
+        validation = validate_shard(tables, shard_id=shard_id, gx_dir=cfg.state_path / "gx", contaminated=contaminated)
     except Exception as error:  # noqa: BLE001 - a validation that cannot run is a fate: quarantined, with why
         if is_transient(error):
             raise

@@ -147,11 +147,20 @@ def test_unknown_strategy_is_named():
         grow(ScriptedEngine(lambda m, s: ""), instruction(), strategies=("telepathy",))
 
 
-def test_identical_texts_never_pair():
+def test_identical_texts_never_pair_and_the_drop_says_why():
+    from orchard.config import HygieneConfig
+    from tasks.hygiene import Drops, clean_pairs
+
     node = {"role": "action", "score": 1.0, "parent_id": "p", "prompt": [{"role": "user", "content": "x"}],
-            "instruction_id": instruction().instruction_id, "verdict": "correct", "text": "Answer: 6"}
-    nodes = [{**node, "node_id": "a"}, {**node, "node_id": "b", "score": 0.0, "verdict": "incorrect"}]
-    assert extract_pairs(nodes, {instruction().instruction_id: instruction()}) == []
+            "instruction_id": instruction().instruction_id, "verdict": "correct", "text": "Answer: 6",
+            "run_id": "r1", "shard_id": "s1", "tree_id": "t1", "prompt_tokens": 3, "strategy": "direct",
+            "model": "m", "turn": 1}
+    nodes = [{**node, "node_id": "a"}, {**node, "node_id": "b", "score": 0.0, "verdict": "incorrect",
+                                         "text": "Answer: 6 "}]
+    found = extract_pairs(nodes, {instruction().instruction_id: instruction()})
+    drops = Drops()
+    assert len(found) == 1 and clean_pairs(found, HygieneConfig(), drops) == []
+    assert drops.by_stage() == {"pair_hygiene": {"chosen and rejected identical": 1}}
 
 
 def test_progress_counts_the_request_levels_every_phase_plans():

@@ -18,7 +18,7 @@ from orchard.config import Config, EngineConfig, RunConfig, SeedSource
 from schemas import rows
 from tasks.grow import grow_shard
 from tasks.land import land_shard, landed_manifest, quarantine_prefix
-from tasks.seeds import SeedError, load_seeds, plan_shards
+from tasks.seeds import SeedError, plan_seeds
 
 from builders import ScriptedEngine, check_math, store_toml
 
@@ -74,7 +74,8 @@ def count(config: Config, sql: str) -> int:
 
 
 def test_nightly_publishes_one_snapshot_and_a_rerun_adds_no_duplicates(config, store):
-    config = config.replace(seeds=(*config.seeds, OPEN_ENDED))
+    # The same arithmetic source twice (4 duplicates) and a HumanEval problem (an eval set): dropped before growth.
+    config = config.replace(seeds=(*config.seeds, OPEN_ENDED, *config.seeds, SeedSource(kind="humaneval", count=1)))
     first = run(config, "it-1")
     assert first["status"] == "complete", first["problems"]
     assert first["shards_planned"] == first["shards_published"] == 3
@@ -82,7 +83,7 @@ def test_nightly_publishes_one_snapshot_and_a_rerun_adds_no_duplicates(config, s
     assert first["completion_tokens"] > 0 and first["tokens_per_s"] > 0
 
     landed_nodes = 0
-    for shard in plan_shards(load_seeds(config.seeds), per_shard=2, config_hash=config.content_hash()):
+    for shard in plan_seeds(config, "planned").plans:
         manifest = landed_manifest(store, "it-1", shard.shard_id)
         assert manifest["files"]["trees"]["rows"] == 2
         landed_nodes += manifest["files"]["nodes"]["rows"]
@@ -125,8 +126,26 @@ def test_nightly_publishes_one_snapshot_and_a_rerun_adds_no_duplicates(config, s
     assert runs_row[0] == first["snapshot_id"] and runs_row[1] and runs_row[2] == "complete"
     assert count(config, "SELECT count(*) FROM validations WHERE NOT success") == 0
 
+    # The hygiene gate: every seed that was read is grown or dropped, with its reason, and HumanEval/0 is flagged.
+    before = dict(((stage, reason), n) for stage, reason, n in lake.query(
+        config, 'SELECT stage, reason, "count" FROM drops WHERE shard_id IS NULL')[1])
+    assert before == {("seeds", "duplicate instruction id (seeds[2] arithmetic)"): 4,
+                      ("seeds", "beyond count (seeds[1] open_ended)"): 22,
+                      ("seeds", "beyond count (seeds[3] humaneval)"): 163,
+                      ("decontamination", "contaminated: humaneval"): 1}
+    read = sum(source["read"] for source in first["seeds"])
+    assert read == count(config, "SELECT count(*) FROM instructions") + sum(before.values())
+    assert lake.query(config, "SELECT eval_set, eval_item_id, coverage FROM contamination")[1] == [
+        ("humaneval", "HumanEval/0", 1.0)]
+    assert first["contaminated"] == {"instructions": 1, "by_eval_set": {"humaneval": 1}}
+    # Every shard-level drop names its shard and says why; the summary lists them by stage.
+    assert count(config, "SELECT count(*) FROM drops WHERE shard_id IS NOT NULL AND (reason IS NULL OR \"count\" < 1)") == 0
+    assert {r["stage"] for r in first["dropped"]["reasons"]} >= {"seeds", "decontamination"}
+
     again = run(config, "it-1")
     assert again["shards_reused"] == 3 and again["completion_tokens"] == 0
+    assert count(config, "SELECT count(*) FROM drops WHERE shard_id IS NULL") == len(before)  # replaced, not added
+    assert count(config, "SELECT count(*) FROM contamination") == 1
     assert again["snapshot_id"] == first["snapshot_id"] + 1
     assert count(config, "SELECT count(*) FROM nodes") == first["nodes"]
     assert count(config, "SELECT count(DISTINCT node_id) FROM nodes") == first["nodes"]
@@ -222,7 +241,7 @@ def test_garbage_from_the_model_fails_one_shard_and_the_others_publish(config, t
 
 
 def test_shard_violating_a_suite_is_quarantined_and_not_published(config, store):
-    plans = plan_shards(load_seeds(config.seeds), per_shard=2, config_hash=config.content_hash())
+    plans = plan_seeds(config, "planned").plans
     bad_plan = plans[0]
     scripted = _RightOrWrong(bad_plan)
     grown = asyncio.run(grow_shard(bad_plan, run_id="it-bad", run=config.run, check=check_math,

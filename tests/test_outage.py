@@ -22,7 +22,7 @@ from orchard.config import Config, EngineConfig, ObjectStoreConfig, RunConfig, S
 from orchard.services import Service, start_seaweedfs
 from orchard.store import ObjectStore, StoreUnavailable, retry_delay_s
 from tasks.land import MANIFEST, landed_manifest, read_shard_table, shard_prefix
-from tasks.seeds import ShardPlan, load_seeds, plan_shards
+from tasks.seeds import ShardPlan, load_seeds, plan_seeds
 
 from builders import ScriptedEngine, ScriptedServer
 
@@ -114,8 +114,7 @@ def config_for(tmp_path: Path, seaweed: Seaweed, engine_url: str) -> Config:
 
 
 def plans(config: Config) -> list[ShardPlan]:
-    seeds = load_seeds(config.seeds)
-    return plan_shards(seeds, per_shard=RUN.instructions_per_shard, config_hash=config.content_hash())
+    return plan_seeds(config, "planned").plans
 
 
 def run(config: Config, run_id: str) -> dict:

@@ -197,6 +197,8 @@ def shard_rows() -> dict[str, list[dict[str, Any]]]:
         ],
         "principle_examples": [],
         "judgements": [],
+        "drops": [{"run_id": RUN, "shard_id": SHARD, "stage": "curation", "reason": "low contrast (run.pair_contrast = "
+                   "high)", "count": 2, "example_ids": ["p8", "p9"]}],
     }
 
 
@@ -830,3 +832,12 @@ def test_suite_naming_an_unknown_expectation_is_rejected(tmp_path: Path) -> None
     write_suite(tmp_path / "suites", "pairs", {"type": "expect_pairs_to_be_lovely", "kwargs": {}})
     with pytest.raises(SuiteError, match=r"pairs\.json: expectations\[\d+\] \(expect_pairs_to_be_lovely\)"):
         validate_shard(shard_tables(), shard_id=SHARD, gx_dir=tmp_path / "gx", suites_dir=tmp_path / "suites")
+
+
+def test_a_shard_with_rows_from_a_flagged_instruction_is_quarantined(gx_dir: Path) -> None:
+    """The GX gate: no instruction, node (and so SFT row), pair or principle example of a flagged instruction."""
+    validation = validate_shard(shard_tables(), shard_id=SHARD, gx_dir=gx_dir, data_docs=False, contaminated=["i1"])
+    assert not validation.success
+    assert {label for label in failed_labels(validation)} == {
+        f"{table}: expect_column_values_to_not_be_in_set(instruction_id)"
+        for table in ("instructions", "nodes", "pairs")}

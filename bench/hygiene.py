@@ -1,0 +1,82 @@
+"""How long does the hygiene gate take at scale? Decontaminate and dedup 100,000 instructions against 10,000 eval items.
+
+The instructions are generated word problems (tasks/seeds.py's arithmetic generator at every difficulty) and
+synthetic paragraphs; a few hundred of them are paraphrases of eval items (must be flagged) and near-copies of
+other instructions (must be dropped as near-duplicates). The eval items are written to a JSONL file and read
+through `datasets`, as a `[[decontaminate]]` entry would be. Prints the wall time of each part and rows/s. Usage:
+    PYTHONPATH=. .venv/bin/python bench/hygiene.py [--instructions 100000] [--eval-items 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from orchard.config import Config, EvalSet  # noqa: E402
+from tasks.hygiene import decontaminator_for, screen_seeds  # noqa: E402
+from tasks.seeds import Instruction, generate_arithmetic, instruction_id  # noqa: E402
+
+VOCABULARY = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "su", "ta", "ve", "zo") for b in
+              ("ri", "ban", "tel", "mor", "quin", "das", "fo", "gul", "hep", "jax", "pim", "rus")] + \
+             ["the", "of", "and", "a", "to", "in", "is", "how", "many", "what", "each", "if", "has", "more"]
+
+
+def paragraph(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(VOCABULARY) for _ in range(words)).capitalize() + "?"
+
+
+def made(text: str, row: int) -> Instruction:
+    return Instruction(instruction_id("math", text, ""), "math", "bench", row, text, "", 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instructions", type=int, default=100_000)
+    parser.add_argument("--eval-items", type=int, default=10_000)
+    args = parser.parse_args()
+    rng = random.Random(0)
+
+    evals = [paragraph(rng, rng.randint(30, 80)) for _ in range(args.eval_items)]
+    contaminated = max(1, args.instructions // 500)
+    near = max(1, args.instructions // 500)
+    seeds: list[Instruction] = []
+    for s in range((args.instructions - contaminated - near) // 2 // 400):  # half of them word problems
+        seeds += [i for d in range(2, 6) for i in generate_arithmetic(100, difficulty=d, seed=s)]
+    seeds += [made(paragraph(rng, rng.randint(20, 60)), i) for i in range(args.instructions - contaminated - near
+                                                                         - len(seeds))]
+    for i in range(contaminated):  # an eval item with a new first and last sentence
+        seeds.append(made(f"Please help. {evals[rng.randrange(len(evals))]} Show your work.", i))
+    for i in range(near):  # an earlier instruction with one more word at its end
+        seeds.append(made(seeds[rng.randrange(len(seeds) // 2, len(seeds))].text + " Briefly.", i))
+    rng.shuffle(seeds)
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "eval.jsonl"
+        path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(evals)))
+        cfg = Config().replace(decontaminate=(EvalSet(name="bench", format="text", path=str(path), field="text"),))
+        started = time.perf_counter()
+        decontaminator_for(cfg)
+        indexed = time.perf_counter() - started
+        screened = screen_seeds(seeds, cfg)
+        wall = time.perf_counter() - started
+
+    stages = screened.drops.by_stage()
+    print(f"instructions {len(seeds)}, eval items {len(evals)} ({contaminated} paraphrased eval items and {near} "
+          f"near-copies planted)")
+    print(f"  read + index the eval set: {indexed:.1f} s")
+    print(f"  decontaminate + dedup:     {wall - indexed:.1f} s")
+    print(f"  wall time {wall:.1f} s = {len(seeds) / wall:,.0f} instructions/s")
+    print(f"  kept {len(screened.kept)}; dropped {json.dumps(stages)}")
+    print(f"  flagged {len({c['instruction_id'] for c in screened.contamination})} instructions "
+          f"({len(screened.contamination)} contamination rows)")
+
+
+if __name__ == "__main__":
+    main()

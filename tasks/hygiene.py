@@ -1,0 +1,343 @@
+"""The hygiene gate: seeds checked against evaluation sets and each other before any GPU time, pairs checked before
+curation, and a reason for every row that is dropped anywhere.
+
+- Decontamination (open-instruct / OLMo's rule): an instruction is flagged when at least `contamination_threshold`
+  of some eval item's distinct n-grams (default 8-grams of normalized tokens) occur in its text or its reference.
+  Each flag is a row of the lake's `contamination` table: which eval item, how many n-grams, what coverage.
+- Deduplication: exact duplicates by normalized text, then near-duplicates by MinHash LSH (datasketch) over word
+  shingles, among the run's seeds and against the instructions other runs published; the first is kept.
+- Pair hygiene: a pair whose chosen text is empty or whose two texts are identical is dropped; an MCTS pair whose
+  texts are identical after normalization (case, whitespace, punctuation) too, its Q values being estimates; a hard
+  negative (error injection) is exempt, its edit is meant to be minimal. With `hygiene.max_length_ratio`, a pair whose longer text is more than that many times the shorter.
+- `Drops`: (stage, reason) -> how many and a few example ids, the rows of the lake's `drops` table.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from orchard.config import Config, EvalSet, HygieneConfig
+from orchard.errors import OrchardError
+
+EXAMPLES = 5  # example ids kept per (stage, reason)
+_TOKEN = re.compile(r"\w+")
+
+
+class HygieneError(OrchardError, ValueError):
+    """An eval set is unreadable or malformed; the message names the file, row and field."""
+
+
+def tokens(text: str) -> list[str]:
+    """Return the normalized tokens of `text`: NFKC, lower case, runs of letters, digits and underscores."""
+    return _TOKEN.findall(unicodedata.normalize("NFKC", text).lower())
+
+
+def normalized(text: str) -> str:
+    """Return `text` as its normalized tokens joined by single spaces (what exact duplicates share)."""
+    return " ".join(tokens(text))
+
+
+def ngrams(words: Sequence[str], n: int) -> set[int]:
+    """Return the (hashed) distinct n-grams of `words`; a text shorter than n has none."""
+    return {hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)}
+
+
+# --- drops ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Drops:
+    """Rows dropped, by (stage, reason): how many, and a few of their ids (instructions, pairs, examples)."""
+
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    examples: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    def add(self, stage: str, reason: str, item_id: str | None = None, n: int = 1) -> None:
+        key = (stage, reason)
+        self.counts[key] = self.counts.get(key, 0) + n
+        if item_id is not None:
+            self._example(key, [item_id])
+
+    def merge(self, other: "Drops") -> "Drops":
+        for key, n in other.counts.items():
+            self.counts[key] = self.counts.get(key, 0) + n
+            self._example(key, other.examples.get(key, []))
+        return self
+
+    def _example(self, key: tuple[str, str], ids: Iterable[str]) -> None:
+        """Keep the smallest few ids: the same examples whatever order the rows were dropped in."""
+        self.examples[key] = sorted({*self.examples.get(key, []), *ids})[:EXAMPLES]
+
+    def total(self, stage: str | None = None) -> int:
+        return sum(n for (s, _), n in self.counts.items() if stage is None or s == stage)
+
+    def by_stage(self) -> dict[str, dict[str, int]]:
+        """{stage: {reason: count}}: what a manifest's stats and a run's summary keep."""
+        stages: dict[str, dict[str, int]] = {}
+        for (stage, reason), n in sorted(self.counts.items()):
+            stages.setdefault(stage, {})[reason] = n
+        return stages
+
+    def rows(self, run_id: str, shard_id: str | None) -> list[dict[str, Any]]:
+        """Rows of the lake's `drops` table (shard_id None: a run-level stage, before shards exist)."""
+        return [{"run_id": run_id, "shard_id": shard_id, "stage": stage, "reason": reason, "count": n,
+                 "example_ids": list(self.examples.get((stage, reason), []))}
+                for (stage, reason), n in sorted(self.counts.items()) if n]
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Mapping[str, Any]]) -> "Drops":
+        drops = cls()
+        for row in rows:
+            drops.counts[(row["stage"], row["reason"])] = drops.counts.get((row["stage"], row["reason"]), 0) + row["count"]
+            drops.examples.setdefault((row["stage"], row["reason"]), []).extend(row.get("example_ids") or [])
+        return drops
+
+
+# --- eval sets ------------------------------------------------------------------------------------
+
+# format -> (the field holding the text, the field holding an item id if any)
+EVAL_FIELDS = {"gsm8k": ("question", None), "math": ("problem", "unique_id"), "humaneval": ("prompt", "task_id"),
+               "mbpp": ("text", "task_id"), "ifeval": ("prompt", "key")}
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    eval_set: str
+    item_id: str
+    text: str
+
+
+def load_eval_set(spec: EvalSet) -> list[EvalItem]:
+    """Return the items of one eval set, read through `datasets`; a bad row is named with its field."""
+    path = Path(spec.path) if spec.path else _humaneval_file()
+    if not path.is_file():
+        raise HygieneError(f"decontaminate {spec.name}: {path}: no such eval file")
+    text_field, id_field = EVAL_FIELDS.get(spec.format, (spec.field, None))
+    name = path.name.lower()
+    builder = "parquet" if name.endswith(".parquet") else "json" if re.search(r"\.jsonl?(\.gz)?$", name) else None
+    if builder is None:
+        raise HygieneError(f"decontaminate {spec.name}: {path}: unsupported file type (use .jsonl, .jsonl.gz or .parquet)")
+    import datasets  # slow import: only when eval sets are read
+
+    try:
+        rows = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+    except Exception as exc:  # datasets raises many types for an unreadable file; report it as one error
+        raise HygieneError(f"decontaminate {spec.name}: {path}: cannot read as {builder}: {exc}") from None
+    if text_field not in rows.column_names:
+        raise HygieneError(f"decontaminate {spec.name}: {path}: no field {text_field!r} "
+                           f"(a {spec.format} eval set; fields: {', '.join(rows.column_names)})")
+    items = []
+    ids = rows[id_field] if id_field in rows.column_names else None
+    for i, text in enumerate(rows[text_field], start=1):
+        if not isinstance(text, str) or not text.strip():
+            raise HygieneError(f"decontaminate {spec.name}: {path}: row {i}: field {text_field!r} is missing or empty")
+        items.append(EvalItem(spec.name, str(ids[i - 1]) if ids is not None else f"row {i}", text))
+    return items
+
+
+def _humaneval_file() -> Path:
+    from tasks.seeds import humaneval_path
+
+    return humaneval_path()
+
+
+# --- decontamination ------------------------------------------------------------------------------
+
+
+class Decontaminator:
+    """An n-gram index over eval items: which items an instruction covers at least `threshold` of."""
+
+    def __init__(self, items: Sequence[EvalItem], *, n: int = 8, threshold: float = 0.5) -> None:
+        self.items, self.n, self.threshold = list(items), n, threshold
+        self.sizes: list[int] = []
+        self.index: dict[int, list[int]] = {}
+        for i, item in enumerate(self.items):
+            grams = ngrams(tokens(item.text), n)
+            self.sizes.append(len(grams))
+            for gram in grams:
+                self.index.setdefault(gram, []).append(i)
+        self.unindexed = sum(size == 0 for size in self.sizes)  # items shorter than n tokens: never matched
+
+    def matches(self, *texts: str) -> list[dict[str, Any]]:
+        """Return the eval items the texts (an instruction and its reference) cover at least `threshold` of:
+        {eval_set, eval_item_id, matched_ngrams, eval_ngrams, coverage}, highest coverage first."""
+        grams: set[int] = set()
+        for text in texts:
+            if text:
+                grams |= ngrams(tokens(text), self.n)
+        hits: Counter[int] = Counter()
+        for gram in grams:
+            posting = self.index.get(gram)
+            if posting:
+                hits.update(posting)
+        found = []
+        for i, matched in hits.items():
+            coverage = matched / self.sizes[i]
+            if coverage >= self.threshold:
+                item = self.items[i]
+                found.append({"eval_set": item.eval_set, "eval_item_id": item.item_id, "matched_ngrams": matched,
+                              "eval_ngrams": self.sizes[i], "coverage": round(coverage, 4)})
+        return sorted(found, key=lambda m: (-m["coverage"], m["eval_set"], m["eval_item_id"]))
+
+
+@functools.lru_cache(maxsize=4)
+def decontaminator(sets: tuple[EvalSet, ...], n: int, threshold: float) -> Decontaminator:
+    """The index over `sets` (built once per process: a run's planning and each shard's validation share it)."""
+    return Decontaminator([item for spec in sets for item in load_eval_set(spec)], n=n, threshold=threshold)
+
+
+def decontaminator_for(cfg: Config) -> Decontaminator:
+    return decontaminator(tuple(cfg.decontaminate), cfg.hygiene.ngram, cfg.hygiene.contamination_threshold)
+
+
+# --- deduplication --------------------------------------------------------------------------------
+
+
+class Deduplicator:
+    """Exact (normalized text) and near (MinHash LSH) duplicates: `seen` keeps a text, `duplicate_of` finds one."""
+
+    def __init__(self, hygiene: HygieneConfig) -> None:
+        from datasketch import MinHashLSH  # numpy-backed; imported only when seeds are screened
+
+        self.k, self.jaccard, self.num_perm = hygiene.shingle, hygiene.near_duplicate_jaccard, hygiene.num_perm
+        self.near = hygiene.near_duplicate_jaccard < 1
+        self.exact: dict[str, str] = {}  # sha1 of the normalized text -> the kept id
+        self.lsh = MinHashLSH(threshold=self.jaccard, num_perm=self.num_perm) if self.near else None
+        self.signatures: dict[str, Any] = {}
+
+    def signatures_of(self, texts: Sequence[str]) -> list[Any]:
+        """MinHash signatures of `texts`, computed in one batch."""
+        from datasketch import MinHash
+
+        return MinHash.bulk([self._shingles(t) for t in texts], num_perm=self.num_perm, seed=1)
+
+    def _shingles(self, text: str) -> list[bytes]:
+        words = tokens(text)
+        if len(words) <= self.k:
+            return [" ".join(words).encode()]
+        return [" ".join(words[i:i + self.k]).encode() for i in range(len(words) - self.k + 1)]
+
+    def check(self, item_id: str, text: str, signature: Any = None) -> tuple[str, str] | None:
+        """Return (reason, id of the kept text) when `text` duplicates a text seen before; else keep it and None."""
+        key = hashlib.sha1(normalized(text).encode()).hexdigest()
+        if key in self.exact:
+            return "exact duplicate (normalized text)", self.exact[key]
+        if self.lsh is not None:
+            signature = signature if signature is not None else self.signatures_of([text])[0]
+            for other in self.lsh.query(signature):
+                if signature.jaccard(self.signatures[other]) >= self.jaccard:
+                    return f"near duplicate (MinHash Jaccard >= {self.jaccard:g})", other
+            self.lsh.insert(item_id, signature)
+            self.signatures[item_id] = signature
+        self.exact[key] = item_id
+        return None
+
+    def screen(self, items: Sequence[tuple[str, str]]) -> list[tuple[str, str, str] | None]:
+        """check() each (id, text) in order; return per item None (kept) or (reason, kept id)."""
+        signatures = self.signatures_of([text for _, text in items]) if self.near and items else [None] * len(items)
+        return [self.check(item_id, text, signature) for (item_id, text), signature in zip(items, signatures)]
+
+
+# --- the seeds' gate ------------------------------------------------------------------------------
+
+
+@dataclass
+class Screened:
+    """What the gate let through, what it dropped and why, and every contamination flag."""
+
+    kept: list[Any]
+    drops: Drops
+    contamination: list[dict[str, Any]]
+
+
+def screen_seeds(instructions: Sequence[Any], cfg: Config, published: Sequence[tuple[str, str, str]] = ()) -> Screened:
+    """Decontaminate, then dedup `instructions` (tasks.seeds.Instruction) in order; `published` holds (instruction
+    id, text, run id) of instructions other runs published, which count as seen before the run's own."""
+    drops, flags, clean = Drops(), [], []
+    if cfg.decontaminate:
+        index = decontaminator_for(cfg)
+        for instruction in instructions:
+            found = index.matches(instruction.text, instruction.reference)
+            if found:
+                flags += [{"instruction_id": instruction.instruction_id, **match} for match in found]
+                drops.add("decontamination", f"contaminated: {found[0]['eval_set']}", instruction.instruction_id)
+            else:
+                clean.append(instruction)
+    else:
+        clean = list(instructions)
+    if not cfg.hygiene.dedup:
+        return Screened(clean, drops, flags)
+    dedup = Deduplicator(cfg.hygiene)
+    runs = {iid: run for iid, _, run in published}
+    dedup.screen([(iid, text) for iid, text, _ in published])
+    kept = []
+    for instruction, verdict in zip(clean, dedup.screen([(i.instruction_id, i.text) for i in clean])):
+        if verdict is None:
+            kept.append(instruction)
+            continue
+        reason, original = verdict
+        if original in runs:
+            reason = f"{reason} of an instruction run {runs[original]} published"
+        drops.add("dedup", reason, instruction.instruction_id)
+    return Screened(kept, drops, flags)
+
+
+def contamination_rows(run_id: str, flags: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The lake's `contamination` rows of a run."""
+    return [{"run_id": run_id, **flag} for flag in flags]
+
+
+def flagged_ids(cfg: Config, instructions: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Ids of the instruction rows (`text`, `reference`) that the run's eval sets flag (the GX gate's parameter)."""
+    if not cfg.decontaminate:
+        return []
+    index = decontaminator_for(cfg)
+    return sorted({row["instruction_id"] for row in instructions if index.matches(row["text"], row["reference"] or "")})
+
+
+# --- pairs ----------------------------------------------------------------------------------------
+
+EXEMPT_METHODS = ("error_injection",)  # a hard negative is a minimal edit by design: it has its own edit distance
+ESTIMATED_METHODS = ("mcts",)  # pairs scored by estimates (Q from rollouts), not by verifying each side's text
+
+
+def pair_problem(pair: Mapping[str, Any], hygiene: HygieneConfig) -> str | None:
+    """Why `pair` may not be published (None: it may): empty or indistinguishable texts, or a length ratio beyond
+    the configured bound."""
+    chosen, rejected = pair["chosen_text"] or "", pair["rejected_text"] or ""
+    if not chosen.strip():
+        return "empty chosen text"
+    if pair["method"] in EXEMPT_METHODS:
+        return None
+    if chosen.strip() == rejected.strip():
+        return "chosen and rejected identical"
+    # Where the verifier scored each text itself (rs), a difference only in case, whitespace or punctuation is what
+    # decided its verdict (IFEval's lowercase, comma and paragraph rules; Python's indentation): real signal. An MCTS
+    # pair's scores are Q estimates from rollouts: two answers that normalize alike differ only by rollout noise.
+    if pair["method"] in ESTIMATED_METHODS and tokens(chosen) == tokens(rejected):
+        return "chosen and rejected identical after normalization (their Q values differ by rollout noise)"
+    bound = hygiene.max_length_ratio
+    if bound and rejected.strip():
+        ratio = len(chosen) / len(rejected)
+        if max(ratio, 1 / ratio) > bound:
+            return f"length ratio beyond {bound:g}"
+    return None
+
+
+def clean_pairs(pairs: Sequence[dict], hygiene: HygieneConfig, drops: Drops) -> list[dict]:
+    """Return the pairs that pass pair hygiene; record each other one in `drops` (stage `pair_hygiene`)."""
+    kept = []
+    for pair in pairs:
+        problem = pair_problem(pair, hygiene)
+        if problem is None:
+            kept.append(pair)
+        else:
+            drops.add("pair_hygiene", problem, pair["pair_id"])
+    return kept

@@ -1,0 +1,173 @@
+"""The hygiene gate's rules on small hand-made cases: decontamination, dedup, pair hygiene, and drop accounting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchard.config import Config, ConfigError, EvalSet, HygieneConfig, load_config
+from tasks.hygiene import (
+    Decontaminator,
+    Deduplicator,
+    Drops,
+    EvalItem,
+    HygieneError,
+    clean_pairs,
+    load_eval_set,
+    pair_problem,
+    screen_seeds,
+)
+from tasks.pairs import curate
+from tasks.seeds import Instruction, instruction_id, load_humaneval, plan_seeds
+
+GSM = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+       "How many clips did Natalia sell altogether in April and May?")
+
+
+def item(text: str, item_id: str = "test/1", eval_set: str = "gsm8k") -> EvalItem:
+    return EvalItem(eval_set, item_id, text)
+
+
+def seed(text: str, reference: str = "", domain: str = "math", row: int = 1) -> Instruction:
+    return Instruction(instruction_id(domain, text, reference), domain, "hand", row, text, reference, 1)
+
+
+def test_a_paraphrase_sharing_most_8_grams_is_flagged_and_a_different_problem_is_not():
+    index = Decontaminator([item(GSM)], n=8, threshold=0.5)
+    # Reworded at the start and the end: most of the eval item's 8-grams still occur.
+    paraphrase = ("Quick question. natalia SOLD clips to 48 of her friends in April, and then she sold half as many "
+                  "clips in May. How many did she sell in total?")
+    (match,) = index.matches(paraphrase)
+    assert match["eval_set"] == "gsm8k" and match["eval_item_id"] == "test/1"
+    assert 0.5 <= match["coverage"] < 1 and match["matched_ngrams"] < match["eval_ngrams"]
+    other = ("Natalia bought 48 pencils in April and half as many erasers in May. "
+             "How many items did she buy altogether?")
+    assert index.matches(other) == []
+    # The reference counts too: an instruction whose test program quotes the eval item is flagged.
+    assert index.matches("Write a function.", f"# {GSM}")
+
+
+def test_coverage_is_the_share_of_the_eval_items_ngrams_and_the_threshold_is_configurable():
+    words = " ".join(f"w{i}" for i in range(20))  # 13 distinct 8-grams
+    half = " ".join(f"w{i}" for i in range(14))  # its first 14 words: 7 of them
+    strict, loose = Decontaminator([item(words)], threshold=0.6), Decontaminator([item(words)], threshold=0.5)
+    assert strict.matches(half) == []
+    (match,) = loose.matches(half)
+    assert (match["matched_ngrams"], match["eval_ngrams"]) == (7, 13)
+    # An eval item shorter than n tokens has no n-grams: it can never be matched, and says so.
+    assert Decontaminator([item("too short")]).unindexed == 1
+
+
+def test_humaneval_is_an_eval_set_by_default_and_a_humaneval_seed_is_dropped_as_contaminated():
+    cfg = Config()
+    assert [e.format for e in cfg.decontaminate] == ["humaneval"]
+    problems = load_humaneval(2)
+    screened = screen_seeds([*problems, seed("Compute 2 + 3.", "5")], cfg)
+    assert [i.text for i in screened.kept] == ["Compute 2 + 3."]
+    assert {f["instruction_id"] for f in screened.contamination} == {p.instruction_id for p in problems}
+    assert {f["eval_item_id"] for f in screened.contamination} == {"HumanEval/0", "HumanEval/1"}
+    assert screened.drops.by_stage() == {"decontamination": {"contaminated: humaneval": 2}}
+
+
+def test_eval_sets_are_configuration_read_through_datasets(tmp_path):
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps({"question": GSM, "answer": "#### 72"}) + "\n")
+    cfg = load_config(environ={}).replace(decontaminate=(EvalSet(name="gsm8k-test", format="gsm8k", path=str(path)),))
+    assert [(i.eval_set, i.item_id) for i in load_eval_set(cfg.decontaminate[0])] == [("gsm8k-test", "row 1")]
+    screened = screen_seeds([seed(GSM, "72")], cfg)
+    assert screened.kept == [] and screened.contamination[0]["coverage"] == 1.0
+    text = tmp_path / "held_out.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["one", ""]}), text)
+    with pytest.raises(HygieneError, match=r"held_out.parquet: row 2: field 'body' is missing or empty"):
+        load_eval_set(EvalSet(name="held", format="text", path=str(text), field="body"))
+    toml = tmp_path / "orchard.toml"
+    toml.write_text('[[decontaminate]]\nname = "mine"\nformat = "text"\npath = "x.jsonl"\n')
+    with pytest.raises(ConfigError, match=r"decontaminate\[0\].field"):
+        load_config(toml, environ={})
+    toml.write_text('[[decontaminate]]\nname = "mine"\nformat = "csv"\npath = "x.csv"\n')
+    with pytest.raises(ConfigError, match=r"decontaminate\[0\].format: must be one of"):
+        load_config(toml, environ={})
+
+
+def test_exact_and_near_duplicates_are_dropped_keeping_the_first():
+    dedup = Deduplicator(HygieneConfig())
+    base = ("Ava has 12 apples and buys 3 bags with 4 apples in each bag, then gives 5 apples to Ben "
+            "and eats 2 of the apples she kept. How many apples does Ava have now?")
+    near = base + " Explain briefly."  # 2 new 5-word shingles of 30: Jaccard 28/30
+    verdicts = dedup.screen([("a", base), ("b", base.upper() + "!!"), ("c", near), ("d", GSM)])
+    assert verdicts[0] is None and verdicts[3] is None
+    assert verdicts[1] == ("exact duplicate (normalized text)", "a")
+    assert verdicts[2] == ("near duplicate (MinHash Jaccard >= 0.8)", "a")
+    # Different numbers in a short templated problem are different problems.
+    assert Deduplicator(HygieneConfig()).screen([("x", "Compute 3 + 4."), ("y", "Compute 3 + 5.")]) == [None, None]
+
+
+def test_a_seed_another_run_published_is_dropped_and_the_reasons_add_up_to_what_went_missing():
+    cfg = Config()
+    seeds = [seed("Compute 2 + 3.", "5"), seed("Compute 2 + 3.", "5", row=2), seed("Compute 7 * 8.", "56"),
+             *load_humaneval(1)]
+    published = [(seeds[2].instruction_id, seeds[2].text, "nightly-2026-12-01")]
+    screened = screen_seeds(seeds, cfg, published)
+    assert [i.text for i in screened.kept] == ["Compute 2 + 3."]
+    assert screened.drops.by_stage() == {
+        "decontamination": {"contaminated: humaneval": 1},
+        "dedup": {"exact duplicate (normalized text)": 1,
+                  "exact duplicate (normalized text) of an instruction run nightly-2026-12-01 published": 1}}
+    assert len(screened.kept) + screened.drops.total() == len(seeds)
+
+
+def test_the_plan_says_what_every_seed_source_lost_and_why(tmp_path):
+    cfg = Config()
+    plan = plan_seeds(cfg, "r1")
+    planned = sum(len(p.instructions) for p in plan.plans)
+    read = sum(s.read for s in plan.sources)
+    dropped = sum(row["count"] for row in plan.drops)
+    assert planned + dropped == read
+    assert all(row["shard_id"] is None and row["run_id"] == "r1" for row in plan.drops)
+    assert plan.contamination == []
+    # The default seeds are neither contaminated nor duplicates of each other: every one is grown.
+    assert {row["stage"] for row in plan.drops} <= {"seeds"}
+
+
+def pair(pair_id: str, chosen: str, rejected: str, method: str = "rs", margin: float = 1.0,
+         pass_rate: float | None = 0.5) -> dict:
+    return {"pair_id": pair_id, "method": method, "chosen_text": chosen, "rejected_text": rejected,
+            "margin": margin, "pass_rate": pass_rate}
+
+
+def test_pair_hygiene_drops_indistinguishable_pairs_but_not_a_hard_negative():
+    hygiene = HygieneConfig()
+    assert pair_problem(pair("p", "The answer is 4.", "the answer is 4", method="mcts"), hygiene) == \
+        "chosen and rejected identical after normalization (their Q values differ by rollout noise)"
+    # Verified on their own texts, answers that differ only in case are a real pair (e.g. an IFEval lowercase rule).
+    assert pair_problem(pair("p", "the sea, wide", "The Sea, Wide"), hygiene) is None
+    assert pair_problem(pair("p", " x = 1 ", "x = 1"), hygiene) == "chosen and rejected identical"
+    assert pair_problem(pair("p", "   ", "x"), hygiene) == "empty chosen text"
+    assert pair_problem(pair("p", "return a < b", "return a <= b", method="error_injection"), hygiene) is None
+    assert pair_problem(pair("p", "The answer is 4.", "The answer is 5."), hygiene) is None
+    bounded = HygieneConfig(max_length_ratio=2)
+    assert pair_problem(pair("p", "x" * 30, "y" * 10), bounded) == "length ratio beyond 2"
+    assert pair_problem(pair("p", "x" * 30, "y" * 10), hygiene) is None
+
+
+def test_every_pair_that_does_not_reach_the_shard_is_counted_with_its_reason():
+    from orchard.config import RunConfig
+
+    found = [pair("a", "4", "5", margin=1.0), pair("b", "4", "4"), pair("c", "7", "8", margin=0.2),
+             pair("d", "1", "2", margin=1.0, pass_rate=0.0), pair("e", "9", "3", margin=0.5)]
+    drops = Drops()
+    clean = clean_pairs(found, HygieneConfig(), drops)
+    kept = curate(clean, RunConfig(pair_contrast="high", difficulty_band=(0.1, 0.9)), drops)
+    assert [p["pair_id"] for p in kept] == ["a"]
+    assert drops.by_stage() == {
+        "pair_hygiene": {"chosen and rejected identical": 1},
+        "curation": {"low contrast (run.pair_contrast = high)": 1, "mid contrast (run.pair_contrast = high)": 1,
+                     "pass rate outside run.difficulty_band [0.1, 0.9]": 1}}
+    assert len(kept) + drops.total() == len(found)
+    rows = drops.rows("r1", "s1")
+    assert {r["stage"] for r in rows} == {"pair_hygiene", "curation"} and sum(r["count"] for r in rows) == 4
+    assert rows[0]["example_ids"]
