@@ -306,3 +306,31 @@ def test_a_user_error_in_a_run_is_one_line_on_the_console_and_its_traceback_is_i
     assert "seeds.jsonl: line 2: field 'answer' is missing" in line and "orchard.log" in line
     log = (Path(config.state_dir) / "logs" / "orchard.log").read_text()
     assert "Traceback" in log and "SeedError" in log
+
+
+def test_a_run_does_not_grow_again_what_an_earlier_run_published_and_says_so(config):
+    """Dedup against the lake: a second run id with the same seeds plans nothing and publishes why; a run with one
+    new seed grows only that one; a re-run of the first run id plans as it did (later runs do not count)."""
+    config = config.replace(seeds=(SeedSource(kind="arithmetic", count=2, difficulty=1, seed=11),))
+    first = run(config, "it-a")
+    assert first["status"] == "complete" and first["trees"] == 2
+
+    from flows.nightly import nightly
+
+    state = nightly(config=config.to_dict(), run_id="it-b", return_state=True)
+    assert state.is_failed() and "nothing to grow" in state.message
+    (row,) = lake.query(config, "SELECT status, shards_planned, summary FROM runs WHERE run_id = 'it-b'")[1]
+    assert row[:2] == ("failed", 0)
+    second = json.loads(row[2])
+    reason = "exact duplicate (normalized text) of an instruction run it-a published"
+    assert second["drops_before_growth"] == {"dedup": {reason: 2}}
+    assert any("nothing to grow: the hygiene gate dropped all 2 instructions" in p for p in second["problems"])
+    assert lake.query(config, "SELECT stage, reason, \"count\" FROM drops WHERE run_id = 'it-b'")[1] == [
+        ("dedup", reason, 2)]
+
+    more = config.replace(seeds=(SeedSource(kind="arithmetic", count=3, difficulty=1, seed=11),))
+    third = run(more, "it-c")
+    assert third["status"] == "complete" and third["trees"] == 1
+
+    again = run(config, "it-a")  # it-a first published before it-b and it-c: it still plans both of its seeds
+    assert again["status"] == "complete" and again["shards_reused"] == 1 and again["completion_tokens"] == 0
