@@ -113,7 +113,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_target(args.dir.resolve(), args.force)  # before starting the store: a refusal costs nothing
     with embedded_services(cfg, model=False) as live:
         summary = export_dataset(live, args.format, args.dir, version=args.version, test_share=args.test_share,
-                                 force=args.force)
+                                 force=args.force, step_token=args.step_token)
     rows, trees = summary["rows"], summary["trees"]
     print(f"exported {summary['format']} from lake snapshot {summary['snapshot_id']} to {summary['out_dir']}")
     print("  " + ", ".join(f"{split}: {n} rows ({trees[split]} trees)" for split, n in rows.items()))
@@ -180,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a lake snapshot as a Hugging Face dataset directory")
     export.add_argument("dir", type=Path, metavar="DIR",
                         help="the dataset directory to write (datasets.load_dataset(DIR) reads it)")
-    export.add_argument("--format", required=True, choices=("trl-dpo", "trl-kto", "sft", "ranked"))
+    export.add_argument("--format", required=True, choices=("trl-dpo", "trl-kto", "sft", "ranked", "trl-rm",
+                                                              "openrlhf-rm", "trl-stepwise", "openrlhf-prm"))
+    export.add_argument("--step-token", default="ки",
+                        help="openrlhf-prm: the placeholder after each step (default: ки, as Math-Shepherd)")
     export.add_argument("--version", type=int, help="export this lake snapshot (default: the newest)")
     export.add_argument("--test-share", type=float, default=0.1,
                         help="share of trees in the test split, chosen by a hash of the tree id (default: 0.1)")

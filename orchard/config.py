@@ -284,6 +284,10 @@ class RunConfig:
     jury_canaries: int = 2
     # --- hard negatives: a correct math or code answer, minimally edited so that the verifier fails it ---
     hard_negatives_per_tree: int = 1  # 0 turns error injection off
+    # --- step-level reward data (the lake's prm_steps view) ---
+    # A step is labelled only when at least this many verified completions lie below it (its finished answer, its
+    # rollout, the steps under it); with fewer its labels are null. 1 labels every step the search verified.
+    prm_min_rollouts: int = 1
     # A request that still fails after the engine client's retries costs only its own nodes; a shard fails when
     # more than this share of its requests do (its server is down or refuses most of them).
     max_failed_request_share: float = 0.05
@@ -306,6 +310,8 @@ class RunConfig:
             problems.append(f"run.mcts_lambda: must lie in [0, 1], got {self.mcts_lambda}")
         if "open_ended" in self.mcts_domains:
             problems.append("run.mcts_domains: open_ended has no verifier to search with")
+        if self.prm_min_rollouts < 1:
+            problems.append(f"run.prm_min_rollouts: must be >= 1, got {self.prm_min_rollouts}")
         small = {k: getattr(self, k) for k in ("jury_pairs", "jury_canaries", "hard_negatives_per_tree",
                                                   "principles_per_prompt") if getattr(self, k) < 0}
         if small or self.principle_max_tokens < 1 or self.judge_max_tokens < 1:

@@ -354,3 +354,71 @@ FROM nodes n
 LEFT JOIN instructions i
     ON i.run_id = n.run_id AND i.shard_id = n.shard_id AND i.instruction_id = n.instruction_id
 WHERE n.role IN ('action', 'refinement', 'injected', 'step', 'rollout') AND n.verdict IS NOT NULL;
+
+-- Step-level reward data (process reward models). One row per MCTS path (a leaf step and its ancestors, kind
+-- 'mcts') and per multi-turn trajectory (an action and the refinements that followed it, kind 'turns').
+-- `steps[k]` is step k's own text (an MCTS step: what it added to its parent's answer; a turn: that answer).
+-- MCTS labels follow Math-Shepherd / OmegaPRM from the verified completions below the step (its finished answer,
+-- its rollout, and those of the steps under it): hard = some is correct, soft = the share that is. A turn is
+-- labelled by its own verdict (one verified completion). A step with fewer verified completions than the run's
+-- `run.prm_min_rollouts` (kept in runs.summary) has null labels: not guessed.
+CREATE OR REPLACE VIEW prm_steps AS
+WITH RECURSIVE
+below(step_id, node_id) AS (
+    SELECT node_id, node_id FROM nodes WHERE role = 'step'
+    UNION ALL
+    SELECT b.step_id, n.node_id FROM below b JOIN nodes n ON n.parent_id = b.node_id AND n.role IN ('step', 'rollout')
+),
+evidence AS (
+    SELECT b.step_id, count(n.verdict) AS verified, count(*) FILTER (WHERE n.verdict = 'correct') AS correct
+    FROM below b JOIN nodes n ON n.node_id = b.node_id GROUP BY 1
+),
+mcts_path(leaf_id, node_id) AS (
+    SELECT s.node_id, s.node_id FROM nodes s WHERE s.role = 'step'
+        AND NOT EXISTS (SELECT 1 FROM nodes c WHERE c.parent_id = s.node_id AND c.role = 'step')
+    UNION ALL
+    SELECT p.leaf_id, s.parent_id FROM mcts_path p JOIN nodes s ON s.node_id = p.node_id AND s.role = 'step'
+),
+turn_path(leaf_id, node_id) AS (
+    SELECT r.node_id, r.node_id FROM nodes r WHERE r.role = 'refinement'
+        AND NOT EXISTS (SELECT 1 FROM nodes c WHERE c.parent_id = r.node_id AND c.role = 'critique')
+    UNION ALL
+    SELECT p.leaf_id, n.parent_id FROM turn_path p JOIN nodes n ON n.node_id = p.node_id
+        AND n.role IN ('refinement', 'critique')
+),
+steps AS (
+    SELECT 'mcts' AS kind, p.leaf_id, s.*, e.verified, e.correct,
+           CASE WHEN parent.role = 'step' THEN s.text[length(parent.text) + 1:] ELSE s.text END AS step_text
+    FROM mcts_path p JOIN nodes s ON s.node_id = p.node_id AND s.role = 'step'
+    JOIN nodes parent ON parent.node_id = s.parent_id
+    JOIN evidence e ON e.step_id = s.node_id
+    UNION ALL
+    SELECT 'turns' AS kind, p.leaf_id, a.*, CASE WHEN a.verdict IS NULL THEN 0 ELSE 1 END AS verified,
+           CASE WHEN a.verdict = 'correct' THEN 1 ELSE 0 END AS correct, a.text AS step_text
+    FROM turn_path p JOIN nodes a ON a.node_id = p.node_id AND a.role IN ('action', 'refinement')
+),
+labelled AS (
+    SELECT s.*, coalesce(try_cast(json_extract_string(r.summary, '$.prm_min_rollouts') AS BIGINT), 1) AS min_rollouts
+    FROM steps s LEFT JOIN runs r ON r.run_id = s.run_id
+)
+SELECT
+    any_value(l.kind) AS kind,
+    any_value(l.run_id) AS run_id,
+    any_value(l.shard_id) AS shard_id,
+    any_value(l.tree_id) AS tree_id,
+    any_value(l.instruction_id) AS instruction_id,
+    any_value(i.domain) AS domain,
+    l.leaf_id AS path_id,
+    arg_min(l.prompt, l.depth) AS prompt,                 -- the messages the first step answered
+    list(l.step_text ORDER BY l.depth) AS steps,
+    list(CASE WHEN l.verified >= l.min_rollouts THEN l.correct > 0 END ORDER BY l.depth) AS hard_labels,
+    list(CASE WHEN l.verified >= l.min_rollouts THEN l.correct / l.verified END ORDER BY l.depth) AS soft_labels,
+    list(l.verified ORDER BY l.depth) AS verified_completions,
+    list(l.visits ORDER BY l.depth) AS visits,
+    list(l.q_value ORDER BY l.depth) AS q_values,
+    list(l.node_id ORDER BY l.depth) AS step_node_ids,
+    any_value(l.min_rollouts) AS min_rollouts,
+    any_value(l.model) AS model
+FROM labelled l
+LEFT JOIN instructions i ON i.run_id = l.run_id AND i.shard_id = l.shard_id AND i.instruction_id = l.instruction_id
+GROUP BY l.leaf_id;

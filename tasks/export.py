@@ -41,9 +41,36 @@ class ExportFormat:
 
     name: str
     views: tuple[str, ...]  # the lake views its rows come from (named in errors and on the card)
-    sql: str  # one query over those views; every row has a tree_id
+    sql: str  # one query over those views; every row has a tree_id ({step_token}: the export's step token, quoted)
     description: str  # the card's "Format" paragraph
+    # The trainer (and versions) a real run's export of this format was trained with in the test suite
+    # (tests/test_train.py, `make train-check`); the card says so.
+    checked_with: str = ""
 
+
+# Every published preference: the verifier-ranked pairs and the stable principle-grounded pairs. The views carry no
+# tree id (and dpo_pairs no model): both come from the tables the views read. A principle pair's margin is the
+# jury's: (votes for the response - votes for the antithesis) / judges.
+PREFERENCES = """
+    SELECT d.prompt, d.chosen, d.rejected, d.pair_id AS id, p.tree_id, d.run_id,
+           'pairs' AS source, d.method, d.domain, p.model, d.margin
+    FROM dpo_pairs d JOIN pairs p ON p.run_id = d.run_id AND p.pair_id = d.pair_id
+    UNION ALL
+    SELECT pp.prompt, pp.chosen, pp.rejected, pp.example_id AS id, e.tree_id, pp.run_id,
+           'principle_pairs' AS source, NULL AS method, i.domain, pp.model,
+           (e.votes_response - e.votes_antithesis) / e.judges AS margin
+    FROM principle_pairs pp
+    JOIN principle_examples e ON e.run_id = pp.run_id AND e.example_id = pp.example_id
+    LEFT JOIN instructions i
+        ON i.run_id = e.run_id AND i.shard_id = e.shard_id AND i.instruction_id = e.instruction_id
+"""
+# The labelled steps of prm_steps: each path cut before its first step without a label (too little evidence);
+# a path with no labelled first step is left out. `prompt` is the user's request as text.
+LABELLED_STEPS = """
+    SELECT *, list_filter(prompt, m -> m.role = 'user')[-1].content AS prompt_text,
+           coalesce(list_position(list_transform(hard_labels, x -> x IS NULL), true) - 1, len(hard_labels)) AS labelled
+    FROM prm_steps
+"""
 
 FORMATS: dict[str, ExportFormat] = {
     f.name: f
@@ -51,20 +78,7 @@ FORMATS: dict[str, ExportFormat] = {
         ExportFormat(
             name="trl-dpo",
             views=("dpo_pairs", "principle_pairs"),
-            # The views carry no tree id (and dpo_pairs no model): both come from the tables the views read.
-            sql="""
-                SELECT d.prompt, d.chosen, d.rejected, d.pair_id AS id, p.tree_id, d.run_id,
-                       'pairs' AS source, d.method, d.domain, p.model
-                FROM dpo_pairs d JOIN pairs p ON p.run_id = d.run_id AND p.pair_id = d.pair_id
-                UNION ALL
-                SELECT pp.prompt, pp.chosen, pp.rejected, pp.example_id AS id, e.tree_id, pp.run_id,
-                       'principle_pairs' AS source, NULL AS method, i.domain, pp.model
-                FROM principle_pairs pp
-                JOIN principle_examples e ON e.run_id = pp.run_id AND e.example_id = pp.example_id
-                LEFT JOIN instructions i
-                    ON i.run_id = e.run_id AND i.shard_id = e.shard_id AND i.instruction_id = e.instruction_id
-                ORDER BY tree_id, id
-            """,
+            sql=f"SELECT * EXCLUDE (margin) FROM ({PREFERENCES}) ORDER BY tree_id, id",
             description=(
                 "TRL's conversational preference format (`DPOTrainer` and other paired-preference trainers): "
                 "`prompt`, `chosen` and `rejected` are message lists, so the trainer applies the chat template. "
@@ -108,8 +122,76 @@ FORMATS: dict[str, ExportFormat] = {
                 "`completions[k]` is an assistant message list with score `scores[k]` and node id `node_ids[k]`."
             ),
         ),
+        ExportFormat(
+            name="trl-rm",
+            views=("dpo_pairs", "principle_pairs"),
+            sql=f"""
+                SELECT list_concat(prompt, chosen) AS chosen, list_concat(prompt, rejected) AS rejected,
+                       id, tree_id, run_id, source, method, domain, model, margin
+                FROM ({PREFERENCES}) ORDER BY tree_id, id
+            """,
+            description=(
+                "TRL's implicit-prompt conversational preference format (`RewardTrainer`): `chosen` and `rejected` "
+                "are whole conversations (the prompt's messages, then the answer), so the trainer scores each "
+                "conversation as a whole. The same rows as `trl-dpo`, with `margin` (the verifier's score "
+                "difference, or the jury's vote margin for a principle pair)."
+            ),
+        ),
+        ExportFormat(
+            name="openrlhf-rm",
+            views=("dpo_pairs", "principle_pairs"),
+            sql=f"""
+                SELECT list_concat(prompt, chosen) AS chosen, list_concat(prompt, rejected) AS rejected, margin,
+                       id, tree_id, run_id, source, method, domain, model
+                FROM ({PREFERENCES}) ORDER BY tree_id, id
+            """,
+            description=(
+                "OpenRLHF's reward-model dataset (`openrlhf.cli.train_rm` with `--chosen_key chosen --rejected_key "
+                "rejected --apply_chat_template`, and `--margin_loss` to use `margin`): `chosen` and `rejected` are "
+                "whole conversations as message lists, `margin` the verifier's score difference or the jury's vote "
+                "margin."
+            ),
+        ),
+        ExportFormat(
+            name="trl-stepwise",
+            views=("prm_steps",),
+            sql=f"""
+                SELECT prompt_text AS prompt, steps[:labelled] AS completions, hard_labels[:labelled] AS labels,
+                       soft_labels[:labelled] AS soft_labels, path_id AS id, kind AS source, tree_id, run_id,
+                       domain, model
+                FROM ({LABELLED_STEPS}) WHERE labelled > 0 ORDER BY tree_id, id
+            """,
+            description=(
+                "TRL's stepwise-supervision format (process reward models): `prompt` is the request, `completions` "
+                "the answer's steps in order and `labels` one boolean per step. Rows are the paths of `prm_steps`: "
+                "each MCTS path (`source = 'mcts'`; a step is labelled true when some verified completion below it "
+                "is correct, as in Math-Shepherd; `soft_labels` hold the share that is, as in OmegaPRM) and each "
+                "multi-turn trajectory (`source = 'turns'`; a turn's answer labelled by its own verdict). A path "
+                "is cut before its first step with too little evidence (`run.prm_min_rollouts`), whose label is "
+                "null in the lake; paths without a labelled first step are left out."
+            ),
+        ),
+        ExportFormat(
+            name="openrlhf-prm",
+            views=("prm_steps",),
+            sql=f"""
+                SELECT prompt_text || '\n' || array_to_string(list_transform(steps[:labelled],
+                           s -> trim(s) || ' ' || {{step_token}}), '\n') AS input,
+                       list_transform(hard_labels[:labelled], x -> CASE WHEN x THEN '+' ELSE '-' END) AS value,
+                       path_id AS id, kind AS source, tree_id, run_id, domain, model
+                FROM ({LABELLED_STEPS}) WHERE labelled > 0 ORDER BY tree_id, id
+            """,
+            description=(
+                "OpenRLHF's process-reward dataset (`openrlhf.cli.train_prm` with `--input_key input --label_key "
+                "value --placeholder_token <step token> --reward_tokens + -`, the layout of Math-Shepherd): "
+                "`input` is the request and the steps, each step followed by the step placeholder token, and "
+                "`value` one `+` (correct below) or `-` per placeholder. Rows and labels as in `trl-stepwise`."
+            ),
+        ),
     )
 }
+
+DEFAULT_STEP_TOKEN = "ки"  # OpenRLHF's and Math-Shepherd's step placeholder
 
 
 def in_test_split(tree_id: str, test_share: float) -> bool:
@@ -144,6 +226,7 @@ def export_dataset(
     version: int | None = None,
     test_share: float = 0.1,
     force: bool = False,
+    step_token: str = DEFAULT_STEP_TOKEN,
 ) -> dict[str, Any]:
     """Write format `fmt` of lake snapshot `version` (default: the newest) as a dataset directory; return its summary.
 
@@ -158,7 +241,9 @@ def export_dataset(
     out_dir = Path(out_dir).resolve()
     check_target(out_dir, force)
 
-    rows, snapshot = read_rows(config, export, version)
+    if not step_token.strip():
+        raise ExportError("--step-token must not be blank")
+    rows, snapshot = read_rows(config, export, version, step_token)
     splits = split_by_tree(rows, test_share)
     summary = {
         "format": fmt,
@@ -177,7 +262,8 @@ def export_dataset(
     return summary
 
 
-def read_rows(config: Config, export: ExportFormat, version: int | None) -> tuple[pa.Table, dict[str, Any]]:
+def read_rows(config: Config, export: ExportFormat, version: int | None,
+              step_token: str = DEFAULT_STEP_TOKEN) -> tuple[pa.Table, dict[str, Any]]:
     """Return the format's rows at snapshot `version` (the newest if None) as Arrow, and that snapshot's row."""
     where = f"snapshot {version}" if version is not None else "the newest snapshot"
     views = " and ".join(export.views)
@@ -187,7 +273,8 @@ def read_rows(config: Config, export: ExportFormat, version: int | None) -> tupl
         try:
             snapshot_id = con.execute(f"SELECT id FROM {lake.LAKE}.current_snapshot()").fetchone()[0]
             where = f"snapshot {snapshot_id}"
-            rows = con.execute(export.sql).to_arrow_table()
+            sql = export.sql.replace("{step_token}", "'" + step_token.replace("'", "''") + "'")
+            rows = con.execute(sql).to_arrow_table()
         except duckdb.Error as exc:
             # A view added to schemas/lake.sql reaches a lake when Orchard next writes to it (the next run).
             missing = isinstance(exc, duckdb.CatalogException) and "does not exist" in str(exc)
@@ -257,6 +344,7 @@ def dataset_card(export: ExportFormat, splits: Mapping[str, pa.Table], summary: 
         "",
         export.description,
         "",
+        *([f"Checked with: {export.checked_with}.", ""] if export.checked_with else []),
         "Columns: " + ", ".join(f"`{field.name}` ({_type_name(field.type)})" for field in schema) + ".",
         "",
         "## Splits",

@@ -38,7 +38,8 @@ RUN_COLUMNS = (
 )  # fmt: skip
 # The parts of a run's summary kept as JSON in runs.summary: why shards and rows did not make it, and the fates.
 SUMMARY_FIELDS = ("problems", "fates", "shards_healed", "requests", "trees_unanswered", "seeds", "prefix_cache",
-                  "prefix_cache_by_shard", "drops_before_growth", "contaminated", "nothing_planned")
+                  "prefix_cache_by_shard", "drops_before_growth", "contaminated", "nothing_planned",
+                  "prm_min_rollouts")
 COMPUTED = ("snapshot_id", "fleiss_kappa", "agreement")  # filled in here, from what the lake holds
 RUN_STATUSES = ("complete", "partial", "failed")
 # Publishing attempts when other writers of a shared catalog keep committing first; the wait between

@@ -81,6 +81,7 @@ def run_summary(run_id: str, flow_run_id: str | None, cfg: Config, started_at: d
                                   if r["state"] == "landed" and r["stats"].get("prefix_cache")},
         "trees_unanswered": sum(r["stats"].get("trees_unanswered", 0) for r in passed),
         "seeds": [source.to_dict() for source in seeds],
+        "prm_min_rollouts": cfg.run.prm_min_rollouts,  # the prm_steps view reads it from the runs row
         # The hygiene gate's: rows dropped before growth by stage and reason, and the instructions flagged.
         "drops_before_growth": Drops.from_rows(run_drops).by_stage(),
         "contaminated": {"instructions": len({c["instruction_id"] for c in contamination}),

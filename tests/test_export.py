@@ -156,6 +156,11 @@ COLUMNS = {
     "sft": ["messages", "node_id", "tree_id", "run_id", "domain", "turn", "strategy", "model"],
     "ranked": ["prompt", "completions", "scores", "node_ids", "parent_id", "tree_id", "run_id", "domain", "turn",
                "model"],
+    "trl-rm": ["chosen", "rejected", "id", "tree_id", "run_id", "source", "method", "domain", "model", "margin"],
+    "openrlhf-rm": ["chosen", "rejected", "margin", "id", "tree_id", "run_id", "source", "method", "domain", "model"],
+    "trl-stepwise": ["prompt", "completions", "labels", "soft_labels", "id", "source", "tree_id", "run_id", "domain",
+                     "model"],
+    "openrlhf-prm": ["input", "value", "id", "source", "tree_id", "run_id", "domain", "model"],
 }  # fmt: skip
 
 
@@ -337,3 +342,35 @@ def test_push_to_an_unreachable_hub_is_one_clear_error_line(lake_of_two_runs, tm
 def test_summary_is_json_serialisable(lake_of_two_runs, tmp_path):
     summary = export_dataset(lake_of_two_runs.config, "ranked", tmp_path / "ranked")
     assert json.loads(json.dumps(summary))["format"] == "ranked"
+
+
+def test_step_exports_label_each_step_and_put_one_placeholder_per_label(lake_of_two_runs, tmp_path):
+    """trl-stepwise: a boolean per step; openrlhf-prm: the steps joined with the step token, a + or - per token."""
+    config = lake_of_two_runs.config
+    export_dataset(config, "trl-stepwise", tmp_path / "steps", test_share=0.0)
+    steps = load(tmp_path / "steps", tmp_path)["train"]
+    assert len(steps) == count(config, "SELECT count(*) FROM prm_steps")
+    for row in steps:
+        assert isinstance(row["prompt"], str) and row["prompt"]
+        assert len(row["completions"]) == len(row["labels"]) >= 1 and all(isinstance(x, bool) for x in row["labels"])
+    # A finished MCTS step that is right, an unfinished one whose rollout is wrong (test data: m1, m2 + m3).
+    by_id = {row["id"]: row for row in steps}
+    assert by_id["s1-t0-m1"]["labels"] == [True] and by_id["s1-t0-m2"]["labels"] == [False]
+    assert by_id["s1-t0-m1"]["source"] == "mcts"
+
+    export_dataset(config, "openrlhf-prm", tmp_path / "prm", test_share=0.0, step_token="<step>")
+    prm = load(tmp_path / "prm", tmp_path)["train"]
+    assert len(prm) == len(steps)
+    for row in prm:
+        assert row["input"].count("<step>") == len(row["value"]) and set(row["value"]) <= {"+", "-"}
+
+
+def test_reward_model_exports_are_whole_conversations_with_a_margin(lake_of_two_runs, tmp_path):
+    config = lake_of_two_runs.config
+    export_dataset(config, "trl-rm", tmp_path / "rm", test_share=0.0)
+    rows = load(tmp_path / "rm", tmp_path)["train"]
+    assert len(rows) == view_rows(config, "trl-rm")
+    for row in rows:
+        assert row["chosen"][-1]["role"] == row["rejected"][-1]["role"] == "assistant"
+        assert row["chosen"][:-1] == row["rejected"][:-1] and row["chosen"][0]["role"] in ("system", "user")
+        assert 0 < row["margin"] <= 1
