@@ -10,7 +10,7 @@ PIP_FLAGS ?= --disable-pip-version-check
 # only when missing; as root here and in CI, through sudo otherwise.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup sandbox embedded-engine postgres browser vllm-env run test check clean-state
+.PHONY: setup sandbox embedded-engine postgres browser vllm-env train-env train-check run test check clean-state
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,12 +68,37 @@ $(VLLM_STAMP):
 
 vllm-env: $(VLLM_STAMP)
 
+# The trainers that read Orchard's exports (tests/test_train.py): TRL, transformers and accelerate in a venv of their
+# own with torch from the on-disk CPU wheel. Pinned: the export formats were checked with exactly these (the cards say
+# so), and a new TRL may change a format. transformers 5.19 and accelerate 1.15 as in .venv-vllm; gguf reads the GGUF.
+TRAIN_VENV  := .venv-train
+TRAIN_PINS  := trl==1.16.0 transformers==5.19.0 accelerate==1.15.0 gguf==0.19.0 datasets==5.2.0
+TRAIN_STAMP := $(TRAIN_VENV)/.installed-$(shell echo '$(TORCH_CPU) $(TRAIN_PINS)' | sha256sum | cut -c1-12)
+
+$(TRAIN_STAMP):
+	rm -rf $(TRAIN_VENV)
+	$(PYTHON) -m venv $(TRAIN_VENV)
+	$(TRAIN_VENV)/bin/python -m pip install $(PIP_FLAGS) -q --upgrade pip wheel setuptools
+	$(TRAIN_VENV)/bin/python -m pip install $(PIP_FLAGS) -q $(TORCH_CPU) $(TRAIN_PINS)
+	$(TRAIN_VENV)/bin/python -c "import trl, trl.experimental.kto, transformers, accelerate, gguf"
+	touch $@
+
+train-env: $(TRAIN_STAMP)
+
+# The trainers' model: the shipped SmolLM2 GGUF dequantized to a float32 safetensors checkpoint, once per machine, in
+# ~/.cache/orchard/models (a model loaded straight from GGUF is marked quantized and the trainers refuse it).
+train-check: $(TRAIN_STAMP) embedded-engine
+	@out=$$($(PYTHON) -c "from orchard import llama_build as b; print(b.train_model())"); \
+	  test -f "$$out/model.safetensors" || { echo "converting the GGUF to $$out"; \
+	    $(TRAIN_VENV)/bin/python tests/train_check.py convert \
+	      "$$($(PYTHON) -c "from orchard import llama_build as b; print(b.shipped_model())")" "$$out"; }
+
 setup: $(STAMP) sandbox embedded-engine
 
 run: $(STAMP) sandbox embedded-engine
 	$(VENV)/bin/orchard run $(ARGS)
 
-test: $(STAMP) sandbox embedded-engine postgres browser vllm-env
+test: $(STAMP) sandbox embedded-engine postgres browser vllm-env train-check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The inner loop: the tests that start no service (no SeaweedFS, model server, Prefect or vLLM); a few minutes.

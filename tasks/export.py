@@ -48,6 +48,10 @@ class ExportFormat:
     checked_with: str = ""
 
 
+# What the suite proved for a format TRL trains (tests/test_train.py asserts that the card says it).
+TRAINED = ("TRL 1.16.0 `{trainer}` (transformers 5.19.0, torch 2.13.0+cpu): two optimizer steps on the export of a "
+           "real run, every row read, in Orchard's test suite (tests/test_train.py)")
+
 # Every published preference: the verifier-ranked pairs and the stable principle-grounded pairs. The views carry no
 # tree id (and dpo_pairs no model): both come from the tables the views read. A principle pair's margin is the
 # jury's: (votes for the response - votes for the antithesis) / judges.
@@ -87,6 +91,7 @@ FORMATS: dict[str, ExportFormat] = {
                 "(`source = 'principle_pairs'`, the principle as the system message, `method` null). `id` is the "
                 "pair_id or the example_id."
             ),
+            checked_with=TRAINED.format(trainer="DPOTrainer"),
         ),
         ExportFormat(
             name="trl-kto",
@@ -98,6 +103,7 @@ FORMATS: dict[str, ExportFormat] = {
                 "found the answer correct. One row per verified answer: actions, refinements, injected hard "
                 "negatives and finished MCTS answers (last steps and rollouts)."
             ),
+            checked_with=TRAINED.format(trainer="KTOTrainer"),
         ),
         ExportFormat(
             name="sft",
@@ -107,6 +113,7 @@ FORMATS: dict[str, ExportFormat] = {
                 "TRL's conversational language-modeling format (`SFTTrainer`): `messages` is a trajectory that "
                 "ends in a correct answer, its earlier turns, feedback and critique included."
             ),
+            checked_with=TRAINED.format(trainer="SFTTrainer"),
         ),
         ExportFormat(
             name="ranked",
@@ -136,6 +143,7 @@ FORMATS: dict[str, ExportFormat] = {
                 "conversation as a whole. The same rows as `trl-dpo`, with `margin` (the verifier's score "
                 "difference, or the jury's vote margin for a principle pair)."
             ),
+            checked_with=TRAINED.format(trainer="RewardTrainer"),
         ),
         ExportFormat(
             name="openrlhf-rm",
@@ -151,6 +159,8 @@ FORMATS: dict[str, ExportFormat] = {
                 "whole conversations as message lists, `margin` the verifier's score difference or the jury's vote "
                 "margin."
             ),
+            checked_with=("the layout of OpenRLHF's reward-model datasets; not trained in Orchard's suite (OpenRLHF needs "
+                          "DeepSpeed and a GPU); the same rows as trl-rm, which RewardTrainer reads"),
         ),
         ExportFormat(
             name="trl-stepwise",
@@ -170,6 +180,9 @@ FORMATS: dict[str, ExportFormat] = {
                 "is cut before its first step with too little evidence (`run.prm_min_rollouts`), whose label is "
                 "null in the lake; paths without a labelled first step are left out."
             ),
+            checked_with=("TRL 1.16.0's stepwise-supervision columns; TRL 1.16.0 has no process reward trainer, so the suite "
+                          "(tests/test_train.py) checks the labels token by token with transformers 5.19.0 and the "
+                          "SmolLM2 tokenizer: each label lands on the last token of its step"),
         ),
         ExportFormat(
             name="openrlhf-prm",
@@ -187,6 +200,8 @@ FORMATS: dict[str, ExportFormat] = {
                 "`input` is the request and the steps, each step followed by the step placeholder token, and "
                 "`value` one `+` (correct below) or `-` per placeholder. Rows and labels as in `trl-stepwise`."
             ),
+            checked_with=("the layout of OpenRLHF's process reward datasets (Math-Shepherd's); not trained in Orchard's "
+                          "suite (OpenRLHF needs DeepSpeed and a GPU); its labels are those of trl-stepwise"),
         ),
     )
 }

@@ -140,6 +140,10 @@ def summary_text(summary: Mapping[str, Any]) -> str:
                      f"median length ratio chosen/rejected {_num(m.get('length_ratio_median'))}")
     lines += jury_lines(summary.get("jury"))
     lines += drop_lines(summary.get("dropped"))
+    for kind, k in (summary.get("prm_steps") or {}).items():
+        lines.append(f"  prm_steps {kind}: {k['paths']} paths, {k['steps']} steps ({k['labelled']} labelled, "
+                     f"{k['positive']} positive; {k['unlabelled']} unlabelled: fewer than {k['min_rollouts']} "
+                     f"verified completions below)")
     for problem in summary.get("problems", []):
         lines.append(f"  ! {problem}")
     if summary.get("data_docs"):
@@ -326,6 +330,27 @@ def drop_stats(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
     return {"reasons": reasons, "shards_without_pairs": empty}
 
 
+def prm_stats(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
+    """Per kind of prm_steps path (mcts, turns) of run `run_id`: paths and steps, how many steps are labelled
+    (positive) and how many are not (too little evidence: counted, never guessed)."""
+    return {kind: {"paths": paths, "steps": int(steps), "labelled": int(labelled), "positive": int(positive),
+                   "unlabelled": int(steps - labelled), "min_rollouts": min_rollouts}
+            for kind, paths, steps, labelled, positive, min_rollouts in con.execute(
+                """SELECT kind, count(*), sum(len(steps)), sum(len(list_filter(hard_labels, x -> x IS NOT NULL))),
+                          sum(len(list_filter(hard_labels, x -> x))), any_value(min_rollouts)
+                   FROM prm_steps WHERE run_id = ? GROUP BY kind ORDER BY kind""", [run_id]).fetchall()}
+
+
+def prm_markdown(steps: Mapping[str, Any] | None) -> str:
+    if not steps:
+        return "No step-level data (no MCTS path or refined trajectory)."
+    lines = ["| kind | paths | steps | labelled | positive | unlabelled (too little evidence) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {kind} | {k['paths']} | {k['steps']} | {k['labelled']} | {k['positive']} | {k['unlabelled']} "
+              f"(< {k['min_rollouts']} verified completions) |" for kind, k in steps.items()]
+    return "\n".join(lines)
+
+
 # The stages a row can be dropped at, in the order a run passes them.
 DROP_STAGES = ("seeds", "decontamination", "dedup", "pair_hygiene", "curation", "jury")
 
@@ -382,7 +407,8 @@ def curation_markdown(methods: Mapping[str, Any]) -> str:
 
 
 def report_markdown(summary: Mapping[str, Any], curation: Mapping[str, Any] | None = None,
-                    jury: Mapping[str, Any] | None = None, dropped: Mapping[str, Any] | None = None) -> str:
+                    jury: Mapping[str, Any] | None = None, dropped: Mapping[str, Any] | None = None,
+                    steps: Mapping[str, Any] | None = None) -> str:
     """Return the markdown report of a run: totals, pairs per curation method, then each shard's fate."""
     cache = summary.get("prefix_cache_by_shard") or {}
     rows = "\n".join(
@@ -412,6 +438,9 @@ def report_markdown(summary: Mapping[str, Any], curation: Mapping[str, Any] | No
 
 ## What was dropped, and why
 {drops_markdown(dropped)}
+
+## Step-level reward data (`prm_steps`)
+{prm_markdown(steps)}
 
 ## Shards
 {summary['shards_planned']} planned: {summary['shards_published']} published, {summary['shards_reused']} already in the lake, {summary['shards_quarantined']} quarantined, {summary['shards_failed']} failed.
@@ -450,12 +479,14 @@ def report_task(config: dict, summary: dict) -> dict:
     curation: dict[str, Any] = {}
     jury: dict[str, Any] | None = None
     dropped: dict[str, Any] | None = None
+    steps: dict[str, Any] = {}
     if summary.get("snapshot_id") is not None:
         try:
             with connect(Config.from_dict(config), version=summary["snapshot_id"]) as con:
                 curation = curation_stats(con, summary["run_id"])
                 jury = jury_stats(con, summary["run_id"])
                 dropped = drop_stats(con, summary["run_id"])
+                steps = prm_stats(con, summary["run_id"])
         except (LakeError, duckdb.Error) as exc:
             get_run_logger().warning("run %s: no curation statistics: %s", summary["run_id"], exc)
     key = "orchard-run-" + "".join(c if c.isalnum() else "-" for c in summary["run_id"].lower())
@@ -466,5 +497,6 @@ def report_task(config: dict, summary: dict) -> dict:
                 "prefix_cache_hit_rate": ((summary.get("prefix_cache") or {}).get("metrics") or {}).get("hit_rate")}],
         description=f"Orchard run {summary['run_id']}",
     )
-    create_markdown_artifact(key=f"{key}-report"[:100], markdown=report_markdown(summary, curation, jury, dropped))
-    return {"curation": curation, "jury": jury, "dropped": dropped}
+    create_markdown_artifact(key=f"{key}-report"[:100], markdown=report_markdown(summary, curation, jury, dropped,
+                                                                                  steps))
+    return {"curation": curation, "jury": jury, "dropped": dropped, "prm_steps": steps}

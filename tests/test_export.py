@@ -237,6 +237,8 @@ def test_card_maps_the_splits_and_names_snapshot_catalog_runs_and_counts(lake_of
     by_source = body.split("## Rows by source", 1)[1]
     assert "| pairs |" in by_source and "| principle_pairs |" in by_source
     assert "## Rows by method" in body and "## Rows by domain" in body and "| open_ended |" in body
+    # The trainer and versions the format was proved with (tests/test_train.py).
+    assert "Checked with: TRL 1.16.0 `DPOTrainer` (transformers 5.19.0, torch 2.13.0+cpu)" in body
 
 
 def test_an_older_version_exports_that_snapshots_rows(lake_of_two_runs, tmp_path):
@@ -357,6 +359,9 @@ def test_step_exports_label_each_step_and_put_one_placeholder_per_label(lake_of_
     by_id = {row["id"]: row for row in steps}
     assert by_id["s1-t0-m1"]["labels"] == [True] and by_id["s1-t0-m2"]["labels"] == [False]
     assert by_id["s1-t0-m1"]["source"] == "mcts"
+    # A multi-turn trajectory: the wrong action a3, then its refinements r1 (right) and r2 (wrong), a turn each.
+    assert by_id["s1-t0-r1"]["source"] == "turns" and by_id["s1-t0-r1"]["labels"] == [False, True]
+    assert by_id["s1-t0-r2"]["labels"] == [False, False] and len(by_id["s1-t0-r2"]["completions"]) == 2
 
     export_dataset(config, "openrlhf-prm", tmp_path / "prm", test_share=0.0, step_token="<step>")
     prm = load(tmp_path / "prm", tmp_path)["train"]
