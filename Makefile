@@ -80,7 +80,7 @@ $(TRAIN_STAMP):
 	$(PYTHON) -m venv $(TRAIN_VENV)
 	$(TRAIN_VENV)/bin/python -m pip install $(PIP_FLAGS) -q --upgrade pip wheel setuptools
 	$(TRAIN_VENV)/bin/python -m pip install $(PIP_FLAGS) -q $(TORCH_CPU) $(TRAIN_PINS)
-	$(TRAIN_VENV)/bin/python -c "import trl, trl.experimental.kto, transformers, accelerate, gguf"
+	$(TRAIN_VENV)/bin/python -c "import trl, transformers, accelerate, gguf; from trl import KTOTrainer"
 	touch $@
 
 train-env: $(TRAIN_STAMP)

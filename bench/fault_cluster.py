@@ -59,6 +59,10 @@ hard_negatives_per_tree = 0
 kind = "arithmetic"
 count = {shards}
 difficulty = 1
+[hygiene]
+# One cluster's lake takes several runs of these same seeds (each scenario checks its own run): a later run must
+# grow them again, not drop them as published by an earlier one.
+dedup_against_lake = false
 [orchestration]
 api_port = {port}
 gpu_workers = {gpu_workers}

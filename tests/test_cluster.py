@@ -45,6 +45,10 @@ hard_negatives_per_tree = 0
 kind = "arithmetic"
 count = 4
 difficulty = 1
+[hygiene]
+# One cluster's lake takes several runs of these same seeds (each scenario checks its own run): a later run must
+# grow them again, not drop them as published by an earlier one.
+dedup_against_lake = false
 [orchestration]
 api_port = {port}
 gpu_workers = 2

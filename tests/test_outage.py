@@ -18,7 +18,7 @@ import pytest
 
 import tasks.validate
 from orchard import lake, services, store as store_module
-from orchard.config import Config, EngineConfig, ObjectStoreConfig, RunConfig, SeedSource
+from orchard.config import HygieneConfig, Config, EngineConfig, ObjectStoreConfig, RunConfig, SeedSource
 from orchard.services import Service, start_seaweedfs
 from orchard.store import ObjectStore, StoreUnavailable, retry_delay_s
 from tasks.land import MANIFEST, landed_manifest, read_shard_table, shard_prefix
@@ -109,8 +109,10 @@ def seaweed(tmp_path: Path) -> Iterator[Seaweed]:
 
 def config_for(tmp_path: Path, seaweed: Seaweed, engine_url: str) -> Config:
     engine = EngineConfig(kind="openai", model="scripted", base_urls=(engine_url,), retries=0, structured_output="none")
+    # A test here grows the same seeds as two runs into one lake ("calm", then "storm") to compare them: the second
+    # must not drop them as already published.
     return Config(state_dir=str(tmp_path / "state"), run=RUN, seeds=SEEDS, engines={"embedded": engine},
-                  object_store=seaweed.cfg)
+                  object_store=seaweed.cfg, hygiene=HygieneConfig(dedup_against_lake=False))
 
 
 def plans(config: Config) -> list[ShardPlan]:

@@ -40,8 +40,11 @@ def test_the_exports_of_a_real_run_train_with_trl(tmp_path, store, llama, prefec
     from flows.nightly import nightly
     from test_nightly import SMALL_RUN
 
-    config = Config(state_dir=str(tmp_path / "state"), run=SMALL_RUN,
-                    seeds=(SeedSource(kind="arithmetic", count=4, difficulty=1, seed=11),
+    # Enough of the easiest problems that the 135M model gets some right and some wrong (every format has rows: SFT
+    # needs a correct answer, DPO a pair): 8 trees at difficulty 1, full-length answers.
+    run = dataclasses.replace(SMALL_RUN, instructions_per_shard=4, max_tokens=128)
+    config = Config(state_dir=str(tmp_path / "state"), run=run,
+                    seeds=(SeedSource(kind="arithmetic", count=8, difficulty=1, seed=3),
                            SeedSource(kind="open_ended", count=1)),
                     engines={"embedded": dataclasses.replace(llama, retries=1, backoff_s=0.1)},
                     object_store=store.cfg)

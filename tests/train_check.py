@@ -44,8 +44,7 @@ def train(model_dir: Path, exports: Path, out_json: Path) -> None:
     import transformers
     import trl
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
-    from trl.experimental.kto import KTOConfig, KTOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -53,10 +52,10 @@ def train(model_dir: Path, exports: Path, out_json: Path) -> None:
                                   "torch": torch.__version__, "datasets": datasets.__version__}}
     scratch = Path(tempfile.mkdtemp(prefix="orchard-train-"))
 
-    def common(name: str) -> dict:
-        # Two optimizer steps of one row each, on CPU. max_length is above every row's length, so that a row the
+    def common(name: str, batch: int = 1) -> dict:
+        # Two optimizer steps of `batch` rows each, on CPU. max_length is above every row's length, so that a row the
         # trainer leaves out can only be one it could not read.
-        return dict(output_dir=str(scratch / name), max_steps=2, per_device_train_batch_size=1,
+        return dict(output_dir=str(scratch / name), max_steps=2, per_device_train_batch_size=batch,
                     gradient_accumulation_steps=1, learning_rate=1e-5, logging_steps=1, save_strategy="no",
                     report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0)
 
@@ -64,9 +63,10 @@ def train(model_dir: Path, exports: Path, out_json: Path) -> None:
         "DPOTrainer": ("trl-dpo", lambda data: DPOTrainer(
             model=AutoModelForCausalLM.from_pretrained(model_dir), processing_class=tokenizer, train_dataset=data,
             args=DPOConfig(**common("dpo"), max_length=MAX_LENGTH))),
+        # KTO's KL term needs two rows a batch (TRL refuses one).
         "KTOTrainer": ("trl-kto", lambda data: KTOTrainer(
             model=AutoModelForCausalLM.from_pretrained(model_dir), processing_class=tokenizer, train_dataset=data,
-            args=KTOConfig(**common("kto"), max_length=MAX_LENGTH))),
+            args=KTOConfig(**common("kto", batch=2), max_length=MAX_LENGTH))),
         "SFTTrainer": ("sft", lambda data: SFTTrainer(
             model=AutoModelForCausalLM.from_pretrained(model_dir), processing_class=tokenizer, train_dataset=data,
             args=SFTConfig(**common("sft"), max_length=MAX_LENGTH))),
