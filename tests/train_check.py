@@ -75,7 +75,8 @@ def train(model_dir: Path, exports: Path, out_json: Path) -> None:
             processing_class=tokenizer, train_dataset=data, args=RewardConfig(**common("rm"), max_length=MAX_LENGTH))),
     }
     for trainer_name, (fmt, make) in runs.items():
-        data = datasets.load_dataset(str(exports / fmt), split="train")
+        # A cache of its own: datasets' shared cache can hand back an earlier export of the same name.
+        data = datasets.load_dataset(str(exports / fmt), split="train", cache_dir=str(scratch / "hf-cache"))
         trainer = make(data)
         kept = len(trainer.train_dataset)
         output = trainer.train()
@@ -83,8 +84,8 @@ def train(model_dir: Path, exports: Path, out_json: Path) -> None:
         results[trainer_name] = {"format": fmt, "rows": len(data), "rows_kept": kept, "steps": output.global_step,
                                  "loss": output.training_loss, "losses": losses,
                                  "finite": all(math.isfinite(x) for x in [output.training_loss, *losses])}
-    results["stepwise"] = stepwise_alignment(tokenizer, datasets.load_dataset(str(exports / "trl-stepwise"),
-                                                                              split="train"))
+    results["stepwise"] = stepwise_alignment(tokenizer, datasets.load_dataset(
+        str(exports / "trl-stepwise"), split="train", cache_dir=str(scratch / "hf-cache")))
     out_json.write_text(json.dumps(results, indent=2))
 
 
