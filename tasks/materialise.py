@@ -297,14 +297,19 @@ def _replace_run_rows(con: duckdb.DuckDBPyConnection, run_id: str,
             raise LakeError(f"run {run_id}: a run-level drops row names a shard (shard drops land with the shard)")
         if any(row.get("run_id") != run_id for row in rows):
             raise LakeError(f"run {run_id}: a {table} row belongs to another run")
-        if not rows:
-            continue
-        con.register("run_rows", pa.Table.from_pylist(rows, schema=schema))
-        try:
-            columns = ", ".join(f'"{name}"' for name in schema.names)
-            con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM run_rows")
-        finally:
-            con.unregister("run_rows")
+        _insert_rows(con, table, schema, rows)
+
+
+def _insert_rows(con: duckdb.DuckDBPyConnection, table: str, schema: pa.Schema, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert `rows` (dicts with `schema`'s columns) into lake table `table`, as one Arrow batch."""
+    if not rows:
+        return
+    con.register("new_rows", pa.Table.from_pylist(list(rows), schema=schema))
+    try:
+        columns = ", ".join(f'"{name}"' for name in schema.names)
+        con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM new_rows")
+    finally:
+        con.unregister("new_rows")
 
 
 def published_instructions(config: Config, run_id: str) -> list[tuple[str, str, str]]:
@@ -361,16 +366,7 @@ def _insert_validations(
                 else json.dumps(observed, sort_keys=True, default=str),
             }
         )
-    if not rows:
-        return
-    con.register("validation_rows", pa.Table.from_pylist(rows, schema=VALIDATIONS))
-    try:
-        con.execute(
-            'INSERT INTO validations (run_id, shard_id, suite, expectation, "column", success, observed) '
-            'SELECT run_id, shard_id, suite, expectation, "column", success, observed FROM validation_rows'
-        )
-    finally:
-        con.unregister("validation_rows")
+    _insert_rows(con, "validations", VALIDATIONS, rows)
 
 
 

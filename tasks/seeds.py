@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from orchard.config import Config, SeedSource
 from orchard.errors import OrchardError
+from tasks.hygiene import Drops
 
 DOMAINS = ("math", "code", "instruction_following", "open_ended")
 
@@ -501,7 +502,7 @@ def load_seeds(sources: Iterable[SeedSource]) -> list[Instruction]:
     return read_seeds(sources)[0]
 
 
-def read_seeds(sources: Iterable[SeedSource], drops: Any = None) -> tuple[list[Instruction], list[SourceCount]]:
+def read_seeds(sources: Iterable[SeedSource], drops: Drops | None = None) -> tuple[list[Instruction], list[SourceCount]]:
     """Return the instructions of every configured source (first occurrence of a duplicate kept) and, per source,
     the rows read, kept and dropped with the reason (each drop also goes into `drops`, a tasks.hygiene.Drops).
 
@@ -510,6 +511,7 @@ def read_seeds(sources: Iterable[SeedSource], drops: Any = None) -> tuple[list[I
     """
     seen: dict[str, Instruction] = {}
     counts = []
+    drops = drops if drops is not None else Drops()
     for i, source in enumerate(sources):
         if source.kind in GENERATED and source.count < 1:
             raise SeedError(f"seeds[{i}].count: a generated source ({source.kind}) needs a count of at least 1, "
@@ -522,13 +524,11 @@ def read_seeds(sources: Iterable[SeedSource], drops: Any = None) -> tuple[list[I
         label = " ".join(filter(None, (f"seeds[{i}]", source.kind, source.path)))
         new = 0
         for instruction in found[len(kept):]:
-            if drops is not None:
-                drops.add("seeds", f"{DROPPED_BEYOND_COUNT} ({label})", instruction.instruction_id)
+            drops.add("seeds", f"{DROPPED_BEYOND_COUNT} ({label})", instruction.instruction_id)
         for instruction in kept:
             if instruction.instruction_id in seen:
                 dropped[DROPPED_DUPLICATE] = dropped.get(DROPPED_DUPLICATE, 0) + 1
-                if drops is not None:
-                    drops.add("seeds", f"{DROPPED_DUPLICATE} ({label})", instruction.instruction_id)
+                drops.add("seeds", f"{DROPPED_DUPLICATE} ({label})", instruction.instruction_id)
             else:
                 seen[instruction.instruction_id] = instruction
                 new += 1
@@ -581,7 +581,7 @@ def plan_seeds(cfg: Config, run_id: str, published: Sequence[tuple[str, str, str
     """Load every seed source, pass the instructions through the hygiene gate (decontamination, dedup against each
     other and `published`: (id, text, run) of instructions other runs published) and split what is left into
     shards; say what each source gave and what was dropped, and why."""
-    from tasks.hygiene import Drops, contamination_rows, screen_seeds
+    from tasks.hygiene import contamination_rows, screen_seeds
 
     drops = Drops()
     instructions, sources = read_seeds(cfg.seeds, drops)
