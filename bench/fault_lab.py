@@ -69,6 +69,8 @@ mcts_iterations = 0
 jury_pairs = 0
 jury_canaries = 0
 hard_negatives_per_tree = 1
+
+[orchestration]
 verify_workers = 1
 
 [[seeds]]

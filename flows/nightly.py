@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import time
+from collections import deque
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
@@ -17,6 +20,7 @@ from orchard.config import Config, load_config, with_secrets
 from orchard.services import embedded_services
 from flows.grow_shard import dispatch_shard_task
 from tasks.fates import ShardCheck, shard_fate
+from tasks.grow import growth_host, shards_in_flight
 from tasks.materialise import check_run_id_task, materialise_task
 from tasks.report import report_task, run_summary, summary_text
 from tasks.seeds import ShardPlan, plan_shards_task
@@ -63,18 +67,24 @@ def publish_run(cfg: Config, run_id: str, max_shards: int | None = None) -> dict
     check_run_id_task(config, run_id)  # a run id resumes its run: refuse one published under another config
     seeds = plan_shards_task(config, run_id)  # through the hygiene gate: decontaminated and deduplicated
     plans = seeds.plans[:max_shards]
-    logger.info("run %s: %d shards of up to %d instructions", run_id, len(plans), cfg.run.instructions_per_shard)
+    in_flight = shards_in_flight(cfg)
+    logger.info("run %s: %d shards of up to %d instructions, up to %d growing at once", run_id, len(plans),
+                cfg.run.instructions_per_shard, in_flight)
     progress = Progress(run_id, len(plans))
 
     growth_started = time.monotonic()
-    checks = grow_and_validate(config, run_id, plans, progress)
-    # A corrupt shard (its bytes or manifest are not what was landed) is grown again, once, in this same run.
-    corrupt = [plan for plan in plans if checks[plan.shard_id].outcome == "corrupt"]
-    found = {plan.shard_id: checks[plan.shard_id].reason for plan in corrupt}
-    if corrupt:
-        logger.warning("run %s: %d corrupt shard(s) grown again", run_id, len(corrupt))
-        progress.add(len(corrupt))
-        checks.update(grow_and_validate(config, run_id, corrupt, progress))
+    # Shards growing here share one growth host (an engine client per engine, a verification pool), held for the
+    # whole growth; dispatched shards grow in their workers' processes.
+    host = growth_host(cfg) if cfg.orchestration.grow == "inline" else contextlib.nullcontext()
+    with host:
+        checks = grow_and_validate(config, run_id, plans, progress, in_flight)
+        # A corrupt shard (its bytes or manifest are not what was landed) is grown again, once, in this same run.
+        corrupt = [plan for plan in plans if checks[plan.shard_id].outcome == "corrupt"]
+        found = {plan.shard_id: checks[plan.shard_id].reason for plan in corrupt}
+        if corrupt:
+            logger.warning("run %s: %d corrupt shard(s) grown again", run_id, len(corrupt))
+            progress.add(len(corrupt))
+            checks.update(grow_and_validate(config, run_id, corrupt, progress, in_flight))
     growth_wall_s = time.monotonic() - growth_started
 
     fates = [shard_fate(checks[plan.shard_id], found.get(plan.shard_id) or _healed(checks[plan.shard_id]))
@@ -108,24 +118,44 @@ class Progress:
         update_progress_artifact(self.artifact, progress=min(100.0, 100.0 * self.done / self.steps))
 
 
-def grow_and_validate(config: dict, run_id: str, plans: Sequence[ShardPlan], progress: Progress) -> dict[str, ShardCheck]:
-    """Grow (or find landed) every shard of `plans` and validate each as it lands; return each shard's check."""
-    grown = {dispatch_shard_task.submit(config, run_id, plan): plan for plan in plans}
-    checks, validations = {}, {}
-    for future in as_completed(list(grown)):
-        plan, receipt = grown[future], future.result(raise_on_failure=False)
+def grow_and_validate(config: dict, run_id: str, plans: Sequence[ShardPlan], progress: Progress,
+                      in_flight: int) -> dict[str, ShardCheck]:
+    """Grow (or find landed) every shard of `plans` and validate each as it lands; return each shard's check.
+
+    At most `in_flight` shards grow at once and at most as many wait on their validation: the others wait in plan
+    order, so the flow's threads and task runs do not grow with the run.
+    """
+    waiting, landed = deque(plans), deque()
+    growing: dict[PrefectFuture, ShardPlan] = {}
+    validating: dict[PrefectFuture, tuple[ShardPlan, dict]] = {}
+    finished: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()  # futures, as they finish
+    checks: dict[str, ShardCheck] = {}
+    while True:
+        while waiting and len(growing) < in_flight:
+            plan = waiting.popleft()
+            future = dispatch_shard_task.submit(config, run_id, plan)
+            growing[future] = plan
+            future.add_done_callback(finished.put)
+        while landed and len(validating) < in_flight:
+            plan, receipt = landed.popleft()
+            future = validate_shard_task.submit(config, run_id, receipt)
+            validating[future] = (plan, receipt)
+            future.add_done_callback(finished.put)
+        if not growing and not validating:
+            return checks
+        future = finished.get()
         progress.tick()
-        if isinstance(receipt, BaseException):
-            checks[plan.shard_id] = ShardCheck(plan.shard_id, "failed", _reason(receipt))
+        if future in growing:
+            plan, receipt = growing.pop(future), future.result(raise_on_failure=False)
+            if isinstance(receipt, BaseException):
+                checks[plan.shard_id] = ShardCheck(plan.shard_id, "failed", _reason(receipt))
+            else:
+                landed.append((plan, receipt))
             continue
-        validations[validate_shard_task.submit(config, run_id, receipt)] = (plan, receipt)
-    for future in as_completed(list(validations)):
-        (plan, receipt), checked = validations[future], future.result(raise_on_failure=False)
-        progress.tick()
+        (plan, receipt), checked = validating.pop(future), future.result(raise_on_failure=False)
         if isinstance(checked, BaseException):  # transient and still failing after retries: nothing was moved
             checked = ShardCheck(plan.shard_id, "failed", f"validation could not run: {_reason(checked)}", receipt)
         checks[plan.shard_id] = checked
-    return checks
 
 
 def _healed(check: ShardCheck) -> str | None:

@@ -220,8 +220,18 @@ class OrchestrationConfig:
     # A grow-shard run that failed because its worker's model server is down keeps that worker's slot until the
     # server answers again, at most this long, so the worker takes no shard it cannot grow (flows/grow_shard.py).
     engine_down_hold_s: float = 600.0
+    # What one process spends on growth: where the host is, not what is grown (none of it is in the config hash, so a
+    # worker may set it with ORCHARD__ORCHESTRATION__… variables). Shards grown at once by one process: as many as
+    # keep its engines busy (tasks/grow.py: shards_in_flight), at most this many; the rest wait in plan order.
+    max_shards_in_flight: int = 64
+    # Verification worker processes (math, instruction following) and sandbox threads of one process, shared by every
+    # shard it grows. 0: the cores this process may run on.
+    verify_workers: int = 0
 
     def __post_init__(self) -> None:
+        if self.max_shards_in_flight < 1 or self.verify_workers < 0:
+            raise ConfigError(f"orchestration.max_shards_in_flight: must be >= 1 (got {self.max_shards_in_flight}); "
+                              f"orchestration.verify_workers: >= 0 (got {self.verify_workers})")
         if self.grow not in ("inline", "deployment"):
             raise ConfigError(f"orchestration.grow: must be inline or deployment, got {self.grow!r}")
         if self.gpu_workers < 0:
@@ -257,7 +267,6 @@ class RunConfig:
     temperature: float = 0.9
     top_p: float = 0.95
     seed: int = 0
-    verify_workers: int = 2
     # --- MCTS: answers grown in steps, selected by PUCT across every tree of the shard (arXiv 2412.15282) ---
     mcts_domains: tuple[str, ...] = ("math", "instruction_following")  # () turns MCTS off
     mcts_iterations: int = 3  # selection rounds; each round expands one leaf per searched tree (0 = off)

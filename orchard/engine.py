@@ -346,36 +346,62 @@ class Slots:
         self._free += 1
 
 
-class EngineClient:
-    """Async client over one engine's endpoints; requests are spread round-robin over `base_urls`."""
+class _Endpoints:
+    """What every view of one engine's client shares: the HTTP session, each base URL's slots, the round robin."""
 
     def __init__(self, engine: EngineConfig) -> None:
+        self.engine = engine
+        self.urls = [u.rstrip("/") for u in engine.base_urls]
+        self.next_url = itertools.cycle(range(len(self.urls)))
+        self.slots = [Slots(engine.max_concurrency) for _ in self.urls]
+        # Whether the server honours `n` (vLLM and llama-server do; some answer one choice): None = not known yet.
+        self.supports_n: bool | None = None
+        self.http: aiohttp.ClientSession | None = None  # made on first use, inside the loop that uses it
+
+    def session(self) -> aiohttp.ClientSession:
+        # aiohttp, not httpx: at 64 in flight an httpx pool costs this process 3-7 ms of CPU per request (it scans
+        # every pooled connection per request), this client ~0.25 ms (bench/engine_client_cost.py). One kept
+        # connection per slot: up to max_concurrency requests per base URL are in flight, and a pool smaller than
+        # that closes a connection after every answer and opens one for the next request.
+        if self.http is None:
+            self.http = aiohttp.ClientSession(
+                headers={"Authorization": f"Bearer {self.engine.api_key}"},
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=self.engine.timeout_s),
+                connector=aiohttp.TCPConnector(limit=self.engine.max_concurrency * len(self.urls),
+                                               limit_per_host=self.engine.max_concurrency),
+            )
+        return self.http
+
+
+class EngineClient:
+    """Async client over one engine's endpoints; requests are spread round-robin over `base_urls`.
+
+    `view()` gives another client over the same connections and slots that counts its own usage: one per shard,
+    so `max_concurrency` is what the server sees from the whole process and one priority queue spans every shard.
+    """
+
+    def __init__(self, engine: EngineConfig, *, _endpoints: _Endpoints | None = None) -> None:
         if not engine.base_urls:
             raise EngineError(f"engine {engine.model!r} has no base_urls (was the embedded server started?)")
         self.engine = engine
         self.model = engine.model
         self.response_format = engine.response_format
         self.usage = Usage()
-        self._urls = [u.rstrip("/") for u in engine.base_urls]
-        self._next_url = itertools.cycle(range(len(self._urls)))
-        self._slots = [Slots(engine.max_concurrency) for _ in self._urls]
-        # Whether the server honours `n` (vLLM and llama-server do; some answer one choice): None = not known yet.
-        self.supports_n: bool | None = None
-        self._http: aiohttp.ClientSession | None = None  # made on first use, inside the loop that uses it
+        self._owner = _endpoints is None  # a view leaves the connections to the client it came from
+        self._endpoints = _endpoints or _Endpoints(engine)
+        self._urls = self._endpoints.urls
+
+    def view(self) -> "EngineClient":
+        """Return a client sharing this one's connections, slots and priority queue, with usage of its own."""
+        return EngineClient(self.engine, _endpoints=self._endpoints)
+
+    @property
+    def supports_n(self) -> bool | None:
+        """Whether the server honours `n`; None until a request with n > 1 has told."""
+        return self._endpoints.supports_n
 
     def _session(self) -> aiohttp.ClientSession:
-        # aiohttp, not httpx: at 64 in flight an httpx pool costs this process 3-7 ms of CPU per request (it scans
-        # every pooled connection per request), this client ~0.25 ms (bench/engine_client_cost.py). One kept
-        # connection per slot: up to max_concurrency requests per base URL are in flight, and a pool smaller than
-        # that closes a connection after every answer and opens one for the next request.
-        if self._http is None:
-            self._http = aiohttp.ClientSession(
-                headers={"Authorization": f"Bearer {self.engine.api_key}"},
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=self.engine.timeout_s),
-                connector=aiohttp.TCPConnector(limit=self.engine.max_concurrency * len(self._urls),
-                                               limit_per_host=self.engine.max_concurrency),
-            )
-        return self._http
+        return self._endpoints.session()
 
     async def __aenter__(self) -> "EngineClient":
         return self
@@ -384,9 +410,10 @@ class EngineClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        """Close the connections (a view's are its client's: closing a view closes nothing)."""
+        if self._owner and self._endpoints.http is not None:
+            await self._endpoints.http.close()
+            self._endpoints.http = None
 
     async def prefix_cache_counters(self) -> dict[str, CacheCounters]:
         """Return, by base URL, the prefix-cache counters of each endpoint whose GET /metrics has them; an endpoint
@@ -446,7 +473,7 @@ class EngineClient:
                 body["n"] = n
             got = _completions(await self._post(path, body, priority), self.model, key=key, seed=sampling.seed)[:n]
             if n > 1:
-                self.supports_n = len(got) == n
+                self._endpoints.supports_n = len(got) == n
         # A server that ignores `n` gets the missing siblings as separate requests, each with its own seed.
         missing = range(len(got), n)
         extra = await asyncio.gather(*(
@@ -468,14 +495,14 @@ class EngineClient:
         return body
 
     async def _post(self, path: str, body: dict[str, Any], priority: int = 0) -> dict[str, Any]:
-        index = next(self._next_url)
+        index = next(self._endpoints.next_url)
         url = self._urls[index] + path
         last_error = "no attempt made"
         for attempt in range(self.engine.retries + 1):
             if attempt:
                 self.usage.retries += 1
                 await asyncio.sleep(self.engine.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
-            slot = self._slots[index]
+            slot = self._endpoints.slots[index]
             await slot.acquire(priority)
             started = time.monotonic()
             if self.usage._first_start is None:

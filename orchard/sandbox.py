@@ -20,6 +20,7 @@ code runs.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import select
@@ -244,8 +245,10 @@ class _Sandbox:
 
     def exited(self, timeout: float | None) -> bool:
         """Wait up to `timeout` seconds (None: for ever) for bwrap to exit, without reaping it."""
-        ready, _, _ = select.select([self.bwrap_pidfd], [], [], timeout)
-        return bool(ready)
+        # poll, not select: select() takes no descriptor above 1023, and a busy process holds more than that.
+        waiting = select.poll()
+        waiting.register(self.bwrap_pidfd, select.POLLIN)
+        return bool(waiting.poll(None if timeout is None else math.ceil(timeout * 1000)))
 
     def reap(self) -> int:
         """Kill what is left of bwrap's process group while its id is still reserved, then reap bwrap."""

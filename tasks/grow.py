@@ -15,17 +15,25 @@ new module and one line in `phases`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import queue
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from orchard.config import Config, HygieneConfig, RunConfig
-from orchard.engine import ChatEngine, EngineClient, PrefixCache, Usage, counters_delta, prefix_cache_counters
+from orchard.engine import (CacheCounters, ChatEngine, EngineClient, PrefixCache, Usage, counters_delta,
+                            prefix_cache_counters)
 from orchard.store import ObjectStore
 from schemas import rows
 from tasks import jury as juries
@@ -182,6 +190,148 @@ def tree_rows(nodes: Sequence[Mapping], pairs: Sequence[Mapping], instructions: 
     return trees
 
 
+# --- the process's growth host: one per process, shared by every shard growing in it -------------------------
+
+
+def verify_workers(cfg: Config) -> int:
+    """Return how many verification workers (and sandbox threads) this process runs: the setting, else its cores."""
+    return cfg.orchestration.verify_workers or len(os.sched_getaffinity(0))
+
+
+def shards_in_flight(cfg: Config) -> int:
+    """Return how many shards one process grows at once: enough trees that every engine always has requests ready,
+    at most `orchestration.max_shards_in_flight`.
+
+    Inline, that is twice the requests the engines take at once (max_concurrency × base URLs, summed over the engines
+    the roles and the jury use) in trees, plus one shard, so a shard's tail (its last dependent requests, the jury's
+    shard-wide part) overlaps the next shards' growth. Dispatched shards grow on the pool's workers, each in a process
+    of its own: the cap alone bounds how many the flow waits on.
+    """
+    cap = cfg.orchestration.max_shards_in_flight
+    if cfg.orchestration.grow != "inline":
+        return cap
+    names = {*cfg.roles.values(), *(judge.engine for judge in cfg.jury)}
+    requests = sum(cfg.engines[name].max_concurrency * max(1, len(cfg.engines[name].base_urls)) for name in names)
+    return max(1, min(cap, math.ceil(TREES_PER_REQUEST_SLOT * requests / cfg.run.instructions_per_shard) + 1))
+
+
+# Trees in flight per request the engines take at once: a tree waits on verification and on its own earlier answers
+# between requests, so one tree per slot leaves slots idle (bench/scale.py measures the occupancy this gives).
+TREES_PER_REQUEST_SLOT = 2
+
+
+class GrowthHost:
+    """What every shard growing in this process shares: one event loop (on a thread of its own), one engine client
+    per engine (so `max_concurrency` is what each server sees from the process and one priority queue, longest
+    remaining chains first, spans every shard), and one verification pool sized to the host's cores.
+
+    Open it with `growth_host(cfg)`; `grow` runs one shard on it from any thread.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        names = sorted({*cfg.roles.values(), *(judge.engine for judge in cfg.jury)})
+        self.clients = {name: EngineClient(cfg.engines[name]) for name in names}
+        self.verifiers = Verifiers(verify_workers(cfg), cfg.sandbox)
+        self.users = 0  # growth_host's count of the blocks that hold this host open
+        self._counters: dict[str, CacheCounters] | None = None  # the servers' prefix-cache counters, last read
+        self._counters_lock: asyncio.Lock | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="orchard-growth", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def key(cfg: Config) -> str:
+        """What a host is made of: configs with the same engines, sandbox and workers share one."""
+        names = sorted({*cfg.roles.values(), *(judge.engine for judge in cfg.jury)})
+        return json.dumps({"engines": {name: dataclasses.asdict(cfg.engines[name]) for name in names},
+                           "sandbox": dataclasses.asdict(cfg.sandbox), "workers": verify_workers(cfg)},
+                          sort_keys=True)
+
+    def grow(self, plan: ShardPlan, cfg: Config, run_id: str, progress: Progress | None = None) -> GrownShard:
+        """Grow one shard on this host and return it; `progress(done, planned)` is called in the calling thread.
+
+        Waiting here holds no event loop: the caller may be any thread (a Prefect task's). If the wait is broken
+        (the task is cancelled), the shard's growth is cancelled too.
+        """
+        constitution = load_constitution(cfg.run.constitution or None)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        grown = asyncio.run_coroutine_threadsafe(
+            self._grow(plan, cfg, run_id, constitution, None if progress is None else lambda *levels: events.put(levels)),
+            self._loop)
+        grown.add_done_callback(lambda _: events.put(None))
+        try:
+            while (levels := events.get()) is not None:
+                progress(*levels)
+            return grown.result()
+        finally:
+            grown.cancel()  # nothing when it is done
+
+    async def _grow(self, plan: ShardPlan, cfg: Config, run_id: str, constitution: Constitution,
+                    progress: Progress | None) -> GrownShard:
+        # A view per engine and shard: the shard's own usage over the process's connections and slots.
+        views = {name: client.view() for name, client in self.clients.items()}
+        engines = {role: views[name] for role, name in cfg.roles.items()}
+        jury = [Judge(judge.name, judge.rubric, views[judge.engine]) for judge in cfg.jury]
+        await self._cache_counters_gained()  # the first shard reads where the servers' counters start
+        grown = await grow_shard(plan, run_id=run_id, run=cfg.run, engines=engines, check=self.verifiers.verify,
+                                 progress=progress, jury=jury, constitution=constitution, hygiene=cfg.hygiene)
+        grown.stats["prefix_cache"] = PrefixCache.of_usage(grown.stats["engine"],
+                                                           await self._cache_counters_gained()).as_dict()
+        return grown
+
+    async def _cache_counters_gained(self) -> CacheCounters | None:
+        """Return what the servers' prefix-cache counters (vLLM's GET /metrics) gained since they were last read here.
+
+        Shards growing at once share the servers: each shard is given the growth since the previous read, so the
+        shards' figures add up to the servers' growth over the run instead of counting overlaps twice.
+        """
+        if self._counters_lock is None:
+            self._counters_lock = asyncio.Lock()
+        async with self._counters_lock:
+            now = await prefix_cache_counters(self.clients.values())
+            gained = None if self._counters is None else counters_delta(self._counters, now)
+            self._counters = now
+            return gained
+
+    def close(self) -> None:
+        """Close the engine clients and the verification pool, and stop the loop."""
+        try:
+            for client in self.clients.values():
+                asyncio.run_coroutine_threadsafe(client.aclose(), self._loop).result(timeout=30)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+            self._loop.close()
+            self.verifiers.close()
+
+
+_HOSTS: dict[str, GrowthHost] = {}
+_HOSTS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def growth_host(cfg: Config) -> Iterator[GrowthHost]:
+    """Yield this process's growth host for `cfg`'s engines, opening it if no block holds one open; the last block
+    to leave closes it. The nightly flow holds it for a run's growth, so its shards share it; a grow-shard run on a
+    worker opens its own."""
+    key = GrowthHost.key(cfg)
+    with _HOSTS_LOCK:
+        host = _HOSTS.get(key)
+        if host is None:
+            host = _HOSTS[key] = GrowthHost(cfg)
+        host.users += 1
+    try:
+        yield host
+    finally:
+        with _HOSTS_LOCK:
+            host.users -= 1
+            last = host.users == 0
+            if last:
+                del _HOSTS[key]
+        if last:
+            host.close()
+
+
 # --- Prefect task: one per shard --------------------------------------------------------------
 
 
@@ -190,6 +340,7 @@ def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
     """Grow, verify and land one shard, unless an intact manifest says it already landed; return its receipt.
 
     A corrupt landed shard is quarantined and grown again; the receipt's `healed` names what was wrong with it.
+    The shard grows on this process's growth host (one engine client per engine, one verification pool).
     """
     cfg = Config.from_dict(config)
     store = ObjectStore(cfg.object_store)
@@ -207,31 +358,10 @@ def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
 
     def progress(done: int, planned: int) -> None:
         logger.info("shard %s: %d/%d request levels answered", plan.shard_id, done, planned)
-        # Called inside the growth's event loop: _sync keeps Prefect from handing back an unawaited coroutine.
-        update_progress_artifact(moving, progress=min(99.0, 100.0 * done / planned), _sync=True)
+        update_progress_artifact(moving, progress=min(99.0, 100.0 * done / planned))
 
-    constitution = load_constitution(cfg.run.constitution or None)
-
-    async def grow() -> GrownShard:
-        # One client per engine, shared by the roles it plays, so its concurrency limit holds across roles.
-        names = {*cfg.roles.values(), *(judge.engine for judge in cfg.jury)}
-        clients = {name: EngineClient(cfg.engines[name]) for name in names}
-        try:
-            engines = {role: clients[name] for role, name in cfg.roles.items()}
-            jury = [Judge(judge.name, judge.rubric, clients[judge.engine]) for judge in cfg.jury]
-            # The servers' prefix-cache counters (vLLM's GET /metrics) before and after: their growth is the shard's.
-            before = await prefix_cache_counters(clients.values())
-            grown = await grow_shard(plan, run_id=run_id, run=cfg.run, engines=engines, check=verifiers.verify,
-                                     progress=progress, jury=jury, constitution=constitution, hygiene=cfg.hygiene)
-            metrics = counters_delta(before, await prefix_cache_counters(clients.values()))
-            grown.stats["prefix_cache"] = PrefixCache.of_usage(grown.stats["engine"], metrics).as_dict()
-            return grown
-        finally:
-            for client in clients.values():
-                await client.aclose()
-
-    with Verifiers(cfg.run.verify_workers, cfg.sandbox) as verifiers:
-        grown = asyncio.run(grow())
+    with growth_host(cfg) as host:
+        grown = host.grow(plan, cfg, run_id, progress)
     manifest = land_shard(store, run_id, plan.shard_id, grown.tables(), config_hash=cfg.content_hash(), stats=grown.stats)
     logger.info(
         "shard %s landed: %d trees, %d answers (%d correct), %d critiques, %d pairs, %.1f tokens/s",

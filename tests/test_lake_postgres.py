@@ -259,6 +259,8 @@ mcts_iterations = 0
 jury_pairs = 0
 jury_canaries = 0
 hard_negatives_per_tree = 0
+
+[orchestration]
 verify_workers = 1
 [[seeds]]
 kind = "arithmetic"

@@ -18,7 +18,8 @@ import pytest
 
 import tasks.validate
 from orchard import lake, services, store as store_module
-from orchard.config import HygieneConfig, Config, EngineConfig, ObjectStoreConfig, RunConfig, SeedSource
+from orchard.config import (HygieneConfig, Config, EngineConfig, ObjectStoreConfig, OrchestrationConfig, RunConfig,
+                            SeedSource)
 from orchard.services import Service, start_seaweedfs
 from orchard.store import ObjectStore, StoreUnavailable, retry_delay_s
 from tasks.land import MANIFEST, landed_manifest, read_shard_table, shard_prefix
@@ -37,7 +38,6 @@ RUN = RunConfig(
     mcts_iterations=0,
     jury_pairs=0,
     jury_canaries=0,
-    verify_workers=1,
 )
 STORE = ObjectStoreConfig(bucket="orchard", access_key_id="orchard", secret_access_key="orchard-test-secret")
 SHARD_TABLES_IN_LAKE = ("instructions", "trees", "nodes", "pairs")
@@ -112,7 +112,8 @@ def config_for(tmp_path: Path, seaweed: Seaweed, engine_url: str) -> Config:
     # A test here grows the same seeds as two runs into one lake ("calm", then "storm") to compare them: the second
     # must not drop them as already published.
     return Config(state_dir=str(tmp_path / "state"), run=RUN, seeds=SEEDS, engines={"embedded": engine},
-                  object_store=seaweed.cfg, hygiene=HygieneConfig(dedup_against_lake=False))
+                  object_store=seaweed.cfg, hygiene=HygieneConfig(dedup_against_lake=False),
+                  orchestration=OrchestrationConfig(verify_workers=1))
 
 
 def plans(config: Config) -> list[ShardPlan]:

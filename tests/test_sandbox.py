@@ -433,3 +433,27 @@ def test_verifiers_refuse_code_without_a_sandbox(tmp_path):
         with pytest.raises(SandboxUnavailable):
             verifiers.check([(item, _answer(f"open({str(marker)!r}, 'w')\ndef add(a, b):\n    return a + b"))])
     assert not marker.exists()
+
+
+def test_a_code_answer_is_verified_while_the_process_holds_more_than_1024_descriptors():
+    """A process growing many shards holds many sockets and pipes: a sandbox's descriptors then lie above 1023, where
+    select() cannot wait on them."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2048
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.fail(f"RLIMIT_NOFILE hard limit {hard} < {wanted}: this test cannot hold enough descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        assert max(held) > 1024
+        item = instruction("Write add(a, b).", TEST, domain="code")
+        with Verifiers(workers=1, sandbox=LIMITS) as verifiers:
+            verdict, = verifiers.check([(item, _answer("def add(a, b):\n    return a + b"))])
+        assert (verdict.verdict, verdict.exit_code) == (CORRECT, 0)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    _assert_no_strays()

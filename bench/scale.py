@@ -1,0 +1,212 @@
+"""What a run costs against its shape: the same instructions grown as shards of several sizes, side by side.
+
+Each configuration (engine × shard size) runs the nightly flow in a fresh child process (its peak RSS is its own)
+against a fresh simulated engine of bench/gpu_sim.py (a process of its own, left out of every figure), with
+SeaweedFS started by `embedded_services` and Prefect's ephemeral API started before the measurement. The child
+samples its process tree (itself and every descendant: Prefect's server, SeaweedFS, verification workers,
+sandboxes) every 0.25 s and prints one JSON line; this process prints the table.
+
+Columns:
+- failed: planned shards whose fate is not published (or reused);
+- peak RSS: the most resident memory the process tree held at once (a sum of RSS, shared pages counted per process);
+- peak fds: the most descriptors the flow's own process held open, and the whole tree;
+- conns: TCP connections the engine accepted (completions, health checks and /metrics scrapes alike), and those
+  that carried completion requests;
+- peak in flight: the most completion requests the engine held at once (its `max_concurrency` is the bound);
+- occupancy: busy slot time ÷ (slots × the engine's window, first request to last answer);
+- nodes/s: nodes landed ÷ the whole `nightly()` wall (planning, growth, validation, publishing, report).
+
+Usage:
+    PYTHONPATH=. .venv/bin/python bench/scale.py [--instructions 1024] [--per-shard 4 32 128] [--engine gpu instant]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gpu_sim  # noqa: E402  (bench/gpu_sim.py: the simulated engine)
+
+ENGINES = {"gpu": gpu_sim.SimSettings(), "instant": gpu_sim.SimSettings.instant()}
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def tree_pids(exclude: set[int]) -> list[int]:
+    """This process and its live descendants, the subtrees of `exclude` left out."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        if pid in exclude:
+            continue
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * PAGE
+    except OSError:
+        return 0
+
+
+def open_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+class Footprint:
+    """Samples the process tree's RSS and descriptors on a thread; keeps the peaks."""
+
+    def __init__(self, exclude: set[int], every_s: float = 0.25) -> None:
+        self.exclude, self.every_s = exclude, every_s
+        self.peak_rss = self.peak_fds_self = self.peak_fds_tree = self.peak_processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        pids = tree_pids(self.exclude)
+        self.peak_rss = max(self.peak_rss, sum(rss_bytes(pid) for pid in pids))
+        self.peak_fds_self = max(self.peak_fds_self, open_fds(os.getpid()))
+        self.peak_fds_tree = max(self.peak_fds_tree, sum(open_fds(pid) for pid in pids))
+        self.peak_processes = max(self.peak_processes, len(pids))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.sample()
+
+    def __enter__(self) -> "Footprint":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def measure(engine: str, instructions: int, per_shard: int, state: Path) -> dict[str, Any]:
+    """Run the nightly flow once (in this process) and return its figures."""
+    from flows.nightly import nightly
+    from orchard.services import embedded_services
+    from tasks.grow import shards_in_flight
+
+    settings = ENGINES[engine]
+    gpu_sim.warm_prefect()
+    with gpu_sim.sim_process(settings, gpu_sim.references_of(instructions), state) as (url, sim_pid):
+        cfg = gpu_sim.sim_config(state, url, instructions, per_shard, settings.slots)
+        with embedded_services(cfg) as live:
+            gpu_sim.sim_call(url, "POST", "/sim/reset")  # embedded_services' own checks are not the run's
+            with Footprint({sim_pid}) as footprint:
+                started = time.monotonic()
+                result = nightly(config=live.to_dict(), run_id=f"scale-{engine}-{per_shard}")
+                wall_s = time.monotonic() - started
+            sim = gpu_sim.sim_call(url, "GET", "/sim/stats")
+    summary = result if isinstance(result, dict) else result.data
+    fates = summary.get("fates") or []
+    return {
+        "engine": engine, "slots": settings.slots, "max_concurrency": settings.slots, "per_shard": per_shard,
+        "trees": summary.get("trees"), "shards": len(fates), "in_flight": shards_in_flight(live),
+        "failed": sum(f["fate"] not in ("published", "reused") for f in fates),
+        "failures": sorted({f["reason"][:120] for f in fates if f["fate"] not in ("published", "reused")})[:3],
+        "peak_rss_gb": footprint.peak_rss / 1e9, "peak_fds_self": footprint.peak_fds_self,
+        "peak_fds_tree": footprint.peak_fds_tree, "peak_processes": footprint.peak_processes,
+        "accepted": sim["accepted"], "connections": sim["connections"], "peak_in_flight": sim["peak_in_flight"],
+        "occupancy": sim.get("occupancy") or 0.0, "nodes": summary.get("nodes") or 0, "wall_s": wall_s,
+        "nodes_per_s": (summary.get("nodes") or 0) / wall_s, "status": summary.get("status"),
+    }
+
+
+def run_child(engine: str, instructions: int, per_shard: int, root: Path) -> dict[str, Any]:
+    """Measure one configuration in a fresh process; return its figures."""
+    state = root / f"{engine}-{per_shard}"
+    state.mkdir(parents=True)
+    env = {**os.environ, "PREFECT_HOME": str(state / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90"}
+    argv = [sys.executable, __file__, "one", "--engine", engine, "--instructions", str(instructions),
+            "--per-shard", str(per_shard), "--state", str(state)]
+    done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    (state / "child.log").write_text(done.stdout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{\"engine\"")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"{engine}, shards of {per_shard}: the run exited {done.returncode}; log: {state / 'child.log'}")
+    return json.loads(lines[-1])
+
+
+def print_table(rows: Sequence[dict[str, Any]]) -> None:
+    head = (f"{'engine':<8} {'shards of':>9} {'shards':>6} {'at once':>7} {'failed':>6} {'peak RSS GB':>11} "
+            f"{'fds self/tree':>13} {'procs':>5} {'conns acc/compl':>15} {'peak in flight':>14} {'occupancy':>9} "
+            f"{'nodes':>6} {'wall s':>7} {'nodes/s':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['engine']:<8} {r['per_shard']:>9} {r['shards']:>6} {r['in_flight']:>7} {r['failed']:>6} "
+              f"{r['peak_rss_gb']:>11.2f} {str(r['peak_fds_self']) + '/' + str(r['peak_fds_tree']):>13} "
+              f"{r['peak_processes']:>5} {str(r['accepted']) + '/' + str(r['connections']):>15} "
+              f"{str(r['peak_in_flight']) + ' of ' + str(r['max_concurrency']):>14} {r['occupancy']:>9.3f} "
+              f"{r['nodes']:>6} {r['wall_s']:>7.1f} {r['nodes_per_s']:>7.1f}")
+    print()
+    for engine in dict.fromkeys(r["engine"] for r in rows):
+        mine = [r for r in rows if r["engine"] == engine]
+        smallest, largest = min(mine, key=lambda r: r["per_shard"]), max(mine, key=lambda r: r["per_shard"])
+        ratio = smallest["peak_rss_gb"] / largest["peak_rss_gb"] if largest["peak_rss_gb"] else float("nan")
+        print(f"{engine}: failed shards {sum(r['failed'] for r in mine)}; in flight never above max_concurrency: "
+              f"{all(r['peak_in_flight'] <= r['max_concurrency'] for r in mine)}; peak RSS at most "
+              f"{max(r['peak_rss_gb'] for r in mine):.2f} GB, shards of {smallest['per_shard']} ÷ shards of "
+              f"{largest['per_shard']}: {ratio:.2f}x; occupancy at least {min(r['occupancy'] for r in mine):.3f}")
+        for r in mine:
+            if r["failures"]:
+                print(f"  shards of {r['per_shard']}: {r['failures']}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", choices=("bench", "one"), default="bench")
+    parser.add_argument("--instructions", type=int, default=1024)
+    parser.add_argument("--per-shard", type=int, nargs="+", default=[4, 32, 128])
+    parser.add_argument("--engine", nargs="+", choices=sorted(ENGINES), default=["gpu", "instant"])
+    parser.add_argument("--state", default="", help="one: the state directory")
+    args = parser.parse_args(argv)
+    if args.command == "one":
+        print(json.dumps(measure(args.engine[0], args.instructions, args.per_shard[0], Path(args.state))), flush=True)
+        return
+    root = Path(tempfile.mkdtemp(prefix="orchard-scale-"))
+    print(f"{args.instructions} instructions (arithmetic, run defaults: turns 2, MCTS, jury of three, hard negatives); "
+          f"engines: " + "; ".join(f"{e}: {ENGINES[e].slots} slots, {ENGINES[e].per_token_s * 1000:g} ms/token"
+                                   for e in args.engine) + f"; state under {root}", flush=True)
+    rows = []
+    for engine in args.engine:
+        for per_shard in args.per_shard:
+            rows.append(run_child(engine, args.instructions, per_shard, root))
+            r = rows[-1]
+            print(f"  {engine}, shards of {per_shard}: {r['status']}, {r['wall_s']:.0f} s", flush=True)
+    print()
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
