@@ -72,6 +72,17 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
+def process_name(pid: int) -> str:
+    """The process's command line, shortened: enough to tell Prefect's server, SeaweedFS and a worker apart."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            words = cmdline.read().decode(errors="replace").split("\0")
+    except OSError:
+        return "?"
+    interesting = [w for w in words if w and not w.startswith("-")][:4]
+    return " ".join(Path(interesting[0]).name.split() + [w[-40:] for w in interesting[1:]]) if interesting else "?"
+
+
 def open_fds(pid: int) -> int:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -85,12 +96,16 @@ class Footprint:
     def __init__(self, exclude: set[int], every_s: float = 0.25) -> None:
         self.exclude, self.every_s = exclude, every_s
         self.peak_rss = self.peak_fds_self = self.peak_fds_tree = self.peak_processes = 0
+        self.at_peak: list[tuple[str, int]] = []  # (process, RSS bytes) when the tree held the most
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
         pids = tree_pids(self.exclude)
-        self.peak_rss = max(self.peak_rss, sum(rss_bytes(pid) for pid in pids))
+        rss = {pid: rss_bytes(pid) for pid in pids}
+        if sum(rss.values()) > self.peak_rss:
+            self.peak_rss = sum(rss.values())
+            self.at_peak = [(process_name(pid), size) for pid, size in sorted(rss.items(), key=lambda p: -p[1])]
         self.peak_fds_self = max(self.peak_fds_self, open_fds(os.getpid()))
         self.peak_fds_tree = max(self.peak_fds_tree, sum(open_fds(pid) for pid in pids))
         self.peak_processes = max(self.peak_processes, len(pids))
@@ -134,10 +149,11 @@ def measure(engine: str, instructions: int, per_shard: int, state: Path) -> dict
         "trees": summary.get("trees"), "shards": len(fates), "in_flight": shards_in_flight(live),
         "failed": sum(f["fate"] not in ("published", "reused") for f in fates),
         "failures": sorted({f["reason"][:120] for f in fates if f["fate"] not in ("published", "reused")})[:3],
-        "peak_rss_gb": footprint.peak_rss / 1e9, "peak_fds_self": footprint.peak_fds_self,
+        "peak_rss_gb": footprint.peak_rss / 1e9,
+        "at_peak": [f"{name}: {size / 1e6:.0f} MB" for name, size in footprint.at_peak[:6]], "peak_fds_self": footprint.peak_fds_self,
         "peak_fds_tree": footprint.peak_fds_tree, "peak_processes": footprint.peak_processes,
         "accepted": sim["accepted"], "connections": sim["connections"], "peak_in_flight": sim["peak_in_flight"],
-        "occupancy": sim.get("occupancy") or 0.0, "nodes": summary.get("nodes") or 0, "wall_s": wall_s,
+        "occupancy": sim.get("occupancy") or 0.0, "profile": sim.get("profile") or [], "nodes": summary.get("nodes") or 0, "wall_s": wall_s,
         "nodes_per_s": (summary.get("nodes") or 0) / wall_s, "status": summary.get("status"),
     }
 
@@ -179,6 +195,8 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
               f"{max(r['peak_rss_gb'] for r in mine):.2f} GB, shards of {smallest['per_shard']} ÷ shards of "
               f"{largest['per_shard']}: {ratio:.2f}x; occupancy at least {min(r['occupancy'] for r in mine):.3f}")
         for r in mine:
+            print(f"  shards of {r['per_shard']}, RSS at the peak: {'; '.join(r['at_peak'])}")
+            print(f"  shards of {r['per_shard']}, occupancy in 20 parts of the engine's window: {r['profile']}")
             if r["failures"]:
                 print(f"  shards of {r['per_shard']}: {r['failures']}")
 
