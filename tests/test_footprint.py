@@ -59,7 +59,7 @@ def test_what_a_host_spends_on_growth_leaves_the_config_hash_alone():
     assert local.orchestration.verify_workers == 6 and local.content_hash() == cfg.content_hash()
 
 
-def test_run_verify_workers_is_gone_and_says_where_it_went():
+def test_verify_workers_is_no_longer_a_setting_of_what_is_grown():
     with pytest.raises(ValueError, match="run.verify_workers: unknown key"):
         load_config(environ={"ORCHARD__RUN__VERIFY_WORKERS": "2"})
 
