@@ -193,6 +193,11 @@ def tree_rows(nodes: Sequence[Mapping], pairs: Sequence[Mapping], instructions: 
 # --- the process's growth host: one per process, shared by every shard growing in it -------------------------
 
 
+def engines_used(cfg: Config) -> list[str]:
+    """Return the names of the engines the roles and the jury use."""
+    return sorted({*cfg.roles.values(), *(judge.engine for judge in cfg.jury)})
+
+
 def verify_workers(cfg: Config) -> int:
     """Return how many verification workers (and sandbox threads) this process runs: the setting, else its cores."""
     return cfg.orchestration.verify_workers or len(os.sched_getaffinity(0))
@@ -210,8 +215,8 @@ def shards_in_flight(cfg: Config) -> int:
     cap = cfg.orchestration.max_shards_in_flight
     if cfg.orchestration.grow != "inline":
         return cap
-    names = {*cfg.roles.values(), *(judge.engine for judge in cfg.jury)}
-    requests = sum(cfg.engines[name].max_concurrency * max(1, len(cfg.engines[name].base_urls)) for name in names)
+    requests = sum(cfg.engines[name].max_concurrency * max(1, len(cfg.engines[name].base_urls))
+                   for name in engines_used(cfg))
     return max(1, min(cap, math.ceil(TREES_PER_REQUEST_SLOT * requests / cfg.run.instructions_per_shard) + 1))
 
 
@@ -229,8 +234,7 @@ class GrowthHost:
     """
 
     def __init__(self, cfg: Config) -> None:
-        names = sorted({*cfg.roles.values(), *(judge.engine for judge in cfg.jury)})
-        self.clients = {name: EngineClient(cfg.engines[name]) for name in names}
+        self.clients = {name: EngineClient(cfg.engines[name]) for name in engines_used(cfg)}
         self.verifiers = Verifiers(verify_workers(cfg), cfg.sandbox)
         self.users = 0  # growth_host's count of the blocks that hold this host open
         self._counters: dict[str, CacheCounters] | None = None  # the servers' prefix-cache counters, last read
@@ -242,8 +246,7 @@ class GrowthHost:
     @staticmethod
     def key(cfg: Config) -> str:
         """What a host is made of: configs with the same engines, sandbox and workers share one."""
-        names = sorted({*cfg.roles.values(), *(judge.engine for judge in cfg.jury)})
-        return json.dumps({"engines": {name: dataclasses.asdict(cfg.engines[name]) for name in names},
+        return json.dumps({"engines": {name: dataclasses.asdict(cfg.engines[name]) for name in engines_used(cfg)},
                            "sandbox": dataclasses.asdict(cfg.sandbox), "workers": verify_workers(cfg)},
                           sort_keys=True)
 
