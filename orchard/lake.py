@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import logging
+import random
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import duckdb
@@ -22,7 +24,7 @@ import pyarrow as pa
 
 from orchard.config import Config, ObjectStoreConfig
 from orchard.errors import OrchardError
-from schemas.rows import SHARD_TABLES
+from schemas.rows import LAKE_TABLES, TABLE_OPTIONS
 
 _log = logging.getLogger(__name__)
 
@@ -34,6 +36,10 @@ _REMOTE_CATALOGS = ("postgres:", "sqlite:", "mysql:")
 # finds them made.
 _CREATION_RACE = ("already exists", "duplicate key")
 _ATTACH_ATTEMPTS = 4
+# Attempts of a write when other writers of a shared catalog keep committing first; the wait between them grows like
+# DuckLake's own retries (100 ms, x1.5), with jitter so that two losers do not meet again.
+COMMIT_ATTEMPTS = 10
+T = TypeVar("T")
 
 
 class LakeError(OrchardError):
@@ -103,20 +109,21 @@ def _open(config: Config, catalog: str, *, read_only: bool, version: int | None)
     con = duckdb.connect()
     try:
         for name in extensions(catalog):
-            con.execute(f"LOAD {_quote(str(extension_path(name)))}")
+            con.execute(f"LOAD {quote(str(extension_path(name)))}")
         con.execute(_secret_sql(config.object_store))
-        options = [f"DATA_PATH {_quote(config.lake_data_path)}"]
+        options = [f"DATA_PATH {quote(config.lake_data_path)}"]
         if version is not None:
             options.append(f"SNAPSHOT_VERSION {int(version)}")
         elif read_only:
             options.append("READ_ONLY")
         try:
-            con.execute(f"ATTACH {_quote('ducklake:' + catalog)} AS {LAKE} ({', '.join(options)})")
+            con.execute(f"ATTACH {quote('ducklake:' + catalog)} AS {LAKE} ({', '.join(options)})")
         except duckdb.Error as exc:
             raise _attach_error(catalog, version, exc) from None
         con.execute(f"USE {LAKE}")
         if not read_only and version is None:
             _apply_schema(con)
+            _apply_table_options(con)
     except BaseException:
         con.close()
         raise
@@ -162,6 +169,50 @@ def snapshot_rows(con: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
     return [dict(zip(columns, row)) for row in cursor.fetchall()]
 
 
+def commit_alone(con: duckdb.DuckDBPyConnection, write: Callable[[], T], *, what: str,
+                 attempts: int = COMMIT_ATTEMPTS) -> T:
+    """Return what `write()` returned once the transaction it ran in committed with no other commit in between.
+
+    DuckLake would retry a commit that lost its snapshot id to another writer against the newer snapshot, without
+    running our reads again: a write could add rows another writer added meanwhile, or record a snapshot id it did not
+    get. Its retries are turned off instead, and `write` runs again from the newer snapshot. (A DuckDB-file catalog
+    has one writer process: it never loses.) Errors say `what` first, e.g. "run r1: nothing published".
+    """
+    con.execute("SET ducklake_max_retry_count = 0")
+    for attempt in range(1, attempts + 1):
+        con.execute("BEGIN")
+        try:
+            result = write()
+            con.execute("COMMIT")
+            return result
+        except BaseException as exc:
+            rollback(con)
+            if isinstance(exc, duckdb.TransactionException) and "maximum retry count" in str(exc):
+                if attempt == attempts:
+                    raise LakeUnavailable(f"{what}: other writers of the catalog committed first {attempt} times "
+                                          "in a row") from None
+                time.sleep(0.1 * 1.5 ** (attempt - 1) * random.uniform(0.5, 1.5))
+                continue
+            if isinstance(exc, duckdb.IOException | duckdb.ConnectionException | duckdb.HTTPException):
+                raise LakeUnavailable(f"{what}: {exc}") from None
+            if isinstance(exc, duckdb.Error | LakeError):
+                raise LakeError(f"{what}: {exc}") from None
+            raise
+    raise AssertionError("unreachable")
+
+
+def insert_arrow(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
+    """Insert the Arrow table `rows` into lake table `table`, by column name."""
+    if not rows.num_rows:
+        return
+    con.register("new_rows", rows)
+    try:
+        columns = ", ".join(f'"{name}"' for name in rows.schema.names)
+        con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM new_rows")
+    finally:
+        con.unregister("new_rows")
+
+
 def rollback(con: duckdb.DuckDBPyConnection) -> None:
     """Roll back the open transaction; one whose COMMIT failed has already ended, which is fine.
 
@@ -205,9 +256,9 @@ def _secret_sql(store: ObjectStoreConfig) -> str:
     url_style = "vhost" if url.hostname and url.hostname.endswith("amazonaws.com") else "path"
     return (
         "CREATE SECRET orchard_s3 (TYPE s3, "
-        f"KEY_ID {_quote(store.access_key_id)}, SECRET {_quote(store.secret_access_key)}, "
-        f"ENDPOINT {_quote(url.netloc)}, URL_STYLE '{url_style}', "
-        f"USE_SSL {'true' if url.scheme == 'https' else 'false'}, REGION {_quote(store.region)})"
+        f"KEY_ID {quote(store.access_key_id)}, SECRET {quote(store.secret_access_key)}, "
+        f"ENDPOINT {quote(url.netloc)}, URL_STYLE '{url_style}', "
+        f"USE_SSL {'true' if url.scheme == 'https' else 'false'}, REGION {quote(store.region)})"
     )
 
 
@@ -217,20 +268,20 @@ def _apply_schema(con: duckdb.DuckDBPyConnection) -> None:
     Re-running the DDL every time would not be free: CREATE OR REPLACE VIEW makes a new snapshot
     on each call. The hash of the applied DDL (and of schemas/rows.py's schemas, so that a row change
     is checked against the lake too) is kept as the comment on `runs`. The DDL migrates a lake made
-    by an older version (new tables, ADD COLUMN); a shard table that still differs from its row
+    by an older version (new tables, ADD COLUMN); a table that still differs from its row
     schema afterwards fails here, before anything is committed, instead of at the next INSERT.
     """
     ddl = schema_sql()
-    rows_text = "\n".join(f"{name}: {schema}" for name, schema in SHARD_TABLES.items())
+    rows_text = "\n".join(f"{name}: {schema}" for name, schema in LAKE_TABLES.items())
     mark = _SCHEMA_MARK + hashlib.sha256((ddl + "\n" + rows_text).encode()).hexdigest()[:16]
     if _applied_mark(con) == mark:
         return
     con.execute("BEGIN")
     try:
         con.execute(ddl)
-        _check_shard_tables(con)
-        con.execute(f"COMMENT ON TABLE runs IS {_quote(mark)}")
-        con.execute(f"CALL {LAKE}.set_commit_message('orchard', {_quote('schema ' + mark)})")
+        _check_tables(con)
+        con.execute(f"COMMENT ON TABLE runs IS {quote(mark)}")
+        con.execute(f"CALL {LAKE}.set_commit_message('orchard', {quote('schema ' + mark)})")
         con.execute("COMMIT")
     except duckdb.Error as exc:
         rollback(con)
@@ -244,6 +295,30 @@ def _apply_schema(con: duckdb.DuckDBPyConnection) -> None:
         raise
 
 
+def _apply_table_options(con: duckdb.DuckDBPyConnection) -> None:
+    """Set the DuckLake table options schemas/rows.py asks for (TABLE_OPTIONS) that the lake lacks; that makes no
+    snapshot. Writers of a shared catalog that set them at once conflict: the others then find them set."""
+    wanted = {(table, name): str(value) for table, options in TABLE_OPTIONS.items() for name, value in options.items()}
+
+    def lacking() -> list[tuple[str, str]]:
+        found = {(entry.removeprefix("main."), name): value for name, _, value, scope, entry
+                 in con.execute(f"FROM {LAKE}.options() WHERE scope = 'TABLE'").fetchall()}
+        return [key for key, value in wanted.items() if found.get(key) != value]
+
+    missing = lacking()
+    if not missing:
+        return
+    con.execute("BEGIN")
+    try:
+        for table, name in missing:
+            con.execute(f"CALL {LAKE}.set_option({quote(name)}, {wanted[table, name]}, table_name => {quote(table)})")
+        con.execute("COMMIT")
+    except duckdb.Error as exc:
+        rollback(con)
+        if lacking():
+            raise LakeError(f"lake table options {sorted(missing)} could not be set: {_first_line(exc)}") from None
+
+
 def _applied_mark(con: duckdb.DuckDBPyConnection) -> str | None:
     """The schema mark on the lake's `runs` table as of the latest snapshot (None before the first schema)."""
     applied = con.execute(
@@ -252,9 +327,9 @@ def _applied_mark(con: duckdb.DuckDBPyConnection) -> str | None:
     return applied[0] if applied is not None else None
 
 
-def _check_shard_tables(con: duckdb.DuckDBPyConnection) -> None:
-    """Fail unless every shard table of the lake has its row schema's columns: names, types and order alike."""
-    for name, schema in SHARD_TABLES.items():
+def _check_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """Fail unless every table schemas/rows.py describes has its row schema's columns: names, types and order alike."""
+    for name, schema in LAKE_TABLES.items():
         expected = _duckdb_columns(schema)
         found = con.execute(
             "SELECT column_name, data_type FROM duckdb_columns() "
@@ -304,7 +379,7 @@ def _attach_error(catalog: str, version: int | None, exc: duckdb.Error) -> LakeE
     return LakeError(f"lake {catalog}: cannot attach: {_first_line(exc)}")
 
 
-def _quote(text: str) -> str:
+def quote(text: str) -> str:
     """`text` as a SQL string literal."""
     return "'" + text.replace("'", "''") + "'"
 

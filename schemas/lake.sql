@@ -226,6 +226,28 @@ CREATE TABLE IF NOT EXISTS contamination (
     coverage DOUBLE
 );
 
+-- The index of published instructions that dedup against earlier runs reads (tasks/history.py), one row per
+-- instruction a run published and per hygiene settings (`minhash`), written by the publishing transaction (and once,
+-- by a plan, for runs published before it or under other settings). Each plan scans instruction_fingerprints whole:
+-- the text hash finds exact duplicates, a shared LSH band key near-duplicate candidates.
+CREATE TABLE IF NOT EXISTS instruction_fingerprints (
+    run_id VARCHAR,
+    instruction_id VARCHAR,
+    minhash VARCHAR,                 -- the settings, e.g. 'affine32 seed=1 shingle=5 perm=128 bands=9x13'; 'off': no
+                                     -- near-duplicate detection, text hash only
+    text_sha1 VARCHAR,               -- hex sha1 of the normalized text
+    band_keys UBIGINT[]              -- band i's key (a 64-bit hash of i and its MinHash values) at position i + 1
+);
+
+-- The MinHash signature of each near-duplicate candidate is read by instruction id: each insert is sorted by it, and
+-- small row groups (schemas/rows.py TABLE_OPTIONS) let a lookup read one of them instead of its run's whole file.
+CREATE TABLE IF NOT EXISTS instruction_signatures (
+    run_id VARCHAR,
+    instruction_id VARCHAR,
+    minhash VARCHAR,
+    hashvalues UINTEGER[]            -- the MinHash values (num_perm of them) the Jaccard check compares
+);
+
 -- Migrations: columns appended after the first lakes were made (multi-turn trees, sandboxed code).
 -- A no-op on a lake that has them; on an older lake they are added at the end, as in schemas/rows.py.
 ALTER TABLE nodes ADD COLUMN IF NOT EXISTS turn BIGINT;

@@ -232,6 +232,30 @@ VALIDATIONS = pa.schema(
     ]
 )
 
+# The lake's index of published instructions, for dedup against earlier runs (tasks/history.py; written by the
+# publishing transaction, and once for runs published before it existed). `minhash` names the settings a row was made
+# with (tasks.hygiene.Signing.label): a plan compares rows of its own settings only.
+# Scanned whole by each plan: the text hash finds exact duplicates, the LSH band keys near-duplicate candidates.
+INSTRUCTION_FINGERPRINTS = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("instruction_id", pa.string()),
+        ("minhash", pa.string()),  # e.g. "affine32 seed=1 shingle=5 perm=128 bands=9x13"; "off": text hash only
+        ("text_sha1", pa.string()),  # hex sha1 of the normalized text (tasks.hygiene.normalized)
+        ("band_keys", pa.list_(pa.uint64())),  # band i's key at position i + 1; empty when near duplicates are off
+    ]
+)
+
+# Read by instruction id, for near-duplicate candidates only: the MinHash values the Jaccard check compares.
+INSTRUCTION_SIGNATURES = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("instruction_id", pa.string()),
+        ("minhash", pa.string()),
+        ("hashvalues", pa.list_(pa.uint32())),  # num_perm values (datasketch MinHash.hashvalues)
+    ]
+)
+
 # What each shard file holds, in landing order (manifest.json is written after all of them).
 SHARD_TABLES: dict[str, pa.Schema] = {
     "instructions": INSTRUCTIONS,
@@ -241,6 +265,21 @@ SHARD_TABLES: dict[str, pa.Schema] = {
     "principle_examples": PRINCIPLE_EXAMPLES,
     "judgements": JUDGEMENTS,
     "drops": DROPS,
+}
+
+# DuckLake options of lake tables, set by orchard.lake at connect (DuckLake refuses them in the transaction that creates
+# the table, so schemas/lake.sql cannot hold them). A near-duplicate candidate's signature is read by instruction id:
+# small row groups let that read one of them (2048 rows: the smallest DuckDB's writer makes, flushing whole vectors)
+# instead of its run's whole file.
+TABLE_OPTIONS: dict[str, dict[str, int]] = {"instruction_signatures": {"parquet_row_group_size": 2048}}
+
+# Every lake table a schema here describes: orchard.lake checks them against the lake's at connect.
+LAKE_TABLES: dict[str, pa.Schema] = {
+    **SHARD_TABLES,
+    "contamination": CONTAMINATION,
+    "validations": VALIDATIONS,
+    "instruction_fingerprints": INSTRUCTION_FINGERPRINTS,
+    "instruction_signatures": INSTRUCTION_SIGNATURES,
 }
 
 

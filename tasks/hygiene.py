@@ -4,8 +4,9 @@ curation, and a reason for every row that is dropped anywhere.
 - Decontamination (open-instruct / OLMo's rule): an instruction is flagged when at least `contamination_threshold`
   of some eval item's distinct n-grams (default 8-grams of normalized tokens) occur in its text or its reference.
   Each flag is a row of the lake's `contamination` table: which eval item, how many n-grams, what coverage.
-- Deduplication: exact duplicates by normalized text, then near-duplicates by MinHash LSH (datasketch) over word
-  shingles, among the run's seeds and against the instructions other runs published; the first is kept.
+- Deduplication: exact duplicates by normalized text, then near-duplicates by MinHash LSH (datasketch's signatures
+  and bands) over word shingles, among the run's seeds and against the instructions other runs published (found
+  through the lake's index of their fingerprints, tasks/history.py); the first is kept.
 - Pair hygiene: a pair whose chosen text is empty or whose two texts are identical is dropped; an MCTS pair whose
   texts are identical after normalization (case, whitespace, punctuation) too, its Q values being estimates; a hard
   negative (error injection) is exempt, its edit is meant to be minimal. With `hygiene.max_length_ratio`, a pair whose longer text is more than that many times the shorter.
@@ -21,7 +22,9 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
 
 from orchard.config import Config, EvalSet, HygieneConfig
 from orchard.errors import OrchardError
@@ -199,50 +202,184 @@ def decontaminator_for(cfg: Config) -> Decontaminator:
 
 # --- deduplication --------------------------------------------------------------------------------
 
+# datasketch's permutation scheme and seed for every MinHash: named, so that an upgrade that changed its default
+# could not change the signatures the lake keeps without changing their label.
+MINHASH_SCHEME = "affine32"
+MINHASH_SEED = 1
+EXACT = "exact duplicate (normalized text)"
+
+
+def text_sha1(text: str) -> str:
+    """Return the hex sha1 of `text`'s normalized form: what exact duplicates share."""
+    return hashlib.sha1(normalized(text).encode()).hexdigest()
+
+
+def shingles(text: str, k: int) -> list[bytes]:
+    """Return the `k`-word shingles of `text`'s normalized tokens (the whole text when it has k words or fewer)."""
+    words = tokens(text)
+    if len(words) <= k:
+        return [" ".join(words).encode()]
+    return [" ".join(words[i:i + k]).encode() for i in range(len(words) - k + 1)]
+
+
+@dataclass(frozen=True)
+class Signing:
+    """How dedup fingerprints a text: MinHash over `shingle`-word shingles with `num_perm` values, LSH in `bands`
+    bands of `rows` values (what datasketch's MinHashLSH picks for the threshold); `bands` 0: near duplicates off."""
+
+    shingle: int
+    num_perm: int
+    bands: int
+    rows: int
+
+    @classmethod
+    def of(cls, hygiene: HygieneConfig) -> "Signing":
+        if hygiene.near_duplicate_jaccard >= 1:  # Jaccard >= 1 is an exact duplicate: there is nothing near to find
+            return cls(hygiene.shingle, hygiene.num_perm, 0, 0)
+        from datasketch import MinHashLSH  # numpy-backed; imported only when seeds or instructions are signed
+
+        lsh = MinHashLSH(threshold=hygiene.near_duplicate_jaccard, num_perm=hygiene.num_perm)
+        return cls(hygiene.shingle, hygiene.num_perm, lsh.b, lsh.r)
+
+    @property
+    def near(self) -> bool:
+        return self.bands > 0
+
+    @property
+    def label(self) -> str:
+        """The settings as the lake's index rows record them (`minhash`): rows made otherwise are never compared."""
+        if not self.near:
+            return "off"
+        return (f"{MINHASH_SCHEME} seed={MINHASH_SEED} shingle={self.shingle} perm={self.num_perm} "
+                f"bands={self.bands}x{self.rows}")
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """What dedup compares, per text in order: the sha1 of its normalized text and, near duplicates on, its MinHash
+    values (texts × num_perm, uint32) and LSH band keys (texts × bands, uint64); without, both have no columns."""
+
+    signing: Signing
+    text_sha1: list[str]
+    hashvalues: np.ndarray
+    band_keys: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.text_sha1)
+
+
+def fingerprints(texts: Sequence[str], signing: Signing) -> Fingerprints:
+    """Fingerprint `texts` under `signing`, the MinHash signatures computed in one batch."""
+    hashes = [text_sha1(text) for text in texts]
+    if not signing.near or not texts:
+        width = signing.num_perm if signing.near else 0
+        return Fingerprints(signing, hashes, np.zeros((len(texts), width), np.uint32),
+                            np.zeros((len(texts), signing.bands), np.uint64))
+    from datasketch import MinHash
+
+    signatures = MinHash.bulk([shingles(text, signing.shingle) for text in texts], num_perm=signing.num_perm,
+                              seed=MINHASH_SEED, scheme=MINHASH_SCHEME)
+    values = np.stack([signature.hashvalues for signature in signatures]).astype(np.uint32, copy=False)
+    return Fingerprints(signing, hashes, values, band_keys(values, signing.bands, signing.rows))
+
+
+_MIX = (np.uint64(30), np.uint64(0xBF58476D1CE4E5B9), np.uint64(27), np.uint64(0x94D049BB133111EB), np.uint64(31))
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on every element: a bijection of 64-bit words that spreads each input bit over all."""
+    s1, m1, s2, m2, s3 = _MIX
+    x = (x ^ (x >> s1)) * m1
+    x = (x ^ (x >> s2)) * m2
+    return x ^ (x >> s3)
+
+
+def band_keys(hashvalues: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """Return the LSH key of each band of each signature (a texts × bands uint64 array).
+
+    Band i is hashvalues[i*rows:(i+1)*rows], as in datasketch's MinHashLSH, which makes two texts candidates when
+    some band of theirs is equal; its key is a 64-bit hash of i and those values, so two texts share a key exactly
+    when they share a band (but for a 2^-64 chance), and a key of one band never meets another band's.
+    """
+    values = hashvalues[:, :bands * rows].reshape(len(hashvalues), bands, rows).astype(np.uint64)
+    keys = np.broadcast_to(_mix64(np.arange(1, bands + 1, dtype=np.uint64)), (len(hashvalues), bands)).copy()
+    for j in range(rows):
+        keys = _mix64(keys ^ values[:, :, j])
+    return keys
+
+
+@dataclass(frozen=True)
+class Published:
+    """An instruction an earlier run published that shares its text hash or an LSH band with seed number `seed`."""
+
+    seed: int
+    order: int  # its run's place among the earlier runs: 0 published first
+    run_id: str
+    instruction_id: str
+    text_sha1: str
+    hashvalues: np.ndarray | None  # its MinHash values; None beside a text hash that is the seed's (exact duplicate)
+
+
+# Finds the instructions earlier runs published that the fingerprinted seeds may duplicate (tasks/history.py reads
+# them from the lake): every one with a seed's text hash, or, near duplicates on, sharing an LSH band with it.
+EarlierLookup = Callable[[Fingerprints], Sequence[Published]]
+
 
 class Deduplicator:
-    """Exact (normalized text) and near (MinHash LSH) duplicates: `seen` keeps a text, `duplicate_of` finds one."""
+    """Exact (normalized text) and near (MinHash LSH, then Jaccard of the signatures) duplicates of texts, screened in
+    order against what earlier runs published and the texts kept before them; the first is kept."""
 
     def __init__(self, hygiene: HygieneConfig) -> None:
-        from datasketch import MinHashLSH  # numpy-backed; imported only when seeds are screened
+        self.signing = Signing.of(hygiene)
+        self.jaccard = hygiene.near_duplicate_jaccard
+        self.near_reason = f"near duplicate (MinHash Jaccard >= {self.jaccard:g})"
+        self.exact: dict[str, str] = {}  # text hash -> the kept id
+        self.buckets: dict[int, list[int]] = {}  # LSH band key -> numbers of the kept texts with that band
+        self.kept: list[tuple[str, np.ndarray]] = []  # (id, MinHash values) of each kept text, in order
 
-        self.k, self.jaccard, self.num_perm = hygiene.shingle, hygiene.near_duplicate_jaccard, hygiene.num_perm
-        self.near = hygiene.near_duplicate_jaccard < 1
-        self.exact: dict[str, str] = {}  # sha1 of the normalized text -> the kept id
-        self.lsh = MinHashLSH(threshold=self.jaccard, num_perm=self.num_perm) if self.near else None
-        self.signatures: dict[str, Any] = {}
+    def similar(self, values: np.ndarray, other: np.ndarray) -> bool:
+        """Whether two signatures' estimated Jaccard (datasketch's MinHash.jaccard: the share of equal values) reaches
+        the threshold."""
+        return float(np.count_nonzero(values == other)) / float(len(values)) >= self.jaccard
 
-    def signatures_of(self, texts: Sequence[str]) -> list[Any]:
-        """MinHash signatures of `texts`, computed in one batch."""
-        from datasketch import MinHash
+    def screen(self, items: Sequence[tuple[str, str]], prints: Fingerprints | None = None,
+               earlier: Iterable[Published] = ()) -> list[tuple[str, str] | None]:
+        """Screen each (id, text) in order; return per item None (kept) or (reason, id of the text it duplicates).
 
-        return MinHash.bulk([self._shingles(t) for t in texts], num_perm=self.num_perm, seed=1)
+        `prints` are the items' fingerprints (computed here when not given); `earlier` what earlier runs published
+        that may match them (EarlierLookup), whose reasons name the run: an exact duplicate of an earlier instruction
+        is looked for first, then of a kept text, then a near duplicate of an earlier instruction, then of a kept
+        text; of several, the first published (then smallest id), or the first kept.
+        """
+        prints = prints if prints is not None else fingerprints([text for _, text in items], self.signing)
+        found: dict[int, list[Published]] = {}
+        for published in sorted(earlier, key=lambda p: (p.order, p.instruction_id)):
+            found.setdefault(published.seed, []).append(published)
+        keys = prints.band_keys.tolist()
+        return [self._check(item_id, prints.text_sha1[i], prints.hashvalues[i], keys[i], found.get(i, ()))
+                for i, (item_id, _) in enumerate(items)]
 
-    def _shingles(self, text: str) -> list[bytes]:
-        words = tokens(text)
-        if len(words) <= self.k:
-            return [" ".join(words).encode()]
-        return [" ".join(words[i:i + self.k]).encode() for i in range(len(words) - self.k + 1)]
-
-    def check(self, item_id: str, text: str, signature: Any = None) -> tuple[str, str] | None:
-        """Return (reason, id of the kept text) when `text` duplicates a text seen before; else keep it and None."""
-        key = hashlib.sha1(normalized(text).encode()).hexdigest()
-        if key in self.exact:
-            return "exact duplicate (normalized text)", self.exact[key]
-        if self.lsh is not None:
-            signature = signature if signature is not None else self.signatures_of([text])[0]
-            for other in self.lsh.query(signature):
-                if signature.jaccard(self.signatures[other]) >= self.jaccard:
-                    return f"near duplicate (MinHash Jaccard >= {self.jaccard:g})", other
-            self.lsh.insert(item_id, signature)
-            self.signatures[item_id] = signature
-        self.exact[key] = item_id
+    def _check(self, item_id: str, sha1: str, values: np.ndarray, keys: list[int],
+               earlier: Sequence[Published]) -> tuple[str, str] | None:
+        for published in earlier:
+            if published.text_sha1 == sha1:
+                return f"{EXACT} of an instruction run {published.run_id} published", published.instruction_id
+        if sha1 in self.exact:
+            return EXACT, self.exact[sha1]
+        if self.signing.near:
+            for published in earlier:
+                if published.hashvalues is not None and self.similar(values, published.hashvalues):
+                    return (f"{self.near_reason} of an instruction run {published.run_id} published",
+                            published.instruction_id)
+            for number in sorted({n for key in keys for n in self.buckets.get(key, ())}):
+                kept_id, kept_values = self.kept[number]
+                if self.similar(values, kept_values):
+                    return self.near_reason, kept_id
+            for key in keys:
+                self.buckets.setdefault(key, []).append(len(self.kept))
+            self.kept.append((item_id, values))
+        self.exact[sha1] = item_id
         return None
-
-    def screen(self, items: Sequence[tuple[str, str]]) -> list[tuple[str, str, str] | None]:
-        """check() each (id, text) in order; return per item None (kept) or (reason, kept id)."""
-        signatures = self.signatures_of([text for _, text in items]) if self.near and items else [None] * len(items)
-        return [self.check(item_id, text, signature) for (item_id, text), signature in zip(items, signatures)]
 
 
 # --- the seeds' gate ------------------------------------------------------------------------------
@@ -257,9 +394,9 @@ class Screened:
     contamination: list[dict[str, Any]]
 
 
-def screen_seeds(instructions: Sequence[Any], cfg: Config, published: Sequence[tuple[str, str, str]] = ()) -> Screened:
-    """Decontaminate, then dedup `instructions` (tasks.seeds.Instruction) in order; `published` holds (instruction
-    id, text, run id) of instructions other runs published, which count as seen before the run's own."""
+def screen_seeds(instructions: Sequence[Any], cfg: Config, earlier: EarlierLookup | None = None) -> Screened:
+    """Decontaminate, then dedup `instructions` (tasks.seeds.Instruction) in order; `earlier` finds the instructions
+    other runs published that they may duplicate (tasks/history.py), which count as seen before the run's own."""
     drops, flags, clean = Drops(), [], []
     if cfg.decontaminate:
         index = decontaminator_for(cfg)
@@ -275,17 +412,15 @@ def screen_seeds(instructions: Sequence[Any], cfg: Config, published: Sequence[t
     if not cfg.hygiene.dedup:
         return Screened(clean, drops, flags)
     dedup = Deduplicator(cfg.hygiene)
-    runs = {iid: run for iid, _, run in published}
-    dedup.screen([(iid, text) for iid, text, _ in published])
+    items = [(i.instruction_id, i.text) for i in clean]
+    prints = fingerprints([text for _, text in items], dedup.signing)
+    published = earlier(prints) if earlier is not None and items else ()
     kept = []
-    for instruction, verdict in zip(clean, dedup.screen([(i.instruction_id, i.text) for i in clean])):
+    for instruction, verdict in zip(clean, dedup.screen(items, prints, published)):
         if verdict is None:
             kept.append(instruction)
-            continue
-        reason, original = verdict
-        if original in runs:
-            reason = f"{reason} of an instruction run {runs[original]} published"
-        drops.add("dedup", reason, instruction.instruction_id)
+        else:
+            drops.add("dedup", verdict[0], instruction.instruction_id)
     return Screened(kept, drops, flags)
 
 

@@ -2,6 +2,7 @@
 
 Everything happens in one DuckLake transaction, so a run is published whole or not at all, and a
 re-run of the same run id adds only the shards the lake does not hold yet and replaces the run row.
+The same transaction indexes the new shards' instructions for later runs' dedup (tasks/history.py).
 With a shared (Postgres) catalog, a transaction that loses the race for its snapshot id to another
 writer is not committed; it is run again from the newer snapshot, so that the shards it finds
 published, and the snapshot id it records, are still true when it commits.
@@ -10,9 +11,6 @@ published, and the snapshot id it records, are still true when it commits.
 from __future__ import annotations
 
 import json
-import math
-import random
-import time
 from datetime import datetime, timezone
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -25,9 +23,11 @@ from prefect.cache_policies import NO_CACHE
 from orchard import lake
 from orchard.config import Config
 from orchard.errors import retry_transient
-from orchard.lake import LakeError, LakeUnavailable
+from orchard.lake import LakeError
 from schemas.rows import CONTAMINATION, DROPS, SHARD_TABLES, VALIDATIONS
+from tasks import history
 from tasks.fates import ShardFate, fate_counts, settle, with_fates
+from tasks.hygiene import Signing
 from tasks.jury import agreement
 
 RUN_COLUMNS = (
@@ -42,13 +42,6 @@ SUMMARY_FIELDS = ("problems", "fates", "shards_healed", "requests", "trees_unans
                   "prm_min_rollouts")
 COMPUTED = ("snapshot_id", "fleiss_kappa", "agreement")  # filled in here, from what the lake holds
 RUN_STATUSES = ("complete", "partial", "failed")
-# Publishing attempts when other writers of a shared catalog keep committing first; the wait between
-# them grows like DuckLake's own retries (100 ms, x1.5), with jitter so that two losers do not meet again.
-PUBLISH_ATTEMPTS = 10
-
-
-class _LostCommitRace(Exception):
-    """Another writer committed since this transaction began; nothing of it was committed."""
 
 
 def materialise_run(
@@ -86,21 +79,22 @@ def publish_run_snapshot(
     validations = list(validations)  # read again by each attempt
 
     with lake.connect(config) as con:
-        # DuckLake would retry a commit that lost its snapshot id to another writer against the newer
-        # snapshot, without re-running our reads: the run could publish shards another writer published
-        # meanwhile, and record a snapshot id it did not get. Let it fail instead, and run it all again.
-        con.execute("SET ducklake_max_retry_count = 0")
-        for attempt in range(1, PUBLISH_ATTEMPTS + 1):
-            try:
-                return _publish(con, config, run, shards, validations, fates, run_rows or {})
-            except _LostCommitRace:
-                if attempt == PUBLISH_ATTEMPTS:
-                    raise LakeUnavailable(
-                        f"run {run_id}: nothing published: other writers of the catalog committed first "
-                        f"{attempt} times in a row"
-                    ) from None
-                time.sleep(0.1 * 1.5 ** (attempt - 1) * random.uniform(0.5, 1.5))
-    raise AssertionError("unreachable")
+        # Run again from the newer snapshot if another writer of a shared catalog committed first: the shards it
+        # finds published, and the snapshot id it records, must still be true when it commits.
+        snapshot_id, settled = lake.commit_alone(
+            con, lambda: _publish(con, config, run, shards, validations, fates, run_rows or {}),
+            what=f"run {run_id}: nothing published")
+        # The id this connection committed, and the snapshot carrying this run's commit message, must both be the
+        # one written into runs.snapshot_id (a guard: commit_alone ensures it).
+        committed = con.execute(f"SELECT id FROM {lake.LAKE}.last_committed_snapshot()").fetchone()[0]
+        published = {row["snapshot_id"]: row for row in lake.snapshot_rows(con)}.get(snapshot_id)
+    tagged = published is not None and json.loads(published["commit_extra_info"] or "{}").get("run_id") == run_id
+    if committed != snapshot_id or not tagged:
+        raise LakeError(
+            f"run {run_id}: published as snapshot {committed}, but runs.snapshot_id says {snapshot_id} "
+            "(another writer committed in between); fix the runs row by hand"
+        )
+    return snapshot_id, settled
 
 
 def _publish(
@@ -112,68 +106,48 @@ def _publish(
     fates: Sequence[ShardFate] | None,
     run_rows: Mapping[str, Sequence[Mapping[str, Any]]],
 ) -> tuple[int, list[ShardFate] | None]:
-    """One publishing transaction of materialise_run; raises _LostCommitRace when another writer committed first."""
+    """The writes of one publishing transaction of materialise_run; return the snapshot id its commit will make."""
     run_id = run["run_id"]
-    con.execute("BEGIN")
-    try:
-        # Snapshot ids are sequential: this transaction started from `current_snapshot()` and its
-        # COMMIT creates the next one. A DuckDB-file catalog has one writer process; with a shared
-        # catalog a writer that commits first takes that id, and (DuckLake's retries being off) our
-        # COMMIT then fails: _LostCommitRace, and materialise_run runs this transaction again.
-        base = con.execute(f"SELECT id FROM {lake.LAKE}.current_snapshot()").fetchone()[0]
-        snapshot_id = base + 1
+    # Snapshot ids are sequential: this transaction started from `current_snapshot()` and its COMMIT creates the next
+    # one. A DuckDB-file catalog has one writer process; with a shared catalog a writer that commits first takes that
+    # id, and our COMMIT then fails (lake.commit_alone runs this again).
+    base = con.execute(f"SELECT id FROM {lake.LAKE}.current_snapshot()").fetchone()[0]
+    snapshot_id = base + 1
 
-        _check_same_config(con, run_id, run["config_hash"])
-        present = _shards_in_lake(con, run_id)
-        new_shards = [m for m in shards if m["shard_id"] not in present]
-        settled = None if fates is None else settle(fates, present)
-        if settled is not None:  # the run row says what this transaction found, not what the caller expected
-            counts = fate_counts(settled, run["shards_planned"])
-            run.update({k: v for k, v in counts.items() if k in RUN_COLUMNS})
-            summary = json.loads(run["summary"] or "{}")
-            summary.update(fates=[f.to_dict() for f in settled], shards_healed=counts["shards_healed"])
-            run["summary"] = json.dumps(summary, sort_keys=True, default=str)
-        for table in SHARD_TABLES:
-            _insert_shard_table(con, config.object_store.bucket, table, new_shards)
+    _check_same_config(con, run_id, run["config_hash"])
+    present = _shards_in_lake(con, run_id)
+    new_shards = [m for m in shards if m["shard_id"] not in present]
+    settled = None if fates is None else settle(fates, present)
+    if settled is not None:  # the run row says what this transaction found, not what the caller expected
+        counts = fate_counts(settled, run["shards_planned"])
+        run.update({k: v for k, v in counts.items() if k in RUN_COLUMNS})
+        summary = json.loads(run["summary"] or "{}")
+        summary.update(fates=[f.to_dict() for f in settled], shards_healed=counts["shards_healed"])
+        run["summary"] = json.dumps(summary, sort_keys=True, default=str)
+    for table in SHARD_TABLES:
+        _insert_shard_table(con, config.object_store.bucket, table, new_shards)
+    # The index later runs dedup against: the new shards' instructions, fingerprinted under this run's settings.
+    signing = Signing.of(config.hygiene)
+    history.index_shards(con, run_id, [m["shard_id"] for m in new_shards], signing)
 
-        _insert_validations(con, run_id, validations)
-        _replace_run_rows(con, run_id, run_rows)
+    _insert_validations(con, run_id, validations)
+    _replace_run_rows(con, run_id, run_rows)
 
-        con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
-        run["snapshot_id"] = snapshot_id
-        # Agreement over every judgement of the run in the lake: this attempt's shards and any published before.
-        stats = jury_agreement(con, run_id)
-        run["fleiss_kappa"] = stats["fleiss_kappa"] if stats else None
-        run["agreement"] = json.dumps(stats, sort_keys=True) if stats else None
-        con.execute(
-            f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' for _ in RUN_COLUMNS)})",
-            [run[c] for c in RUN_COLUMNS],
-        )
-        con.execute(
-            f"CALL {lake.LAKE}.set_commit_message('orchard', ?, extra_info => ?)",
-            [f"run {run_id}", json.dumps({"run_id": run_id, "shards_added": [m["shard_id"] for m in new_shards]})],
-        )
-        con.execute("COMMIT")
-    except BaseException as exc:
-        lake.rollback(con)
-        if isinstance(exc, duckdb.TransactionException) and "maximum retry count" in str(exc):
-            raise _LostCommitRace() from None
-        if isinstance(exc, duckdb.IOException | duckdb.ConnectionException | duckdb.HTTPException):
-            raise LakeUnavailable(f"run {run_id}: nothing published: {exc}") from None
-        if isinstance(exc, duckdb.Error | LakeError):
-            raise LakeError(f"run {run_id}: nothing published: {exc}") from None
-        raise
-
-    # The id this connection committed, and the snapshot carrying this run's commit message, must
-    # both be the one written into runs.snapshot_id (a guard: the failed-commit rule above ensures it).
-    committed = con.execute(f"SELECT id FROM {lake.LAKE}.last_committed_snapshot()").fetchone()[0]
-    published = {row["snapshot_id"]: row for row in lake.snapshot_rows(con)}.get(snapshot_id)
-    tagged = published is not None and json.loads(published["commit_extra_info"] or "{}").get("run_id") == run_id
-    if committed != snapshot_id or not tagged:
-        raise LakeError(
-            f"run {run_id}: published as snapshot {committed}, but runs.snapshot_id says {snapshot_id} "
-            "(another writer committed in between); fix the runs row by hand"
-        )
+    con.execute("DELETE FROM runs WHERE run_id = ?", [run_id])
+    run["snapshot_id"] = snapshot_id
+    # Agreement over every judgement of the run in the lake: this attempt's shards and any published before.
+    stats = jury_agreement(con, run_id)
+    run["fleiss_kappa"] = stats["fleiss_kappa"] if stats else None
+    run["agreement"] = json.dumps(stats, sort_keys=True) if stats else None
+    con.execute(
+        f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' for _ in RUN_COLUMNS)})",
+        [run[c] for c in RUN_COLUMNS],
+    )
+    con.execute(
+        f"CALL {lake.LAKE}.set_commit_message('orchard', ?, extra_info => ?)",
+        [f"run {run_id}", json.dumps({"run_id": run_id, "shards_added": [m["shard_id"] for m in new_shards],
+                                      history.MINHASH: signing.label})],
+    )
     return snapshot_id, settled
 
 
@@ -302,39 +276,7 @@ def _replace_run_rows(con: duckdb.DuckDBPyConnection, run_id: str,
 
 def _insert_rows(con: duckdb.DuckDBPyConnection, table: str, schema: pa.Schema, rows: Sequence[Mapping[str, Any]]) -> None:
     """Insert `rows` (dicts with `schema`'s columns) into lake table `table`, as one Arrow batch."""
-    if not rows:
-        return
-    con.register("new_rows", pa.Table.from_pylist(list(rows), schema=schema))
-    try:
-        columns = ", ".join(f'"{name}"' for name in schema.names)
-        con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM new_rows")
-    finally:
-        con.unregister("new_rows")
-
-
-def published_instructions(config: Config, run_id: str) -> list[tuple[str, str, str]]:
-    """(instruction id, text, run id) of the instructions published by runs that first published before `run_id`
-    did (all other runs, when it has not published yet), oldest run first: the hygiene gate's dedup keeps the first.
-
-    A resumed run plans against the same runs as its first attempt did, so its plan does not change under it.
-    Nothing when there is no lake yet.
-    """
-    if not lake.exists(config):
-        return []
-    with lake.connect(config, read_only=True) as con:
-        firsts: dict[str, int] = {}
-        for row in lake.snapshot_rows(con):
-            run = json.loads(row["commit_extra_info"] or "{}").get("run_id")
-            if run is not None and run not in firsts:
-                firsts[run] = row["snapshot_id"]
-        mine = firsts.get(run_id, math.inf)
-        earlier = sorted((first, run) for run, first in firsts.items() if run != run_id and first < mine)
-        if not earlier:
-            return []
-        rows = con.execute("SELECT run_id, instruction_id, text FROM instructions WHERE list_contains(?, run_id) "
-                           "ORDER BY instruction_id", [[run for _, run in earlier]]).fetchall()
-    order = {run: i for i, (_, run) in enumerate(earlier)}
-    return [(iid, text, run) for run, iid, text in sorted(rows, key=lambda r: order[r[0]])]
+    lake.insert_arrow(con, table, pa.Table.from_pylist(list(rows), schema=schema))
 
 
 def _insert_validations(

@@ -22,7 +22,8 @@ from prefect.cache_policies import NO_CACHE
 
 from orchard.config import Config, SeedSource
 from orchard.errors import OrchardError
-from tasks.hygiene import Drops
+from tasks.history import earlier_lookup
+from tasks.hygiene import Drops, EarlierLookup
 
 DOMAINS = ("math", "code", "instruction_following", "open_ended")
 
@@ -577,17 +578,17 @@ def plan_shards(instructions: Sequence[Instruction], *, per_shard: int, config_h
     return plans
 
 
-def plan_seeds(cfg: Config, run_id: str, published: Sequence[tuple[str, str, str]] = ()) -> SeedPlan:
+def plan_seeds(cfg: Config, run_id: str, earlier: EarlierLookup | None = None) -> SeedPlan:
     """Load every seed source, pass the instructions through the hygiene gate (decontamination, dedup against each
-    other and `published`: (id, text, run) of instructions other runs published) and split what is left into
-    shards; say what each source gave and what was dropped, and why."""
+    other and what `earlier` finds that other runs published) and split what is left into shards; say what each
+    source gave and what was dropped, and why."""
     from tasks.hygiene import contamination_rows, screen_seeds
 
     drops = Drops()
     instructions, sources = read_seeds(cfg.seeds, drops)
     if not instructions:
         raise SeedError("seeds: the configured sources produced no instructions")
-    screened = screen_seeds(instructions, cfg, published)
+    screened = screen_seeds(instructions, cfg, earlier)
     drops.merge(screened.drops)
     plans = plan_shards(screened.kept, per_shard=cfg.run.instructions_per_shard, config_hash=cfg.content_hash())
     return SeedPlan(plans, sources, drops.rows(run_id, None), contamination_rows(run_id, screened.contamination))
@@ -595,11 +596,6 @@ def plan_seeds(cfg: Config, run_id: str, published: Sequence[tuple[str, str, str
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
 def plan_shards_task(config: dict, run_id: str) -> SeedPlan:
-    """Load, screen and plan the run's seeds (plan_seeds), against the instructions other runs published."""
+    """Load, screen and plan the run's seeds (plan_seeds), against the instructions earlier runs published."""
     cfg = Config.from_dict(config)
-    published = ()
-    if cfg.hygiene.dedup and cfg.hygiene.dedup_against_lake:
-        from tasks.materialise import published_instructions
-
-        published = published_instructions(cfg, run_id)
-    return plan_seeds(cfg, run_id, published)
+    return plan_seeds(cfg, run_id, earlier_lookup(cfg, run_id))

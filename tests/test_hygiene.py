@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -11,12 +12,18 @@ from tasks.hygiene import (
     Decontaminator,
     Deduplicator,
     Drops,
+    EarlierLookup,
     EvalItem,
+    Fingerprints,
     HygieneError,
+    Published,
+    Signing,
     clean_pairs,
+    fingerprints,
     load_eval_set,
     pair_problem,
     screen_seeds,
+    shingles,
 )
 from tasks.pairs import curate
 from tasks.seeds import Instruction, instruction_id, load_humaneval, plan_seeds
@@ -106,18 +113,83 @@ def test_exact_and_near_duplicates_are_dropped_keeping_the_first():
     assert Deduplicator(HygieneConfig()).screen([("x", "Compute 3 + 4."), ("y", "Compute 3 + 5.")]) == [None, None]
 
 
+def lake_holding(published: list[tuple[str, str, str]]) -> EarlierLookup:
+    """What tasks/history.py finds in a lake whose earlier runs published `published` (id, text, run; runs in
+    publishing order): every instruction with a seed's text hash or sharing one of its LSH band keys."""
+
+    def find(prints: Fingerprints) -> list[Published]:
+        theirs = fingerprints([text for _, text, _ in published], prints.signing)
+        order = {run: i for i, run in enumerate(dict.fromkeys(run for *_, run in published))}
+        return [Published(seed, order[run], run, iid, theirs.text_sha1[j], theirs.hashvalues[j])
+                for seed in range(len(prints)) for j, (iid, _, run) in enumerate(published)
+                if theirs.text_sha1[j] == prints.text_sha1[seed]
+                or set(theirs.band_keys[j].tolist()) & set(prints.band_keys[seed].tolist())]
+
+    return find
+
+
 def test_a_seed_another_run_published_is_dropped_and_the_reasons_add_up_to_what_went_missing():
     cfg = Config()
     seeds = [seed("Compute 2 + 3.", "5"), seed("Compute 2 + 3.", "5", row=2), seed("Compute 7 * 8.", "56"),
              *load_humaneval(1)]
     published = [(seeds[2].instruction_id, seeds[2].text, "nightly-2026-12-01")]
-    screened = screen_seeds(seeds, cfg, published)
+    screened = screen_seeds(seeds, cfg, lake_holding(published))
     assert [i.text for i in screened.kept] == ["Compute 2 + 3."]
     assert screened.drops.by_stage() == {
         "decontamination": {"contaminated: humaneval": 1},
         "dedup": {"exact duplicate (normalized text)": 1,
                   "exact duplicate (normalized text) of an instruction run nightly-2026-12-01 published": 1}}
     assert len(screened.kept) + screened.drops.total() == len(seeds)
+
+
+def test_a_near_copy_of_what_two_runs_published_names_the_run_that_published_first():
+    base = ("Ava has 12 apples and buys 3 bags with 4 apples in each bag, then gives 5 apples to Ben "
+            "and eats 2 of the apples she kept. How many apples does Ava have now?")
+    # Both are near copies of the seed; run-1 published first (its instruction's id sorts after run-2's).
+    published = [("z1", base + " Be brief.", "run-1"), ("a2", base + " Show your work.", "run-2")]
+    seeds = [seed(base + " Explain briefly."), seed("Compute 7 * 8.", "56")]
+    screened = screen_seeds(seeds, Config(), lake_holding(published))
+    assert [i.text for i in screened.kept] == ["Compute 7 * 8."]
+    assert screened.drops.by_stage() == {"dedup": {
+        "near duplicate (MinHash Jaccard >= 0.8) of an instruction run run-1 published": 1}}
+
+
+def test_signatures_are_banded_as_datasketch_lsh_bands_them_for_the_threshold():
+    from datasketch import MinHashLSH
+
+    signing = Signing.of(HygieneConfig())
+    assert (signing.bands, signing.rows) == (9, 13)
+    assert signing.label == "affine32 seed=1 shingle=5 perm=128 bands=9x13"
+    assert Signing.of(HygieneConfig(near_duplicate_jaccard=0.5, shingle=3, num_perm=64)).label == \
+        "affine32 seed=1 shingle=3 perm=64 bands=14x4"
+    assert Signing.of(HygieneConfig(near_duplicate_jaccard=1.0)).label == "off"
+    # Texts that share more or fewer shingles: two share a band key exactly when datasketch's LSH makes them
+    # candidates (some band of theirs equal).
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(400)]
+    texts = []
+    for base in range(4):
+        original = rng.sample(words, 200)
+        texts.append(" ".join(original))
+        for changed in (1, 3, 6, 10, 15, 25):  # each changes up to 5 of 196 shingles
+            variant = list(original)
+            for position in rng.sample(range(200), changed):
+                variant[position] = rng.choice(words)
+            texts.append(" ".join(variant))
+    prints = fingerprints(texts, signing)
+    from datasketch import MinHash
+
+    lsh = MinHashLSH(threshold=0.8, num_perm=128)
+    for i, text in enumerate(texts):
+        lsh.insert(i, MinHash.bulk([shingles(text, 5)], num_perm=128, seed=1)[0])
+    keys = [set(row.tolist()) for row in prints.band_keys]
+    candidates = 0
+    for i, text in enumerate(texts):
+        expected = set(lsh.query(MinHash.bulk([shingles(text, 5)], num_perm=128, seed=1)[0])) - {i}
+        assert {j for j in range(len(texts)) if j != i and keys[i] & keys[j]} == expected
+        candidates += len(expected)
+    assert candidates > 10  # the variants made candidates, and not all pairs did
+    assert candidates < len(texts) * (len(texts) - 1) / 4
 
 
 def test_the_plan_says_what_every_seed_source_lost_and_why(tmp_path):

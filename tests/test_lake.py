@@ -17,7 +17,7 @@ from orchard import lake
 from orchard.config import Config, ObjectStoreConfig
 from orchard.lake import LakeError
 from orchard.store import ObjectStore, s3_client
-from schemas.rows import SHARD_TABLES, table
+from schemas.rows import SHARD_TABLES, TABLE_OPTIONS, table
 from tasks.materialise import materialise_run
 
 # --- builders ---------------------------------------------------------------------------------
@@ -175,6 +175,14 @@ def assert_tables_follow_rows(config: Config) -> None:
 def test_lake_tables_mirror_the_shard_schemas_column_for_column(config):
     new_lake(config)
     assert_tables_follow_rows(config)
+
+
+def test_table_options_schemas_ask_for_are_set_without_a_snapshot(config):
+    first = new_lake(config)
+    _, options = lake.query(config, "SELECT scope_entry, option_name, value FROM lake.options() WHERE scope = 'TABLE'")
+    assert options == [(f"main.{table}", name, str(value))
+                       for table, named in TABLE_OPTIONS.items() for name, value in named.items()]
+    assert first == 1  # the schema's snapshot after the catalog's own: the options made none
 
 
 def test_reconnecting_applies_no_schema_change(config):

@@ -29,6 +29,7 @@ from orchard import lake
 from orchard.config import Config, LakeConfig, SeedSource
 from orchard.store import ObjectStore
 from orchard.lake import LakeError
+from tasks.hygiene import Signing
 from tasks.materialise import materialise_run, published_config_hash
 from test_lake import NODES_PER_TREE, PAIRS_PER_TREE, count, land_shard, run_row, validation_rows
 
@@ -176,7 +177,8 @@ def test_run_published_into_a_postgres_catalog_reads_back_and_travels_in_time(co
     _, runs = lake.query(config, "SELECT run_id, snapshot_id, status FROM runs")
     assert runs == [("r1", first, "complete")]
     assert lake.snapshots(config)[-1]["snapshot_id"] == first
-    assert snapshots_by_run(config)[first] == {"run_id": "r1", "shards_added": ["s1", "s2"]}
+    assert snapshots_by_run(config)[first] == {"run_id": "r1", "shards_added": ["s1", "s2"],
+                                               "minhash": Signing.of(config.hygiene).label}
 
     later = [land_shard(config, "r2", "s1", trees=5)]
     second = materialise_run(config, run_row("r2", later), later, validation_rows(later))
