@@ -187,26 +187,26 @@ def _published_matches(con: duckdb.DuckDBPyConnection, runs: Sequence[str], prin
     """The instructions of `runs` with a seed's text hash or (near duplicates on) sharing one of its band keys: one
     scan of instruction_fingerprints, then the signatures of the candidates of seeds that have no exact duplicate."""
     signing, n = prints.signing, len(prints)
-    params = {"label": signing.label, "runs": list(runs)}
     if signing.near:
         con.register("seed_keys", pa.table({"seed": np.repeat(np.arange(n, dtype=np.int64), signing.bands),
                                             "band_key": prints.band_keys.ravel()}))
-        matches = con.execute(
+        found = con.execute(
             "SELECT DISTINCT s.seed, f.run_id, f.instruction_id, f.text_sha1 FROM "
             "(SELECT run_id, instruction_id, text_sha1, unnest(band_keys) AS band_key FROM instruction_fingerprints "
-            " WHERE minhash = $label AND list_contains($runs, run_id)) f JOIN seed_keys s USING (band_key)",
-            params).fetchall()
+            " WHERE minhash = ?) f JOIN seed_keys s USING (band_key)", [signing.label]).fetchall()
     else:
         con.register("seed_keys", pa.table({"seed": np.arange(n, dtype=np.int64), "text_sha1": prints.text_sha1}))
-        matches = con.execute(
+        found = con.execute(
             "SELECT DISTINCT s.seed, f.run_id, f.instruction_id, f.text_sha1 FROM instruction_fingerprints f "
-            "JOIN seed_keys s USING (text_sha1) WHERE f.minhash = $label AND list_contains($runs, f.run_id)",
-            params).fetchall()
+            "JOIN seed_keys s USING (text_sha1) WHERE f.minhash = ?", [signing.label]).fetchall()
     con.unregister("seed_keys")
+    order = {run: i for i, run in enumerate(runs)}
+    # Other runs (later ones, and the planning run's own when it resumes) are left out of the few matches, not out of
+    # every row of the scan: a filter on the scan would compare each row's run with every earlier run.
+    matches = [match for match in found if match[1] in order]
     exact = {seed for seed, _, _, sha1 in matches if sha1 == prints.text_sha1[seed]}
     near = [(seed, run, iid, sha1) for seed, run, iid, sha1 in matches if seed not in exact]
     values = _signatures(con, signing.label, {(run, iid) for _, run, iid, _ in near})
-    order = {run: i for i, run in enumerate(runs)}
     return ([Published(seed, order[run], run, iid, sha1, None) for seed, run, iid, sha1 in matches if seed in exact
              and sha1 == prints.text_sha1[seed]]
             + [Published(seed, order[run], run, iid, sha1, values[run, iid]) for seed, run, iid, sha1 in near])

@@ -20,7 +20,8 @@ import hashlib
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -267,6 +268,12 @@ class Fingerprints:
     def __len__(self) -> int:
         return len(self.text_sha1)
 
+    def take(self, numbers: Sequence[int]) -> "Fingerprints":
+        """The fingerprints of texts number `numbers`, in that order."""
+        rows = np.asarray(numbers, dtype=np.intp)
+        return Fingerprints(self.signing, [self.text_sha1[n] for n in numbers], self.hashvalues[rows],
+                            self.band_keys[rows])
+
 
 def fingerprints(texts: Sequence[str], signing: Signing) -> Fingerprints:
     """Fingerprint `texts` under `signing`, the MinHash signatures computed in one batch."""
@@ -396,31 +403,36 @@ class Screened:
 
 def screen_seeds(instructions: Sequence[Any], cfg: Config, earlier: EarlierLookup | None = None) -> Screened:
     """Decontaminate, then dedup `instructions` (tasks.seeds.Instruction) in order; `earlier` finds the instructions
-    other runs published that they may duplicate (tasks/history.py), which count as seen before the run's own."""
-    drops, flags, clean = Drops(), [], []
-    if cfg.decontaminate:
-        index = decontaminator_for(cfg)
-        for instruction in instructions:
-            found = index.matches(instruction.text, instruction.reference)
+    other runs published that they may duplicate (tasks/history.py), which count as seen before the run's own.
+
+    `earlier` runs on a thread of its own, given every seed's fingerprints, while the seeds are decontaminated: its
+    lake reads are I/O and DuckDB work that leave the GIL to the decontamination.
+    """
+    dedup = Deduplicator(cfg.hygiene) if cfg.hygiene.dedup else None
+    prints = fingerprints([i.text for i in instructions], dedup.signing) if dedup is not None else None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="earlier-runs") as pool:
+        lookup = pool.submit(earlier, prints) if earlier is not None and prints is not None and instructions else None
+        drops, flags, clean = Drops(), [], []
+        index = decontaminator_for(cfg) if cfg.decontaminate else None
+        for number, instruction in enumerate(instructions):
+            found = index.matches(instruction.text, instruction.reference) if index is not None else []
             if found:
                 flags += [{"instruction_id": instruction.instruction_id, **match} for match in found]
                 drops.add("decontamination", f"contaminated: {found[0]['eval_set']}", instruction.instruction_id)
             else:
-                clean.append(instruction)
-    else:
-        clean = list(instructions)
-    if not cfg.hygiene.dedup:
-        return Screened(clean, drops, flags)
-    dedup = Deduplicator(cfg.hygiene)
-    items = [(i.instruction_id, i.text) for i in clean]
-    prints = fingerprints([text for _, text in items], dedup.signing)
-    published = earlier(prints) if earlier is not None and items else ()
+                clean.append(number)
+        if dedup is None:
+            return Screened([instructions[number] for number in clean], drops, flags)
+        published = lookup.result() if lookup is not None else ()
+    renumbered = {number: k for k, number in enumerate(clean)}
+    items = [(instructions[number].instruction_id, instructions[number].text) for number in clean]
+    published = [replace(p, seed=renumbered[p.seed]) for p in published if p.seed in renumbered]
     kept = []
-    for instruction, verdict in zip(clean, dedup.screen(items, prints, published)):
+    for number, verdict in zip(clean, dedup.screen(items, prints.take(clean), published)):
         if verdict is None:
-            kept.append(instruction)
+            kept.append(instructions[number])
         else:
-            drops.add("dedup", verdict[0], instruction.instruction_id)
+            drops.add("dedup", verdict[0], instructions[number].instruction_id)
     return Screened(kept, drops, flags)
 
 
