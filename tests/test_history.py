@@ -258,3 +258,21 @@ def test_runs_published_before_the_index_or_under_other_settings_are_indexed_onc
     # The next plan finds them indexed: it writes nothing, and drops the same.
     assert screened_verdicts(seeds, config, "new") == verdicts
     assert lake.snapshots(config)[-1]["snapshot_id"] == before + 1
+
+
+def test_without_near_duplicates_a_plan_finds_exact_copies_by_text_hash_alone(config):
+    rng = random.Random(13)
+    earlier = [seed(problem(rng), str(k)) for k in range(4)]
+    publish(config, "first", earlier)
+    exact_only = config.replace(hygiene=HygieneConfig(near_duplicate_jaccard=1.0))
+    seeds = [seed(earlier[2].text.lower()), seed(earlier[3].text + " Be brief."), seed(problem(rng))]
+
+    verdicts = screened_verdicts(seeds, exact_only, "second")
+
+    assert list(verdicts.values()) == ["exact duplicate (normalized text) of an instruction run first published",
+                                       None, None]
+    _, rows = lake.query(config, "SELECT minhash, count(*), max(len(band_keys)) FROM instruction_fingerprints "
+                                 "GROUP BY ALL ORDER BY ALL")
+    assert rows == [(LABEL, 4, 9), ("off", 4, 0)]  # indexed once more, text hashes only
+    _, rows = lake.query(config, "SELECT minhash, count(*) FROM instruction_signatures GROUP BY ALL")
+    assert rows == [(LABEL, 4)]  # none for "off"
