@@ -16,13 +16,23 @@ Columns:
 - occupancy: busy slot time ÷ (slots × the engine's window, first request to last answer);
 - nodes/s: nodes landed ÷ the whole `nightly()` wall (planning, growth, validation, publishing, report).
 
+`stages` runs 1,000, 4,000 and 16,000 seeds (small trees, instant engine) and prints each stage's wall: plan (seeds
+through the hygiene gate), grow (to the last landing), validate (after the last landing, until every shard is validated
+and checked), publish, data docs, report; and the wall per seed and per tree.
+
+`planning` is bench/plan_history.py: 10,000 new seeds planned against lakes holding 0, 100,000 and 1,000,000
+published instructions.
+
 Usage:
+    PYTHONPATH=. .venv/bin/python bench/scale.py planning [--repeats 3]
     PYTHONPATH=. .venv/bin/python bench/scale.py [--instructions 1024] [--per-shard 4 32 128] [--engine gpu instant]
+    PYTHONPATH=. .venv/bin/python bench/scale.py stages [--instructions 1000 4000 16000] [--per-shard 128]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -201,17 +211,122 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
                 print(f"  shards of {r['per_shard']}: {r['failures']}")
 
 
+# --- stages: where a run's wall goes as it grows (instant engine, small trees) ------------------------------------
+
+STAGE_DIFFICULTY = 5  # the arithmetic generator's largest numbers: the fewest near-duplicates for the hygiene gate
+STAGE_CHUNK = 1000  # instructions per generator seed
+STAGE_PER_SHARD = 128
+
+
+def stage_config(state: Path, url: str, instructions: int, per_shard: int) -> Any:
+    """A run of `instructions` arithmetic seeds grown as small trees (two strategies × two samples, one turn, no
+    MCTS, no hard negatives, no jury comparisons), every role on the instant engine."""
+    from orchard.config import SeedSource
+
+    slots = ENGINES["instant"].slots
+    cfg = gpu_sim.sim_config(state, url, instructions, per_shard, slots)
+    seeds = tuple(SeedSource(kind="arithmetic", count=min(STAGE_CHUNK, instructions - start),
+                             difficulty=STAGE_DIFFICULTY, seed=1000 + i)
+                  for i, start in enumerate(range(0, instructions, STAGE_CHUNK)))
+    run = dataclasses.replace(cfg.run, strategies=("step_by_step", "plan_first"), samples_per_strategy=2, turns=1,
+                              mcts_domains=(), hard_negatives_per_tree=0, jury_pairs=0, jury_canaries=0)
+    return cfg.replace(seeds=seeds, run=run)
+
+
+def measure_stages(instructions: int, per_shard: int, state: Path) -> dict[str, Any]:
+    """Run the nightly flow once (in this process) on the instant engine; return its stages' walls."""
+    from flows.nightly import nightly
+    from orchard.services import embedded_services
+    from tasks.seeds import generate_arithmetic
+
+    gpu_sim.warm_prefect()
+    probe = stage_config(state, "http://127.0.0.1:1/v1", instructions, per_shard)
+    references = {i.text: i.reference for source in probe.seeds
+                  for i in generate_arithmetic(source.count, difficulty=source.difficulty, seed=source.seed)}
+    with gpu_sim.sim_process(ENGINES["instant"], references, state) as (url, _):
+        cfg = stage_config(state, url, instructions, per_shard)
+        with embedded_services(cfg) as live:
+            started = time.monotonic()
+            result = nightly(config=live.to_dict(), run_id=f"stages-{instructions}")
+            wall_s = time.monotonic() - started
+    summary = result if isinstance(result, dict) else result.data
+    return {"instructions": instructions, "per_shard": per_shard, "shards": summary.get("shards_planned"),
+            "trees": summary.get("trees") or 0, "nodes": summary.get("nodes") or 0, "status": summary.get("status"),
+            "stages": summary.get("stages") or {}, "wall_s": wall_s}
+
+
+def stages_child(instructions: int, per_shard: int, root: Path) -> dict[str, Any]:
+    state = root / f"stages-{instructions}"
+    state.mkdir(parents=True)
+    env = {**os.environ, "PREFECT_HOME": str(state / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90"}
+    argv = [sys.executable, __file__, "stages-one", "--instructions", str(instructions), "--per-shard", str(per_shard),
+            "--state", str(state)]
+    done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    (state / "child.log").write_text(done.stdout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{\"instructions\"")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"stages, {instructions} instructions: the run exited {done.returncode}; log: {state / 'child.log'}")
+    return json.loads(lines[-1])
+
+
+def print_stages(rows: Sequence[dict[str, Any]]) -> None:
+    names = list(dict.fromkeys(name for r in rows for name in r["stages"]))
+    head = (f"{'seeds':>6} {'shards':>6} {'trees':>6} {'nodes':>7} " + " ".join(f"{n.removesuffix('_s'):>9}" for n in names)
+            + f" {'wall s':>7} {'ms/seed':>8} {'ms/tree':>8} {'tail/grow':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        st = r["stages"]
+        tail = st.get("validate_s", 0.0) / st["grow_s"] if st.get("grow_s") else float("nan")
+        print(f"{r['instructions']:>6} {r['shards']:>6} {r['trees']:>6} {r['nodes']:>7} "
+              + " ".join(f"{st.get(n, 0.0):>9.1f}" for n in names)
+              + f" {r['wall_s']:>7.1f} {1000 * r['wall_s'] / r['instructions']:>8.1f} "
+              f"{1000 * r['wall_s'] / max(1, r['trees']):>8.1f} {tail:>9.3f}")
+    small, large = rows[0], rows[-1]
+    print(f"\nwall per seed, {large['instructions']} ÷ {small['instructions']} seeds: "
+          f"{(large['wall_s'] / large['instructions']) / (small['wall_s'] / small['instructions']):.2f}x; per tree: "
+          f"{(large['wall_s'] / max(1, large['trees'])) / (small['wall_s'] / max(1, small['trees'])):.2f}x; "
+          f"validation after the last landing at most "
+          f"{max(r['stages'].get('validate_s', 0.0) / r['stages']['grow_s'] for r in rows if r['stages'].get('grow_s')):.1%}"
+          f" of growth")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["planning"]:  # planning against the lake's history: bench/plan_history.py, its options as they are
+        import plan_history
+
+        sys.argv = [plan_history.__file__, *argv[1:]]
+        plan_history.main()
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", nargs="?", choices=("bench", "one"), default="bench")
-    parser.add_argument("--instructions", type=int, default=1024)
+    parser.add_argument("command", nargs="?", choices=("bench", "one", "stages", "stages-one"), default="bench")
+    parser.add_argument("--instructions", type=int, nargs="+", default=[1024])
     parser.add_argument("--per-shard", type=int, nargs="+", default=[4, 32, 128])
     parser.add_argument("--engine", nargs="+", choices=sorted(ENGINES), default=["gpu", "instant"])
     parser.add_argument("--state", default="", help="one: the state directory")
     args = parser.parse_args(argv)
     if args.command == "one":
-        print(json.dumps(measure(args.engine[0], args.instructions, args.per_shard[0], Path(args.state))), flush=True)
+        print(json.dumps(measure(args.engine[0], args.instructions[0], args.per_shard[0], Path(args.state))), flush=True)
         return
+    if args.command == "stages-one":
+        print(json.dumps(measure_stages(args.instructions[0], args.per_shard[0], Path(args.state))), flush=True)
+        return
+    if args.command == "stages":
+        sizes = args.instructions if args.instructions != [1024] else [1000, 4000, 16000]
+        per_shard = args.per_shard[0] if args.per_shard != [4, 32, 128] else STAGE_PER_SHARD
+        root = Path(tempfile.mkdtemp(prefix="orchard-stages-"))
+        print(f"stages of runs of {sizes} arithmetic seeds (difficulty {STAGE_DIFFICULTY}) as shards of {per_shard}, "
+              f"small trees (2 strategies x 2 samples, 1 turn, no MCTS, no hard negatives, no jury comparisons), "
+              f"instant engine ({ENGINES['instant'].slots} slots); state under {root}", flush=True)
+        rows = []
+        for size in sizes:
+            rows.append(stages_child(size, per_shard, root))
+            print(f"  {size} seeds: {rows[-1]['status']}, {rows[-1]['wall_s']:.0f} s", flush=True)
+        print()
+        print_stages(rows)
+        return
+    args.instructions = args.instructions[0]
     root = Path(tempfile.mkdtemp(prefix="orchard-scale-"))
     print(f"{args.instructions} instructions (arithmetic, run defaults: turns 2, MCTS, jury of three, hard negatives); "
           f"engines: " + "; ".join(f"{e}: {ENGINES[e].slots} slots, {ENGINES[e].per_token_s * 1000:g} ms/token"

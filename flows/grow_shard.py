@@ -1,4 +1,4 @@
-"""The grow-shard flow: one shard grown, in one slot of its host's GPU limit, and the task that dispatches it.
+"""The grow-shard flow: one shard grown and validated, in one slot of its host's GPU limit, and the task that dispatches it.
 
 The nightly flow's `dispatch-shard` tasks run it: its body in their own process (`orchestration.grow = "inline"`,
 the embedded default), or as a subflow run of the `grow-shard` deployment on a GPU work pool (`"deployment"`).
@@ -26,7 +26,7 @@ from orchard.engine import EngineUnavailable, check_endpoints
 from orchard.errors import OrchardError, is_transient, retry_transient
 from orchard.services import embedded_services
 from orchard.store import ObjectStore
-from tasks.grow import grow_shard_task
+from tasks.grow import grow_shard_task, with_stored_validation
 from tasks.growth import GrowError
 from tasks.land import resume_shard
 from tasks.seeds import ShardPlan
@@ -151,7 +151,7 @@ def dispatch_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
     known, healed = resume_shard(store, run_id, plan.shard_id, cfg.content_hash())
     if known is not None:  # landed by an earlier attempt of this run: no GPU worker needed
         get_run_logger().info("shard %s already %s; not dispatched", plan.shard_id, known["state"])
-        return known
+        return with_stored_validation(store, run_id, known)
     attempt = task_run.run_count or 1
     # Parameters show in the UI: the worker fills the blanked secrets from its own config.
     grown = run_deployment(cfg.orchestration.grow_deployment,
@@ -171,5 +171,6 @@ def dispatch_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
     if landed is None:
         raise GrowError(f"shard {plan.shard_id}: {where} completed, yet no intact manifest of it is in the store"
                         + (f" ({corrupt})" if corrupt else ""))
-    return {**landed, "state": "landed" if landed["state"] == "reused" else landed["state"],
-            "worker": worker, "healed": healed}
+    # The worker validated the shard where it grew it: its record is beside the shard (or its quarantined copy).
+    return {**with_stored_validation(store, run_id, landed),
+            "state": "landed" if landed["state"] == "reused" else landed["state"], "worker": worker, "healed": healed}

@@ -1,4 +1,4 @@
-"""The nightly flow: seeds → trees → S3 → GX → one DuckLake snapshot → report."""
+"""The nightly flow: seeds → trees → S3, validated by GX where grown → one DuckLake snapshot → Data Docs, report."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import queue
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
 from orchard.config import Config, load_config, with_secrets
+from orchard.errors import OrchardError
 from orchard.services import embedded_services
 from flows.grow_shard import dispatch_shard_task
 from tasks.fates import ShardCheck, shard_fate
@@ -24,7 +25,21 @@ from tasks.grow import growth_host, shards_in_flight
 from tasks.materialise import check_run_id_task, materialise_task
 from tasks.report import report_task, run_summary, summary_text
 from tasks.seeds import ShardPlan, plan_shards_task
-from tasks.validate import validate_shard_task
+from tasks.validate import check_shard_task, data_docs_task
+
+
+class RunFailed(OrchardError):
+    """No shard of a run was published (every one failed or was quarantined); `summary` is the run's summary.
+
+    The data of the flow's Failed state: calling the flow raises it, with the shards' problems as its message.
+    """
+
+    def __init__(self, message: str, summary: dict | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary or {}
+
+    def __reduce__(self) -> tuple:
+        return type(self), (str(self), self.summary)
 
 
 def default_run_id() -> str:
@@ -35,8 +50,8 @@ def default_run_id() -> str:
 @flow(name="nightly", log_prints=True)
 def nightly(config: dict | None = None, run_id: str | None = None, preset: str | None = None,
             max_shards: int | None = None) -> dict | State:
-    """Grow, land, validate and publish one run; return its summary (as the data of a Failed or a "Partial"
-    Completed state when not every shard was published).
+    """Grow, land, validate and publish one run; return its summary (as the data of a "Partial" Completed state when
+    some shards were not published; a Failed state's data is RunFailed, holding it, when none was).
 
     `config` is a whole config (as `orchard run` passes it); a deployment run passes none and loads `preset` (a
     config file on the worker; None: its $ORCHARD_CONFIG or the embedded preset) under the worker's environment.
@@ -52,7 +67,8 @@ def nightly(config: dict | None = None, run_id: str | None = None, preset: str |
     # The UI shows how the run went: Failed when nothing was published, "Partial" when some shards were left out.
     problems = "; ".join(summary["problems"])[:500]
     if summary["status"] == "failed":
-        return Failed(message=f"run {summary['run_id']}: nothing published: {problems}", data=summary)
+        message = f"run {summary['run_id']}: nothing published: {problems}"
+        return Failed(message=message, data=RunFailed(message, summary))
     if summary["status"] == "partial":
         return Completed(name="Partial", message=f"run {summary['run_id']}: {problems}", data=summary)
     return summary
@@ -63,6 +79,7 @@ def publish_run(cfg: Config, run_id: str, max_shards: int | None = None) -> dict
     config = cfg.to_dict()
     logger = get_run_logger()
     started_at = datetime.now(timezone.utc)
+    stages = Stages()
 
     check_run_id_task(config, run_id)  # a run id resumes its run: refuse one published under another config
     seeds = plan_shards_task(config, run_id)  # through the hygiene gate: decontaminated and deduplicated
@@ -71,6 +88,7 @@ def publish_run(cfg: Config, run_id: str, max_shards: int | None = None) -> dict
     logger.info("run %s: %d shards of up to %d instructions, up to %d growing at once", run_id, len(plans),
                 cfg.run.instructions_per_shard, in_flight)
     progress = Progress(run_id, len(plans))
+    stages.end("plan")
 
     growth_started = time.monotonic()
     # Shards growing here share one growth host (an engine client per engine, a verification pool), held for the
@@ -86,6 +104,9 @@ def publish_run(cfg: Config, run_id: str, max_shards: int | None = None) -> dict
             progress.add(len(corrupt))
             checks.update(grow_and_validate(config, run_id, corrupt, progress, in_flight))
     growth_wall_s = time.monotonic() - growth_started
+    # Growth ends with the last landing; what follows until every shard is validated and checked is the tail.
+    stages.end("grow", until=max((_landed_at(c.receipt) for c in checks.values() if c.receipt), default=None))
+    stages.end("validate")
 
     fates = [shard_fate(checks[plan.shard_id], found.get(plan.shard_id) or _healed(checks[plan.shard_id]))
              for plan in plans]
@@ -93,17 +114,37 @@ def publish_run(cfg: Config, run_id: str, max_shards: int | None = None) -> dict
     summary = run_summary(run_id, str(flow_run.id) if flow_run.id else None, cfg, started_at, len(plans), fates,
                           [checks[p.shard_id].receipt for p in plans if checks[p.shard_id].receipt], passed,
                           growth_wall_s, seeds.sources, seeds.drops, seeds.contamination)
-    summary["data_docs"] = next((c.data_docs for c in checks.values() if c.data_docs), None)
     validation_rows = [row for check in checks.values() for row in check.validation_rows]
     run_rows = {"drops": seeds.drops, "contamination": seeds.contamination}
     summary.update(materialise_task(config, summary, [r["manifest"] for r in passed], validation_rows, run_rows))
+    stages.end("publish")
+    summary["data_docs"] = data_docs_task(config, [checks[plan.shard_id] for plan in plans])
+    stages.end("data_docs")
     summary.update(report_task(config, summary))
+    stages.end("report")
+    summary["stages"] = stages.walls
     print(summary_text(summary))
     return summary
 
 
+class Stages:
+    """The wall time of each stage of a run, in seconds, in order: each stage ends where the next begins."""
+
+    def __init__(self) -> None:
+        self.walls: dict[str, float] = {}
+        self._since = time.time()
+
+    def end(self, stage: str, until: float | None = None) -> None:
+        """End `stage` now, or at `until` (a time.time() value, e.g. the last landing, clamped to the stage)."""
+        now = time.time()
+        end = now if until is None else min(now, max(self._since, until))
+        self.walls[f"{stage}_s"] = round(end - self._since, 3)
+        self._since = end
+
+
 class Progress:
-    """The run's progress artifact: each shard moves it twice, when it lands and when it is validated."""
+    """The run's progress artifact: each shard moves it twice, when it is grown (landed and validated) and when the
+    flow has checked it."""
 
     def __init__(self, run_id: str, shards: int) -> None:
         self.steps, self.done = 2 * max(1, shards), 0
@@ -120,14 +161,15 @@ class Progress:
 
 def grow_and_validate(config: dict, run_id: str, plans: Sequence[ShardPlan], progress: Progress,
                       in_flight: int) -> dict[str, ShardCheck]:
-    """Grow (or find landed) every shard of `plans` and validate each as it lands; return each shard's check.
+    """Grow (or find landed) every shard of `plans`, each validated where it grows, and check each as it returns
+    (its bytes against its manifest); return each shard's check.
 
-    At most `in_flight` shards grow at once and at most as many wait on their validation: the others wait in plan
-    order, so the flow's threads and task runs do not grow with the run.
+    At most `in_flight` shards grow at once and at most as many wait on their check: the others wait in plan order,
+    so the flow's threads and task runs do not grow with the run.
     """
     waiting, landed = deque(plans), deque()
     growing: dict[PrefectFuture, ShardPlan] = {}
-    validating: dict[PrefectFuture, tuple[ShardPlan, dict]] = {}
+    checking: dict[PrefectFuture, tuple[ShardPlan, dict]] = {}
     finished: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()  # futures, as they finish
     checks: dict[str, ShardCheck] = {}
     while True:
@@ -136,12 +178,12 @@ def grow_and_validate(config: dict, run_id: str, plans: Sequence[ShardPlan], pro
             future = dispatch_shard_task.submit(config, run_id, plan)
             growing[future] = plan
             future.add_done_callback(finished.put)
-        while landed and len(validating) < in_flight:
+        while landed and len(checking) < in_flight:
             plan, receipt = landed.popleft()
-            future = validate_shard_task.submit(config, run_id, receipt)
-            validating[future] = (plan, receipt)
+            future = check_shard_task.submit(config, run_id, receipt)
+            checking[future] = (plan, receipt)
             future.add_done_callback(finished.put)
-        if not growing and not validating:
+        if not growing and not checking:
             return checks
         future = finished.get()
         progress.tick()
@@ -152,10 +194,18 @@ def grow_and_validate(config: dict, run_id: str, plans: Sequence[ShardPlan], pro
             else:
                 landed.append((plan, receipt))
             continue
-        (plan, receipt), checked = validating.pop(future), future.result(raise_on_failure=False)
+        (plan, receipt), checked = checking.pop(future), future.result(raise_on_failure=False)
         if isinstance(checked, BaseException):  # transient and still failing after retries: nothing was moved
-            checked = ShardCheck(plan.shard_id, "failed", f"validation could not run: {_reason(checked)}", receipt)
+            checked = ShardCheck(plan.shard_id, "failed", f"check could not run: {_reason(checked)}", receipt)
         checks[plan.shard_id] = checked
+
+
+def _landed_at(receipt: Mapping) -> float:
+    """When a shard landed (time.time()): its grow task says so; a dispatched shard's manifest, to the second."""
+    if receipt.get("landed_at"):
+        return receipt["landed_at"]
+    stamp = (receipt.get("manifest") or {}).get("landed_at")
+    return datetime.fromisoformat(stamp).timestamp() if stamp else 0.0
 
 
 def _healed(check: ShardCheck) -> str | None:

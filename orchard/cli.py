@@ -71,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if api is not None:  # `orchard up` runs a Prefect server here: the run shows in its UI
         os.environ.setdefault("PREFECT_API_URL", api)
     _prefect_env(cfg)
-    from flows.nightly import nightly  # imports Prefect: only after its environment is set
+    from flows.nightly import RunFailed, nightly  # imports Prefect: only after its environment is set
     from orchard.errors import OrchardError
     from orchard.services import embedded_services
     from tasks.fates import exit_code
@@ -82,6 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with embedded_services(cfg) as live:
         state = nightly(config=redacted(live.to_dict()), run_id=args.run_id, return_state=True)
     summary = state.result(raise_on_failure=False)
+    if isinstance(summary, RunFailed):  # the run ended without publishing a shard: its report said why
+        return exit_code(summary.summary.get("status", "failed"))
     if isinstance(summary, OrchardError):  # the flow itself failed: nothing was published
         print(f"orchard: run failed, nothing published: {summary} (details: {log_file})", file=sys.stderr)
         return exit_code("failed")

@@ -58,7 +58,7 @@ class ShardCheck:
     reason: str = ""
     receipt: Mapping[str, Any] | None = None  # the landed shard's receipt (manifest, stats, state, worker)
     validation_rows: tuple[Mapping[str, Any], ...] = ()
-    data_docs: str | None = None
+    record: str | None = None  # the key of its validation record in the store (outcomes and GX's results)
 
     def __post_init__(self) -> None:
         if self.outcome not in CHECKS:

@@ -24,9 +24,11 @@ import queue
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
+import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
@@ -34,6 +36,7 @@ from prefect.cache_policies import NO_CACHE
 from orchard.config import Config, HygieneConfig, RunConfig
 from orchard.engine import (CacheCounters, ChatEngine, EngineClient, PrefixCache, Usage, counters_delta,
                             prefix_cache_counters)
+from orchard.errors import is_transient
 from orchard.store import ObjectStore
 from schemas import rows
 from tasks import jury as juries
@@ -46,7 +49,9 @@ from tasks.pairs import constraint_count, curate
 from tasks.principles import Constitution, Principled, load_constitution
 from tasks.seeds import Instruction, ShardPlan
 from tasks.turns import Turns
-from tasks.verify import Verifiers
+from tasks.validate import (ShardValidation, record_unvalidated, record_validation, shard_contamination,
+                            stored_validation, validate_shard)
+from tasks.verify import Verifiers, _worker_context
 
 
 @dataclass
@@ -225,12 +230,16 @@ def shards_in_flight(cfg: Config) -> int:
 TREES_PER_REQUEST_SLOT = 2
 
 
+# How much lower than growth the validation process runs (os.nice): GX's work can wait, the engines' answers cannot.
+VALIDATE_NICE = 10
+
+
 class GrowthHost:
     """What every shard growing in this process shares: one event loop (on a thread of its own), one engine client
     per engine (so `max_concurrency` is what each server sees from the process and one priority queue, longest
-    remaining chains first, spans every shard), and one verification pool sized to the host's cores.
+    remaining chains first, spans every shard), and one verification pool sized to the host's cores, and one validation process.
 
-    Open it with `growth_host(cfg)`; `grow` runs one shard on it from any thread.
+    Open it with `growth_host(cfg)`; `grow` runs one shard on it and `validate` validates one, from any thread.
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -239,6 +248,8 @@ class GrowthHost:
         self.users = 0  # growth_host's count of the blocks that hold this host open
         self._counters: dict[str, CacheCounters] | None = None  # the servers' prefix-cache counters, last read
         self._counters_lock: asyncio.Lock | None = None
+        self._validator: ProcessPoolExecutor | None = None  # started by the first shard that lands
+        self._validator_lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="orchard-growth", daemon=True)
         self._thread.start()
@@ -282,6 +293,20 @@ class GrowthHost:
                                                            await self._cache_counters_gained()).as_dict()
         return grown
 
+    def validate(self, tables: Mapping[str, pa.Table], shard_id: str, contaminated: Sequence[str]) -> ShardValidation:
+        """Validate a landed shard's tables in this host's validation process and return the outcome.
+
+        One process per host, at a lower CPU priority than growth (VALIDATE_NICE), keeps GX's seconds of pure-Python
+        work per shard off the event loop's interpreter and behind the engines' and verifiers' CPU; its GX context is
+        built once. Shards wait for it in turn, and while they wait they count as in flight.
+        """
+        with self._validator_lock:
+            if self._validator is None:
+                self._validator = ProcessPoolExecutor(max_workers=1, mp_context=_worker_context(),
+                                                      initializer=os.nice, initargs=(VALIDATE_NICE,))
+            validator = self._validator
+        return validator.submit(validate_shard, dict(tables), shard_id=shard_id, contaminated=list(contaminated)).result()
+
     async def _cache_counters_gained(self) -> CacheCounters | None:
         """Return what the servers' prefix-cache counters (vLLM's GET /metrics) gained since they were last read here.
 
@@ -306,6 +331,8 @@ class GrowthHost:
             self._thread.join(timeout=30)
             self._loop.close()
             self.verifiers.close()
+            if self._validator is not None:
+                self._validator.shutdown(wait=True, cancel_futures=True)
 
 
 _HOSTS: dict[str, GrowthHost] = {}
@@ -342,10 +369,12 @@ PROGRESS_EVERY_S = 5.0
 
 @task(name="grow-shard", cache_policy=NO_CACHE, retries=0)
 def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
-    """Grow, verify and land one shard, unless an intact manifest says it already landed; return its receipt.
+    """Grow, verify, land and validate one shard, unless an intact manifest says it already landed; return its
+    receipt, whose `validation` says how its suites fared (a shard that failed them is quarantined here).
 
     A corrupt landed shard is quarantined and grown again; the receipt's `healed` names what was wrong with it.
-    The shard grows on this process's growth host (one engine client per engine, one verification pool).
+    The shard grows on this process's growth host (one engine client per engine, one verification pool) and is
+    validated on it right after it lands.
     """
     cfg = Config.from_dict(config)
     store = ObjectStore(cfg.object_store)
@@ -354,7 +383,7 @@ def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
     if known is not None:
         logger.info("shard %s already %s; not grown again", plan.shard_id,
                     "landed" if known["state"] == "reused" else known["state"])
-        return known
+        return with_stored_validation(store, run_id, known)
     if healed:
         logger.warning("shard %s is grown again: %s", plan.shard_id, healed)
 
@@ -374,11 +403,35 @@ def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
 
     with growth_host(cfg) as host:
         grown = host.grow(plan, cfg, run_id, progress)
-    manifest = land_shard(store, run_id, plan.shard_id, grown.tables(), config_hash=cfg.content_hash(), stats=grown.stats)
-    logger.info(
-        "shard %s landed: %d trees, %d answers (%d correct), %d critiques, %d pairs, %.1f tokens/s",
-        plan.shard_id, grown.stats["trees"], grown.stats["actions"], grown.stats["correct"],
-        grown.stats["critiques"], grown.stats["pairs"], grown.stats["engine"]["tokens_per_s"],
-    )
+        tables = grown.tables()
+        manifest = land_shard(store, run_id, plan.shard_id, tables, config_hash=cfg.content_hash(), stats=grown.stats)
+        landed_at = time.time()
+        logger.info(
+            "shard %s landed: %d trees, %d answers (%d correct), %d critiques, %d pairs, %.1f tokens/s",
+            plan.shard_id, grown.stats["trees"], grown.stats["actions"], grown.stats["correct"],
+            grown.stats["critiques"], grown.stats["pairs"], grown.stats["engine"]["tokens_per_s"],
+        )
+        del grown
+        try:
+            validation = host.validate(tables, plan.shard_id, shard_contamination(cfg, tables))
+            validated = record_validation(store, run_id, plan.shard_id, validation)
+        except Exception as error:  # noqa: BLE001 - a validation that cannot run is a fate: quarantined, with why
+            if is_transient(error):
+                raise
+            logger.error("shard %s: validation could not run", plan.shard_id, exc_info=True)
+            validated = record_unvalidated(store, run_id, plan.shard_id, error)
+    if validated["outcome"] == "passed":
+        logger.info("shard %s validated: all %d expectations passed", plan.shard_id, len(validated["rows"]))
+    else:
+        logger.warning("shard %s quarantined: %s", plan.shard_id, validated["summary"])
     update_progress_artifact(moving, progress=100.0)
-    return {"shard_id": plan.shard_id, "state": "landed", "manifest": manifest, "stats": grown.stats, "healed": healed}
+    state = "landed" if validated["outcome"] == "passed" else "quarantined"
+    return {"shard_id": plan.shard_id, "state": state, "manifest": manifest, "stats": manifest["stats"],
+            "healed": healed, "validation": validated, "landed_at": landed_at}
+
+
+def with_stored_validation(store: ObjectStore, run_id: str, receipt: dict) -> dict:
+    """Return the receipt of a shard an earlier attempt landed, with the validation recorded beside it, if any."""
+    if receipt["state"] != "reused":
+        return receipt
+    return {**receipt, "validation": stored_validation(store, run_id, receipt["shard_id"])}

@@ -2,7 +2,7 @@
 
 Layout (one prefix per shard; a shard is visible only through its manifest):
 
-    runs/<run_id>/shards/<shard_id>/{instructions,nodes,pairs}.parquet + manifest.json
+    runs/<run_id>/shards/<shard_id>/{instructions,nodes,pairs}.parquet + manifest.json + validation.json
     runs/<run_id>/quarantine/<shard_id>/{...}.parquet + validation.json + manifest.json
 """
 
@@ -187,6 +187,17 @@ def resume_shard(store: ObjectStore, run_id: str, shard_id: str, config_hash: st
         return None, None
     return {"shard_id": shard_id, "state": "quarantined", "manifest": quarantined,
             "stats": quarantined.get("stats") or {}}, None
+
+
+def write_validation(store: ObjectStore, run_id: str, shard_id: str, record: Mapping[str, Any]) -> str:
+    """Write a landed shard's validation record beside its files (after its manifest); return its key."""
+    key = shard_prefix(run_id, shard_id) + VALIDATION
+    try:
+        body = json.dumps(record, indent=1, sort_keys=True, default=str).encode()
+    except (TypeError, ValueError) as exc:
+        raise LandingError(f"shard {shard_id}: validation record is not JSON-serialisable: {exc}") from None
+    _put_replacing(store, key, body)
+    return key
 
 
 def quarantine_shard(store: ObjectStore, run_id: str, shard_id: str, validation: Mapping[str, Any]) -> str:

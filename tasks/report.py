@@ -148,6 +148,9 @@ def summary_text(summary: Mapping[str, Any]) -> str:
         lines.append(f"  ! {problem}")
     if summary.get("data_docs"):
         lines.append(f"  data docs: {summary['data_docs']}")
+    if summary.get("stages"):
+        lines.append("  stages: " + ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {wall:.1f} s"
+                                            for name, wall in summary["stages"].items()))
     lines.append('  query it: orchard sql "SELECT domain, count(*) FROM pairs GROUP BY 1"')
     if summary.get("snapshot_id") is not None:
         lines.append(f'            orchard sql --version {summary["snapshot_id"]} "SELECT count(*) FROM dpo_pairs"')

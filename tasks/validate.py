@@ -1,9 +1,11 @@
 """Validate a shard's tables with Great Expectations: a suite per table, outcomes keyed by expectation, HTML Data Docs.
 
-The suites live in schemas/suites/*.json (see schemas/suites.py). Great Expectations keeps its own copy of them in a
-file context at `gx_dir`, together with one pandas datasource, one ValidationDefinition per table, every validation
-result and the Data Docs site. GX is imported inside functions: it takes seconds to import, and other modules import
-this one.
+The suites live in schemas/suites/*.json (see schemas/suites.py). A shard is validated where it was grown, right after
+it lands (tasks/grow.py), in an in-memory GX context built once per process: one pandas datasource and one
+ValidationDefinition per table. Its record (outcomes, lake rows and GX's own results) is written beside the shard, or
+beside its quarantined copy. The nightly flow checks each shard's bytes against its manifest (`check_shard_task`) and
+renders the run's Data Docs once, at its end (`build_data_docs`), in a GX file project at `gx_dir`. GX is imported
+inside functions: it takes seconds to import, and other modules import this one.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import datetime as dt
 import fcntl
 import json
 import math
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -27,17 +30,26 @@ from prefect.cache_policies import NO_CACHE
 
 from orchard.config import Config
 from orchard.errors import OrchardError, is_transient, retry_transient
-from orchard.store import ObjectStore
+from orchard.store import ObjectMissing, ObjectStore
 from schemas.rows import SHARD_TABLES
 from schemas.suites import SUITES_DIR, SuiteError, SuiteSpec, columns_of, load_suites, with_checks
 from tasks.fates import ShardCheck
 from tasks.hygiene import flagged_ids
-from tasks.land import ShardIntegrityError, quarantine_corrupt, quarantine_shard, read_shard
+from tasks.land import (
+    VALIDATION,
+    ShardIntegrityError,
+    quarantine_corrupt,
+    quarantine_prefix,
+    quarantine_shard,
+    read_shard,
+    shard_prefix,
+    write_validation,
+)
 
 if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuiteValidationResult
     from great_expectations.core.expectation_validation_result import ExpectationValidationResult
-    from great_expectations.data_context import FileDataContext
+    from great_expectations.data_context import AbstractDataContext, FileDataContext
 
 DATASOURCE = "orchard_shards"
 BATCH_DEFINITION = "whole_table"
@@ -47,6 +59,9 @@ THIS_SHARD = "this_shard"
 CONTAMINATED = "contaminated"
 EXAMPLES = 3  # unexpected rows quoted per failed expectation
 LOCK_FILE = "orchard-validate.lock"
+# Data Docs show every quarantined shard of a run and this many passed ones: rendering costs ~0.1 s a page, and every
+# shard's outcomes are rows of the lake's `validations` table.
+DOCS_PASSED_SHARDS = 3
 DOCS_SITE = "local_site"
 # The Data Docs index reads every validation result it lists (~2 ms each): without a limit each shard's
 # validation gets slower as results pile up. 90 results are the last 30 shards; older pages stay on disk.
@@ -118,8 +133,8 @@ class ShardValidation:
     shard_id: str
     success: bool
     results: list[ExpectationOutcome]
-    data_docs_index: str | None
-    data_docs_pages: dict[str, str] = field(default_factory=dict)  # table -> this shard's validation page
+    run_time: str = ""  # when GX ran it (ISO 8601, UTC): with the shard id, the run GX files it under
+    gx_results: dict[str, dict[str, Any]] = field(default_factory=dict)  # table -> {batch_id, result}: for Data Docs
     seconds: float = 0.0
 
     def failed(self) -> list[ExpectationOutcome]:
@@ -140,9 +155,9 @@ class ShardValidation:
             "success": self.success,
             "summary": self.summary(),
             "seconds": round(self.seconds, 3),
-            "data_docs_index": self.data_docs_index,
-            "data_docs_pages": dict(self.data_docs_pages),
             "results": [r.to_dict() for r in self.results],
+            "run_time": self.run_time,
+            "gx_results": self.gx_results,
         }
 
     def rows(self, run_id: str) -> list[dict[str, Any]]:
@@ -165,16 +180,14 @@ def validate_shard(
     tables: Mapping[str, pa.Table],
     *,
     shard_id: str,
-    gx_dir: Path,
     suites_dir: Path = SUITES_DIR,
-    data_docs: bool = True,
     contaminated: Sequence[str] = (),
 ) -> ShardValidation:
-    """Return how a shard's tables fare against the suites, recorded with Data Docs in the GX project at `gx_dir`.
+    """Return how a shard's tables fare against the suites, with GX's own results (for Data Docs) as JSON.
 
-    The GX project is created on first use and reused after, from this process or another; a lock file keeps
-    concurrent validations from writing its stores at once. `data_docs=False` skips rendering, about half of the
-    ~0.8 s a small shard takes.
+    GX runs in this process's in-memory context, built on first use and kept (suites, datasource, validation
+    definitions): nothing is written to disk and no lock is shared with another process. One validation runs at a
+    time per process (GX's objects are not thread-safe).
     """
     started = time.perf_counter()
     if not shard_id:
@@ -183,18 +196,17 @@ def validate_shard(
     frames = _frames(tables, shard_id=shard_id, suites=suites)
     checked = {table: with_checks(suite, frames) for table, suite in suites.items()}
 
-    gx_dir = Path(gx_dir)
-    with _project_lock(gx_dir):
-        context = _open_context(gx_dir)
-        definitions, changed_suites = _sync(context, suites)
-        from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.core.run_identifier import RunIdentifier
 
+    with _CONTEXT_LOCK:
+        context = _memory_context()
+        definitions, _ = _sync(context, suites)
         # Not one Checkpoint: in GX 1.24 a Checkpoint hands the same batch_parameters to all its validation
         # definitions and a dataframe asset takes exactly {"dataframe": df}, so one run cannot carry several tables;
-        # each suite also wants its own row id in result_format. So: one run per table under one run id, then one
-        # Data Docs build for all their results (what UpdateDataDocsAction would do per definition).
+        # each suite also wants its own row id in result_format. So: one run per table under one run id.
         # The run name carries the shard id, so Data Docs list validations by shard.
-        run_id = RunIdentifier(run_name=shard_id, run_time=dt.datetime.now(dt.timezone.utc))
+        run_time = dt.datetime.now(dt.timezone.utc)
+        run_id = RunIdentifier(run_name=shard_id, run_time=run_time)
         suite_results: dict[str, ExpectationSuiteValidationResult] = {}
         for table, suite in suites.items():
             suite_results[table] = definitions[table].run(
@@ -207,7 +219,12 @@ def validate_shard(
                 },
                 run_id=run_id,
             )
-        index, pages = _build_data_docs(context, suite_results, run_id, changed_suites) if data_docs else (None, {})
+        # ValidationDefinition.run keeps every result in the context's store: in memory here, so drop them.
+        store = context.validation_results_store
+        for key in store.list_keys():
+            store.remove_key(key)
+        gx_results = {table: {"batch_id": result.batch_id, "result": result.to_json_dict()}
+                      for table, result in suite_results.items()}
 
     # GX returns results in its own order; each carries its suite-file position in meta.
     keyed = [
@@ -220,10 +237,26 @@ def validate_shard(
         shard_id=shard_id,
         success=all(o.success for o in outcomes),
         results=outcomes,
-        data_docs_index=index,
-        data_docs_pages=pages,
+        run_time=run_time.isoformat(),
+        gx_results=gx_results,
         seconds=time.perf_counter() - started,
     )
+
+
+_CONTEXT_LOCK = threading.Lock()
+_CONTEXT: list[AbstractDataContext] = []  # this process's in-memory GX context, once built
+
+
+def _memory_context() -> AbstractDataContext:
+    """Return this process's in-memory GX context (progress bars off), built on first use; hold _CONTEXT_LOCK."""
+    if not _CONTEXT:
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)  # tqdm floods logs
+        _CONTEXT.append(context)
+    return _CONTEXT[0]
 
 
 def _frames(
@@ -360,41 +393,59 @@ def _suite_content(suite: Any) -> list[tuple[str, str]]:
     return sorted(content)
 
 
-def _build_data_docs(
-    context: FileDataContext,
-    suite_results: Mapping[str, ExpectationSuiteValidationResult],
-    run_id: Any,
-    changed_suites: set[str],
-) -> tuple[str | None, dict[str, str]]:
-    """Render this shard's validation pages and the site index; return the index.html path and the page per table."""
+def build_data_docs(gx_dir: Path, validations: Sequence[Mapping[str, Any]],
+                    suites_dir: Path = SUITES_DIR) -> tuple[str | None, dict[str, dict[str, str]]]:
+    """Render the Data Docs site of the GX file project at `gx_dir` for `validations` (shard validation records, as
+    ShardValidation.to_dict() writes them), in one build; return the index.html path and each shard's page per table.
+
+    A run calls this once, at its end, for the shards it shows; a record without GX results is left out. The project
+    is created on first use; a lock file keeps two runs of one state directory from writing its stores at once.
+    """
+    from great_expectations.core.expectation_validation_result import ExpectationSuiteValidationResultSchema
+    from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.resource_identifiers import (
         ExpectationSuiteIdentifier,
         ValidationResultIdentifier,
     )
 
-    site_dir = _site_dir(context)
-    validations = {
-        table: ValidationResultIdentifier(
-            expectation_suite_identifier=ExpectationSuiteIdentifier(name=table),
-            run_id=run_id,
-            batch_identifier=result.batch_id,
-        )
-        for table, result in suite_results.items()
-    }
-    # A suite page only changes with its suite: render it when rewritten or missing, not for every shard.
-    suite_pages = [
-        ExpectationSuiteIdentifier(name=table)
-        for table in suite_results
-        if table in changed_suites or site_dir is None or not (site_dir / "expectations" / f"{table}.html").exists()
-    ]
-    sites = context.build_data_docs(site_names=[DOCS_SITE], resource_identifiers=[*validations.values(), *suite_pages])
-    index = _file_path(sites.get(DOCS_SITE))
-    pages = {}
-    for table, identifier in validations.items():
-        for site in context.get_docs_sites_urls(resource_identifier=identifier, site_name=DOCS_SITE):
-            page = _file_path(site.get("site_url"))
-            if page:
-                pages[table] = page
+    suites = load_suites(suites_dir)
+    schema = ExpectationSuiteValidationResultSchema()
+    gx_dir = Path(gx_dir)
+    with _project_lock(gx_dir):
+        context = _open_context(gx_dir)
+        _, changed_suites = _sync(context, suites)
+        store = context.validation_results_store
+        shown: dict[str, dict[str, Any]] = {}
+        for record in validations:
+            results = record.get("gx_results") or {}
+            if not results:
+                continue
+            run_id = RunIdentifier(run_name=record["shard_id"], run_time=dt.datetime.fromisoformat(record["run_time"]))
+            for table, entry in results.items():
+                identifier = ValidationResultIdentifier(
+                    expectation_suite_identifier=ExpectationSuiteIdentifier(name=table),
+                    run_id=run_id,
+                    batch_identifier=entry["batch_id"],
+                )
+                store.set(identifier, schema.load(entry["result"]))
+                shown.setdefault(record["shard_id"], {})[table] = identifier
+        site_dir = _site_dir(context)
+        # A suite page only changes with its suite: render it when rewritten or missing, not for every run.
+        suite_pages = [
+            ExpectationSuiteIdentifier(name=table)
+            for table in suites
+            if table in changed_suites or site_dir is None or not (site_dir / "expectations" / f"{table}.html").exists()
+        ]
+        identifiers = [identifier for tables in shown.values() for identifier in tables.values()]
+        sites = context.build_data_docs(site_names=[DOCS_SITE], resource_identifiers=[*identifiers, *suite_pages])
+        index = _file_path(sites.get(DOCS_SITE))
+        pages: dict[str, dict[str, str]] = {}
+        for shard_id, tables in shown.items():
+            for table, identifier in tables.items():
+                for site in context.get_docs_sites_urls(resource_identifier=identifier, site_name=DOCS_SITE):
+                    page = _file_path(site.get("site_url"))
+                    if page:
+                        pages.setdefault(shard_id, {})[table] = page
     return index, pages
 
 
@@ -470,13 +521,51 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-# --- Prefect task: one per shard --------------------------------------------------------------
+# --- where a shard is validated, and the flow's check of it -------------------------------------------------
 
 
-@task(name="validate-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
-def validate_shard_task(config: dict, run_id: str, receipt: dict) -> ShardCheck:
-    """Validate a landed shard: quarantine it if it is corrupt (outcome `corrupt`: it is grown again) or an
-    expectation fails, or if its validation cannot run (`quarantined`, with the reason); return the outcome.
+def record_validation(store: ObjectStore, run_id: str, shard_id: str, validation: ShardValidation) -> dict[str, Any]:
+    """Write a landed shard's validation record (quarantining the shard when an expectation failed); return what its
+    receipt says of it: `outcome` (passed or quarantined), `summary`, the lake's `rows` and the record's `key`."""
+    rows = validation.rows(run_id)
+    record = {**validation.to_dict(), "passed": validation.success, "rows": rows}
+    if validation.success:
+        key = write_validation(store, run_id, shard_id, record)
+        return {"outcome": "passed", "summary": "", "rows": rows, "key": key}
+    quarantine_shard(store, run_id, shard_id, record)
+    return {"outcome": "quarantined", "summary": validation.summary(), "rows": rows,
+            "key": quarantine_prefix(run_id, shard_id) + VALIDATION}
+
+
+def record_unvalidated(store: ObjectStore, run_id: str, shard_id: str, error: BaseException) -> dict[str, Any]:
+    """Quarantine a landed shard whose validation could not run (not transiently), with why; return its receipt's
+    validation entry."""
+    summary = f"validation could not run: {type(error).__name__}: {error}"
+    quarantine_shard(store, run_id, shard_id, {"shard_id": shard_id, "passed": False, "summary": summary, "rows": []})
+    return {"outcome": "quarantined", "summary": summary, "rows": [], "key": quarantine_prefix(run_id, shard_id) + VALIDATION}
+
+
+def stored_validation(store: ObjectStore, run_id: str, shard_id: str) -> dict[str, Any] | None:
+    """Return the receipt's validation entry of a landed shard validated by an earlier attempt, or None."""
+    key = shard_prefix(run_id, shard_id) + VALIDATION
+    try:
+        record = store.get_json(key)
+    except ObjectMissing:
+        return None
+    return {"outcome": "passed" if record.get("passed") else "quarantined", "summary": record.get("summary", ""),
+            "rows": record.get("rows") or [], "key": key}
+
+
+def shard_contamination(cfg: Config, tables: Mapping[str, pa.Table]) -> list[str]:
+    """The gate's own check of the hygiene stage: the shard's instructions flagged again, against the same sets."""
+    return flagged_ids(cfg, tables["instructions"].select(["instruction_id", "text", "reference"]).to_pylist())
+
+
+@task(name="check-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
+def check_shard_task(config: dict, run_id: str, receipt: dict) -> ShardCheck:
+    """Check a landed shard before it may be published: its files against its manifest (a corrupt one is quarantined
+    and its outcome is `corrupt`: it is grown again) and its validation where it was grown. A shard landed without
+    a validation record (an earlier version, or a crash between landing and validating) is validated here.
 
     Only a transient error (the store unreachable) is retried, and it quarantines nothing.
     """
@@ -484,34 +573,57 @@ def validate_shard_task(config: dict, run_id: str, receipt: dict) -> ShardCheck:
     store = ObjectStore(cfg.object_store)
     shard_id, manifest = receipt["shard_id"], receipt["manifest"]
     logger = get_run_logger()
-    if receipt["state"] == "quarantined":  # quarantined by an earlier attempt of this run: report it again
-        stored = store.get_json(manifest["validation_key"])
-        return ShardCheck(shard_id, "quarantined", stored["summary"], receipt, tuple(stored.get("rows") or ()),
-                          stored.get("data_docs_index"))
+    validated = receipt.get("validation")
+    if receipt["state"] == "quarantined":  # quarantined where it was grown, or by an earlier attempt of this run
+        if validated is None:
+            stored = store.get_json(manifest["validation_key"])
+            validated = {"summary": stored["summary"], "rows": stored.get("rows") or []}
+        return ShardCheck(shard_id, "quarantined", validated["summary"], receipt, tuple(validated["rows"]),
+                          validated.get("key") or manifest.get("validation_key"))
     try:
         tables = read_shard(store, manifest)
     except ShardIntegrityError as error:
         where = quarantine_corrupt(store, run_id, shard_id, error)
         logger.warning("shard %s is corrupt, quarantined at %s: %s", shard_id, where, error)
         return ShardCheck(shard_id, "corrupt", str(error), receipt)
+    if validated is None:
+        try:
+            validated = record_validation(store, run_id, shard_id, validate_shard(
+                tables, shard_id=shard_id, contaminated=shard_contamination(cfg, tables)))
+        except Exception as error:  # noqa: BLE001 - a validation that cannot run is a fate: quarantined, with why
+            if is_transient(error):
+                raise
+            logger.error("shard %s: validation could not run", shard_id, exc_info=True)
+            validated = record_unvalidated(store, run_id, shard_id, error)
+    rows = tuple(validated["rows"])
+    if validated["outcome"] == "passed":
+        return ShardCheck(shard_id, "passed", "", receipt, rows, validated["key"])
+    logger.warning("shard %s quarantined at %s: %s", shard_id, store.uri(validated["key"]), validated["summary"])
+    return ShardCheck(shard_id, "quarantined", validated["summary"], receipt, rows, validated["key"])
+
+
+@task(name="data-docs", cache_policy=NO_CACHE)
+def data_docs_task(config: dict, checks: Sequence[ShardCheck]) -> str | None:
+    """Render the run's Data Docs once, at its end: every quarantined shard's validation and the first passed
+    ones (DOCS_PASSED_SHARDS); return the site's index.html path, or None when no shard was validated.
+
+    Every shard's outcomes are rows of the lake's `validations` table; the site shows what a reader opens it for.
+    """
+    cfg = Config.from_dict(config)
+    store = ObjectStore(cfg.object_store)
+    keys = [c.record for c in checks if c.outcome == "quarantined" and c.record]
+    keys += [c.record for c in checks if c.outcome == "passed" and c.record][:DOCS_PASSED_SHARDS]
+    records = []
+    for key in keys:
+        try:
+            records.append(store.get_json(key))
+        except ObjectMissing:
+            get_run_logger().warning("no validation record at %s: not in the Data Docs", store.uri(key))
+    if not records:
+        return None
     try:
-        # The gate's own check of the hygiene stage: the shard's instructions flagged again, against the same sets.
-        contaminated = flagged_ids(cfg, tables["instructions"].select(["instruction_id", "text", "reference"]).to_pylist())
-        validation = validate_shard(tables, shard_id=shard_id, gx_dir=cfg.state_path / "gx", contaminated=contaminated)
-    except Exception as error:  # noqa: BLE001 - a validation that cannot run is a fate: quarantined, with why
-        if is_transient(error):
-            raise
-        summary = f"validation could not run: {type(error).__name__}: {error}"
-        logger.error("shard %s: %s", shard_id, summary, exc_info=True)
-        where = quarantine_shard(store, run_id, shard_id, {"shard_id": shard_id, "passed": False, "summary": summary,
-                                                            "rows": []})
-        logger.warning("shard %s quarantined at %s", shard_id, where)
-        return ShardCheck(shard_id, "quarantined", summary, receipt)
-    rows = tuple(validation.rows(run_id))
-    if validation.success:
-        return ShardCheck(shard_id, "passed", "", receipt, rows, validation.data_docs_index)
-    outcome = {"shard_id": shard_id, "passed": False, "summary": validation.summary(), "rows": list(rows),
-               "data_docs": validation.data_docs_index}
-    where = quarantine_shard(store, run_id, shard_id, {**validation.to_dict(), **outcome})
-    logger.warning("shard %s quarantined at %s: %s", shard_id, where, outcome["summary"])
-    return ShardCheck(shard_id, "quarantined", validation.summary(), receipt, rows, validation.data_docs_index)
+        index, _ = build_data_docs(cfg.state_path / "gx", records)
+    except Exception:  # noqa: BLE001 - the run is published; its report says there are no Data Docs
+        get_run_logger().warning("the run's Data Docs could not be built", exc_info=True)
+        return None
+    return index

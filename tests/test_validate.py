@@ -14,7 +14,7 @@ import pytest
 
 from schemas import rows
 from schemas.suites import SuiteError, load_suite, load_suites
-from tasks.validate import ShardValidation, ShardValidationError, validate_shard
+from tasks.validate import ShardValidation, ShardValidationError, build_data_docs, validate_shard
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "run-1"
@@ -217,9 +217,9 @@ def gx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def valid(gx_dir: Path) -> ShardValidation:
+def valid() -> ShardValidation:
     """The validation of the valid shard."""
-    return validate_shard(shard_tables(), shard_id=SHARD, gx_dir=gx_dir)
+    return validate_shard(shard_tables(), shard_id=SHARD)
 
 
 def failed_labels(validation: ShardValidation) -> set[str]:
@@ -369,8 +369,8 @@ def with_mcts(shard: dict[str, list[dict[str, Any]]]) -> None:
     shard["trees"][0] |= {"nodes": 11, "pairs": 4}
 
 
-def test_mcts_steps_rollouts_and_pairs_pass(gx_dir: Path) -> None:
-    validation = validate_shard(shard_tables(with_mcts), shard_id=SHARD, gx_dir=gx_dir)
+def test_mcts_steps_rollouts_and_pairs_pass() -> None:
+    validation = validate_shard(shard_tables(with_mcts), shard_id=SHARD)
     assert validation.success, validation.summary()
 
 
@@ -555,9 +555,9 @@ def with_injection_and_jury(shard: dict[str, list[dict[str, Any]]]) -> None:
     ],
 )
 def test_injected_errors_and_jury_verdicts_pass(
-    gx_dir: Path, variant: Callable[[dict[str, list[dict[str, Any]]]], None], table_rows: dict[str, int]
+    variant: Callable[[dict[str, list[dict[str, Any]]]], None], table_rows: dict[str, int]
 ) -> None:
-    validation = validate_shard(shard_tables(variant), shard_id=SHARD, gx_dir=gx_dir)
+    validation = validate_shard(shard_tables(variant), shard_id=SHARD)
     assert validation.success, validation.summary()
     # The new rows were read, not skipped: every unconditioned row-level expectation saw them all.
     for table, count in table_rows.items():
@@ -667,23 +667,23 @@ JURY_VIOLATIONS = [
 
 
 @pytest.mark.parametrize(("edit", "label"), [*MCTS_VIOLATIONS, *INJECTION_VIOLATIONS, *JURY_VIOLATIONS])
-def test_each_variant_violation_is_named(gx_dir: Path, edit: Callable[..., None], label: str) -> None:
-    validation = validate_shard(shard_tables(edit), shard_id=SHARD, gx_dir=gx_dir)
+def test_each_variant_violation_is_named(edit: Callable[..., None], label: str) -> None:
+    validation = validate_shard(shard_tables(edit), shard_id=SHARD)
     assert label in failed_labels(validation), validation.summary()
 
 
 @pytest.mark.parametrize(("edit", "label", "count"), VIOLATIONS)
 def test_each_violation_is_named_with_its_row_count(
-    gx_dir: Path, edit: Callable[[dict[str, list[dict[str, Any]]]], None], label: str, count: str
+    edit: Callable[[dict[str, list[dict[str, Any]]]], None], label: str, count: str
 ) -> None:
-    validation = validate_shard(shard_tables(edit), shard_id=SHARD, gx_dir=gx_dir)
+    validation = validate_shard(shard_tables(edit), shard_id=SHARD)
     assert not validation.success
     assert label in failed_labels(validation), validation.summary()
     assert f"{label} failed on {count}" in validation.summary()
 
 
-def test_failure_quotes_the_offending_row_id_and_value(gx_dir: Path) -> None:
-    validation = validate_shard(shard_tables(set_rows("nodes", 1, verdict="probably")), shard_id=SHARD, gx_dir=gx_dir)
+def test_failure_quotes_the_offending_row_id_and_value() -> None:
+    validation = validate_shard(shard_tables(set_rows("nodes", 1, verdict="probably")), shard_id=SHARD)
     (outcome,) = [r for r in validation.failed() if r.columns == ("verdict",)]
     assert outcome.unexpected_count == 1
     assert "node_id='a1'" in outcome.observed
@@ -705,7 +705,7 @@ def test_only_sandbox_verdicts_need_an_exit_code(valid: ShardValidation) -> None
     assert sandboxed.condition == "verifier == sandbox_tests"
 
 
-def test_critique_of_a_wrong_refinement_passes(gx_dir: Path) -> None:
+def test_critique_of_a_wrong_refinement_passes() -> None:
     def deeper(shard: dict[str, list[dict[str, Any]]]) -> None:
         # r2 (wrong, turn 2) is critiqued by c2, and refined at turn 3 by r3.
         history = [*HISTORY, {"role": "assistant", "content": "12 * 7 = 86"}, {"role": "user", "content": "Again."}]
@@ -715,52 +715,60 @@ def test_critique_of_a_wrong_refinement_passes(gx_dir: Path) -> None:
         ]
         shard["trees"][0] |= {"nodes": 10, "actions": 7, "correct": 4, "pass_rate": 4 / 7, "turns": 3}
 
-    validation = validate_shard(shard_tables(deeper), shard_id=SHARD, gx_dir=gx_dir)
+    validation = validate_shard(shard_tables(deeper), shard_id=SHARD)
     assert validation.success, validation.summary()
 
 
-def test_shard_without_pairs_passes(gx_dir: Path) -> None:
+def test_shard_without_pairs_passes() -> None:
     def no_pairs(shard: dict[str, list[dict[str, Any]]]) -> None:
         shard["pairs"] = []
         shard["trees"][0]["pairs"] = 0
 
-    validation = validate_shard(shard_tables(no_pairs), shard_id=SHARD, gx_dir=gx_dir)
+    validation = validate_shard(shard_tables(no_pairs), shard_id=SHARD)
     assert validation.success, validation.summary()
 
 
-def test_data_docs_index_and_shard_pages_are_built(valid: ShardValidation, gx_dir: Path) -> None:
-    assert valid.data_docs_index is not None
-    index = Path(valid.data_docs_index)
-    assert index.name == "index.html" and index.is_file()
-    assert index.is_relative_to(gx_dir)
-    assert set(valid.data_docs_pages) == set(rows.SHARD_TABLES)
-    for page in valid.data_docs_pages.values():
-        assert Path(page).is_file()
-    assert SHARD in index.read_text(encoding="utf-8")  # the run name shown in the index is the shard id
+def test_data_docs_index_and_shard_pages_are_built_from_validation_records(valid: ShardValidation,
+                                                                           gx_dir: Path) -> None:
+    failed = validate_shard(shard_tables(set_rows("nodes", 1, verdict="probably")), shard_id="shard-b")
+    records = [json.loads(json.dumps(v.to_dict())) for v in (valid, failed)]  # as read back from the store
+    index, pages = build_data_docs(gx_dir, records)
+    assert index is not None
+    assert Path(index).name == "index.html" and Path(index).is_file()
+    assert Path(index).is_relative_to(gx_dir)
+    assert set(pages) == {SHARD, "shard-b"}
+    for shard_pages in pages.values():
+        assert set(shard_pages) == set(rows.SHARD_TABLES)
+        assert all(Path(page).is_file() for page in shard_pages.values())
+    text = Path(index).read_text(encoding="utf-8")
+    assert SHARD in text and "shard-b" in text  # the run name shown in the index is the shard id
+    assert "probably" in Path(pages["shard-b"]["nodes"]).read_text(encoding="utf-8")  # the failed row, quoted
 
 
-def test_revalidating_a_shard_reuses_the_project(gx_dir: Path, valid: ShardValidation) -> None:
-    again = validate_shard(shard_tables(), shard_id=SHARD, gx_dir=gx_dir)
+def test_validating_again_reuses_the_process_context_and_keeps_no_result_in_it(valid: ShardValidation) -> None:
+    import tasks.validate
+
+    again = validate_shard(shard_tables(), shard_id=SHARD)
     assert again.success
-    project = gx_dir / "gx"
-    assert sorted(p.stem for p in (project / "validation_definitions").iterdir()) == sorted(rows.SHARD_TABLES)
-    assert sorted(p.stem for p in (project / "expectations").glob("*.json")) == sorted(rows.SHARD_TABLES)
+    (context,) = tasks.validate._CONTEXT  # built once per process
+    assert sorted(d.name for d in context.validation_definitions.all()) == sorted(rows.SHARD_TABLES)
+    assert context.validation_results_store.list_keys() == []  # a run's results do not pile up in memory
 
 
-def test_a_new_process_reuses_the_project(gx_dir: Path, valid: ShardValidation, tmp_path: Path) -> None:
+def test_a_record_made_in_another_process_renders_here(valid: ShardValidation, gx_dir: Path, tmp_path: Path) -> None:
     for name, table in shard_tables().items():
         pq.write_table(table, tmp_path / f"{name}.parquet")
     script = (
         "import json, sys, pyarrow.parquet as pq\n"
         "from pathlib import Path\n"
         "from tasks.validate import validate_shard\n"
-        "folder, gx_dir = Path(sys.argv[1]), Path(sys.argv[2])\n"
+        "folder = Path(sys.argv[1])\n"
         "from schemas.rows import SHARD_TABLES\n"
         "tables = {n: pq.read_table(folder / f'{n}.parquet') for n in SHARD_TABLES}\n"
-        "print(json.dumps(validate_shard(tables, shard_id=sys.argv[3], gx_dir=gx_dir).to_dict()))\n"
+        "print(json.dumps(validate_shard(tables, shard_id=sys.argv[2]).to_dict()))\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path), str(gx_dir), SHARD],
+        [sys.executable, "-c", script, str(tmp_path), SHARD],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -770,10 +778,13 @@ def test_a_new_process_reuses_the_project(gx_dir: Path, valid: ShardValidation, 
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["success"], result["summary"]
-    assert result["data_docs_index"] == valid.data_docs_index
+    assert [r["label"] if "label" in r else r["expectation"] for r in result["results"]] == \
+        [r.expectation for r in valid.results]
+    _, pages = build_data_docs(gx_dir, [result])
+    assert set(pages[SHARD]) == set(rows.SHARD_TABLES)
 
 
-def test_edited_suite_file_replaces_the_stored_suite(gx_dir: Path, tmp_path: Path) -> None:
+def test_edited_suite_file_replaces_the_stored_suite(tmp_path: Path) -> None:
     suites_dir = tmp_path / "suites"
     shutil.copytree(load_suite("pairs").path.parent, suites_dir)
     pairs = json.loads((suites_dir / "pairs.json").read_text())
@@ -782,10 +793,10 @@ def test_edited_suite_file_replaces_the_stored_suite(gx_dir: Path, tmp_path: Pat
     )
     (suites_dir / "pairs.json").write_text(json.dumps(pairs))
 
-    stricter = validate_shard(shard_tables(), shard_id=SHARD, gx_dir=gx_dir, suites_dir=suites_dir)
+    stricter = validate_shard(shard_tables(), shard_id=SHARD, suites_dir=suites_dir)
     assert "pairs: expect_column_values_to_be_between(pass_rate)" in failed_labels(stricter)
     # Back to the shipped suites: the stored copy is rewritten again and the shard passes.
-    assert validate_shard(shard_tables(), shard_id=SHARD, gx_dir=gx_dir).success
+    assert validate_shard(shard_tables(), shard_id=SHARD).success
 
 
 def test_rows_and_dict_are_json_safe(valid: ShardValidation) -> None:
@@ -799,11 +810,11 @@ def test_rows_and_dict_are_json_safe(valid: ShardValidation) -> None:
     assert pair_check and pair_check[0]["expectation"] == "expect_column_pair_values_a_to_be_greater_than_b"
 
 
-def test_missing_table_is_a_named_error(gx_dir: Path) -> None:
+def test_missing_table_is_a_named_error() -> None:
     tables = shard_tables()
     del tables["pairs"]
     with pytest.raises(ShardValidationError, match="'pairs' is missing"):
-        validate_shard(tables, shard_id=SHARD, gx_dir=gx_dir)
+        validate_shard(tables, shard_id=SHARD)
 
 
 def write_suite(suites_dir: Path, table: str, expectation: dict[str, Any]) -> None:
@@ -831,12 +842,12 @@ def test_suite_naming_an_unknown_column_is_rejected(tmp_path: Path) -> None:
 def test_suite_naming_an_unknown_expectation_is_rejected(tmp_path: Path) -> None:
     write_suite(tmp_path / "suites", "pairs", {"type": "expect_pairs_to_be_lovely", "kwargs": {}})
     with pytest.raises(SuiteError, match=r"pairs\.json: expectations\[\d+\] \(expect_pairs_to_be_lovely\)"):
-        validate_shard(shard_tables(), shard_id=SHARD, gx_dir=tmp_path / "gx", suites_dir=tmp_path / "suites")
+        validate_shard(shard_tables(), shard_id=SHARD, suites_dir=tmp_path / "suites")
 
 
-def test_a_shard_with_rows_from_a_flagged_instruction_is_quarantined(gx_dir: Path) -> None:
+def test_a_shard_with_rows_from_a_flagged_instruction_is_quarantined() -> None:
     """The GX gate: no instruction, node (and so SFT row), pair or principle example of a flagged instruction."""
-    validation = validate_shard(shard_tables(), shard_id=SHARD, gx_dir=gx_dir, data_docs=False, contaminated=["i1"])
+    validation = validate_shard(shard_tables(), shard_id=SHARD, contaminated=["i1"])
     assert not validation.success
     assert {label for label in failed_labels(validation)} == {
         f"{table}: expect_column_values_to_not_be_in_set(instruction_id)"
