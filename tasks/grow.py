@@ -230,14 +230,18 @@ def shards_in_flight(cfg: Config) -> int:
 TREES_PER_REQUEST_SLOT = 2
 
 
-# How much lower than growth the validation process runs (os.nice): GX's work can wait, the engines' answers cannot.
+# How much lower than growth the validation processes run (os.nice): GX's work can wait, the engines' answers cannot.
 VALIDATE_NICE = 10
+# Validation processes per host at most (~300 MB each): enough that the shards landing together at a run's end are
+# validated side by side.
+MAX_VALIDATORS = 4
 
 
 class GrowthHost:
     """What every shard growing in this process shares: one event loop (on a thread of its own), one engine client
     per engine (so `max_concurrency` is what each server sees from the process and one priority queue, longest
-    remaining chains first, spans every shard), and one verification pool sized to the host's cores, and one validation process.
+    remaining chains first, spans every shard), one verification pool sized to the host's cores, and validation
+    processes.
 
     Open it with `growth_host(cfg)`; `grow` runs one shard on it and `validate` validates one, from any thread.
     """
@@ -249,6 +253,7 @@ class GrowthHost:
         self._counters: dict[str, CacheCounters] | None = None  # the servers' prefix-cache counters, last read
         self._counters_lock: asyncio.Lock | None = None
         self._validator: ProcessPoolExecutor | None = None  # started by the first shard that lands
+        self.validators = min(MAX_VALIDATORS, verify_workers(cfg))
         self._validator_lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="orchard-growth", daemon=True)
@@ -294,15 +299,16 @@ class GrowthHost:
         return grown
 
     def validate(self, tables: Mapping[str, pa.Table], shard_id: str, contaminated: Sequence[str]) -> ShardValidation:
-        """Validate a landed shard's tables in this host's validation process and return the outcome.
+        """Validate a landed shard's tables in one of this host's validation processes and return the outcome.
 
-        One process per host, at a lower CPU priority than growth (VALIDATE_NICE), keeps GX's seconds of pure-Python
-        work per shard off the event loop's interpreter and behind the engines' and verifiers' CPU; its GX context is
-        built once. Shards wait for it in turn, and while they wait they count as in flight.
+        Validation processes (one per core, at most MAX_VALIDATORS), at a lower CPU priority than growth
+        (VALIDATE_NICE), keep GX's second or more of pure-Python work per shard off the event loop's interpreter and
+        behind the engines' and verifiers' CPU; each builds its GX context once. Shards wait for them in turn, and
+        while they wait they count as in flight.
         """
         with self._validator_lock:
             if self._validator is None:
-                self._validator = ProcessPoolExecutor(max_workers=1, mp_context=_worker_context(),
+                self._validator = ProcessPoolExecutor(max_workers=self.validators, mp_context=_worker_context(),
                                                       initializer=os.nice, initargs=(VALIDATE_NICE,))
             validator = self._validator
         return validator.submit(validate_shard, dict(tables), shard_id=shard_id, contaminated=list(contaminated)).result()
