@@ -225,7 +225,7 @@ class OrchestrationConfig:
     # keep its engines busy (tasks/grow.py: shards_in_flight), at most this many; the rest wait in plan order.
     max_shards_in_flight: int = 64
     # Verification worker processes (math, instruction following) and sandbox threads of one process, shared by every
-    # shard it grows. 0: the cores this process may run on.
+    # shard it grows; it also runs this many GX validation processes, at most 4. 0: the cores this process may run on.
     verify_workers: int = 0
 
     def __post_init__(self) -> None:
