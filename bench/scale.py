@@ -168,19 +168,25 @@ def measure(engine: str, instructions: int, per_shard: int, state: Path) -> dict
     }
 
 
-def run_child(engine: str, instructions: int, per_shard: int, root: Path) -> dict[str, Any]:
-    """Measure one configuration in a fresh process; return its figures."""
-    state = root / f"{engine}-{per_shard}"
+def in_child(command: str, state: Path, options: Sequence[str], first_key: str, what: str) -> dict[str, Any]:
+    """Run `scale.py command options --state state` in a fresh process (its own Prefect home); return the JSON line it
+    prints (the one starting with `first_key`), its whole output kept in state/child.log."""
     state.mkdir(parents=True)
     env = {**os.environ, "PREFECT_HOME": str(state / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90"}
-    argv = [sys.executable, __file__, "one", "--engine", engine, "--instructions", str(instructions),
-            "--per-shard", str(per_shard), "--state", str(state)]
+    argv = [sys.executable, __file__, command, *options, "--state", str(state)]
     done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     (state / "child.log").write_text(done.stdout)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{\"engine\"")]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(f'{{"{first_key}"')]
     if done.returncode != 0 or not lines:
-        raise SystemExit(f"{engine}, shards of {per_shard}: the run exited {done.returncode}; log: {state / 'child.log'}")
+        raise SystemExit(f"{what}: the run exited {done.returncode}; log: {state / 'child.log'}")
     return json.loads(lines[-1])
+
+
+def run_child(engine: str, instructions: int, per_shard: int, root: Path) -> dict[str, Any]:
+    """Measure one configuration in a fresh process; return its figures."""
+    return in_child("one", root / f"{engine}-{per_shard}", ["--engine", engine, "--instructions", str(instructions),
+                                                           "--per-shard", str(per_shard)],
+                    "engine", f"{engine}, shards of {per_shard}")
 
 
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
@@ -256,17 +262,9 @@ def measure_stages(instructions: int, per_shard: int, state: Path) -> dict[str, 
 
 
 def stages_child(instructions: int, per_shard: int, root: Path) -> dict[str, Any]:
-    state = root / f"stages-{instructions}"
-    state.mkdir(parents=True)
-    env = {**os.environ, "PREFECT_HOME": str(state / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90"}
-    argv = [sys.executable, __file__, "stages-one", "--instructions", str(instructions), "--per-shard", str(per_shard),
-            "--state", str(state)]
-    done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    (state / "child.log").write_text(done.stdout)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{\"instructions\"")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"stages, {instructions} instructions: the run exited {done.returncode}; log: {state / 'child.log'}")
-    return json.loads(lines[-1])
+    return in_child("stages-one", root / f"stages-{instructions}",
+                    ["--instructions", str(instructions), "--per-shard", str(per_shard)],
+                    "instructions", f"stages, {instructions} instructions")
 
 
 def print_stages(rows: Sequence[dict[str, Any]]) -> None:
