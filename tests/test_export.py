@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import subprocess
@@ -13,17 +12,16 @@ import uuid
 from pathlib import Path
 
 import datasets
-import pyarrow.parquet as pq
 import pytest
 
 from orchard.cli import build_parser
 from orchard.cli import main as orchard_main
 from orchard.config import Config, ObjectStoreConfig
 from orchard.services import Service
-from orchard.store import ObjectStore, s3_client
-from schemas.rows import SHARD_TABLES, table
+from orchard.store import ObjectStore
+from schemas.rows import SHARD_TABLES
 from tasks.export import FORMATS, ExportError, export_dataset, in_test_split
-from tests.builders import store_toml
+from tests.builders import put_shard, store_toml
 from tasks.materialise import materialise_run
 from test_lake import _node, _tree_rows, count, latest_snapshot, new_lake, run_row
 
@@ -81,16 +79,7 @@ def land(config: Config, run_id: str, shard_id: str, trees: int, open_prompts: i
     for t in range(open_prompts):
         for name, rows in _open_ended_rows(run_id, shard_id, t).items():
             shard[name].extend(rows)
-    client, files = s3_client(config.object_store), {}
-    for name, rows in shard.items():
-        buffer = io.BytesIO()
-        pq.write_table(table(name, rows), buffer)
-        body = buffer.getvalue()
-        key = f"runs/{run_id}/shards/{shard_id}/{name}.parquet"
-        client.put_object(Bucket=config.object_store.bucket, Key=key, Body=body)
-        files[name] = {"key": key, "rows": len(rows), "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
-    return {"run_id": run_id, "shard_id": shard_id, "config_hash": "cfg123", "files": files,
-            "stats": {"trees": trees + open_prompts}, "landed_at": "2026-01-01T00:00:00+00:00"}  # fmt: skip
+    return put_shard(config, run_id, shard_id, shard, {"trees": trees + open_prompts})
 
 
 def publish(config: Config, run_id: str, shard_id: str, trees: int, open_prompts: int) -> int:

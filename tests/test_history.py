@@ -4,23 +4,22 @@ every earlier instruction again, and runs published before the index (or under o
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 
 from orchard import lake
 from orchard.config import Config, HygieneConfig
-from orchard.store import ObjectStore, s3_client
-from schemas.rows import SHARD_TABLES, table
+from orchard.store import ObjectStore
+from schemas.rows import SHARD_TABLES
 from tasks.history import EarlierRuns, earlier_lookup, earlier_runs
 from tasks.hygiene import Signing, fingerprints, normalized, screen_seeds, shingles
 from tasks.materialise import materialise_run
 from tasks.seeds import Instruction, instruction_id
+from builders import put_shard
 from test_lake import run_row
 
 LABEL = Signing.of(HygieneConfig()).label
@@ -57,20 +56,9 @@ def config(store: ObjectStore, tmp_path: Path) -> Config:
 
 def land_instructions(config: Config, run_id: str, shard_id: str, instructions: list[Instruction]) -> dict:
     """Land a shard holding `instructions` (and no trees) in the bucket; return its manifest (tasks/land.py's shape)."""
-    client = s3_client(config.object_store)
     rows = {name: [] for name in SHARD_TABLES}
     rows["instructions"] = [{"run_id": run_id, "shard_id": shard_id, **i.as_row()} for i in instructions]
-    files = {}
-    for name, shard_rows in rows.items():
-        buffer = io.BytesIO()
-        pq.write_table(table(name, shard_rows), buffer)
-        body = buffer.getvalue()
-        key = f"runs/{run_id}/shards/{shard_id}/{name}.parquet"
-        client.put_object(Bucket=config.object_store.bucket, Key=key, Body=body)
-        files[name] = {"key": key, "rows": len(shard_rows), "bytes": len(body),
-                       "sha256": hashlib.sha256(body).hexdigest()}
-    return {"run_id": run_id, "shard_id": shard_id, "config_hash": "cfg123", "files": files, "stats": {"trees": 0},
-            "landed_at": "2026-01-01T00:00:00+00:00"}
+    return put_shard(config, run_id, shard_id, rows, {"trees": 0})
 
 
 def publish(config: Config, run_id: str, instructions: list[Instruction]) -> None:
