@@ -51,7 +51,7 @@ from tasks.seeds import Instruction, ShardPlan
 from tasks.turns import Turns
 from tasks.validate import (ShardValidation, record_unvalidated, record_validation, shard_contamination,
                             stored_validation, validate_shard)
-from tasks.verify import Verifiers, _worker_context
+from tasks.verify import Verifiers, worker_context
 
 
 @dataclass
@@ -308,7 +308,7 @@ class GrowthHost:
         """
         with self._validator_lock:
             if self._validator is None:
-                self._validator = ProcessPoolExecutor(max_workers=self.validators, mp_context=_worker_context(),
+                self._validator = ProcessPoolExecutor(max_workers=self.validators, mp_context=worker_context(),
                                                       initializer=os.nice, initargs=(VALIDATE_NICE,))
             validator = self._validator
         return validator.submit(validate_shard, dict(tables), shard_id=shard_id, contaminated=list(contaminated)).result()

@@ -222,7 +222,7 @@ def _answered() -> None:
     """A call that does nothing: its answer says a worker runs."""
 
 
-def _worker_context() -> multiprocessing.context.BaseContext:
+def worker_context() -> multiprocessing.context.BaseContext:
     """The worker processes' start method: forkserver. Not fork: the parent runs threads (Prefect, asyncio, other
     shards) that a fork would copy mid-flight; the fork server is a fresh single-threaded process. Not spawn: every
     worker of every shard would import math-verify and the checkers again (seconds of CPU each)."""
@@ -339,5 +339,5 @@ class Verifiers:
     def _process_pool(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._processes is None:
-                self._processes = ProcessPoolExecutor(max_workers=self.workers, mp_context=_worker_context())
+                self._processes = ProcessPoolExecutor(max_workers=self.workers, mp_context=worker_context())
             return self._processes
