@@ -41,7 +41,7 @@ from orchard.config import Config, EngineConfig, ObjectStoreConfig, load_config 
 from orchard.services import Service, start_llama_server, start_seaweedfs  # noqa: E402
 from orchard.store import ObjectStore, StoreError  # noqa: E402
 from schemas.rows import SHARD_TABLES  # noqa: E402
-from tasks.land import MANIFEST, LandingError, read_shard_table  # noqa: E402
+from tasks.land import MANIFEST, VALIDATION, LandingError, read_shard_table  # noqa: E402
 
 RUN_ID = "faults"
 MODEL = "SmolLM2-135M-Instruct"
@@ -622,7 +622,8 @@ def bucket_facts(store: ObjectStore, run_id: str, planned: list[str]) -> dict:
             broken.append(f"{manifest_key}: {exc}")
             continue
         manifests[shard] = manifest
-        named = {manifest_key, *(entry.get("key") for entry in (manifest.get("files") or {}).values())}
+        named = {manifest_key, f"runs/{run_id}/shards/{shard}/{VALIDATION}",  # what its check found, beside it
+                 *(entry.get("key") for entry in (manifest.get("files") or {}).values())}
         orphans += [key for key in found if key not in named]
         if manifest.get("run_id") != run_id or manifest.get("shard_id") != shard:
             broken.append(f"{manifest_key}: manifest of run {manifest.get('run_id')!r}, shard {manifest.get('shard_id')!r}")

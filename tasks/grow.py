@@ -396,7 +396,7 @@ def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
     moving = create_progress_artifact(progress=0.0, description=f"shard {plan.shard_id}: share of the request levels "
                                                                   "its phases plan that are answered")
 
-    shown = [time.monotonic()]
+    shown = [-PROGRESS_EVERY_S]  # the first answered level is shown at once: the shard is seen to be growing
 
     def progress(done: int, planned: int) -> None:
         # Each update is a call to the Prefect API (and its server's CPU): at most one per PROGRESS_EVERY_S per shard,
