@@ -607,6 +607,8 @@ def bucket_facts(store: ObjectStore, run_id: str, planned: list[str]) -> dict:
             shard_keys.setdefault(parts[3], []).append(key)
         elif len(parts) >= 5 and parts[2] == "quarantine":
             quarantined.setdefault(parts[3], []).append(key)
+        elif len(parts) == 4 and parts[2] == "plans":
+            continue  # the run's plan: what every attempt of it grows
         else:
             strays.append(key)
     manifests, orphans, broken = {}, [], []

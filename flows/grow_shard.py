@@ -29,7 +29,7 @@ from orchard.store import ObjectStore
 from tasks.grow import grow_shard_task, with_stored_validation
 from tasks.growth import GrowError
 from tasks.land import resume_shard
-from tasks.seeds import ShardPlan
+from tasks.plans import ShardRef
 
 
 def worker_config(config: dict, own: Config | None = None) -> Config:
@@ -68,8 +68,8 @@ class DispatchError(GrowError):
         self.transient = transient
 
 
-def grow_here(config: dict, run_id: str, plan: ShardPlan) -> dict:
-    """Grow, verify and land one shard with this host's engines; return its receipt.
+def grow_here(config: dict, run_id: str, shard: ShardRef) -> dict:
+    """Grow, verify and land one shard (its plan read from the store) with this host's engines; return its receipt.
 
     Engines served elsewhere (a worker's model server) must answer before the GPU slot is taken: a host whose
     server is down fails the shard at once, with a transient error, instead of failing every request of it.
@@ -82,7 +82,7 @@ def grow_here(config: dict, run_id: str, plan: ShardPlan) -> dict:
     # The slot is taken before any model server starts, so a launched engine only holds the GPU inside it.
     slot = concurrency(gpu_limit, occupy=1, strict=True) if gpu_limit else contextlib.nullcontext()
     with slot, embedded_services(cfg) as live:
-        return grow_shard_task(live.to_dict(), run_id, plan)
+        return grow_shard_task(live.to_dict(), run_id, shard)
 
 
 def engines_down(cfg: Config, *, attempts: int = 3) -> EngineUnavailable | None:
@@ -118,15 +118,16 @@ def hold_while_engines_down(flow: object, flow_run: FlowRun, state: State) -> No
 
 
 @flow(name="grow-shard", log_prints=True, on_failure=[hold_while_engines_down])
-def grow_shard_flow(config: dict, run_id: str, plan: ShardPlan) -> dict | State:
-    """Grow, verify and land one shard on this worker; return its receipt, or a Failed state named Retryable when
-    what failed may not fail again (a model server down, the store unavailable)."""
+def grow_shard_flow(config: dict, run_id: str, shard: ShardRef) -> dict | State:
+    """Grow, verify and land one shard on this worker (its plan is read from the store: the parameters carry its
+    key); return its receipt, or a Failed state named Retryable when what failed may not fail again (a model server
+    down, the store unavailable)."""
     try:
-        return grow_here(config, run_id, plan)
+        return grow_here(config, run_id, shard)
     except OrchardError as exc:
         if not is_transient(exc):
             raise
-        get_run_logger().error("shard %s: transient failure, the dispatch may grow it again", plan.shard_id,
+        get_run_logger().error("shard %s: transient failure, the dispatch may grow it again", shard.shard_id,
                                exc_info=True)
         return Failed(name=RETRYABLE, message=f"{type(exc).__name__}: {exc}"[:1000])
 
@@ -135,7 +136,7 @@ def grow_shard_flow(config: dict, run_id: str, plan: ShardPlan) -> dict | State:
 # server that was down); a failure a retry repeats (a config, schema or ownership error) is final at once.
 @task(name="dispatch-shard", cache_policy=NO_CACHE, retries=DISPATCH_ATTEMPTS - 1,
       retry_delay_seconds=DISPATCH_RETRY_DELAYS_S, retry_condition_fn=retry_transient)
-def dispatch_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
+def dispatch_shard_task(config: dict, run_id: str, shard: ShardRef) -> dict:
     """Grow one shard with the grow-shard flow, here or on a GPU worker; return its receipt.
 
     A dispatched shard's receipt comes from its manifest in the store, which the worker wrote when it landed it.
@@ -146,17 +147,17 @@ def dispatch_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
     if cfg.orchestration.grow == "inline":
         # The flow's body, not a subflow run: a run's parameters show in the UI, and in-process there is no
         # worker to fill in secrets left out of them. Its grow-shard task skips a shard that already landed.
-        return grow_here(config, run_id, plan)
+        return grow_here(config, run_id, shard)
     store = ObjectStore(cfg.object_store)
-    known, healed = resume_shard(store, run_id, plan.shard_id, cfg.content_hash())
+    known, healed = resume_shard(store, run_id, shard.shard_id, cfg.content_hash())
     if known is not None:  # landed by an earlier attempt of this run: no GPU worker needed
-        get_run_logger().info("shard %s already %s; not dispatched", plan.shard_id, known["state"])
+        get_run_logger().info("shard %s already %s; not dispatched", shard.shard_id, known["state"])
         return with_stored_validation(store, run_id, known)
     attempt = task_run.run_count or 1
     # Parameters show in the UI: the worker fills the blanked secrets from its own config.
     grown = run_deployment(cfg.orchestration.grow_deployment,
-                           parameters={"config": redacted(config), "run_id": run_id, "plan": plan},
-                           flow_run_name=f"{run_id}-{plan.shard_id}", poll_interval=2)
+                           parameters={"config": redacted(config), "run_id": run_id, "shard": shard},
+                           flow_run_name=f"{run_id}-{shard.shard_id}", poll_interval=2)
     worker = (grown.labels or {}).get("prefect.worker.name")
     where = f"grow-shard run {grown.name} ({grown.id}) on worker {worker or '?'}"
     state = grown.state
@@ -164,12 +165,12 @@ def dispatch_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
         transient = state is not None and (state.is_crashed() or (state.is_failed() and state.name == RETRYABLE))
         then = ("dispatched again" if attempt < DISPATCH_ATTEMPTS else f"gave up after {attempt} attempts") \
             if transient else "not retried"
-        raise DispatchError(f"shard {plan.shard_id}: {where} ended {state.name if state else 'unknown'}: "
+        raise DispatchError(f"shard {shard.shard_id}: {where} ended {state.name if state else 'unknown'}: "
                             f"{state.message if state else ''} (attempt {attempt} of {DISPATCH_ATTEMPTS}; {then})",
                             transient=transient)
-    landed, corrupt = resume_shard(store, run_id, plan.shard_id, cfg.content_hash())
+    landed, corrupt = resume_shard(store, run_id, shard.shard_id, cfg.content_hash())
     if landed is None:
-        raise GrowError(f"shard {plan.shard_id}: {where} completed, yet no intact manifest of it is in the store"
+        raise GrowError(f"shard {shard.shard_id}: {where} completed, yet no intact manifest of it is in the store"
                         + (f" ({corrupt})" if corrupt else ""))
     # The worker validated the shard where it grew it: its record is beside the shard (or its quarantined copy).
     return {**with_stored_validation(store, run_id, landed),

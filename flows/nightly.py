@@ -24,7 +24,7 @@ from tasks.fates import ShardCheck, shard_fate
 from tasks.grow import growth_host, shards_in_flight
 from tasks.materialise import check_run_id_task, materialise_task
 from tasks.report import report_task, run_summary, summary_text
-from tasks.seeds import ShardPlan, plan_shards_task
+from tasks.plans import ShardRef, plan_shards_task
 from tasks.validate import check_shard_task, data_docs_task
 
 
@@ -82,8 +82,9 @@ def publish_run(cfg: Config, run_id: str, max_shards: int | None = None) -> dict
     stages = Stages()
 
     check_run_id_task(config, run_id)  # a run id resumes its run: refuse one published under another config
-    seeds = plan_shards_task(config, run_id)  # through the hygiene gate: decontaminated and deduplicated
-    plans = seeds.plans[:max_shards]
+    # Through the hygiene gate (decontaminated and deduplicated), written to the store: shards travel as references.
+    seeds = plan_shards_task(config, run_id)
+    plans = seeds.shards[:max_shards]
     in_flight = shards_in_flight(cfg)
     logger.info("run %s: %d shards of up to %d instructions, up to %d growing at once", run_id, len(plans),
                 cfg.run.instructions_per_shard, in_flight)
@@ -159,7 +160,7 @@ class Progress:
         update_progress_artifact(self.artifact, progress=min(100.0, 100.0 * self.done / self.steps))
 
 
-def grow_and_validate(config: dict, run_id: str, plans: Sequence[ShardPlan], progress: Progress,
+def grow_and_validate(config: dict, run_id: str, plans: Sequence[ShardRef], progress: Progress,
                       in_flight: int) -> dict[str, ShardCheck]:
     """Grow (or find landed) every shard of `plans`, each validated where it grows, and check each as it returns
     (its bytes against its manifest); return each shard's check.
@@ -168,8 +169,8 @@ def grow_and_validate(config: dict, run_id: str, plans: Sequence[ShardPlan], pro
     so the flow's threads and task runs do not grow with the run.
     """
     waiting, landed = deque(plans), deque()
-    growing: dict[PrefectFuture, ShardPlan] = {}
-    checking: dict[PrefectFuture, tuple[ShardPlan, dict]] = {}
+    growing: dict[PrefectFuture, ShardRef] = {}
+    checking: dict[PrefectFuture, tuple[ShardRef, dict]] = {}
     finished: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()  # futures, as they finish
     checks: dict[str, ShardCheck] = {}
     while True:

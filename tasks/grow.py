@@ -44,13 +44,14 @@ from tasks.growth import Checker, GrowError, Phase, Progress, Shard
 from tasks.inject import Injection
 from tasks.jury import Judge, Jury
 from tasks.land import land_shard, resume_shard
+from tasks.plans import ShardRef, read_plan
 from tasks.mcts import Search
 from tasks.pairs import constraint_count, curate
 from tasks.principles import Constitution, Principled, load_constitution
 from tasks.seeds import Instruction, ShardPlan
 from tasks.turns import Turns
 from tasks.validate import (ShardValidation, record_unvalidated, record_validation, shard_contamination,
-                            stored_validation, validate_shard)
+                            stored_validation, validate_shard, warm_validation)
 from tasks.verify import Verifiers, worker_context
 
 
@@ -252,7 +253,7 @@ class GrowthHost:
         self.users = 0  # growth_host's count of the blocks that hold this host open
         self._counters: dict[str, CacheCounters] | None = None  # the servers' prefix-cache counters, last read
         self._counters_lock: asyncio.Lock | None = None
-        self._validator: ProcessPoolExecutor | None = None  # started by the first shard that lands
+        self._validator: ProcessPoolExecutor | None = None  # started by the first shard that grows
         self.validators = min(MAX_VALIDATORS, verify_workers(cfg))
         self._validator_lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -272,6 +273,7 @@ class GrowthHost:
         Waiting here holds no event loop: the caller may be any thread (a Prefect task's). If the wait is broken
         (the task is cancelled), the shard's growth is cancelled too.
         """
+        self._validation_pool()
         constitution = load_constitution(cfg.run.constitution or None)
         events: queue.SimpleQueue = queue.SimpleQueue()
         grown = asyncio.run_coroutine_threadsafe(
@@ -298,6 +300,18 @@ class GrowthHost:
                                                            await self._cache_counters_gained()).as_dict()
         return grown
 
+    def _validation_pool(self) -> ProcessPoolExecutor:
+        """Return the validation processes, started by the first call (the first shard that grows here): each
+        builds its GX context while the shard grows (at VALIDATE_NICE), so the shards that land are validated at
+        once instead of after GX's seconds of imports."""
+        with self._validator_lock:
+            if self._validator is None:
+                self._validator = ProcessPoolExecutor(max_workers=self.validators, mp_context=worker_context(),
+                                                      initializer=_validation_process)
+                for _ in range(self.validators):  # one call each while the others are still starting: all start
+                    self._validator.submit(os.getpid)
+            return self._validator
+
     def validate(self, tables: Mapping[str, pa.Table], shard_id: str, contaminated: Sequence[str]) -> ShardValidation:
         """Validate a landed shard's tables in one of this host's validation processes and return the outcome.
 
@@ -306,12 +320,8 @@ class GrowthHost:
         behind the engines' and verifiers' CPU; each builds its GX context once. Shards wait for them in turn, and
         while they wait they count as in flight.
         """
-        with self._validator_lock:
-            if self._validator is None:
-                self._validator = ProcessPoolExecutor(max_workers=self.validators, mp_context=worker_context(),
-                                                      initializer=os.nice, initargs=(VALIDATE_NICE,))
-            validator = self._validator
-        return validator.submit(validate_shard, dict(tables), shard_id=shard_id, contaminated=list(contaminated)).result()
+        return self._validation_pool().submit(validate_shard, dict(tables), shard_id=shard_id,
+                                              contaminated=list(contaminated)).result()
 
     async def _cache_counters_gained(self) -> CacheCounters | None:
         """Return what the servers' prefix-cache counters (vLLM's GET /metrics) gained since they were last read here.
@@ -339,6 +349,12 @@ class GrowthHost:
             self.verifiers.close()
             if self._validator is not None:
                 self._validator.shutdown(wait=True, cancel_futures=True)
+
+
+def _validation_process() -> None:
+    """A validation process starts behind growth (VALIDATE_NICE) with its GX context built."""
+    os.nice(VALIDATE_NICE)
+    warm_validation()
 
 
 _HOSTS: dict[str, GrowthHost] = {}
@@ -374,7 +390,7 @@ PROGRESS_EVERY_S = 5.0
 
 
 @task(name="grow-shard", cache_policy=NO_CACHE, retries=0)
-def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
+def grow_shard_task(config: dict, run_id: str, shard: ShardRef) -> dict:
     """Grow, verify, land and validate one shard, unless an intact manifest says it already landed; return its
     receipt, whose `validation` says how its suites fared (a shard that failed them is quarantined here).
 
@@ -385,11 +401,12 @@ def grow_shard_task(config: dict, run_id: str, plan: ShardPlan) -> dict:
     cfg = Config.from_dict(config)
     store = ObjectStore(cfg.object_store)
     logger = get_run_logger()
-    known, healed = resume_shard(store, run_id, plan.shard_id, cfg.content_hash())
+    known, healed = resume_shard(store, run_id, shard.shard_id, cfg.content_hash())
     if known is not None:
-        logger.info("shard %s already %s; not grown again", plan.shard_id,
+        logger.info("shard %s already %s; not grown again", shard.shard_id,
                     "landed" if known["state"] == "reused" else known["state"])
         return with_stored_validation(store, run_id, known)
+    plan = read_plan(store, run_id, shard)
     if healed:
         logger.warning("shard %s is grown again: %s", plan.shard_id, healed)
 

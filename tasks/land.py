@@ -84,7 +84,7 @@ def land_shard(
         body = _parquet_bytes(tables[name])
         key = f"{prefix}{name}.parquet"
         # No manifest yet, so a file already here is an orphan of an unfinished landing: replace it.
-        _put_replacing(store, key, body)
+        put_replacing(store, key, body)
         files[name] = {"key": key, "rows": tables[name].num_rows, "bytes": len(body), "sha256": _sha256(body)}
 
     manifest = {
@@ -196,7 +196,7 @@ def write_validation(store: ObjectStore, run_id: str, shard_id: str, record: Map
         body = json.dumps(record, indent=1, sort_keys=True, default=str).encode()
     except (TypeError, ValueError) as exc:
         raise LandingError(f"shard {shard_id}: validation record is not JSON-serialisable: {exc}") from None
-    _put_replacing(store, key, body)
+    put_replacing(store, key, body)
     return key
 
 
@@ -251,15 +251,15 @@ def _quarantine(store: ObjectStore, run_id: str, shard_id: str, validation: Mapp
         key = target + entry["key"].rsplit("/", 1)[-1]
         try:
             # Bytes are copied as they are, unverified: a shard may be quarantined because they are bad.
-            _put_replacing(store, key, store.get(entry["key"]))
+            put_replacing(store, key, store.get(entry["key"]))
         except ObjectMissing:
             continue  # a part the manifest lists but the store lost: validation.json says so
         copied[name] = {**entry, "key": key}
-    _put_replacing(store, target + VALIDATION, validation_body)
+    put_replacing(store, target + VALIDATION, validation_body)
     quarantined = {**manifest, "files": copied, "validation_key": target + VALIDATION,
                    "quarantined_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     # Written last among the quarantine files so it only ever describes a complete copy.
-    _put_replacing(store, target + MANIFEST, json.dumps(quarantined, indent=2, sort_keys=True).encode())
+    put_replacing(store, target + MANIFEST, json.dumps(quarantined, indent=2, sort_keys=True).encode())
     _delete_prefix(store, shard_prefix(run_id, shard_id))
     return store.uri(target)
 
@@ -310,7 +310,7 @@ def _sha256(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def _put_replacing(store: ObjectStore, key: str, body: bytes) -> None:
+def put_replacing(store: ObjectStore, key: str, body: bytes) -> None:
     """Create `key` with `body`, replacing an object left there by an unfinished earlier attempt."""
     if store.put_new(key, body):
         return

@@ -17,12 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from orchard.config import Config, SeedSource
 from orchard.errors import OrchardError
-from tasks.history import earlier_lookup
 from tasks.hygiene import Drops, EarlierLookup
 
 DOMAINS = ("math", "code", "instruction_following", "open_ended")
@@ -592,10 +589,3 @@ def plan_seeds(cfg: Config, run_id: str, earlier: EarlierLookup | None = None) -
     drops.merge(screened.drops)
     plans = plan_shards(screened.kept, per_shard=cfg.run.instructions_per_shard, config_hash=cfg.content_hash())
     return SeedPlan(plans, sources, drops.rows(run_id, None), contamination_rows(run_id, screened.contamination))
-
-
-@task(name="plan-shards", cache_policy=NO_CACHE)
-def plan_shards_task(config: dict, run_id: str) -> SeedPlan:
-    """Load, screen and plan the run's seeds (plan_seeds), against the instructions earlier runs published."""
-    cfg = Config.from_dict(config)
-    return plan_seeds(cfg, run_id, earlier_lookup(cfg, run_id))

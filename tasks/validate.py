@@ -251,6 +251,13 @@ _CONTEXT_LOCK = threading.Lock()
 _CONTEXT: list[AbstractDataContext] = []  # this process's in-memory GX context, once built
 
 
+def warm_validation(suites_dir: Path = SUITES_DIR) -> None:
+    """Build this process's GX context and validation definitions now (GX's imports and objects take seconds), so the
+    first shard that lands here is validated at once."""
+    with _CONTEXT_LOCK:
+        _sync(_memory_context(), load_suites(suites_dir))
+
+
 def _memory_context() -> AbstractDataContext:
     """Return this process's in-memory GX context (progress bars off), built on first use; hold _CONTEXT_LOCK."""
     if not _CONTEXT:

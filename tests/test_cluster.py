@@ -24,7 +24,7 @@ from orchard.services import free_ports
 from orchard.store import ObjectStore, StoreUnavailable
 from tasks.land import landed_manifest
 from tasks.report import cost_estimate
-from tests.builders import instruction, plan
+from tasks.plans import ShardRef, plan_key
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -94,7 +94,8 @@ def test_a_worker_whose_model_server_is_down_fails_the_shard_at_once_with_a_tran
     monkeypatch.setenv("ORCHARD__ENGINES__EMBEDDED__KIND", '"openai"')
     monkeypatch.setenv("ORCHARD__ENGINES__EMBEDDED__BASE_URLS", f'["http://127.0.0.1:{dead}"]')
     with pytest.raises(EngineUnavailable, match=f"engine 'embedded' does not answer GET /v1/models.*127.0.0.1:{dead}") as raised:
-        grow_here(asked, "run", plan(instruction()))  # before any GPU slot, store or request
+        grow_here(asked, "run", ShardRef("shard-test", 0, plan_key("run", "shard-test"), 1))  # before any GPU slot,
+        # store or request
     assert is_transient(raised.value)
 
 

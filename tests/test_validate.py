@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -852,3 +854,21 @@ def test_a_shard_with_rows_from_a_flagged_instruction_is_quarantined() -> None:
     assert {label for label in failed_labels(validation)} == {
         f"{table}: expect_column_values_to_not_be_in_set(instruction_id)"
         for table in ("instructions", "nodes", "pairs")}
+
+
+def _validation_process_state() -> tuple[int, bool]:
+    from tasks import validate
+
+    return os.nice(0), bool(validate._CONTEXT)
+
+
+def test_a_growth_host_validates_in_processes_behind_growth_each_with_its_gx_context_built() -> None:
+    from orchard.config import Config
+    from tasks.grow import VALIDATE_NICE, growth_host
+
+    cfg = Config()
+    unused = dataclasses.replace(cfg.engines["embedded"], kind="openai", base_urls=("http://127.0.0.1:9",))
+    with growth_host(cfg.replace(engines={"embedded": unused})) as host:
+        # Started with the host's first shard: by the time a shard lands, GX is imported and its context built.
+        niceness, ready = host._validation_pool().submit(_validation_process_state).result()
+    assert niceness == min(19, os.nice(0) + VALIDATE_NICE) and ready
