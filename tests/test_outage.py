@@ -252,9 +252,9 @@ def test_a_long_outage_fails_clearly_publishes_nothing_and_the_rerun_completes(t
     assert manifests == sorted(shard_prefix("storm", p.shard_id) + MANIFEST for p in (first, second))
     listed = {entry["key"] for key in manifests for entry in store.get_json(key)["files"].values()}
     records = {shard_prefix("storm", p.shard_id) + VALIDATION for p in (first, second)}  # validated where grown
-    plans = {plan_key("storm", p.shard_id) for p in (first, second)} | {plans_prefix("storm") + INDEX}
+    planned = {plan_key("storm", p.shard_id) for p in (first, second)} | {plans_prefix("storm") + INDEX}
     # The half-landed file replaced; beside the shards, the run's plan.
-    assert set(store.list_keys("runs/storm/")) == listed | set(manifests) | records | plans
+    assert set(store.list_keys("runs/storm/")) == listed | set(manifests) | records | planned
     assert count(config, "SELECT count(DISTINCT node_id) FROM nodes WHERE run_id = 'storm'") == again["nodes"]
     assert count(config, "SELECT count(DISTINCT pair_id) FROM pairs WHERE run_id = 'storm'") == again["pairs"]
     assert run_counts(config, "storm") == run_counts(config, "calm")
