@@ -969,3 +969,27 @@ def test_a_fault_in_a_batch_is_found_where_validating_each_shard_alone_finds_it(
 def test_a_flagged_instruction_in_a_batch_quarantines_its_shard_only() -> None:
     together = assert_as_if_alone(as_batch([own_shard(1), own_shard(2), own_shard(3)], {1: ["s2-i1"]}))
     assert [v.success for v in together] == [True, False, True]
+
+
+def test_a_growth_host_validates_shards_landing_together_in_batches_each_caller_getting_its_own() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchard.config import Config
+    from tasks.grow import growth_host
+
+    faulty = own_shard(2)
+    second_run_id(faulty)
+    batch = as_batch([own_shard(1), faulty, own_shard(3), own_shard(4, None), own_shard(5)])
+    del batch[4].tables["pairs"]  # cannot be validated at all: only its caller hears of it
+    cfg = Config()
+    unused = dataclasses.replace(cfg.engines["embedded"], kind="openai", base_urls=("http://127.0.0.1:9",))
+    with growth_host(cfg.replace(engines={"embedded": unused})) as host:
+        with ThreadPoolExecutor(len(batch)) as callers:  # as the Prefect task threads of shards landing at once
+            validated = [callers.submit(host.validate, shard.tables, shard.shard_id, shard.contaminated)
+                         for shard in batch]
+    for shard, outcome in zip(batch[:4], validated[:4]):
+        alone = validate_shard(shard.tables, shard_id=shard.shard_id, contaminated=shard.contaminated)
+        assert outcome.result().results == alone.results and outcome.result().shard_id == shard.shard_id
+    assert [outcome.result().success for outcome in validated[:4]] == [True, False, True, True]
+    with pytest.raises(ShardValidationError, match="shard-5: table 'pairs' is missing"):
+        validated[4].result()
