@@ -765,15 +765,16 @@ def _short(value: Any, limit: int = 40) -> str:
 
 def record_validation(store: ObjectStore, run_id: str, shard_id: str, validation: ShardValidation) -> dict[str, Any]:
     """Write a landed shard's validation record (quarantining the shard when an expectation failed); return what its
-    receipt says of it: `outcome` (passed or quarantined), `summary`, the lake's `rows` and the record's `key`."""
+    receipt says of it: `outcome` (passed or quarantined), `summary`, the lake's `rows`, the record's `key` and
+    whether the record holds GX's own results (`gx`: a shard passed in a batch has none, see validate_shards)."""
     rows = validation.rows(run_id)
     record = {**validation.to_dict(), "passed": validation.success, "rows": rows}
     if validation.success:
         key = write_validation(store, run_id, shard_id, record)
-        return {"outcome": "passed", "summary": "", "rows": rows, "key": key}
+        return {"outcome": "passed", "summary": "", "rows": rows, "key": key, "gx": bool(validation.gx_results)}
     quarantine_shard(store, run_id, shard_id, record)
     return {"outcome": "quarantined", "summary": validation.summary(), "rows": rows,
-            "key": quarantine_prefix(run_id, shard_id) + VALIDATION}
+            "key": quarantine_prefix(run_id, shard_id) + VALIDATION, "gx": bool(validation.gx_results)}
 
 
 def record_unvalidated(store: ObjectStore, run_id: str, shard_id: str, error: BaseException) -> dict[str, Any]:
@@ -792,7 +793,7 @@ def stored_validation(store: ObjectStore, run_id: str, shard_id: str) -> dict[st
     except ObjectMissing:
         return None
     return {"outcome": "passed" if record.get("passed") else "quarantined", "summary": record.get("summary", ""),
-            "rows": record.get("rows") or [], "key": key}
+            "rows": record.get("rows") or [], "key": key, "gx": bool(record.get("gx_results"))}
 
 
 def shard_contamination(cfg: Config, tables: Mapping[str, pa.Table]) -> list[str]:
@@ -844,14 +845,17 @@ def check_shard_task(config: dict, run_id: str, receipt: dict) -> ShardCheck:
 @task(name="data-docs", cache_policy=NO_CACHE)
 def data_docs_task(config: dict, checks: Sequence[ShardCheck]) -> str | None:
     """Render the run's Data Docs once, at its end: every quarantined shard's validation and the first passed
-    ones (DOCS_PASSED_SHARDS); return the site's index.html path, or None when no shard was validated.
+    ones (DOCS_PASSED_SHARDS) that were validated alone; return the site's index.html path, or None when no shard
+    was validated.
 
-    Every shard's outcomes are rows of the lake's `validations` table; the site shows what a reader opens it for.
+    Every shard's outcomes are rows of the lake's `validations` table; the site shows what a reader opens it for. A
+    shard passed in a batch (validate_shards) has no GX result of its own to render: its receipt says so (`gx`),
+    and the first shards of a run, landing while validation processes are free, are validated alone.
     """
     cfg = Config.from_dict(config)
     store = ObjectStore(cfg.object_store)
     keys = [c.record for c in checks if c.outcome == "quarantined" and c.record]
-    keys += [c.record for c in checks if c.outcome == "passed" and c.record][:DOCS_PASSED_SHARDS]
+    keys += [c.record for c in checks if c.outcome == "passed" and c.record and _rendered_alone(c)][:DOCS_PASSED_SHARDS]
     records = []
     for key in keys:
         try:
@@ -866,3 +870,9 @@ def data_docs_task(config: dict, checks: Sequence[ShardCheck]) -> str | None:
         get_run_logger().warning("the run's Data Docs could not be built", exc_info=True)
         return None
     return index
+
+
+def _rendered_alone(check: ShardCheck) -> bool:
+    """Whether a checked shard's validation record holds GX's own results: a receipt without `gx` (validated by
+    check_shard_task, or by an earlier version) was validated alone."""
+    return ((check.receipt or {}).get("validation") or {}).get("gx", True)

@@ -993,3 +993,14 @@ def test_a_growth_host_validates_shards_landing_together_in_batches_each_caller_
     assert [outcome.result().success for outcome in validated[:4]] == [True, False, True, True]
     with pytest.raises(ShardValidationError, match="shard-5: table 'pairs' is missing"):
         validated[4].result()
+
+
+def test_data_docs_render_the_shards_of_a_batch_that_were_validated_alone(gx_dir: Path) -> None:
+    faulty = own_shard(2)
+    second_run_id(faulty)
+    together = validate_shards(as_batch([own_shard(1), faulty]))
+    records = [json.loads(json.dumps(v.to_dict())) for v in together]
+    index, pages = build_data_docs(gx_dir, records)
+    assert index is not None and Path(index).is_file()
+    assert set(pages) == {"shard-2"}  # shard-1 passed in the batch: no GX result of its own to render
+    assert set(pages["shard-2"]) == set(rows.SHARD_TABLES)
