@@ -366,7 +366,7 @@ def _forget_results(context: AbstractDataContext) -> None:
 def _in_suite_order(outcomes: Iterable[tuple[str, int, ExpectationOutcome]]) -> list[ExpectationOutcome]:
     """Return (table, suite-file position, outcome) triples' outcomes in table then suite-file order."""
     order = {table: i for i, table in enumerate(SHARD_TABLES)}
-    return [outcome for _, outcome in sorted(((order[t], p), o) for t, p, o in outcomes)]
+    return [outcome for _, outcome in sorted((((order[t], p), o) for t, p, o in outcomes), key=lambda k: k[0])]
 
 
 def _parts(suite: SuiteSpec) -> tuple[dict[int, ExpectationSpec], tuple[int, ...]]:
