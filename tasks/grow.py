@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
@@ -50,8 +50,8 @@ from tasks.pairs import constraint_count, curate
 from tasks.principles import Constitution, Principled, load_constitution
 from tasks.seeds import Instruction, ShardPlan
 from tasks.turns import Turns
-from tasks.validate import (ShardValidation, record_unvalidated, record_validation, shard_contamination,
-                            stored_validation, validate_shard, warm_validation)
+from tasks.validate import (ShardTables, ShardValidation, record_unvalidated, record_validation, shard_contamination,
+                            stored_validation, validate_shard, validate_shards, warm_validation)
 from tasks.verify import Verifiers, worker_context
 
 
@@ -236,6 +236,10 @@ VALIDATE_NICE = 10
 # Validation processes per host at most (~300 MB each): enough that the shards landing together at a run's end are
 # validated side by side.
 MAX_VALIDATORS = 4
+# Shards one validation process takes at once at most: GX's cost is per expectation, so a batch of 32 shards of 4
+# instructions costs little more than one shard (bench/validate_batch.py), while its rows (a few MB of frames) and
+# the shards that wait on it stay small; a failing batch is validated again shard by shard.
+MAX_VALIDATION_BATCH = 32
 
 
 class GrowthHost:
@@ -256,6 +260,10 @@ class GrowthHost:
         self._validator: ProcessPoolExecutor | None = None  # started by the first shard that grows
         self.validators = min(MAX_VALIDATORS, verify_workers(cfg))
         self._validator_lock = threading.Lock()
+        # Shards waiting for a validation process, and one thread per process that hands them over in batches.
+        self._waiting: list[tuple[ShardTables, Future]] = []
+        self._waiting_lock = threading.Lock()
+        self._batcher = ThreadPoolExecutor(max_workers=self.validators, thread_name_prefix="orchard-validate")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="orchard-growth", daemon=True)
         self._thread.start()
@@ -317,11 +325,38 @@ class GrowthHost:
 
         Validation processes (one per core, at most MAX_VALIDATORS), at a lower CPU priority than growth
         (VALIDATE_NICE), keep GX's second or more of pure-Python work per shard off the event loop's interpreter and
-        behind the engines' and verifiers' CPU; each builds its GX context once. Shards wait for them in turn, and
-        while they wait they count as in flight.
+        behind the engines' and verifiers' CPU; each builds its GX context once. A shard that lands while every
+        process is busy waits, and while it waits it counts as in flight; a process that becomes free takes every
+        shard waiting (at most MAX_VALIDATION_BATCH) and validates them at once (`validate_shards`: each shard's
+        outcome is the one it would have alone), so shards that land together cost GX about one shard's work.
         """
-        return self._validation_pool().submit(validate_shard, dict(tables), shard_id=shard_id,
-                                              contaminated=list(contaminated)).result()
+        self._validation_pool()
+        validated: Future = Future()
+        with self._waiting_lock:
+            self._waiting.append((ShardTables(dict(tables), shard_id, list(contaminated)), validated))
+        # One hand-over per shard: the first to find a batcher thread free takes every shard waiting by then, the
+        # later ones of that batch find none left and end at once.
+        self._batcher.submit(self._validate_waiting)
+        return validated.result()
+
+    def _validate_waiting(self) -> None:
+        """Validate the shards waiting (at most MAX_VALIDATION_BATCH) in one validation process, as one batch; hand
+        each its own outcome or error (an error of the whole batch to each of them)."""
+        with self._waiting_lock:
+            batch, self._waiting = self._waiting[:MAX_VALIDATION_BATCH], self._waiting[MAX_VALIDATION_BATCH:]
+        if not batch:
+            return
+        try:
+            outcomes = self._validation_pool().submit(validate_each, [shard for shard, _ in batch]).result()
+        except BaseException as error:  # noqa: BLE001 - the batch's callers get its error, whatever it is
+            for _, validated in batch:
+                validated.set_exception(error)
+            return
+        for (_, validated), (validation, error) in zip(batch, outcomes):
+            if error is None:
+                validated.set_result(validation)
+            else:
+                validated.set_exception(error)
 
     async def _cache_counters_gained(self) -> CacheCounters | None:
         """Return what the servers' prefix-cache counters (vLLM's GET /metrics) gained since they were last read here.
@@ -347,8 +382,31 @@ class GrowthHost:
             self._thread.join(timeout=30)
             self._loop.close()
             self.verifiers.close()
+            self._batcher.shutdown(wait=True, cancel_futures=True)
+            with self._waiting_lock:  # nobody validates on a closed host; if one did, it hears so
+                waiting, self._waiting = self._waiting, []
+            for _, validated in waiting:
+                validated.set_exception(RuntimeError("the growth host closed before this shard was validated"))
             if self._validator is not None:
                 self._validator.shutdown(wait=True, cancel_futures=True)
+
+
+def validate_each(batch: Sequence[ShardTables]) -> list[tuple[ShardValidation | None, Exception | None]]:
+    """Return each shard's validation, or why it could not run: the batch at once (`validate_shards`), or, if that
+    raises (a shard lacks a table), each shard alone, so one shard's error is not its neighbours'."""
+    try:
+        return [(validation, None) for validation in validate_shards(batch)]
+    except Exception:  # noqa: BLE001 - told apart below, shard by shard
+        if len(batch) == 1:
+            raise
+    outcomes: list[tuple[ShardValidation | None, Exception | None]] = []
+    for shard in batch:
+        try:
+            outcomes.append((validate_shard(shard.tables, shard_id=shard.shard_id,
+                                            contaminated=shard.contaminated), None))
+        except Exception as error:  # noqa: BLE001 - this shard's caller raises it
+            outcomes.append((None, error))
+    return outcomes
 
 
 def _validation_process() -> None:

@@ -19,9 +19,10 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import pandas as pd
 import pyarrow as pa
@@ -32,7 +33,7 @@ from orchard.config import Config
 from orchard.errors import OrchardError, is_transient, retry_transient
 from orchard.store import ObjectMissing, ObjectStore
 from schemas.rows import SHARD_TABLES
-from schemas.suites import SUITES_DIR, SuiteError, SuiteSpec, columns_of, load_suites, with_checks
+from schemas.suites import SUITES_DIR, ExpectationSpec, SuiteError, SuiteSpec, columns_of, load_suites, with_checks
 from tasks.fates import ShardCheck
 from tasks.hygiene import flagged_ids
 from tasks.land import (
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuiteValidationResult
     from great_expectations.core.expectation_validation_result import ExpectationValidationResult
     from great_expectations.data_context import AbstractDataContext, FileDataContext
+    from great_expectations.execution_engine import PandasExecutionEngine
 
 DATASOURCE = "orchard_shards"
 BATCH_DEFINITION = "whole_table"
@@ -193,8 +195,7 @@ def validate_shard(
     if not shard_id:
         raise ShardValidationError("shard_id is empty")
     suites = load_suites(suites_dir)
-    frames = _frames(tables, shard_id=shard_id, suites=suites)
-    checked = {table: with_checks(suite, frames) for table, suite in suites.items()}
+    checked = _checked(tables, shard_id, suites)
 
     from great_expectations.core.run_identifier import RunIdentifier
 
@@ -209,34 +210,23 @@ def validate_shard(
         run_id = RunIdentifier(run_name=shard_id, run_time=run_time)
         suite_results: dict[str, ExpectationSuiteValidationResult] = {}
         for table, suite in suites.items():
-            def run(result_format: dict[str, Any]) -> ExpectationSuiteValidationResult:
-                return definitions[table].run(
-                    batch_parameters={"dataframe": checked[table]},
-                    expectation_parameters={THIS_SHARD: [shard_id], CONTAMINATED: list(contaminated)},
-                    result_format=result_format,
-                    run_id=run_id,
-                )
-
+            parameters = {THIS_SHARD: [shard_id], CONTAMINATED: list(contaminated)}
             # BASIC has every count and observed value of SUMMARY at ~70% of its CPU; only a table that fails is
             # validated again, with SUMMARY, for the ids of the rows at fault.
-            suite_results[table] = run({"result_format": "BASIC", "partial_unexpected_count": EXAMPLES})
+            suite_results[table] = _run(definitions[table], checked[table], parameters, BASIC, run_id)
             if not suite_results[table].success:
-                suite_results[table] = run({"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES,
-                                            "unexpected_index_column_names": [suite.row_id]})
-        # ValidationDefinition.run keeps every result in the context's store: in memory here, so drop them.
-        store = context.validation_results_store
-        for key in store.list_keys():
-            store.remove_key(key)
+                suite_results[table] = _run(definitions[table], checked[table], parameters,
+                                            {**BASIC, "result_format": "SUMMARY",
+                                             "unexpected_index_column_names": [suite.row_id]}, run_id)
+        _forget_results(context)
         gx_results = {table: {"batch_id": result.batch_id, "result": result.to_json_dict()}
                       for table, result in suite_results.items()}
 
-    # GX returns results in its own order; each carries its suite-file position in meta.
-    keyed = [
-        ((order, result.expectation_config.meta.get("position", 0)), _outcome(table, result, suites[table]))
-        for order, (table, suite_result) in enumerate(suite_results.items())
+    outcomes = _in_suite_order(
+        (table, result.expectation_config.meta.get("position", 0), _outcome(table, result, suites[table]))
+        for table, suite_result in suite_results.items()
         for result in suite_result.results
-    ]
-    outcomes = [outcome for _, outcome in sorted(keyed, key=lambda k: k[0])]
+    )
     return ShardValidation(
         shard_id=shard_id,
         success=all(o.success for o in outcomes),
@@ -247,15 +237,236 @@ def validate_shard(
     )
 
 
+BASIC = {"result_format": "BASIC", "partial_unexpected_count": EXAMPLES}
+# The suite suffixes of the two parts of a table's suite in a batch (see _parts): its GX suite and definition names.
+TOGETHER, ALONE = ".together", ".alone"
+# Map expectations that judge each row by its own values against fixed kwargs: they pass on a batch's rows exactly
+# when they pass on each shard's. Others (a z-score, an order) may not: they are run on each shard alone.
+ROW_LOCAL = frozenset({
+    "expect_column_values_to_not_be_null", "expect_column_values_to_be_null",
+    "expect_column_values_to_be_in_set", "expect_column_values_to_not_be_in_set",
+    "expect_column_values_to_be_between", "expect_column_value_lengths_to_be_between",
+    "expect_column_values_to_match_regex", "expect_column_values_to_not_match_regex",
+    "expect_column_pair_values_a_to_be_greater_than_b", "expect_column_pair_values_to_be_equal",
+})
+# Uniqueness is judged within each shard on a batch: a value is keyed by its shard (two shards may share a drop
+# reason, never a row of one shard another's id). Column -> what the batch's suite checks instead (see _together).
+UNIQUE, COMPOUND_UNIQUE = "expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique"
+IN_SHARD = "\x00in shard"  # a batch table's column: the position in the batch of the row's shard
+# In a batch, each row's shard_id that names its own shard is replaced by this before GX sees it, and the batch's
+# "this shard" is [OWN_SHARD]: one in-set check over the batch then says of every row what validating its shard
+# alone says (a row of shard A naming shard B of the same batch still fails). Shard ids hold no NUL.
+OWN_SHARD = "\x00own shard"
+
+
+class ShardTables(NamedTuple):
+    """One landed shard waiting for validation: its tables, its id, and its instructions that the eval sets flag."""
+
+    tables: Mapping[str, pa.Table]
+    shard_id: str
+    contaminated: Sequence[str] = ()
+
+
+def validate_shards(batch: Sequence[ShardTables], suites_dir: Path = SUITES_DIR) -> list[ShardValidation]:
+    """Return each shard's validation, in batch order: exactly what `validate_shard` returns for it alone (outcomes,
+    success, summary), for little more GX work than one shard's.
+
+    GX's cost is per expectation, not per row, so each table is validated once for the whole batch (its shards'
+    tables concatenated, each with the check columns derived from its own shard) against the expectations that judge
+    rows on their own and want every row to pass (see _parts): those pass on the batch exactly when they pass on
+    every shard, and for each shard they then report `0 of <its rows> unexpected`. The rest (row counts, distinct
+    counts) are run on each shard's own tables: a handful of expectations. An expectation that fails sends the shards
+    it may concern to `validate_shard`, alone, for GX's exact findings and examples: every shard when it is one of
+    the batch's, else the shard whose own part failed.
+
+    A shard that passes in a batch of several has no GX result of its own: its `gx_results` is empty (Data Docs
+    render shards validated alone) and its `seconds` is its share of the batch's.
+    """
+    if len(batch) == 1:
+        (shard,) = batch
+        return [validate_shard(shard.tables, shard_id=shard.shard_id, suites_dir=suites_dir,
+                               contaminated=shard.contaminated)]
+    started = time.perf_counter()
+    for shard in batch:
+        if not shard.shard_id:
+            raise ShardValidationError("shard_id is empty")
+    suites = load_suites(suites_dir)
+    checked = [_checked(shard.tables, shard.shard_id, suites) for shard in batch]
+    parts = {table: _parts(suite) for table, suite in suites.items()}
+
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.execution_engine import PandasExecutionEngine
+
+    with _CONTEXT_LOCK:
+        context = _memory_context()
+        together, alone = _batch_definitions(context, suites)
+        run_time = dt.datetime.now(dt.timezone.utc)
+        run_id = RunIdentifier(run_name=f"{batch[0].shard_id} and {len(batch) - 1} more", run_time=run_time)
+        # Being flagged is a property of an instruction, not of a shard: the batch's union flags no row of a shard
+        # that the shard's own list does not, unless the row names another shard's instruction (which fails
+        # check_instruction_exists alone, and here sends the batch to validate_shard).
+        parameters = {THIS_SHARD: [OWN_SHARD], CONTAMINATED: sorted({i for s in batch for i in s.contaminated})}
+        passed = True
+        for table in together:
+            frame = _together([shard_checked[table] for shard_checked in checked], [s.shard_id for s in batch],
+                              parts[table][0])
+            passed = _nothing_unexpected(_run(together[table], frame, parameters, BASIC, run_id))
+            if not passed:
+                break
+        own: list[dict[str, ExpectationSuiteValidationResult]] = [{} for _ in batch]
+        for shard, shard_checked, shard_results in zip(batch, checked, own):
+            for table in alone if passed else ():
+                shard_results[table] = _run(alone[table], shard_checked[table],
+                                            {THIS_SHARD: [shard.shard_id], CONTAMINATED: list(shard.contaminated)},
+                                            BASIC, run_id)
+                if not shard_results[table].success:
+                    break
+        _forget_results(context)
+
+    engine = PandasExecutionEngine()
+    share = (time.perf_counter() - started) / len(batch)
+    validations = []
+    for shard, shard_checked, shard_results in zip(batch, checked, own):
+        if not passed or not all(result.success for result in shard_results.values()):
+            validations.append(validate_shard(shard.tables, shard_id=shard.shard_id, suites_dir=suites_dir,
+                                              contaminated=shard.contaminated))
+            continue
+        outcomes = _in_suite_order([
+            *((table, position, _passed_in_batch(table, suites[table].expectations[position],
+                                                 shard_checked[table], engine))
+              for table, (rows, _) in parts.items() for position in rows),
+            *((table, result.expectation_config.meta.get("position", 0), _outcome(table, result, suites[table]))
+              for table, suite_result in shard_results.items() for result in suite_result.results),
+        ])
+        validations.append(ShardValidation(shard_id=shard.shard_id, success=all(o.success for o in outcomes),
+                                           results=outcomes, run_time=run_time.isoformat(), seconds=share))
+    return validations
+
+
+def _checked(tables: Mapping[str, pa.Table], shard_id: str, suites: Mapping[str, SuiteSpec]) -> dict[str, pd.DataFrame]:
+    """Return each table of a shard as GX validates it: the columns its suite reads, and its check columns."""
+    frames = _frames(tables, shard_id=shard_id, suites=suites)
+    return {table: with_checks(suite, frames) for table, suite in suites.items()}
+
+
+def _run(definition: Any, frame: pd.DataFrame, parameters: Mapping[str, Any], result_format: Mapping[str, Any],
+         run_id: Any) -> ExpectationSuiteValidationResult:
+    """Return GX's result of one table's validation definition on `frame`; hold _CONTEXT_LOCK."""
+    return definition.run(batch_parameters={"dataframe": frame}, expectation_parameters=dict(parameters),
+                          result_format=dict(result_format), run_id=run_id)
+
+
+def _forget_results(context: AbstractDataContext) -> None:
+    """Drop the results ValidationDefinition.run keeps in the context's store (in memory here); hold _CONTEXT_LOCK."""
+    store = context.validation_results_store
+    for key in store.list_keys():
+        store.remove_key(key)
+
+
+def _in_suite_order(outcomes: Iterable[tuple[str, int, ExpectationOutcome]]) -> list[ExpectationOutcome]:
+    """Return (table, suite-file position, outcome) triples' outcomes in table then suite-file order."""
+    order = {table: i for i, table in enumerate(SHARD_TABLES)}
+    return [outcome for _, outcome in sorted((((order[t], p), o) for t, p, o in outcomes), key=lambda k: k[0])]
+
+
+def _parts(suite: SuiteSpec) -> tuple[dict[int, ExpectationSpec], tuple[int, ...]]:
+    """Return how a batch of shards is validated against a suite: the expectations run on the batch's rows at once
+    (by suite-file position, as the batch's suite states them), and the positions of those run on each shard alone.
+
+    At once: ROW_LOCAL expectations and uniqueness (made uniqueness within each shard: see _together) that every
+    row must meet (no `mostly`) and that read no column where "this shard" is a parameter except the in-set check
+    itself and not_be_null (in a batch that column holds OWN_SHARD). Alone: the rest (a row count, a distinct count).
+    """
+    marked = {column for e in suite.expectations if _names_this_shard(e.kwargs) for column in e.columns}
+    together, alone = {}, []
+    for position, expectation in enumerate(suite.expectations):
+        kwargs = expectation.kwargs
+        reads_marked = bool(set(expectation.columns) & marked) and not (
+            _names_this_shard(kwargs) or expectation.type == "expect_column_values_to_not_be_null")
+        if kwargs.get("mostly", 1) != 1 or reads_marked:
+            alone.append(position)
+        elif expectation.type == UNIQUE:
+            together[position] = ExpectationSpec(UNIQUE, {**kwargs, "column": kwargs["column"] + IN_SHARD})
+        elif expectation.type == COMPOUND_UNIQUE:
+            together[position] = ExpectationSpec(COMPOUND_UNIQUE, {**kwargs, "column_list": [*kwargs["column_list"], IN_SHARD]})
+        elif expectation.type in ROW_LOCAL:
+            together[position] = expectation
+        else:
+            alone.append(position)
+    return together, tuple(alone)
+
+
+def _names_this_shard(kwargs: Mapping[str, Any]) -> bool:
+    """Whether an expectation's kwargs take "this shard" ({"$PARAMETER": THIS_SHARD}) as a value."""
+    return any(value == {"$PARAMETER": THIS_SHARD} for value in kwargs.values())
+
+
+def _batch_definitions(context: AbstractDataContext, suites: Mapping[str, SuiteSpec]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return each table's validation definitions for a batch: of the expectations run at once, and of those run on
+    each shard alone (a table with none has none); hold _CONTEXT_LOCK."""
+    parts = {table: _parts(suite) for table, suite in suites.items()}
+    together, _ = _sync(context, suites, TOGETHER, {table: rows for table, (rows, _) in parts.items()})
+    alone, _ = _sync(context, suites, ALONE,
+                     {table: {p: suites[table].expectations[p] for p in own} for table, (_, own) in parts.items()})
+    return together, alone
+
+
+def _together(frames: Sequence[pd.DataFrame], shard_ids: Sequence[str], expectations: Mapping[int, ExpectationSpec],
+              ) -> pd.DataFrame:
+    """Return one table of a batch's shards as its batch suite reads it: their checked tables one after the other,
+    shard_id naming its own shard as OWN_SHARD, each row's shard (IN_SHARD) and the columns keyed by it that
+    uniqueness within a shard reads (`<column>` + IN_SHARD: (shard, value), null where the value is)."""
+    marked = []
+    for position, (frame, shard_id) in enumerate(zip(frames, shard_ids)):
+        frame = frame.copy()
+        if "shard_id" in frame.columns:
+            frame["shard_id"] = frame["shard_id"].astype(object).mask(frame["shard_id"].eq(shard_id).fillna(False),
+                                                                      OWN_SHARD)
+        frame[IN_SHARD] = position
+        for expectation in expectations.values():
+            if expectation.type == UNIQUE:
+                column = expectation.kwargs["column"].removesuffix(IN_SHARD)
+                frame[column + IN_SHARD] = [None if pd.isna(v) else (position, v) for v in frame[column]]
+        marked.append(frame)
+    with warnings.catch_warnings():
+        # pandas warns that an empty or all-null table will stop widening a column's dtype; the values are the same.
+        warnings.simplefilter("ignore", FutureWarning)
+        return pd.concat(marked, ignore_index=True)
+
+
+def _nothing_unexpected(suite_result: ExpectationSuiteValidationResult) -> bool:
+    """Whether every expectation of a batch's table passed with nothing unexpected: each shard's outcome follows."""
+    return bool(suite_result.success) and all(
+        result.success and (result.result or {}).get("unexpected_count") == 0 and "element_count" in result.result
+        for result in suite_result.results
+    )
+
+
+def _passed_in_batch(table: str, expectation: ExpectationSpec, frame: pd.DataFrame,
+                     engine: PandasExecutionEngine) -> ExpectationOutcome:
+    """Return what validating one shard alone reports of a map expectation that nothing of its batch failed:
+    nothing unexpected among the rows of the shard's table it judges (element_count: all of them, or those meeting
+    its row condition, filtered as GX's pandas engine filters them)."""
+    condition = expectation.kwargs.get("row_condition")
+    # A private method of the pinned GX: the very filter a validation applies, for any kind of condition.
+    rows = len(engine._apply_row_condition_filter(frame, condition, expectation.kwargs)) if condition else len(frame)
+    where = _condition_text(condition)
+    return ExpectationOutcome(table, expectation.type, expectation.columns, True, _counted(0, rows, where), 0, rows,
+                              where)
+
+
 _CONTEXT_LOCK = threading.Lock()
 _CONTEXT: list[AbstractDataContext] = []  # this process's in-memory GX context, once built
 
 
 def warm_validation(suites_dir: Path = SUITES_DIR) -> None:
-    """Build this process's GX context and validation definitions now (GX's imports and objects take seconds), so the
-    first shard that lands here is validated at once."""
+    """Build this process's GX context and validation definitions (of a shard and of a batch) now (GX's imports and
+    objects take seconds), so the first shards that land here are validated at once."""
+    suites = load_suites(suites_dir)
     with _CONTEXT_LOCK:
-        _sync(_memory_context(), load_suites(suites_dir))
+        context = _memory_context()
+        _sync(context, suites)
+        _batch_definitions(context, suites)
 
 
 def _memory_context() -> AbstractDataContext:
@@ -324,8 +535,15 @@ def _open_context(gx_dir: Path) -> FileDataContext:
     return context
 
 
-def _sync(context: FileDataContext, suites: Mapping[str, SuiteSpec]) -> tuple[dict[str, Any], set[str]]:
-    """Return a ValidationDefinition per table and the suites rewritten, adding or updating GX objects as needed."""
+def _sync(
+    context: AbstractDataContext, suites: Mapping[str, SuiteSpec], part: str = "",
+    expectations: Mapping[str, Mapping[int, ExpectationSpec]] | None = None,
+) -> tuple[dict[str, Any], set[str]]:
+    """Return a ValidationDefinition per table and the suites rewritten, adding or updating GX objects as needed.
+
+    With a `part` (a name suffix), each table's suite and definition hold `expectations[table]` instead of its suite
+    file's (by file position; a table with none has no definition): see validate_shards.
+    """
     import great_expectations as gx
 
     try:
@@ -334,6 +552,9 @@ def _sync(context: FileDataContext, suites: Mapping[str, SuiteSpec]) -> tuple[di
         datasource = context.data_sources.add_pandas(DATASOURCE)
     definitions, changed = {}, set()
     for table, spec in suites.items():
+        kept = None if expectations is None else expectations.get(table, {})
+        if kept is not None and not kept:
+            continue
         asset_names = {asset.name for asset in datasource.assets}
         asset = datasource.get_asset(table) if table in asset_names else datasource.add_dataframe_asset(table)
         batch_names = {b.name for b in asset.batch_definitions}
@@ -342,29 +563,31 @@ def _sync(context: FileDataContext, suites: Mapping[str, SuiteSpec]) -> tuple[di
             if BATCH_DEFINITION in batch_names
             else asset.add_batch_definition_whole_dataframe(BATCH_DEFINITION)
         )
-        suite, rewritten = _stored_suite(context, spec)
+        suite, rewritten = _stored_suite(context, spec, table + part, kept)
         if rewritten:
             changed.add(table)
         try:
-            definition = context.validation_definitions.get(table)
+            definition = context.validation_definitions.get(table + part)
             fresh = definition.data.id == batch.id and definition.suite.id == suite.id and definition.is_fresh().success
         except gx.exceptions.DataContextError:
             fresh = False
         if not fresh:
             definition = context.validation_definitions.add_or_update(
-                gx.ValidationDefinition(name=table, data=batch, suite=suite)
+                gx.ValidationDefinition(name=table + part, data=batch, suite=suite)
             )
         definitions[table] = definition
     return definitions, changed
 
 
-def _stored_suite(context: FileDataContext, spec: SuiteSpec) -> tuple[Any, bool]:
-    """Return the GX suite for `spec` and whether it was (re)written: only when the suite file says something else."""
+def _stored_suite(context: AbstractDataContext, spec: SuiteSpec, name: str,
+                  expectations: Mapping[int, ExpectationSpec] | None = None) -> tuple[Any, bool]:
+    """Return the GX suite `name` for `spec` (or for `expectations`, by suite-file position, instead of the file's)
+    and whether it was (re)written: only when the suite file says something else."""
     import great_expectations as gx
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
-    wanted = gx.ExpectationSuite(name=spec.table, meta={"source": str(spec.path), "description": spec.description})
-    for position, expectation in enumerate(spec.expectations):
+    wanted = gx.ExpectationSuite(name=name, meta={"source": str(spec.path), "description": spec.description})
+    for position, expectation in (enumerate(spec.expectations) if expectations is None else expectations.items()):
         try:
             configuration = ExpectationConfiguration(
                 type=expectation.type,
@@ -378,7 +601,7 @@ def _stored_suite(context: FileDataContext, spec: SuiteSpec) -> tuple[Any, bool]
                 f"{spec.path}: expectations[{position}] ({expectation.type}): GX rejects it: {error}"
             ) from error
     try:
-        stored = context.suites.get(spec.table)
+        stored = context.suites.get(name)
     except gx.exceptions.DataContextError:
         return context.suites.add(wanted), True
     if _suite_content(stored) == _suite_content(wanted) and stored.meta == wanted.meta:
@@ -487,7 +710,7 @@ def _outcome(table: str, result: ExpectationValidationResult, spec: SuiteSpec) -
     details = result.result or {}
     if "unexpected_count" in details and "element_count" in details:
         unexpected, total = int(details["unexpected_count"] or 0), int(details["element_count"] or 0)
-        observed = f"{unexpected} of {total} rows unexpected" + (f" where {condition}" if condition else "")
+        observed = _counted(unexpected, total, condition)
         examples = _examples(details, spec.row_id, columns)
         if unexpected and examples:
             observed += f"; e.g. {examples}"
@@ -496,6 +719,11 @@ def _outcome(table: str, result: ExpectationValidationResult, spec: SuiteSpec) -
         )
     observed = f"observed {_short(details.get('observed_value'))}" if "observed_value" in details else ""
     return ExpectationOutcome(table, configuration.type, columns, bool(result.success), observed, condition=condition)
+
+
+def _counted(unexpected: int, total: int, condition: str | None) -> str:
+    """Return how many rows a map expectation found unexpected, e.g. `0 of 8 rows unexpected where role == step`."""
+    return f"{unexpected} of {total} rows unexpected" + (f" where {condition}" if condition else "")
 
 
 def _examples(details: Mapping[str, Any], row_id: str, columns: tuple[str, ...]) -> str:
@@ -537,15 +765,16 @@ def _short(value: Any, limit: int = 40) -> str:
 
 def record_validation(store: ObjectStore, run_id: str, shard_id: str, validation: ShardValidation) -> dict[str, Any]:
     """Write a landed shard's validation record (quarantining the shard when an expectation failed); return what its
-    receipt says of it: `outcome` (passed or quarantined), `summary`, the lake's `rows` and the record's `key`."""
+    receipt says of it: `outcome` (passed or quarantined), `summary`, the lake's `rows`, the record's `key` and
+    whether the record holds GX's own results (`gx`: a shard passed in a batch has none, see validate_shards)."""
     rows = validation.rows(run_id)
     record = {**validation.to_dict(), "passed": validation.success, "rows": rows}
     if validation.success:
         key = write_validation(store, run_id, shard_id, record)
-        return {"outcome": "passed", "summary": "", "rows": rows, "key": key}
+        return {"outcome": "passed", "summary": "", "rows": rows, "key": key, "gx": bool(validation.gx_results)}
     quarantine_shard(store, run_id, shard_id, record)
     return {"outcome": "quarantined", "summary": validation.summary(), "rows": rows,
-            "key": quarantine_prefix(run_id, shard_id) + VALIDATION}
+            "key": quarantine_prefix(run_id, shard_id) + VALIDATION, "gx": bool(validation.gx_results)}
 
 
 def record_unvalidated(store: ObjectStore, run_id: str, shard_id: str, error: BaseException) -> dict[str, Any]:
@@ -564,7 +793,7 @@ def stored_validation(store: ObjectStore, run_id: str, shard_id: str) -> dict[st
     except ObjectMissing:
         return None
     return {"outcome": "passed" if record.get("passed") else "quarantined", "summary": record.get("summary", ""),
-            "rows": record.get("rows") or [], "key": key}
+            "rows": record.get("rows") or [], "key": key, "gx": bool(record.get("gx_results"))}
 
 
 def shard_contamination(cfg: Config, tables: Mapping[str, pa.Table]) -> list[str]:
@@ -616,14 +845,17 @@ def check_shard_task(config: dict, run_id: str, receipt: dict) -> ShardCheck:
 @task(name="data-docs", cache_policy=NO_CACHE)
 def data_docs_task(config: dict, checks: Sequence[ShardCheck]) -> str | None:
     """Render the run's Data Docs once, at its end: every quarantined shard's validation and the first passed
-    ones (DOCS_PASSED_SHARDS); return the site's index.html path, or None when no shard was validated.
+    ones (DOCS_PASSED_SHARDS) that were validated alone; return the site's index.html path, or None when no shard
+    was validated.
 
-    Every shard's outcomes are rows of the lake's `validations` table; the site shows what a reader opens it for.
+    Every shard's outcomes are rows of the lake's `validations` table; the site shows what a reader opens it for. A
+    shard passed in a batch (validate_shards) has no GX result of its own to render: its receipt says so (`gx`),
+    and the first shards of a run, landing while validation processes are free, are validated alone.
     """
     cfg = Config.from_dict(config)
     store = ObjectStore(cfg.object_store)
     keys = [c.record for c in checks if c.outcome == "quarantined" and c.record]
-    keys += [c.record for c in checks if c.outcome == "passed" and c.record][:DOCS_PASSED_SHARDS]
+    keys += [c.record for c in checks if c.outcome == "passed" and c.record and _rendered_alone(c)][:DOCS_PASSED_SHARDS]
     records = []
     for key in keys:
         try:
@@ -638,3 +870,9 @@ def data_docs_task(config: dict, checks: Sequence[ShardCheck]) -> str | None:
         get_run_logger().warning("the run's Data Docs could not be built", exc_info=True)
         return None
     return index
+
+
+def _rendered_alone(check: ShardCheck) -> bool:
+    """Whether a checked shard's validation record holds GX's own results: a receipt without `gx` (validated by
+    check_shard_task, or by an earlier version) was validated alone."""
+    return ((check.receipt or {}).get("validation") or {}).get("gx", True)

@@ -16,7 +16,8 @@ import pytest
 
 from schemas import rows
 from schemas.suites import SuiteError, load_suite, load_suites
-from tasks.validate import ShardValidation, ShardValidationError, build_data_docs, validate_shard
+from tasks.validate import (ShardTables, ShardValidation, ShardValidationError, build_data_docs, validate_shard,
+                            validate_shards)
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "run-1"
@@ -753,7 +754,10 @@ def test_validating_again_reuses_the_process_context_and_keeps_no_result_in_it(v
     again = validate_shard(shard_tables(), shard_id=SHARD)
     assert again.success
     (context,) = tasks.validate._CONTEXT  # built once per process
-    assert sorted(d.name for d in context.validation_definitions.all()) == sorted(rows.SHARD_TABLES)
+    # One definition per table, and per part of a table's suite once a batch was validated here (validate_shards).
+    names = [d.name for d in context.validation_definitions.all()]
+    assert sorted(n for n in names if "." not in n) == sorted(rows.SHARD_TABLES)
+    assert {n.split(".")[0] for n in names} == set(rows.SHARD_TABLES)
     assert context.validation_results_store.list_keys() == []  # a run's results do not pile up in memory
 
 
@@ -872,3 +876,134 @@ def test_a_growth_host_validates_in_processes_behind_growth_each_with_its_gx_con
         # Started with the host's first shard: by the time a shard lands, GX is imported and its context built.
         niceness, ready = host._validation_pool().submit(_validation_process_state).result()
     assert niceness == min(19, os.nice(0) + VALIDATE_NICE) and ready
+
+
+# --- a batch of shards validated at once ------------------------------------------------------------------
+
+
+def own_shard(number: int, edit: Callable[[dict[str, list[dict[str, Any]]]], None] | None = with_injection_and_jury,
+              ) -> dict[str, list[dict[str, Any]]]:
+    """Return the rows of shard `shard-<number>`: the valid shard (with `edit`), every id its own (`s<number>-…`)."""
+    shard = shard_rows()
+    if edit:
+        edit(shard)
+    for table_rows in shard.values():
+        for row in table_rows:
+            for column, value in row.items():
+                # A canary's second id names no row: its prefix is what the check reads.
+                if column.endswith("_id") and column not in ("run_id", "shard_id") and isinstance(value, str) \
+                        and not value.startswith("canary:"):
+                    row[column] = f"s{number}-{value}"
+            row["shard_id"] = f"shard-{number}"
+    return shard
+
+
+def as_batch(shards: list[dict[str, list[dict[str, Any]]]], contaminated: dict[int, list[str]] | None = None,
+             ) -> list[ShardTables]:
+    """Return shards' rows as a batch to validate, shard i's flagged instruction ids `contaminated[i]`."""
+    return [ShardTables({name: rows.table(name, table_rows) for name, table_rows in shard.items()},
+                        shard["nodes"][0]["shard_id"], (contaminated or {}).get(i, []))
+            for i, shard in enumerate(shards)]
+
+
+def assert_as_if_alone(batch: list[ShardTables]) -> list[ShardValidation]:
+    """Assert that validating `batch` at once gives each shard what validating it alone gives; return the batch's."""
+    together = validate_shards(batch)
+    assert [v.shard_id for v in together] == [s.shard_id for s in batch]
+    for shard, validation in zip(batch, together):
+        alone = validate_shard(shard.tables, shard_id=shard.shard_id, contaminated=shard.contaminated)
+        assert validation.results == alone.results
+        assert (validation.success, validation.summary()) == (alone.success, alone.summary())
+        assert validation.rows(RUN) == alone.rows(RUN)
+    return together
+
+
+def test_a_batch_of_valid_shards_gets_each_shard_its_own_outcomes() -> None:
+    together = assert_as_if_alone(as_batch([own_shard(1), own_shard(2, None), own_shard(3, with_mcts)]))
+    assert all(v.success for v in together)
+    assert all(not v.gx_results for v in together)  # judged in the batch: no GX result of its own
+
+
+def test_a_batch_of_one_is_a_shard_validated_alone() -> None:
+    (validation,) = validate_shards(as_batch([own_shard(1)]))
+    assert validation.success and set(validation.gx_results) == set(rows.SHARD_TABLES)
+
+
+def claims_another_shard(shard: dict[str, list[dict[str, Any]]]) -> None:
+    shard["nodes"][1]["shard_id"] = "shard-1"  # the first shard of the batch
+
+
+def second_run_id(shard: dict[str, list[dict[str, Any]]]) -> None:
+    shard["pairs"][0]["run_id"] = "run-2"
+
+
+def no_instructions(shard: dict[str, list[dict[str, Any]]]) -> None:
+    shard["instructions"] = []
+
+
+def duplicate_id(shard: dict[str, list[dict[str, Any]]]) -> None:
+    shard["pairs"][1]["pair_id"] = shard["pairs"][0]["pair_id"]
+
+
+def shares_a_pair_id_with_the_first_shard(shard: dict[str, list[dict[str, Any]]]) -> None:
+    shard["pairs"][0]["pair_id"] = "s1-p1"  # another shard's id, unique in this shard: passes alone
+
+
+def reason_twice(shard: dict[str, list[dict[str, Any]]]) -> None:
+    shard["drops"].append(dict(shard["drops"][0]))
+
+
+FAULTS = [claims_another_shard, second_run_id, no_instructions, duplicate_id, shares_a_pair_id_with_the_first_shard,
+          reason_twice]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.__name__ for f in FAULTS])
+def test_a_fault_in_a_batch_is_found_where_validating_each_shard_alone_finds_it(
+        fault: Callable[[dict[str, list[dict[str, Any]]]], None]) -> None:
+    faulty = own_shard(2)
+    fault(faulty)
+    together = assert_as_if_alone(as_batch([own_shard(1), faulty, own_shard(3)]))
+    if fault is not shares_a_pair_id_with_the_first_shard:
+        assert [v.success for v in together] == [True, False, True]
+    if fault is second_run_id:  # found by the shard's own part: its neighbours are still judged in the batch
+        assert [bool(v.gx_results) for v in together] == [False, True, False]
+
+
+def test_a_flagged_instruction_in_a_batch_quarantines_its_shard_only() -> None:
+    together = assert_as_if_alone(as_batch([own_shard(1), own_shard(2), own_shard(3)], {1: ["s2-i1"]}))
+    assert [v.success for v in together] == [True, False, True]
+
+
+def test_a_growth_host_validates_shards_landing_together_in_batches_each_caller_getting_its_own() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchard.config import Config
+    from tasks.grow import growth_host
+
+    faulty = own_shard(2)
+    second_run_id(faulty)
+    batch = as_batch([own_shard(1), faulty, own_shard(3), own_shard(4, None), own_shard(5)])
+    del batch[4].tables["pairs"]  # cannot be validated at all: only its caller hears of it
+    cfg = Config()
+    unused = dataclasses.replace(cfg.engines["embedded"], kind="openai", base_urls=("http://127.0.0.1:9",))
+    with growth_host(cfg.replace(engines={"embedded": unused})) as host:
+        with ThreadPoolExecutor(len(batch)) as callers:  # as the Prefect task threads of shards landing at once
+            validated = [callers.submit(host.validate, shard.tables, shard.shard_id, shard.contaminated)
+                         for shard in batch]
+    for shard, outcome in zip(batch[:4], validated[:4]):
+        alone = validate_shard(shard.tables, shard_id=shard.shard_id, contaminated=shard.contaminated)
+        assert outcome.result().results == alone.results and outcome.result().shard_id == shard.shard_id
+    assert [outcome.result().success for outcome in validated[:4]] == [True, False, True, True]
+    with pytest.raises(ShardValidationError, match="shard-5: table 'pairs' is missing"):
+        validated[4].result()
+
+
+def test_data_docs_render_the_shards_of_a_batch_that_were_validated_alone(gx_dir: Path) -> None:
+    faulty = own_shard(2)
+    second_run_id(faulty)
+    together = validate_shards(as_batch([own_shard(1), faulty]))
+    records = [json.loads(json.dumps(v.to_dict())) for v in together]
+    index, pages = build_data_docs(gx_dir, records)
+    assert index is not None and Path(index).is_file()
+    assert set(pages) == {"shard-2"}  # shard-1 passed in the batch: no GX result of its own to render
+    assert set(pages["shard-2"]) == set(rows.SHARD_TABLES)
