@@ -214,8 +214,8 @@ def shards_in_flight(cfg: Config) -> int:
     at most `orchestration.max_shards_in_flight`.
 
     Inline, that is twice the requests the engines take at once (max_concurrency × base URLs, summed over the engines
-    the roles and the jury use) in trees, plus one shard, so a shard's tail (its last dependent requests, the jury's
-    shard-wide part) overlaps the next shards' growth. Dispatched shards grow on the pool's workers, each in a process
+    the roles and the jury use) in trees, plus SPARE_SHARDS shards, so shards' tails (their last dependent requests,
+    the jury's shard-wide part) overlap the next shards' growth. Dispatched shards grow on the pool's workers, each in a process
     of its own: the cap alone bounds how many the flow waits on.
     """
     cap = cfg.orchestration.max_shards_in_flight
@@ -223,12 +223,17 @@ def shards_in_flight(cfg: Config) -> int:
         return cap
     requests = sum(cfg.engines[name].max_concurrency * max(1, len(cfg.engines[name].base_urls))
                    for name in engines_used(cfg))
-    return max(1, min(cap, math.ceil(TREES_PER_REQUEST_SLOT * requests / cfg.run.instructions_per_shard) + 1))
+    return max(1, min(cap, math.ceil(TREES_PER_REQUEST_SLOT * requests / cfg.run.instructions_per_shard)
+                           + SPARE_SHARDS))
 
 
 # Trees in flight per request the engines take at once: a tree waits on verification and on its own earlier answers
 # between requests, so one tree per slot leaves slots idle (bench/scale.py measures the occupancy this gives).
 TREES_PER_REQUEST_SLOT = 2
+# Shards in flight beyond those: while one shard waits on its last long chain and another on its jury, the others
+# still fill the slots (with one spare, shards of 32 and 128 left the 64-slot engine 0.95 busy, dipping to 0.63-0.74
+# whenever two tails met: bench/scale.py).
+SPARE_SHARDS = 2
 
 
 # How much lower than growth the validation processes run (os.nice): GX's work can wait, the engines' answers cannot.

@@ -41,10 +41,10 @@ def sim_config(url: str = "http://127.0.0.1:1", *, concurrency: int = CONCURRENC
 
 
 def test_shards_in_flight_are_enough_trees_for_the_engines_and_at_most_the_cap():
-    # 2 trees per request slot: 3 slots × 2 URLs → 12 trees → 6 shards of 2, and one more.
-    assert shards_in_flight(sim_config(concurrency=3, urls=2, per_shard=2)) == 7
-    assert shards_in_flight(sim_config(concurrency=64, per_shard=128)) == 2
-    assert shards_in_flight(sim_config(concurrency=64, per_shard=4)) == 33
+    # 2 trees per request slot: 3 slots × 2 URLs → 12 trees → 6 shards of 2, and two spare.
+    assert shards_in_flight(sim_config(concurrency=3, urls=2, per_shard=2)) == 8
+    assert shards_in_flight(sim_config(concurrency=64, per_shard=128)) == 3
+    assert shards_in_flight(sim_config(concurrency=64, per_shard=4)) == 34
     assert shards_in_flight(sim_config(concurrency=512, per_shard=4, max_shards_in_flight=64)) == 64
     # Dispatched shards grow in the workers' processes: the cap alone bounds what the flow waits on.
     assert shards_in_flight(sim_config(concurrency=3, grow="deployment", max_shards_in_flight=20)) == 20
