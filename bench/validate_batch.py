@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from schemas import rows  # noqa: E402
 from tasks.validate import ShardTables, validate_shard, validate_shards  # noqa: E402
-from tests.test_validate import shard_rows, with_injection_and_jury  # noqa: E402
+from tests.test_validate import relabel, shard_rows, with_injection_and_jury  # noqa: E402
 
 INSTRUCTIONS_PER_COPY = 3  # the valid test shard with injection and jury: a math, a code and an open-ended tree
 
@@ -34,16 +34,9 @@ def shard(number: int, instructions: int) -> ShardTables:
     for copy in range(copies):
         rows_of_copy = shard_rows()
         with_injection_and_jury(rows_of_copy)
-        for name, table_rows in rows_of_copy.items():
+        for name, table_rows in relabel(rows_of_copy, f"s{number}c{copy}-", f"shard-{number}").items():
             if name == "drops" and copy:
                 continue
-            for row in table_rows:
-                for column, value in row.items():
-                    # A canary's second id names no row: its prefix is what the check reads.
-                    if column.endswith("_id") and column not in ("run_id", "shard_id") and isinstance(value, str) \
-                            and not value.startswith("canary:"):
-                        row[column] = f"s{number}c{copy}-{value}"
-                row["shard_id"] = f"shard-{number}"
             tables[name].extend(table_rows)
     return ShardTables({name: rows.table(name, table_rows) for name, table_rows in tables.items()}, f"shard-{number}")
 

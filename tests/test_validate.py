@@ -887,14 +887,20 @@ def own_shard(number: int, edit: Callable[[dict[str, list[dict[str, Any]]]], Non
     shard = shard_rows()
     if edit:
         edit(shard)
+    return relabel(shard, f"s{number}-", f"shard-{number}")
+
+
+def relabel(shard: dict[str, list[dict[str, Any]]], prefix: str, shard_id: str) -> dict[str, list[dict[str, Any]]]:
+    """Prefix every id in a shard's rows with `prefix` (run and shard ids aside) and name `shard_id` in each row, in
+    place; return the rows."""
     for table_rows in shard.values():
         for row in table_rows:
             for column, value in row.items():
                 # A canary's second id names no row: its prefix is what the check reads.
                 if column.endswith("_id") and column not in ("run_id", "shard_id") and isinstance(value, str) \
                         and not value.startswith("canary:"):
-                    row[column] = f"s{number}-{value}"
-            row["shard_id"] = f"shard-{number}"
+                    row[column] = f"{prefix}{value}"
+            row["shard_id"] = shard_id
     return shard
 
 
