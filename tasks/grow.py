@@ -44,9 +44,9 @@ from tasks.growth import Checker, GrowError, Phase, Progress, Shard
 from tasks.inject import Injection
 from tasks.jury import Judge, Jury
 from tasks.land import land_shard, resume_shard
-from tasks.plans import ShardRef, read_plan
 from tasks.mcts import Search
 from tasks.pairs import constraint_count, curate
+from tasks.plans import ShardRef, read_plan
 from tasks.principles import Constitution, Principled, load_constitution
 from tasks.seeds import Instruction, ShardPlan
 from tasks.turns import Turns
@@ -215,8 +215,8 @@ def shards_in_flight(cfg: Config) -> int:
 
     Inline, that is twice the requests the engines take at once (max_concurrency × base URLs, summed over the engines
     the roles and the jury use) in trees, plus SPARE_SHARDS shards, so shards' tails (their last dependent requests,
-    the jury's shard-wide part) overlap the next shards' growth. Dispatched shards grow on the pool's workers, each in a process
-    of its own: the cap alone bounds how many the flow waits on.
+    the jury's shard-wide part) overlap the next shards' growth. Dispatched shards grow on the pool's workers, each
+    in a process of its own: the cap alone bounds how many the flow waits on.
     """
     cap = cfg.orchestration.max_shards_in_flight
     if cfg.orchestration.grow != "inline":

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-
 from orchard.config import Config, SeedSource
 from orchard.errors import OrchardError
 from tasks.hygiene import Drops, EarlierLookup
