@@ -7,9 +7,31 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Sequence
 
+from orchard.config import RunConfig
 from orchard.engine import Completion, Sampling, Usage
 from tasks.seeds import Instruction, ShardPlan, instruction_id
 from tasks.verify import Verdict, check_math_answer
+
+
+# A small run with every part of a tree: strategies, critique-refine turns, MCTS (steps, rollouts, self-evaluations),
+# principles for open-ended prompts, the jury on a verifiable pair and a canary per shard.
+SMALL_RUN = RunConfig(
+    instructions_per_shard=2,
+    strategies=("step_by_step", "plan_first", "work_backwards"),
+    samples_per_strategy=2,
+    max_tokens=64,
+    turns=2,
+    refine_per_tree=1,
+    refine_samples=2,
+    critique_max_tokens=48,
+    mcts_iterations=2,
+    mcts_step_tokens=24,
+    principles_per_prompt=1,  # open-ended prompts (where a test adds them): one principle each
+    principle_max_tokens=48,
+    judge_max_tokens=80,
+    jury_pairs=1,  # per shard: one verifiable pair and one canary for the jury, besides any principle examples
+    jury_canaries=1,
+)
 
 
 def instruction(text: str = "Compute 2 × 3.", reference: str = "6", difficulty: int = 1, domain: str = "math") -> Instruction:
@@ -68,6 +90,31 @@ class ScriptedEngine:
             completions.append(Completion(text, finish, self.model, prompt_tokens=20 + len(prefix.split()),
                                           completion_tokens=len(text.split()), seed=seed))
         return completions
+
+
+class ArithmeticScript:
+    """A scripted model's answers to the questions it has learnt (text -> reference): right on even sample seeds, off
+    by one on odd ones, so trees have pairs; critiques get a fixed reply. Serve it with
+    `ScriptedServer(ScriptedEngine(script.answer))`; an unknown question gets an answer no verifier accepts."""
+
+    def __init__(self) -> None:
+        self.references: dict[str, str] = {}
+        self.url = ""
+
+    def learn(self, config) -> None:
+        """Learn the questions and references of every seed `config` plans."""
+        from tasks.seeds import plan_seeds
+
+        for shard in plan_seeds(config, "learn").plans:
+            self.references.update((i.text, i.reference) for i in shard.instructions)
+
+    def answer(self, messages: Sequence[dict], sampling: Sampling) -> str:
+        if messages[0]["content"].startswith("You review"):
+            return "Recompute it."
+        reference = self.references.get(messages[1]["content"] if len(messages) > 1 else "")
+        if reference is None:
+            return "I cannot tell."
+        return f"Answer: {reference}" if (sampling.seed or 0) % 2 == 0 else f"Answer: {int(reference) + 1}"
 
 
 def store_toml(config) -> str:

@@ -1,22 +1,26 @@
-"""Shared fixtures: one real SeaweedFS and one real llama.cpp server per test session, a fresh bucket per test."""
+"""Shared fixtures: one real SeaweedFS, one real llama.cpp server and one Prefect test harness per test session, a
+fresh bucket per test, and one nightly run on the real model that every test reading a real run's results shares."""
 
 from __future__ import annotations
 
 import dataclasses
 import uuid
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import pytest
 
-from orchard.config import EngineConfig, ObjectStoreConfig
+from orchard.config import Config, EngineConfig, ObjectStoreConfig, SeedSource
 from orchard.services import Service, start_llama_server, start_seaweedfs
 from orchard.store import ObjectStore
+
+from builders import SMALL_RUN
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 
 # Tests that use these fixtures talk to real servers: they are integration tests whether or not
 # their author remembered the marker, so `-m "not integration"` always leaves them out.
-_SERVICE_FIXTURES = {"seaweed", "store", "llama"}
+_SERVICE_FIXTURES = {"seaweed", "store", "llama", "prefect_api", "real_run"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -55,3 +59,47 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineConfig]:
                                   structured_output=embedded.response_format)
     finally:
         service.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[None]:
+    """One Prefect test harness (a real Prefect server on its own SQLite database) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+# The real-model run every reading test shares: math searched (MCTS), judged (the jury), injected; open-ended prompts
+# under principles; a duplicate source and an eval item dropped before growth. Enough of the easiest problems at
+# full-length answers that the 135M model gets some right and some wrong, so every export format has rows (SFT needs
+# a correct answer, DPO a pair): 8 math trees in 2 shards, 2 open-ended trees in a third.
+REAL_RUN_ID = "it-1"
+REAL_ARITHMETIC = SeedSource(kind="arithmetic", count=8, difficulty=1, seed=3)
+REAL_SEEDS = (REAL_ARITHMETIC, SeedSource(kind="open_ended", count=2), REAL_ARITHMETIC,
+              SeedSource(kind="humaneval", count=1))
+
+
+class RealRun(NamedTuple):
+    """A nightly run grown on the real model: its config (state dir, bucket, engine) and the summary it returned."""
+
+    config: Config
+    summary: dict
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory: pytest.TempPathFactory, seaweed: tuple[Service, ObjectStoreConfig],
+             llama: EngineConfig, prefect_api: None) -> RealRun:
+    """One nightly run on the real model for the whole session (about two minutes on 2 cores), read by the tests of
+    what a real run publishes (tables, report, SQL, exports that train). Tests may run it again (a re-run reuses
+    every shard) but must not add to or change its lake otherwise."""
+    from flows.nightly import nightly
+
+    _, store_config = seaweed
+    object_store = ObjectStore(dataclasses.replace(store_config, bucket=f"real-run-{uuid.uuid4().hex[:12]}"))
+    object_store.ensure_bucket()
+    config = Config(state_dir=str(tmp_path_factory.mktemp("real-run") / "state"),
+                    run=dataclasses.replace(SMALL_RUN, instructions_per_shard=4, max_tokens=128),
+                    seeds=REAL_SEEDS, engines={"embedded": dataclasses.replace(llama, retries=1, backoff_s=0.1)},
+                    object_store=object_store.cfg)
+    return RealRun(config, nightly(config=config.to_dict(), run_id=REAL_RUN_ID))

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -14,53 +15,44 @@ import pytest
 
 from orchard import lake
 from orchard.cli import main as orchard_main
-from orchard.config import Config, EngineConfig, RunConfig, SeedSource
-from schemas import rows
+from orchard.config import Config, EngineConfig, SeedSource
+from orchard.store import ObjectStore
 from tasks.grow import grow_shard
 from tasks.land import land_shard, landed_manifest, quarantine_prefix
 from tasks.seeds import SeedError, plan_seeds
 
-from builders import ScriptedEngine, check_math, store_toml
+from builders import SMALL_RUN, ArithmeticScript, ScriptedEngine, ScriptedServer, check_math, store_toml
 
 pytestmark = pytest.mark.integration
 
-SMALL_RUN = RunConfig(
-    instructions_per_shard=2,
-    strategies=("step_by_step", "plan_first", "work_backwards"),
-    samples_per_strategy=2,
-    max_tokens=64,
-    turns=2,
-    refine_per_tree=1,
-    refine_samples=2,
-    critique_max_tokens=48,
-    mcts_iterations=2,  # math is searched too: steps, rollouts, self-evaluations and mcts pairs on the real model
-    mcts_step_tokens=24,
-    principles_per_prompt=1,  # open-ended prompts (where a test adds them): one principle each
-    principle_max_tokens=48,
-    judge_max_tokens=80,
-    jury_pairs=1,  # per shard: one verifiable pair and one canary for the jury, besides any principle examples
-    jury_canaries=1,
-)
 OPEN_ENDED = SeedSource(kind="open_ended", count=2)
+# The tests of failure paths run on a scripted model over HTTP (the real model's runs are in `real_run`): no search,
+# no jury, so that every request is a strategy, a critique or a refinement whose answer the script knows.
+SCRIPTED_RUN = dataclasses.replace(SMALL_RUN, mcts_iterations=0, jury_pairs=0, jury_canaries=0)
 
 
 @pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+def scripted() -> Iterator[ArithmeticScript]:
+    """A scripted model server that knows the answers of the questions a test registers."""
+    script = ArithmeticScript()
+    with ScriptedServer(ScriptedEngine(script.answer)) as server:
+        script.url = server.url
+        yield script
 
 
 @pytest.fixture
-def config(tmp_path, store, llama, prefect_api) -> Config:
-    return Config(
+def config(tmp_path, store, scripted, prefect_api) -> Config:
+    engine = EngineConfig(kind="openai", model="scripted", base_urls=(scripted.url,), retries=1, backoff_s=0.1,
+                          structured_output="none")
+    config = Config(
         state_dir=str(tmp_path / "state"),
-        run=SMALL_RUN,
+        run=SCRIPTED_RUN,
         seeds=(SeedSource(kind="arithmetic", count=4, difficulty=1, seed=11),),
-        engines={"embedded": dataclasses.replace(llama, retries=1, backoff_s=0.1)},
+        engines={"embedded": engine},
         object_store=store.cfg,
     )
+    scripted.learn(config)
+    return config
 
 
 def run(config: Config, run_id: str) -> dict:
@@ -73,29 +65,29 @@ def count(config: Config, sql: str) -> int:
     return lake.query(config, sql)[1][0][0]
 
 
-def test_nightly_publishes_one_snapshot_and_a_rerun_adds_no_duplicates(config, store):
-    # The same arithmetic source twice (4 duplicates) and a HumanEval problem (an eval set): dropped before growth.
-    config = config.replace(seeds=(*config.seeds, OPEN_ENDED, *config.seeds, SeedSource(kind="humaneval", count=1)))
-    first = run(config, "it-1")
+def test_nightly_publishes_one_snapshot_and_a_rerun_adds_no_duplicates(real_run):
+    # The same arithmetic source twice (8 duplicates) and a HumanEval problem (an eval set): dropped before growth.
+    config, first = real_run
+    store = ObjectStore(config.object_store)
     assert first["status"] == "complete", first["problems"]
     assert first["shards_planned"] == first["shards_published"] == 3
-    assert first["trees"] == 6
+    assert first["trees"] == 10
     assert first["completion_tokens"] > 0 and first["tokens_per_s"] > 0
 
     landed_nodes = 0
     for shard in plan_seeds(config, "planned").plans:
         manifest = landed_manifest(store, "it-1", shard.shard_id)
-        assert manifest["files"]["trees"]["rows"] == 2
+        assert manifest["files"]["trees"]["rows"] == len(shard.instructions)
         landed_nodes += manifest["files"]["nodes"]["rows"]
     assert landed_nodes == first["nodes"]
     # Each math tree: a root, 3 strategies × 2 actions, then critiques and refinements of a wrong action if any.
     # Each open-ended tree: a root, and responses under one principle, its antithesis and none.
     roles = dict(lake.query(config, "SELECT role, count(*) FROM nodes GROUP BY 1")[1])
-    assert (roles["instruction"], roles["action"]) == (6, 24)
+    assert (roles["instruction"], roles["action"]) == (10, 8 * 3 * 2)
     assert roles["principled"] == roles["antithesis"] == roles["unconditioned"] == 2
     assert roles.get("refinement", 0) == 2 * roles.get("critique", 0)
-    # MCTS: up to 2 rounds over 2 trees per shard, 2 children per expansion; an unfinished step has one rollout.
-    assert 0 < roles["step"] <= 2 * 2 * 2 * 2 and roles["step"] % 2 == 0 and 0 < roles.get("rollout", 0) <= roles["step"]
+    # MCTS: up to 2 rounds over 8 math trees, 2 children per expansion; an unfinished step has one rollout.
+    assert 0 < roles["step"] <= 2 * 8 * 2 and roles["step"] % 2 == 0 and 0 < roles.get("rollout", 0) <= roles["step"]
     assert count(config, "SELECT count(*) FROM nodes WHERE role = 'step' AND (visits < 1 OR q_value IS NULL)") == 0
     methods = dict(lake.query(config, "SELECT method, count(*) FROM pairs GROUP BY 1")[1])
     assert methods.get("mcts", 0) > 0 and methods == first["pairs_by_method"]
@@ -115,7 +107,7 @@ def test_nightly_publishes_one_snapshot_and_a_rerun_adds_no_duplicates(config, s
     assert set(json.loads(agreement)["judges"]) == {"direct", "violations", "reader"}
     assert set(first["jury"]["judges"]) == {"direct", "violations", "reader"}
     assert count(config, "SELECT count(*) FROM pairs WHERE contrast IS NULL") == 0
-    assert count(config, "SELECT count(*) FROM trees") == 6
+    assert count(config, "SELECT count(*) FROM trees") == 10
     assert count(config, "SELECT count(*) FROM sft_examples") == count(
         config, "SELECT count(*) FROM nodes WHERE verdict = 'correct'")
 
@@ -129,7 +121,7 @@ def test_nightly_publishes_one_snapshot_and_a_rerun_adds_no_duplicates(config, s
     # The hygiene gate: every seed that was read is grown or dropped, with its reason, and HumanEval/0 is flagged.
     before = dict(((stage, reason), n) for stage, reason, n in lake.query(
         config, 'SELECT stage, reason, "count" FROM drops WHERE shard_id IS NULL')[1])
-    assert before == {("seeds", "duplicate instruction id (seeds[2] arithmetic)"): 4,
+    assert before == {("seeds", "duplicate instruction id (seeds[2] arithmetic)"): 8,
                       ("seeds", "beyond count (seeds[1] open_ended)"): 22,
                       ("seeds", "beyond count (seeds[3] humaneval)"): 163,
                       ("decontamination", "contaminated: humaneval"): 1}
@@ -153,22 +145,22 @@ def test_nightly_publishes_one_snapshot_and_a_rerun_adds_no_duplicates(config, s
     assert lake.query(config, "SELECT count(*) FROM nodes", version=first["snapshot_id"])[1][0][0] == first["nodes"]
 
 
-def test_run_report_is_in_prefect(config):
+def test_run_report_is_in_prefect(real_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    summary = run(config, "it-report")
+    summary = real_run.summary
 
     async def artifacts():
         async with get_client() as client:
             found = await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="orchard-run-it-report"))
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="orchard-run-it-1"))
             )
             return {a.key: a for a in found}
 
     found = asyncio.run(artifacts())
-    assert {"orchard-run-it-report", "orchard-run-it-report-report"} <= set(found)
-    report = found["orchard-run-it-report-report"].data
+    assert {"orchard-run-it-1", "orchard-run-it-1-report"} <= set(found)
+    report = found["orchard-run-it-1-report"].data
     assert f"| {summary['pairs']} |" in report
     assert "## Pairs by method" in report and set(summary["curation"]) == set(summary["pairs_by_method"])
     assert "## Judge agreement" in report and "Fleiss' κ" in report
@@ -178,8 +170,8 @@ def test_run_report_is_in_prefect(config):
         assert f"| {method} | {stats['pairs']} |" in report
 
 
-def test_sql_command_answers_from_the_lake(config, tmp_path, capsys):
-    summary = run(config, "it-sql")
+def test_sql_command_answers_from_the_lake(real_run, tmp_path, capsys):
+    config, summary = real_run
     path = tmp_path / "orchard.toml"
     engine = config.engines["embedded"]
     path.write_text(
@@ -196,7 +188,7 @@ base_urls = ["{engine.base_urls[0]}"]
 
 
 class _GarbageForPoison(BaseHTTPRequestHandler):
-    """Forwards to the real model server, but answers garbage to any prompt that mentions POISON."""
+    """Forwards to the model server, but answers garbage to any prompt that mentions POISON."""
 
     upstream = ""
 
@@ -218,7 +210,7 @@ class _GarbageForPoison(BaseHTTPRequestHandler):
         pass
 
 
-def test_garbage_from_the_model_fails_one_shard_and_the_others_publish(config, tmp_path):
+def test_garbage_from_the_model_fails_one_shard_and_the_others_publish(config, scripted, tmp_path):
     handler = type("Proxy", (_GarbageForPoison,), {"upstream": config.engines["embedded"].base_urls[0]})
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
@@ -228,6 +220,7 @@ def test_garbage_from_the_model_fails_one_shard_and_the_others_publish(config, t
                                for q in questions))
     engine = dataclasses.replace(config.engines["embedded"], base_urls=(f"http://127.0.0.1:{proxy.server_address[1]}",))
     broken = config.replace(engines={"embedded": engine}, seeds=(SeedSource(kind="gsm8k", path=str(seeds), count=0),))
+    scripted.learn(broken)
     try:
         summary = run(broken, "it-garbage")
     finally:
@@ -240,12 +233,12 @@ def test_garbage_from_the_model_fails_one_shard_and_the_others_publish(config, t
     assert texts == {"What is 2 + 2?", "What is 3 + 3?"}
 
 
-def test_shard_violating_a_suite_is_quarantined_and_not_published(config, store):
+def test_shard_violating_a_suite_is_quarantined_and_not_published(config, store, scripted):
     plans = plan_seeds(config, "planned").plans
     bad_plan = plans[0]
-    scripted = _RightOrWrong(bad_plan)
+    engine = ScriptedEngine(scripted.answer)
     grown = asyncio.run(grow_shard(bad_plan, run_id="it-bad", run=config.run, check=check_math,
-                                   engines={"generator": scripted, "critic": scripted, "refiner": scripted}))
+                                   engines={"generator": engine, "critic": engine, "refiner": engine}))
     assert grown.pairs
     grown.pairs[0]["chosen_text"] = ""  # the injected violation: an empty chosen response
     land_shard(store, "it-bad", bad_plan.shard_id, grown.tables(), config_hash=config.content_hash(), stats=grown.stats)
@@ -259,29 +252,6 @@ def test_shard_violating_a_suite_is_quarantined_and_not_published(config, store)
     assert published == {plans[1].shard_id}
     failed = lake.query(config, "SELECT shard_id FROM validations WHERE run_id = 'it-bad' AND NOT success")[1]
     assert {r[0] for r in failed} == {bad_plan.shard_id}
-
-
-class _RightOrWrong:
-    """A scripted engine that answers right on even sample seeds and wrong on odd ones."""
-
-    def __init__(self, plan):
-        self.references = {i.text: i.reference for i in plan.instructions}
-        self.inner = ScriptedEngine(self.answer)
-        self.model, self.usage = self.inner.model, self.inner.usage
-
-    def answer(self, messages, sampling):
-        if messages[0]["content"].startswith("You review"):
-            return "Recompute it."
-        if messages[0]["content"].startswith("You check partial"):  # an MCTS self-evaluation
-            return "Yes"
-        reference = self.references[messages[1]["content"]]
-        return f"Answer: {reference}" if sampling.seed % 2 == 0 else f"Answer: {int(reference) + 1}"
-
-    async def chat(self, messages, sampling, n=1, *, priority=0):
-        return await self.inner.chat(messages, sampling, n)
-
-    async def continue_chat(self, messages, prefix, sampling, n=1, *, priority=0):
-        return await self.inner.continue_chat(messages, prefix, sampling, n)
 
 
 def test_malformed_seed_file_names_the_line_and_publishes_nothing(config, store, tmp_path):

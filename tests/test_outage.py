@@ -57,14 +57,6 @@ def engine_url() -> Iterator[str]:
         yield server.url
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 # --- a SeaweedFS that can be stopped and started again on its data ------------------------------------
 
 

@@ -7,7 +7,6 @@ RewardTrainer, and checks the stepwise export's labels token by token (TRL 1.16 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import subprocess
@@ -16,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from orchard import llama_build
-from orchard.config import Config, SeedSource
 from tasks.export import FORMATS, export_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.train]
@@ -26,29 +24,10 @@ TRAIN_PYTHON = ROOT / ".venv-train" / "bin" / "python"
 TRAINED = {"DPOTrainer": "trl-dpo", "KTOTrainer": "trl-kto", "SFTTrainer": "sft", "RewardTrainer": "trl-rm"}
 
 
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-def test_the_exports_of_a_real_run_train_with_trl(tmp_path, store, llama, prefect_api):
+def test_the_exports_of_a_real_run_train_with_trl(tmp_path, real_run):
     if not TRAIN_PYTHON.exists() or not (llama_build.train_model() / "model.safetensors").is_file():
         pytest.fail("the train venv or the safetensors model is missing: run `make train-check`")
-    from flows.nightly import nightly
-    from test_nightly import SMALL_RUN
-
-    # Enough of the easiest problems that the 135M model gets some right and some wrong (every format has rows: SFT
-    # needs a correct answer, DPO a pair): 8 trees at difficulty 1, full-length answers.
-    run = dataclasses.replace(SMALL_RUN, instructions_per_shard=4, max_tokens=128)
-    config = Config(state_dir=str(tmp_path / "state"), run=run,
-                    seeds=(SeedSource(kind="arithmetic", count=8, difficulty=1, seed=3),
-                           SeedSource(kind="open_ended", count=1)),
-                    engines={"embedded": dataclasses.replace(llama, retries=1, backoff_s=0.1)},
-                    object_store=store.cfg)
-    summary = nightly(config=config.to_dict(), run_id="it-train")
+    config, summary = real_run  # every format has rows: see conftest's REAL_SEEDS
     assert summary["status"] == "complete", summary["problems"]
 
     exports = tmp_path / "exports"
