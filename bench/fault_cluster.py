@@ -2,11 +2,12 @@
 too), or separately its model server, is SIGKILLed while it grows a shard of the `nightly` deployment's run.
 
 Each scenario brings a cluster up in its work dir (or uses one it is given), starts the nightly deployment, waits
-until a grow-shard run is mid-shard (its first request level answered), kills, and then checks what a user
-checks: the nightly run ends (it does not hang) Completed with status `complete`; the killed grow-shard run ends
-Crashed (worker) or Failed (model server) and its shard is grown by another worker; the lake holds every planned
-shard once, as many rows per shard as its manifest says, no duplicate id, no snapshot with part of the run; one
-`runs` row; and a second run of the same id completes again, reusing every shard and adding no row.
+until a grow-shard run is mid-shard (its worker's model server decoding one of its requests), kills, and then
+checks what a user checks: the nightly run ends (it does not hang) Completed with status `complete`; the killed
+grow-shard run ends Crashed (worker) or Failed (model server) and its shard is grown by another worker; the lake
+holds every planned shard once, as many rows per shard as its manifest says, no duplicate id, no snapshot with
+part of the run; one `runs` row; and a second run of the same id completes again, reusing every shard and adding
+no row.
 
     SCENARIOS: name -> (work_dir) -> (expected, observed, passed)     (bench/faults.py imports it)
 
@@ -27,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -167,11 +170,12 @@ class FaultedRun:
     problems: list[str] = field(default_factory=list)
 
 
-def _mid_shard(client: object, run_id: str, alive: Callable[[str], bool]) -> tuple[object, str] | None:
-    """A grow-shard run of `run_id` that is Running on a worker for which `alive` holds and has answered a request
-    level (it logged "… answered"), and that worker's name; None if there is none yet."""
+def _mid_shard(client: object, cfg: Config, run_id: str, alive: Callable[[str], bool]) -> tuple[object, str] | None:
+    """A grow-shard run of `run_id` that is Running on a worker for which `alive` holds while that worker's model
+    server decodes a request (so mid-shard, however fast its shard grows), and that worker's name; None if there is
+    none yet."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterState, \
-        FlowRunFilterStateType, LogFilter, LogFilterFlowRunId
+        FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
 
     running = client.read_flow_runs(flow_run_filter=FlowRunFilter(
@@ -179,12 +183,25 @@ def _mid_shard(client: object, run_id: str, alive: Callable[[str], bool]) -> tup
         state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
     for run in running:
         worker = (run.labels or {}).get("prefect.worker.name")
-        if not worker or not alive(worker):
-            continue
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
-        if any(" answered" in log.message for log in logs):
+        if worker and alive(worker) and _model_busy(cfg, worker):
             return run, worker
     return None
+
+
+def _model_busy(cfg: Config, worker: str) -> bool:
+    """Whether a model server of GPU worker `worker` (`orchard up`'s llama-gpu-<i>-…) is decoding a request now: its
+    GET /slots has a slot processing. Only that worker's shard sends it requests."""
+    index = worker.rsplit("-", 1)[1]
+    for process in read_up(cfg)["processes"]:
+        if not process.name.startswith(f"llama-gpu-{index}-"):
+            continue
+        try:
+            slots = httpx.get(process.url + "/slots", timeout=2.0).json()
+        except (httpx.HTTPError, ValueError):
+            continue
+        if any(slot.get("is_processing") for slot in slots):
+            return True
+    return False
 
 
 def faulted_run(cfg: Config, run_id: str, inject: Callable[[Config, str], str], *,
@@ -202,7 +219,7 @@ def faulted_run(cfg: Config, run_id: str, inject: Callable[[Config, str], str], 
         deadline = time.monotonic() + MID_SHARD_TIMEOUT_S
         found = None
         while found is None and time.monotonic() < deadline:
-            found = _mid_shard(client, run_id, spare)
+            found = _mid_shard(client, cfg, run_id, spare)
             if found is None:
                 if client.read_flow_run(nightly.id).state.is_final():
                     break

@@ -132,12 +132,18 @@ def up(cfg: Config, config_path: Path | None, *, say: Callable[[str], None] = pr
         grow = "deployment" if orch.gpu_workers else "inline"
         started.append(_record(start_worker(cfg.state_path, orch.cpu_pool, "cpu-0", {
             **env, "ORCHARD__ORCHESTRATION__GROW": json.dumps(grow)})))
+        # The embedded model servers started here share this host's cores: each gets its share of its engine's
+        # threads. Two servers of 2 threads on 2 cores (gpu_workers = 2 on a CPU host) grew a shard at 4-10 tokens/s
+        # each, where one alone grew it at 15-21 (tests/test_cluster.py's cluster, worker logs).
+        servers = orch.gpu_workers * sum(engine.kind == "embedded" for engine in cfg.engines.values())
+        cores = max(1, (os.cpu_count() or 1) // max(1, servers))
         for i, limit in enumerate(gpu_limits):
             worker_env = {**env, "ORCHARD__ORCHESTRATION__GPU_LIMIT": json.dumps(limit)}
             for engine_name, engine in cfg.engines.items():
                 if engine.kind != "embedded":
                     continue  # served elsewhere, or launched by the worker for each shard
-                model = _record(start_llama_server(engine, cfg.state_path, name=f"llama-gpu-{i}-{_slug(engine_name)}"))
+                shared = dataclasses.replace(engine, threads=min(engine.threads, cores))
+                model = _record(start_llama_server(shared, cfg.state_path, name=f"llama-gpu-{i}-{_slug(engine_name)}"))
                 started.append(model)
                 key = f"ORCHARD__ENGINES__{engine_name.upper()}__"
                 worker_env |= {key + "KIND": '"openai"', key + "BASE_URLS": json.dumps([model.url]),

@@ -34,6 +34,7 @@ SMALL_RUN = """
 state_dir = "{state}"
 [run]
 instructions_per_shard = 1
+strategies = ["step_by_step", "plan_first"]
 samples_per_strategy = 1
 turns = 1
 mcts_iterations = 1
