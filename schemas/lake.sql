@@ -66,7 +66,9 @@ SELECT
     pass_rate,
     turn,
     edit_distance,
-    jury_label
+    jury_label,
+    tree_id,
+    model
 FROM pairs;
 
 -- Principle-grounded preference pairs in TRL's conversational format, the principle placed in the system message:
@@ -74,18 +76,23 @@ FROM pairs;
 -- The others (non-attitudes, ties, a jury that preferred the antithesis) stay in principle_examples.
 CREATE OR REPLACE VIEW principle_pairs AS
 SELECT
-    [{'role': 'system', 'content': principle}, {'role': 'user', 'content': prompt}] AS prompt,
-    [{'role': 'assistant', 'content': response}] AS chosen,
-    [{'role': 'assistant', 'content': antithesis_response}] AS rejected,
-    example_id,
-    run_id,
-    principle_id,
-    constitution,
-    votes_response,
-    judges,
-    model
-FROM principle_examples
-WHERE label = 'stable' AND jury_winner = 'response';
+    [{'role': 'system', 'content': e.principle}, {'role': 'user', 'content': e.prompt}] AS prompt,
+    [{'role': 'assistant', 'content': e.response}] AS chosen,
+    [{'role': 'assistant', 'content': e.antithesis_response}] AS rejected,
+    e.example_id,
+    e.run_id,
+    e.principle_id,
+    e.constitution,
+    e.votes_response,
+    e.votes_antithesis,
+    e.judges,
+    e.model,
+    e.tree_id,
+    i.domain
+FROM principle_examples e
+LEFT JOIN instructions i
+    ON i.run_id = e.run_id AND i.shard_id = e.shard_id AND i.instruction_id = e.instruction_id
+WHERE e.label = 'stable' AND e.jury_winner = 'response';
 
 -- TRL's conversational language-modeling format: one row per trajectory that ends in a correct
 -- attempt (an action, a refinement whose prompt already holds the earlier turns, the environment

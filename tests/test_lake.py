@@ -99,6 +99,26 @@ def _tree_rows(run_id: str, shard_id: str, t: int) -> dict[str, list[dict]]:
     }  # fmt: skip
 
 
+def _open_ended_rows(run_id: str, shard_id: str, t: int) -> dict[str, list[dict]]:
+    """An open-ended prompt with two principle examples: one the jury labels stable for the response, one not."""
+    tree, iid = f"{shard_id}-o{t}", f"{shard_id}-oi{t}"
+    common = dict(run_id=run_id, shard_id=shard_id, tree_id=tree, instruction_id=iid)
+
+    def example(k: int, label: str, winner: str | None) -> dict:
+        return dict(common, example_id=f"{tree}-e{k}", prompt=f"Write a note {t}.", constitution="default@1",
+                    principle_id=f"p{k}", principle=f"Be kind ({k}).", antithesis=f"Be curt ({k}).",
+                    response_node_id=f"{tree}-r{k}", response="Kind note.", antithesis_node_id=f"{tree}-a{k}",
+                    antithesis_response="Curt note.", unconditioned_node_id=f"{tree}-u", unconditioned_response="Note.",
+                    model="smol", label=label, jury_winner=winner, votes_response=3 if winner else 1,
+                    votes_antithesis=0, votes_tie=0, judges=3)  # fmt: skip
+
+    return {
+        "instructions": [dict(common, domain="open_ended", source="open_ended", source_row=t + 1,
+                              text=f"Write a note {t}.", reference="", difficulty=1)],  # fmt: skip
+        "principle_examples": [example(1, "stable", "response"), example(2, "non_attitude", None)],
+    }
+
+
 def _shard_tables(run_id: str, shard_id: str, trees: int) -> dict[str, pa.Table]:
     """The tables of a small shard of `trees` multi-turn trees (see _tree_rows)."""
     shard: dict[str, list[dict]] = {name: [] for name in SHARD_TABLES}
@@ -157,6 +177,17 @@ def latest_snapshot(config: Config) -> int:
 def new_lake(config: Config) -> int:
     """Create the lake (schema applied) and return its latest snapshot id."""
     lake.connect(config).close()
+    return latest_snapshot(config)
+
+
+def insert_rows(config: Config, shard: dict[str, list[dict]]) -> int:
+    """Write a shard's rows straight into the lake's tables, in one snapshot (no object store, no runs row); return
+    that snapshot's id."""
+    with lake.connect(config) as con:
+        con.execute("BEGIN")
+        for name, rows in shard.items():
+            lake.insert_arrow(con, name, table(name, rows))
+        con.execute("COMMIT")
     return latest_snapshot(config)
 
 
@@ -401,6 +432,22 @@ def test_dpo_pairs_has_trl_conversational_columns(config):
     refined = dict(zip(columns, rows[2]))
     assert refined["turn"] == 2
     assert [m["role"] for m in refined["prompt"]] == ["user", "assistant", "user"]  # the history of the refinement
+
+
+def test_preference_views_carry_the_tree_and_model_of_each_row(local_config):
+    shard = _tree_rows("r1", "s1", 0)
+    shard["pairs"][1]["model"] = "other"
+    open_ended = _open_ended_rows("r1", "s1", 0)
+    insert_rows(local_config, {**shard, "instructions": shard["instructions"] + open_ended["instructions"],
+                               "principle_examples": open_ended["principle_examples"]})  # fmt: skip
+
+    _, pairs = lake.query(local_config, "SELECT pair_id, tree_id, model FROM dpo_pairs ORDER BY pair_id")
+    _, principled = lake.query(local_config, "SELECT example_id, tree_id, model, domain, votes_response, "
+                                             "votes_antithesis, judges FROM principle_pairs")  # fmt: skip
+
+    assert pairs == [("s1-t0-p1", "s1-t0", "smol"), ("s1-t0-p2", "s1-t0", "other"), ("s1-t0-p3", "s1-t0", "smol")]
+    # Only the stable example the response won; its domain is its instruction's.
+    assert principled == [("s1-o0-e1", "s1-o0", "smol", "open_ended", 3, 0, 3)]
 
 
 def test_run_row_with_unknown_status_is_refused_before_touching_the_lake(config):
