@@ -14,7 +14,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -40,6 +40,16 @@ _ATTACH_ATTEMPTS = 4
 # DuckLake's own retries (100 ms, x1.5), with jitter so that two losers do not meet again.
 COMMIT_ATTEMPTS = 10
 T = TypeVar("T")
+# The DuckDB type of each Arrow type schemas/rows.py uses, spelled as duckdb_columns() reports it; lists and structs
+# of these are composed by duckdb_type.
+_DUCKDB_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.int64(): "BIGINT",
+    pa.float64(): "DOUBLE",
+    pa.bool_(): "BOOLEAN",
+    pa.uint32(): "UINTEGER",
+    pa.uint64(): "UBIGINT",
+}
 
 
 class LakeError(OrchardError):
@@ -74,14 +84,39 @@ def extension_path(name: str) -> Path:
 
 
 def schema_sql() -> str:
-    """Return the text of schemas/lake.sql (the lake's DDL and views)."""
-    return importlib.resources.files("schemas").joinpath("lake.sql").read_text()
+    """Return the lake's DDL: the tables of schemas/rows.py (tables_sql), then schemas/lake.sql (`runs`, the views)."""
+    return tables_sql(LAKE_TABLES) + "\n" + importlib.resources.files("schemas").joinpath("lake.sql").read_text()
+
+
+def tables_sql(tables: Mapping[str, pa.Schema]) -> str:
+    """Return DuckDB DDL that creates each table from its Arrow schema and adds any column an existing table lacks.
+
+    Every column gets an `ADD COLUMN IF NOT EXISTS`: a no-op where the table has it; on a lake made before the column
+    it is appended, as in schemas/rows.py (which appends new columns), and rows already there read NULL in it.
+    """
+    creates, migrations = [], []
+    for name, schema in tables.items():
+        columns = [f"{identifier(field.name)} {_column_type(name, field)}" for field in schema]
+        creates.append(f"CREATE TABLE IF NOT EXISTS {identifier(name)} (\n    " + ",\n    ".join(columns) + "\n);\n")
+        migrations += [f"ALTER TABLE {identifier(name)} ADD COLUMN IF NOT EXISTS {column};\n" for column in columns]
+    return "".join(creates + migrations)
+
+
+def duckdb_type(kind: pa.DataType) -> str:
+    """Return the DuckDB type of Arrow type `kind` as duckdb_columns() spells it, e.g. `STRUCT("role" VARCHAR)[]`."""
+    if pa.types.is_list(kind):
+        return duckdb_type(kind.value_type) + "[]"
+    if pa.types.is_struct(kind):
+        return "STRUCT(" + ", ".join(f"{identifier(field.name)} {duckdb_type(field.type)}" for field in kind) + ")"
+    if kind not in _DUCKDB_TYPES:
+        raise LakeError(f"Arrow type {kind} has no DuckDB type in orchard.lake (_DUCKDB_TYPES)")
+    return _DUCKDB_TYPES[kind]
 
 
 def connect(config: Config, *, read_only: bool = False, version: int | None = None) -> duckdb.DuckDBPyConnection:
     """Return a DuckDB connection with the lake attached as `lake` and in use; `version` attaches a past snapshot.
 
-    A writable connection creates the catalog on first use and applies schemas/lake.sql when it
+    A writable connection creates the catalog on first use and applies the schema (schema_sql) when it
     changed. A read-only or versioned connection never writes and fails if the lake does not exist.
     """
     catalog = _catalog(config)
@@ -263,23 +298,22 @@ def _secret_sql(store: ObjectStoreConfig) -> str:
 
 
 def _apply_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Apply schemas/lake.sql in one transaction unless the lake already carries this exact DDL and row schemas.
+    """Apply schema_sql() in one transaction unless the lake already carries this exact DDL.
 
     Re-running the DDL every time would not be free: CREATE OR REPLACE VIEW makes a new snapshot
-    on each call. The hash of the applied DDL (and of schemas/rows.py's schemas, so that a row change
-    is checked against the lake too) is kept as the comment on `runs`. The DDL migrates a lake made
-    by an older version (new tables, ADD COLUMN); a table that still differs from its row
-    schema afterwards fails here, before anything is committed, instead of at the next INSERT.
+    on each call. The hash of the applied DDL (generated from schemas/rows.py, so a row change
+    changes it) is kept as the comment on `runs`. The DDL migrates a lake made by an older version
+    (new tables, new columns); a column whose type changed since cannot be migrated so, and fails
+    here, before anything is committed, instead of at the next INSERT.
     """
     ddl = schema_sql()
-    rows_text = "\n".join(f"{name}: {schema}" for name, schema in LAKE_TABLES.items())
-    mark = _SCHEMA_MARK + hashlib.sha256((ddl + "\n" + rows_text).encode()).hexdigest()[:16]
+    mark = _SCHEMA_MARK + hashlib.sha256(ddl.encode()).hexdigest()[:16]
     if _applied_mark(con) == mark:
         return
     con.execute("BEGIN")
     try:
         con.execute(ddl)
-        _check_tables(con)
+        _check_types(con)
         con.execute(f"COMMENT ON TABLE runs IS {quote(mark)}")
         con.execute(f"CALL {LAKE}.set_commit_message('orchard', {quote('schema ' + mark)})")
         con.execute("COMMIT")
@@ -289,7 +323,7 @@ def _apply_schema(con: duckdb.DuckDBPyConnection) -> None:
         # DuckLake commits one of them, and for the others the lake is then as they wanted it.
         if _applied_mark(con) == mark:
             return
-        raise LakeError(f"schemas/lake.sql could not be applied to the lake: {_first_line(exc)}") from None
+        raise LakeError(f"the lake schema (rows.py and lake.sql) could not be applied: {_first_line(exc)}") from None
     except LakeError:
         rollback(con)
         raise
@@ -327,38 +361,26 @@ def _applied_mark(con: duckdb.DuckDBPyConnection) -> str | None:
     return applied[0] if applied is not None else None
 
 
-def _check_tables(con: duckdb.DuckDBPyConnection) -> None:
-    """Fail unless every table schemas/rows.py describes has its row schema's columns: names, types and order alike."""
-    for name, schema in LAKE_TABLES.items():
-        expected = _duckdb_columns(schema)
-        found = con.execute(
-            "SELECT column_name, data_type FROM duckdb_columns() "
-            "WHERE database_name = ? AND schema_name = 'main' AND table_name = ? ORDER BY column_index",
-            [LAKE, name],
-        ).fetchall()
-        if found == expected:
-            continue
-        found_types, expected_types = dict(found), dict(expected)
-        missing = [column for column in expected_types if column not in found_types]
-        extra = [column for column in found_types if column not in expected_types]
-        retyped = [
-            f"{column} is {found_types[column]}, not {kind}"
-            for column, kind in expected
-            if column in found_types and found_types[column] != kind
-        ]
-        problems = [
-            *([f"lacks {missing} (add ALTER TABLE … ADD COLUMN IF NOT EXISTS to the migrations)"] if missing else []),
-            *([f"has {extra}, which rows.py does not"] if extra else []),
-            *retyped,
-        ] or [f"column order {list(found_types)} differs from {list(expected_types)}"]
-        raise LakeError(f"schemas/lake.sql: lake table {name} does not follow schemas/rows.py: {'; '.join(problems)}")
+def _check_types(con: duckdb.DuckDBPyConnection) -> None:
+    """Fail if a lake table has a column of another type than schemas/rows.py gives it (ADD COLUMN leaves it so)."""
+    found = con.execute(
+        "SELECT table_name, column_name, data_type FROM duckdb_columns() "
+        "WHERE database_name = ? AND schema_name = 'main'",
+        [LAKE],
+    ).fetchall()
+    expected = {(name, field.name): duckdb_type(field.type) for name, schema in LAKE_TABLES.items() for field in schema}
+    retyped = [f"{table}.{column} is {kind}, not {expected[table, column]}"
+               for table, column, kind in found if expected.get((table, column), kind) != kind]  # fmt: skip
+    if retyped:
+        raise LakeError(f"lake columns differ from schemas/rows.py, and a type is not migrated: {'; '.join(retyped)}")
 
 
-def _duckdb_columns(schema: pa.Schema) -> list[tuple[str, str]]:
-    """Return (name, DuckDB type) of each column of an Arrow schema, as DuckDB itself reads the Arrow types."""
-    with duckdb.connect() as scratch:
-        scratch.register("shard_schema", schema.empty_table())
-        return [(row[0], row[1]) for row in scratch.execute("DESCRIBE shard_schema").fetchall()]
+def _column_type(table: str, field: pa.Field) -> str:
+    """The DuckDB type of column `field` of `table`; an error names them."""
+    try:
+        return duckdb_type(field.type)
+    except LakeError as exc:
+        raise LakeError(f"schemas/rows.py {table}.{field.name}: {exc}") from None
 
 
 def _attach_error(catalog: str, version: int | None, exc: duckdb.Error) -> LakeError:
@@ -382,6 +404,11 @@ def _attach_error(catalog: str, version: int | None, exc: duckdb.Error) -> LakeE
 def quote(text: str) -> str:
     """`text` as a SQL string literal."""
     return "'" + text.replace("'", "''") + "'"
+
+
+def identifier(name: str) -> str:
+    """`name` as a quoted SQL identifier (a column may be named `count` or `column`)."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,9 +1,11 @@
--- The DuckLake lake: one table per shard file (mirroring schemas/rows.py column for column, in order),
--- one row per run, the validation results, and the views training code reads.
+-- The lake's DDL that schemas/rows.py does not give: the `runs` table (one row per run) and the views training code
+-- reads. The tables rows.py describes (the shard tables, validations, contamination, the instruction index) are
+-- created and migrated from it by orchard.lake.tables_sql, ahead of this file: a column appended there reaches
+-- existing lakes by itself.
 --
--- Applied by orchard.lake.connect in one transaction whenever this file's hash differs from the one
+-- Applied by orchard.lake.connect in one transaction whenever the DDL's hash differs from the one
 -- recorded on the `runs` table, so it must stay idempotent. Tables use IF NOT EXISTS, so a new table
--- reaches existing lakes as is; a new column must be appended here (as in schemas/rows.py) AND get an
+-- reaches existing lakes as is; a new column of `runs` must be appended here AND get an
 -- `ALTER TABLE … ADD COLUMN IF NOT EXISTS` in the migrations below, which is what reaches a lake made
 -- before it (rows already there read NULL for it). Views are replaced, so editing a view here reaches
 -- existing lakes on their next connect.
@@ -37,238 +39,8 @@ CREATE TABLE IF NOT EXISTS runs (
                                      -- answered from their prompt cache (null: no server reported it)
 );
 
-CREATE TABLE IF NOT EXISTS instructions (
-    run_id VARCHAR,
-    shard_id VARCHAR,
-    instruction_id VARCHAR,
-    domain VARCHAR,
-    source VARCHAR,
-    source_row BIGINT,
-    text VARCHAR,
-    reference VARCHAR,
-    difficulty BIGINT
-);
-
-CREATE TABLE IF NOT EXISTS nodes (
-    run_id VARCHAR,
-    shard_id VARCHAR,
-    tree_id VARCHAR,
-    node_id VARCHAR,
-    parent_id VARCHAR,
-    instruction_id VARCHAR,
-    depth BIGINT,
-    role VARCHAR,
-    strategy VARCHAR,
-    prompt STRUCT(role VARCHAR, content VARCHAR)[],
-    text VARCHAR,
-    verdict VARCHAR,
-    score DOUBLE,
-    verifier VARCHAR,
-    verifier_detail VARCHAR,
-    model VARCHAR,
-    temperature DOUBLE,
-    top_p DOUBLE,
-    max_tokens BIGINT,
-    sample_seed BIGINT,
-    prompt_template_version VARCHAR,
-    prompt_tokens BIGINT,
-    completion_tokens BIGINT,
-    finish_reason VARCHAR,
-    turn BIGINT,                     -- 1 for first actions, t + 1 for a refinement of turn t; null for roots, critiques
-    feedback VARCHAR,
-    failure_reason VARCHAR,
-    sandbox_exit_code BIGINT,
-    sandbox_stdout VARCHAR,
-    sandbox_stderr VARCHAR,
-    cached_tokens BIGINT,
-    visits BIGINT,                   -- MCTS: values backed up through this node
-    q_value DOUBLE,                  -- MCTS: their mean
-    self_eval DOUBLE,                -- MCTS: the model's own P(Yes) that the partial answer is on track
-    value DOUBLE,                    -- MCTS: the step's own value, (1 - λ) · verifier + λ · self_eval
-    edit VARCHAR                     -- role injected: what was changed in the correct answer it copies
-);
-
-CREATE TABLE IF NOT EXISTS pairs (
-    run_id VARCHAR,
-    shard_id VARCHAR,
-    tree_id VARCHAR,
-    pair_id VARCHAR,
-    instruction_id VARCHAR,
-    domain VARCHAR,
-    method VARCHAR,
-    prompt STRUCT(role VARCHAR, content VARCHAR)[],
-    chosen_node_id VARCHAR,
-    rejected_node_id VARCHAR,
-    chosen_text VARCHAR,
-    rejected_text VARCHAR,
-    chosen_score DOUBLE,
-    rejected_score DOUBLE,
-    margin DOUBLE,
-    shared_prefix_tokens BIGINT,
-    difficulty BIGINT,
-    pass_rate DOUBLE,
-    strategy VARCHAR,
-    model VARCHAR,
-    turn BIGINT,
-    contrast VARCHAR,                -- high | mid | low (by margin)
-    k BIGINT,                        -- instruction following: number of constraints
-    edit_distance BIGINT,            -- error_injection: characters changed between chosen and rejected
-    jury_label VARCHAR,              -- when the jury judged the pair too: stable | non_attitude | tie
-    jury_winner VARCHAR              -- chosen | rejected | tie (stable or tie labels only)
-);
-
--- One row per tree: what was grown for one instruction in one run.
-CREATE TABLE IF NOT EXISTS trees (
-    run_id VARCHAR,
-    shard_id VARCHAR,
-    tree_id VARCHAR,
-    instruction_id VARCHAR,
-    domain VARCHAR,
-    strategies VARCHAR[],
-    turns BIGINT,
-    nodes BIGINT,
-    actions BIGINT,                  -- actions and refinements
-    correct BIGINT,
-    pass_rate DOUBLE,
-    pairs BIGINT,
-    prompt_tokens BIGINT,
-    completion_tokens BIGINT,
-    k BIGINT
-);
-
--- Open-ended prompts answered under a principle, under its antithesis and under neither, with the jury's label.
-CREATE TABLE IF NOT EXISTS principle_examples (
-    run_id VARCHAR,
-    shard_id VARCHAR,
-    tree_id VARCHAR,
-    example_id VARCHAR,
-    instruction_id VARCHAR,
-    prompt VARCHAR,
-    constitution VARCHAR,            -- name@version
-    principle_id VARCHAR,
-    principle VARCHAR,
-    antithesis VARCHAR,
-    response_node_id VARCHAR,
-    response VARCHAR,                -- written under the principle
-    antithesis_node_id VARCHAR,
-    antithesis_response VARCHAR,     -- written under the antithesis
-    unconditioned_node_id VARCHAR,
-    unconditioned_response VARCHAR,  -- written under no principle
-    model VARCHAR,
-    label VARCHAR,                   -- stable | non_attitude | tie
-    jury_winner VARCHAR,             -- response | antithesis | tie; null for a non-attitude
-    votes_response BIGINT,
-    votes_antithesis BIGINT,
-    votes_tie BIGINT,
-    judges BIGINT
-);
-
--- One judge's verdict on one comparison in one presentation order (principle examples, verifiable pairs, canaries).
-CREATE TABLE IF NOT EXISTS judgements (
-    run_id VARCHAR,
-    shard_id VARCHAR,
-    tree_id VARCHAR,
-    judgement_id VARCHAR,
-    comparison_id VARCHAR,
-    kind VARCHAR,                    -- principle | verifiable | canary
-    criterion VARCHAR,
-    judge VARCHAR,
-    rubric VARCHAR,
-    model VARCHAR,
-    presented VARCHAR,               -- first_as_a | second_as_a
-    first_id VARCHAR,
-    second_id VARCHAR,
-    prompt STRUCT(role VARCHAR, content VARCHAR)[],
-    raw VARCHAR,
-    status VARCHAR,                  -- ok | truncated | unparseable | invalid
-    winner VARCHAR,                  -- A | B | tie
-    preference VARCHAR,              -- first | second | tie
-    reason VARCHAR,
-    expected VARCHAR,
-    position_consistent BOOLEAN,
-    label VARCHAR,
-    structured BOOLEAN,
-    prompt_tokens BIGINT,
-    completion_tokens BIGINT,
-    finish_reason VARCHAR
-);
-
--- One row per expectation per validated shard (passed and quarantined shards alike).
-CREATE TABLE IF NOT EXISTS validations (
-    run_id VARCHAR,
-    shard_id VARCHAR,
-    suite VARCHAR,
-    expectation VARCHAR,
-    "column" VARCHAR,                -- null for table-level expectations
-    success BOOLEAN,
-    observed VARCHAR                 -- the observed value, as text or JSON
-);
-
--- Rows dropped on the way, with the reason: a run's seeds stages (seeds, decontamination, dedup; shard_id null)
--- and each shard's (pair_hygiene, curation, jury). "What went missing, and why" is a GROUP BY here.
-CREATE TABLE IF NOT EXISTS drops (
-    run_id VARCHAR,
-    shard_id VARCHAR,                -- null: a run-level stage, before shards were planned
-    stage VARCHAR,
-    reason VARCHAR,
-    "count" BIGINT,
-    example_ids VARCHAR[]            -- the first few ids dropped for this reason
-);
-
--- Every instruction the hygiene gate flagged: which eval item it covers, by how many n-grams. Never grown.
-CREATE TABLE IF NOT EXISTS contamination (
-    run_id VARCHAR,
-    instruction_id VARCHAR,
-    eval_set VARCHAR,
-    eval_item_id VARCHAR,
-    matched_ngrams BIGINT,
-    eval_ngrams BIGINT,
-    coverage DOUBLE
-);
-
--- The index of published instructions that dedup against earlier runs reads (tasks/history.py), one row per
--- instruction a run published and per hygiene settings (`minhash`), written by the publishing transaction (and once,
--- by a plan, for runs published before it or under other settings). Each plan scans instruction_fingerprints whole:
--- the text hash finds exact duplicates, a shared LSH band key near-duplicate candidates.
-CREATE TABLE IF NOT EXISTS instruction_fingerprints (
-    run_id VARCHAR,
-    instruction_id VARCHAR,
-    minhash VARCHAR,                 -- the settings, e.g. 'affine32 seed=1 shingle=5 perm=128 bands=9x13'; 'off': no
-                                     -- near-duplicate detection, text hash only
-    text_sha1 VARCHAR,               -- hex sha1 of the normalized text
-    band_keys UBIGINT[]              -- band i's key (a 64-bit hash of i and its MinHash values) at position i + 1
-);
-
--- The MinHash signature of each near-duplicate candidate is read by instruction id: each insert is sorted by it, and
--- small row groups (schemas/rows.py TABLE_OPTIONS) let a lookup read one of them instead of its run's whole file.
-CREATE TABLE IF NOT EXISTS instruction_signatures (
-    run_id VARCHAR,
-    instruction_id VARCHAR,
-    minhash VARCHAR,
-    hashvalues UINTEGER[]            -- the MinHash values (num_perm of them) the Jaccard check compares
-);
-
--- Migrations: columns appended after the first lakes were made (multi-turn trees, sandboxed code).
--- A no-op on a lake that has them; on an older lake they are added at the end, as in schemas/rows.py.
-ALTER TABLE nodes ADD COLUMN IF NOT EXISTS turn BIGINT;
-ALTER TABLE nodes ADD COLUMN IF NOT EXISTS feedback VARCHAR;
-ALTER TABLE nodes ADD COLUMN IF NOT EXISTS failure_reason VARCHAR;
-ALTER TABLE nodes ADD COLUMN IF NOT EXISTS sandbox_exit_code BIGINT;
-ALTER TABLE nodes ADD COLUMN IF NOT EXISTS sandbox_stdout VARCHAR;
-ALTER TABLE nodes ADD COLUMN IF NOT EXISTS sandbox_stderr VARCHAR;
-ALTER TABLE nodes ADD COLUMN IF NOT EXISTS cached_tokens BIGINT;
-ALTER TABLE pairs ADD COLUMN IF NOT EXISTS turn BIGINT;
-ALTER TABLE nodes ADD COLUMN IF NOT EXISTS visits BIGINT;
-ALTER TABLE nodes ADD COLUMN IF NOT EXISTS q_value DOUBLE;
-ALTER TABLE nodes ADD COLUMN IF NOT EXISTS self_eval DOUBLE;
-ALTER TABLE nodes ADD COLUMN IF NOT EXISTS value DOUBLE;
-ALTER TABLE pairs ADD COLUMN IF NOT EXISTS contrast VARCHAR;
-ALTER TABLE pairs ADD COLUMN IF NOT EXISTS k BIGINT;
-ALTER TABLE trees ADD COLUMN IF NOT EXISTS k BIGINT;
-ALTER TABLE nodes ADD COLUMN IF NOT EXISTS edit VARCHAR;
-ALTER TABLE pairs ADD COLUMN IF NOT EXISTS edit_distance BIGINT;
-ALTER TABLE pairs ADD COLUMN IF NOT EXISTS jury_label VARCHAR;
-ALTER TABLE pairs ADD COLUMN IF NOT EXISTS jury_winner VARCHAR;
+-- Migrations of `runs`: columns appended after the first lakes were made.
+-- A no-op on a lake that has them; on an older lake they are added at the end.
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS fleiss_kappa DOUBLE;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS agreement VARCHAR;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS shards_reused BIGINT;
@@ -294,7 +66,9 @@ SELECT
     pass_rate,
     turn,
     edit_distance,
-    jury_label
+    jury_label,
+    tree_id,
+    model
 FROM pairs;
 
 -- Principle-grounded preference pairs in TRL's conversational format, the principle placed in the system message:
@@ -302,18 +76,23 @@ FROM pairs;
 -- The others (non-attitudes, ties, a jury that preferred the antithesis) stay in principle_examples.
 CREATE OR REPLACE VIEW principle_pairs AS
 SELECT
-    [{'role': 'system', 'content': principle}, {'role': 'user', 'content': prompt}] AS prompt,
-    [{'role': 'assistant', 'content': response}] AS chosen,
-    [{'role': 'assistant', 'content': antithesis_response}] AS rejected,
-    example_id,
-    run_id,
-    principle_id,
-    constitution,
-    votes_response,
-    judges,
-    model
-FROM principle_examples
-WHERE label = 'stable' AND jury_winner = 'response';
+    [{'role': 'system', 'content': e.principle}, {'role': 'user', 'content': e.prompt}] AS prompt,
+    [{'role': 'assistant', 'content': e.response}] AS chosen,
+    [{'role': 'assistant', 'content': e.antithesis_response}] AS rejected,
+    e.example_id,
+    e.run_id,
+    e.principle_id,
+    e.constitution,
+    e.votes_response,
+    e.votes_antithesis,
+    e.judges,
+    e.model,
+    e.tree_id,
+    i.domain
+FROM principle_examples e
+LEFT JOIN instructions i
+    ON i.run_id = e.run_id AND i.shard_id = e.shard_id AND i.instruction_id = e.instruction_id
+WHERE e.label = 'stable' AND e.jury_winner = 'response';
 
 -- TRL's conversational language-modeling format: one row per trajectory that ends in a correct
 -- attempt (an action, a refinement whose prompt already holds the earlier turns, the environment

@@ -1,6 +1,7 @@
 """Row contracts of a shard: the Arrow schemas of the Parquet files a shard lands and the lake reads.
 
-Column order here is the column order in Parquet and in the lake tables (schemas/lake.sql).
+Column order here is the column order in Parquet and in the lake tables, which orchard.lake creates from these
+schemas (tables_sql). New columns are appended: a lake made before one gains it, at the end, when next opened.
 """
 
 from __future__ import annotations
@@ -268,12 +269,12 @@ SHARD_TABLES: dict[str, pa.Schema] = {
 }
 
 # DuckLake options of lake tables, set by orchard.lake at connect (DuckLake refuses them in the transaction that creates
-# the table, so schemas/lake.sql cannot hold them). A near-duplicate candidate's signature is read by instruction id:
+# the table, so the table DDL cannot hold them). A near-duplicate candidate's signature is read by instruction id:
 # small row groups let that read one of them (2048 rows: the smallest DuckDB's writer makes, flushing whole vectors)
 # instead of its run's whole file.
 TABLE_OPTIONS: dict[str, dict[str, int]] = {"instruction_signatures": {"parquet_row_group_size": 2048}}
 
-# Every lake table a schema here describes: orchard.lake checks them against the lake's at connect.
+# Every lake table a schema here describes: orchard.lake creates them, and adds the columns a lake lacks, at connect.
 LAKE_TABLES: dict[str, pa.Schema] = {
     **SHARD_TABLES,
     "contamination": CONTAMINATION,

@@ -52,21 +52,15 @@ class ExportFormat:
 TRAINED = ("TRL 1.16.0 `{trainer}` (transformers 5.19.0, torch 2.13.0+cpu): two optimizer steps on the export of a "
            "real run, every row read, in Orchard's test suite (tests/test_train.py)")
 
-# Every published preference: the verifier-ranked pairs and the stable principle-grounded pairs. The views carry no
-# tree id (and dpo_pairs no model): both come from the tables the views read. A principle pair's margin is the
-# jury's: (votes for the response - votes for the antithesis) / judges.
+# Every published preference: the verifier-ranked pairs and the stable principle-grounded pairs. A principle pair's
+# margin is the jury's: (votes for the response - votes for the antithesis) / judges.
 PREFERENCES = """
-    SELECT d.prompt, d.chosen, d.rejected, d.pair_id AS id, p.tree_id, d.run_id,
-           'pairs' AS source, d.method, d.domain, p.model, d.margin
-    FROM dpo_pairs d JOIN pairs p ON p.run_id = d.run_id AND p.pair_id = d.pair_id
+    SELECT prompt, chosen, rejected, pair_id AS id, tree_id, run_id, 'pairs' AS source, method, domain, model, margin
+    FROM dpo_pairs
     UNION ALL
-    SELECT pp.prompt, pp.chosen, pp.rejected, pp.example_id AS id, e.tree_id, pp.run_id,
-           'principle_pairs' AS source, NULL AS method, i.domain, pp.model,
-           (e.votes_response - e.votes_antithesis) / e.judges AS margin
-    FROM principle_pairs pp
-    JOIN principle_examples e ON e.run_id = pp.run_id AND e.example_id = pp.example_id
-    LEFT JOIN instructions i
-        ON i.run_id = e.run_id AND i.shard_id = e.shard_id AND i.instruction_id = e.instruction_id
+    SELECT prompt, chosen, rejected, example_id AS id, tree_id, run_id, 'principle_pairs' AS source, NULL AS method,
+           domain, model, (votes_response - votes_antithesis) / judges AS margin
+    FROM principle_pairs
 """
 # The labelled steps of prm_steps: each path cut before its first step without a label (too little evidence);
 # a path with no labelled first step is left out. `prompt` is the user's request as text.
@@ -291,10 +285,12 @@ def read_rows(config: Config, export: ExportFormat, version: int | None,
             sql = export.sql.replace("{step_token}", "'" + step_token.replace("'", "''") + "'")
             rows = con.execute(sql).to_arrow_table()
         except duckdb.Error as exc:
-            # A view added to schemas/lake.sql reaches a lake when Orchard next writes to it (the next run).
-            missing = isinstance(exc, duckdb.CatalogException) and "does not exist" in str(exc)
-            hint = (" (a view new in schemas/lake.sql reaches the lake at its next run; a snapshot keeps the views "
-                    "it was made with)") if missing else ""
+            # A view added to schemas/lake.sql, or a column added to one, reaches a lake when Orchard next writes to it
+            # (the next run); an older snapshot keeps the views it was made with.
+            missing = (isinstance(exc, duckdb.CatalogException) and "does not exist" in str(exc)
+                       or isinstance(exc, duckdb.BinderException) and "not found" in str(exc))  # fmt: skip
+            hint = (" (a view new or changed in schemas/lake.sql reaches the lake at its next run; a snapshot keeps the "
+                    "views it was made with)") if missing else ""
             raise ExportError(f"{export.name}: cannot read {views} at lake {where}: {_first_line(exc)}{hint}") from None
         finally:
             lake.rollback(con)

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 import pytest
 
 from orchard.cli import build_parser
@@ -23,7 +24,9 @@ from schemas.rows import SHARD_TABLES
 from tasks.export import FORMATS, ExportError, export_dataset, in_test_split
 from tests.builders import put_shard, store_toml
 from tasks.materialise import materialise_run
-from test_lake import _node, _tree_rows, count, latest_snapshot, new_lake, run_row
+from test_lake import (_node, _open_ended_rows, _tree_rows, count, insert_rows, latest_snapshot,
+                       local_config,  # a fixture
+                       make_lake_before_trees, new_lake, run_row)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,29 +51,9 @@ def _search_and_injected_nodes(run_id: str, shard_id: str, t: int) -> list[dict]
     ]  # fmt: skip
 
 
-def _open_ended_rows(run_id: str, shard_id: str, t: int) -> dict[str, list[dict]]:
-    """An open-ended prompt with two principle examples: one the jury labels stable for the response, one not."""
-    tree, iid = f"{shard_id}-o{t}", f"{shard_id}-oi{t}"
-    common = dict(run_id=run_id, shard_id=shard_id, tree_id=tree, instruction_id=iid)
-
-    def example(k: int, label: str, winner: str | None) -> dict:
-        return dict(common, example_id=f"{tree}-e{k}", prompt=f"Write a note {t}.", constitution="default@1",
-                    principle_id=f"p{k}", principle=f"Be kind ({k}).", antithesis=f"Be curt ({k}).",
-                    response_node_id=f"{tree}-r{k}", response="Kind note.", antithesis_node_id=f"{tree}-a{k}",
-                    antithesis_response="Curt note.", unconditioned_node_id=f"{tree}-u", unconditioned_response="Note.",
-                    model="smol", label=label, jury_winner=winner, votes_response=3 if winner else 1,
-                    votes_antithesis=0, votes_tie=0, judges=3)  # fmt: skip
-
-    return {
-        "instructions": [dict(common, domain="open_ended", source="open_ended", source_row=t + 1,
-                              text=f"Write a note {t}.", reference="", difficulty=1)],  # fmt: skip
-        "principle_examples": [example(1, "stable", "response"), example(2, "non_attitude", None)],
-    }
-
-
-def land(config: Config, run_id: str, shard_id: str, trees: int, open_prompts: int) -> dict:
-    """Land a shard of `trees` math trees (tests/test_lake.py's, plus MCTS and injected nodes) and `open_prompts`
-    open-ended prompts with principle examples; return its manifest."""
+def shard_rows(run_id: str, shard_id: str, trees: int, open_prompts: int) -> dict[str, list[dict]]:
+    """The rows of a shard of `trees` math trees (tests/test_lake.py's, plus MCTS and injected nodes) and
+    `open_prompts` open-ended prompts with principle examples."""
     shard: dict[str, list[dict]] = {name: [] for name in SHARD_TABLES}
     for t in range(trees):
         for name, rows in _tree_rows(run_id, shard_id, t).items():
@@ -79,6 +62,12 @@ def land(config: Config, run_id: str, shard_id: str, trees: int, open_prompts: i
     for t in range(open_prompts):
         for name, rows in _open_ended_rows(run_id, shard_id, t).items():
             shard[name].extend(rows)
+    return shard
+
+
+def land(config: Config, run_id: str, shard_id: str, trees: int, open_prompts: int) -> dict:
+    """Land a shard of shard_rows() in the object store; return its manifest."""
+    shard = shard_rows(run_id, shard_id, trees, open_prompts)
     return put_shard(config, run_id, shard_id, shard, {"trees": trees + open_prompts})
 
 
@@ -228,6 +217,44 @@ def test_card_maps_the_splits_and_names_snapshot_catalog_runs_and_counts(lake_of
     assert "## Rows by method" in body and "## Rows by domain" in body and "| open_ended |" in body
     # The trainer and versions the format was proved with (tests/test_train.py).
     assert "Checked with: TRL 1.16.0 `DPOTrainer` (transformers 5.19.0, torch 2.13.0+cpu)" in body
+
+
+def test_preference_exports_take_tree_domain_and_model_from_the_views(local_config, tmp_path):
+    shard = shard_rows("r1", "s1", trees=2, open_prompts=2)
+    shard["pairs"][1]["model"] = "other"
+    shard["principle_examples"][0].update(votes_response=2, votes_antithesis=1)
+    shard["instructions"] = [i for i in shard["instructions"] if i["instruction_id"] != "s1-oi1"]
+    insert_rows(local_config, shard)
+
+    export_dataset(local_config, "trl-dpo", tmp_path / "dpo", test_share=0.0)
+    export_dataset(local_config, "trl-rm", tmp_path / "rm", test_share=0.0)
+
+    dpo = pq.read_table(tmp_path / "dpo" / "data" / "train-00000-of-00001.parquet").to_pylist()
+    assert list(dpo[0]) == COLUMNS["trl-dpo"]
+    assert [(r["id"], r["tree_id"], r["source"], r["domain"], r["model"]) for r in dpo] == [
+        ("s1-o0-e1", "s1-o0", "principle_pairs", "open_ended", "smol"),
+        ("s1-o1-e1", "s1-o1", "principle_pairs", None, "smol"),  # its instruction is not in the lake
+        ("s1-t0-p1", "s1-t0", "pairs", "math", "smol"),
+        ("s1-t0-p2", "s1-t0", "pairs", "math", "other"),
+        ("s1-t0-p3", "s1-t0", "pairs", "math", "smol"),
+        ("s1-t1-p1", "s1-t1", "pairs", "math", "smol"),
+        ("s1-t1-p2", "s1-t1", "pairs", "math", "smol"),
+        ("s1-t1-p3", "s1-t1", "pairs", "math", "smol"),
+    ]  # fmt: skip
+    rm = pq.read_table(tmp_path / "rm" / "data" / "train-00000-of-00001.parquet").to_pylist()
+    # A principle pair's margin is the jury's, (2 - 1) / 3 and (3 - 0) / 3; a pair's the verifier's.
+    assert [(r["id"], r["margin"]) for r in rm][:3] == [("s1-o0-e1", 1 / 3), ("s1-o1-e1", 1.0), ("s1-t0-p1", 1.0)]
+
+
+def test_a_snapshot_older_than_a_views_columns_is_an_error_that_says_why(local_config, tmp_path):
+    before = make_lake_before_trees(local_config)  # its dpo_pairs has no tree_id
+    new_lake(local_config)
+
+    expected = f'at lake snapshot {before}: .*"tree_id" not found.*a snapshot keeps the views it was made with'
+    with pytest.raises(ExportError, match=expected):
+        export_dataset(local_config, "trl-dpo", tmp_path / "old", version=before)
+    summary = export_dataset(local_config, "trl-dpo", tmp_path / "new", test_share=0.0)
+    assert summary["rows"] == {"train": 1, "test": 0}  # the newest snapshot's views read the old row
 
 
 def test_an_older_version_exports_that_snapshots_rows(lake_of_two_runs, tmp_path):

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchard import lake
-from orchard.config import Config, ObjectStoreConfig
+from orchard.config import Config, LakeConfig, ObjectStoreConfig
 from orchard.lake import LakeError
 from orchard.store import ObjectStore, s3_client
-from schemas.rows import SHARD_TABLES, TABLE_OPTIONS, table
+from schemas.rows import LAKE_TABLES, SHARD_TABLES, TABLE_OPTIONS, table
 from tasks.materialise import materialise_run
 
 # --- builders ---------------------------------------------------------------------------------
@@ -31,6 +31,14 @@ def _s3(store: ObjectStoreConfig) -> Any:
 def config(store: ObjectStore, tmp_path: Path) -> Config:
     """A Config whose lake lives in the test's own bucket and a fresh state directory."""
     return Config(state_dir=str(tmp_path / "state"), object_store=store.cfg)
+
+
+@pytest.fixture
+def local_config(tmp_path: Path) -> Config:
+    """A Config whose lake keeps its data files in a local directory: DuckLake without the object store, for what
+    only the catalog decides (its endpoint is never reached)."""
+    return Config(state_dir=str(tmp_path / "state"), lake=LakeConfig(data_path=f"{tmp_path / 'lake-data'}/"),
+                  object_store=ObjectStoreConfig(endpoint_url="http://127.0.0.1:9"))  # fmt: skip
 
 
 NODES_PER_TREE = 7  # root, three actions, a critique of the wrong one, two refinements
@@ -89,6 +97,26 @@ def _tree_rows(run_id: str, shard_id: str, t: int) -> dict[str, list[dict]]:
         "trees": [dict(common, domain="math", strategies=["step_by_step"], turns=2, nodes=len(nodes), actions=5,
                        correct=3, pass_rate=3 / 5, pairs=len(pairs), prompt_tokens=60, completion_tokens=30, k=None)],
     }  # fmt: skip
+
+
+def _open_ended_rows(run_id: str, shard_id: str, t: int) -> dict[str, list[dict]]:
+    """An open-ended prompt with two principle examples: one the jury labels stable for the response, one not."""
+    tree, iid = f"{shard_id}-o{t}", f"{shard_id}-oi{t}"
+    common = dict(run_id=run_id, shard_id=shard_id, tree_id=tree, instruction_id=iid)
+
+    def example(k: int, label: str, winner: str | None) -> dict:
+        return dict(common, example_id=f"{tree}-e{k}", prompt=f"Write a note {t}.", constitution="default@1",
+                    principle_id=f"p{k}", principle=f"Be kind ({k}).", antithesis=f"Be curt ({k}).",
+                    response_node_id=f"{tree}-r{k}", response="Kind note.", antithesis_node_id=f"{tree}-a{k}",
+                    antithesis_response="Curt note.", unconditioned_node_id=f"{tree}-u", unconditioned_response="Note.",
+                    model="smol", label=label, jury_winner=winner, votes_response=3 if winner else 1,
+                    votes_antithesis=0, votes_tie=0, judges=3)  # fmt: skip
+
+    return {
+        "instructions": [dict(common, domain="open_ended", source="open_ended", source_row=t + 1,
+                              text=f"Write a note {t}.", reference="", difficulty=1)],  # fmt: skip
+        "principle_examples": [example(1, "stable", "response"), example(2, "non_attitude", None)],
+    }
 
 
 def _shard_tables(run_id: str, shard_id: str, trees: int) -> dict[str, pa.Table]:
@@ -152,6 +180,17 @@ def new_lake(config: Config) -> int:
     return latest_snapshot(config)
 
 
+def insert_rows(config: Config, shard: dict[str, list[dict]]) -> int:
+    """Write a shard's rows straight into the lake's tables, in one snapshot (no object store, no runs row); return
+    that snapshot's id."""
+    with lake.connect(config) as con:
+        con.execute("BEGIN")
+        for name, rows in shard.items():
+            lake.insert_arrow(con, name, table(name, rows))
+        con.execute("COMMIT")
+    return latest_snapshot(config)
+
+
 # --- specifications ---------------------------------------------------------------------------
 
 
@@ -161,20 +200,89 @@ def test_extension_files_ship_for_the_installed_duckdb():
         assert path.is_file() and f"v{duckdb.__version__}" in str(path)
 
 
+# The tables of schemas/rows.py with the DuckDB types schemas/lake.sql gave them when it still spelled them out
+# (c98be6d): the DDL generated from rows.py must give every column the same type, so existing lakes and queries are
+# unchanged. A column added to rows.py is added here too, with the type it must have.
+PINNED_TABLES_SQL = """
+CREATE TABLE instructions (run_id VARCHAR, shard_id VARCHAR, instruction_id VARCHAR, domain VARCHAR, source VARCHAR,
+    source_row BIGINT, text VARCHAR, reference VARCHAR, difficulty BIGINT);
+CREATE TABLE nodes (run_id VARCHAR, shard_id VARCHAR, tree_id VARCHAR, node_id VARCHAR, parent_id VARCHAR,
+    instruction_id VARCHAR, depth BIGINT, role VARCHAR, strategy VARCHAR,
+    prompt STRUCT(role VARCHAR, content VARCHAR)[], text VARCHAR, verdict VARCHAR, score DOUBLE, verifier VARCHAR,
+    verifier_detail VARCHAR, model VARCHAR, temperature DOUBLE, top_p DOUBLE, max_tokens BIGINT, sample_seed BIGINT,
+    prompt_template_version VARCHAR, prompt_tokens BIGINT, completion_tokens BIGINT, finish_reason VARCHAR,
+    turn BIGINT, feedback VARCHAR, failure_reason VARCHAR, sandbox_exit_code BIGINT, sandbox_stdout VARCHAR,
+    sandbox_stderr VARCHAR, cached_tokens BIGINT, visits BIGINT, q_value DOUBLE, self_eval DOUBLE, value DOUBLE,
+    edit VARCHAR);
+CREATE TABLE pairs (run_id VARCHAR, shard_id VARCHAR, tree_id VARCHAR, pair_id VARCHAR, instruction_id VARCHAR,
+    domain VARCHAR, method VARCHAR, prompt STRUCT(role VARCHAR, content VARCHAR)[], chosen_node_id VARCHAR,
+    rejected_node_id VARCHAR, chosen_text VARCHAR, rejected_text VARCHAR, chosen_score DOUBLE,
+    rejected_score DOUBLE, margin DOUBLE, shared_prefix_tokens BIGINT, difficulty BIGINT, pass_rate DOUBLE,
+    strategy VARCHAR, model VARCHAR, turn BIGINT, contrast VARCHAR, k BIGINT, edit_distance BIGINT,
+    jury_label VARCHAR, jury_winner VARCHAR);
+CREATE TABLE trees (run_id VARCHAR, shard_id VARCHAR, tree_id VARCHAR, instruction_id VARCHAR, domain VARCHAR,
+    strategies VARCHAR[], turns BIGINT, nodes BIGINT, actions BIGINT, correct BIGINT, pass_rate DOUBLE,
+    pairs BIGINT, prompt_tokens BIGINT, completion_tokens BIGINT, k BIGINT);
+CREATE TABLE principle_examples (run_id VARCHAR, shard_id VARCHAR, tree_id VARCHAR, example_id VARCHAR,
+    instruction_id VARCHAR, prompt VARCHAR, constitution VARCHAR, principle_id VARCHAR, principle VARCHAR,
+    antithesis VARCHAR, response_node_id VARCHAR, response VARCHAR, antithesis_node_id VARCHAR,
+    antithesis_response VARCHAR, unconditioned_node_id VARCHAR, unconditioned_response VARCHAR, model VARCHAR,
+    label VARCHAR, jury_winner VARCHAR, votes_response BIGINT, votes_antithesis BIGINT, votes_tie BIGINT,
+    judges BIGINT);
+CREATE TABLE judgements (run_id VARCHAR, shard_id VARCHAR, tree_id VARCHAR, judgement_id VARCHAR,
+    comparison_id VARCHAR, kind VARCHAR, criterion VARCHAR, judge VARCHAR, rubric VARCHAR, model VARCHAR,
+    presented VARCHAR, first_id VARCHAR, second_id VARCHAR, prompt STRUCT(role VARCHAR, content VARCHAR)[],
+    raw VARCHAR, status VARCHAR, winner VARCHAR, preference VARCHAR, reason VARCHAR, expected VARCHAR,
+    position_consistent BOOLEAN, label VARCHAR, structured BOOLEAN, prompt_tokens BIGINT, completion_tokens BIGINT,
+    finish_reason VARCHAR);
+CREATE TABLE drops (run_id VARCHAR, shard_id VARCHAR, stage VARCHAR, reason VARCHAR, "count" BIGINT,
+    example_ids VARCHAR[]);
+CREATE TABLE contamination (run_id VARCHAR, instruction_id VARCHAR, eval_set VARCHAR, eval_item_id VARCHAR,
+    matched_ngrams BIGINT, eval_ngrams BIGINT, coverage DOUBLE);
+CREATE TABLE validations (run_id VARCHAR, shard_id VARCHAR, suite VARCHAR, expectation VARCHAR, "column" VARCHAR,
+    success BOOLEAN, observed VARCHAR);
+CREATE TABLE instruction_fingerprints (run_id VARCHAR, instruction_id VARCHAR, minhash VARCHAR, text_sha1 VARCHAR,
+    band_keys UBIGINT[]);
+CREATE TABLE instruction_signatures (run_id VARCHAR, instruction_id VARCHAR, minhash VARCHAR,
+    hashvalues UINTEGER[]);
+"""
+
+
+def table_columns(ddl: str) -> list[tuple[str, str, str]]:
+    """(table, column, DuckDB type) of each column of the tables `ddl` creates in a scratch DuckDB, in column order."""
+    with duckdb.connect() as scratch:
+        scratch.execute(ddl)
+        return scratch.execute(
+            "SELECT table_name, column_name, data_type FROM duckdb_columns() WHERE NOT internal "
+            "ORDER BY table_name, column_index"
+        ).fetchall()
+
+
 def assert_tables_follow_rows(config: Config) -> None:
-    """Every shard table of the lake has the columns of its schemas/rows.py schema, in order, with its types."""
-    duck_type = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.float64(): "DOUBLE",
-                 pa.list_(pa.string()): "VARCHAR[]", pa.bool_(): "BOOLEAN",
-                 pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])):
-                     'STRUCT("role" VARCHAR, "content" VARCHAR)[]'}  # fmt: skip
-    for name, schema in SHARD_TABLES.items():
-        _, rows = lake.query(config, f"DESCRIBE {name}")
-        assert [(r[0], r[1]) for r in rows] == [(f.name, duck_type[f.type]) for f in schema], name
+    """Every table of schemas/rows.py is in the lake with its columns, in order, with their pinned types."""
+    _, found = lake.query(config, "SELECT table_name, column_name, data_type FROM duckdb_columns() "
+                                  "WHERE database_name = 'lake' ORDER BY table_name, column_index")  # fmt: skip
+    assert [c for c in found if c[0] in LAKE_TABLES] == table_columns(PINNED_TABLES_SQL)
 
 
-def test_lake_tables_mirror_the_shard_schemas_column_for_column(config):
-    new_lake(config)
-    assert_tables_follow_rows(config)
+def test_generated_ddl_gives_every_rows_column_the_type_lake_sql_gave_it():
+    pinned = table_columns(PINNED_TABLES_SQL)
+    assert {name for name, _, _ in pinned} == set(LAKE_TABLES) >= set(SHARD_TABLES)
+
+    assert table_columns(lake.tables_sql(LAKE_TABLES)) == pinned
+    # As duckdb_columns() spells them: what the type check at connect compares a lake's columns with.
+    spelled = [(name, f.name, lake.duckdb_type(f.type)) for name, schema in LAKE_TABLES.items() for f in schema]
+    assert sorted(spelled) == sorted(pinned)
+
+
+def test_an_arrow_type_without_a_duckdb_type_is_an_error_naming_the_column():
+    with pytest.raises(LakeError, match=r"schemas/rows.py notes.when: Arrow type timestamp\[s\] has no DuckDB type"):
+        lake.tables_sql({"notes": pa.schema([("text", pa.string()), ("when", pa.timestamp("s"))])})
+
+
+def test_lake_tables_mirror_the_row_schemas_column_for_column(local_config):
+    new_lake(local_config)
+    assert_tables_follow_rows(local_config)
 
 
 def test_table_options_schemas_ask_for_are_set_without_a_snapshot(config):
@@ -326,6 +434,22 @@ def test_dpo_pairs_has_trl_conversational_columns(config):
     assert [m["role"] for m in refined["prompt"]] == ["user", "assistant", "user"]  # the history of the refinement
 
 
+def test_preference_views_carry_the_tree_and_model_of_each_row(local_config):
+    shard = _tree_rows("r1", "s1", 0)
+    shard["pairs"][1]["model"] = "other"
+    open_ended = _open_ended_rows("r1", "s1", 0)
+    insert_rows(local_config, {**shard, "instructions": shard["instructions"] + open_ended["instructions"],
+                               "principle_examples": open_ended["principle_examples"]})  # fmt: skip
+
+    _, pairs = lake.query(local_config, "SELECT pair_id, tree_id, model FROM dpo_pairs ORDER BY pair_id")
+    _, principled = lake.query(local_config, "SELECT example_id, tree_id, model, domain, votes_response, "
+                                             "votes_antithesis, judges FROM principle_pairs")  # fmt: skip
+
+    assert pairs == [("s1-t0-p1", "s1-t0", "smol"), ("s1-t0-p2", "s1-t0", "other"), ("s1-t0-p3", "s1-t0", "smol")]
+    # Only the stable example the response won; its domain is its instruction's.
+    assert principled == [("s1-o0-e1", "s1-o0", "smol", "open_ended", 3, 0, 3)]
+
+
 def test_run_row_with_unknown_status_is_refused_before_touching_the_lake(config):
     before = new_lake(config)
     shards = [land_shard(config, "r1", "s1", trees=1)]
@@ -463,8 +587,8 @@ INSERT INTO pairs VALUES ('r0', 's0', 't0', 'p0', 'i0', 'math', 'rs',
 """
 
 
-def make_lake_before_trees(config: Config) -> int:
-    """Create the lake as the version before multi-turn trees left it (one old run in it); return its snapshot id."""
+def make_lake_with(config: Config, ddl: str) -> int:
+    """Create the lake as an older Orchard left it, by running `ddl` on it; return its snapshot id."""
     con = duckdb.connect()
     try:
         for name in ("httpfs", "ducklake"):
@@ -472,28 +596,33 @@ def make_lake_before_trees(config: Config) -> int:
         con.execute(lake._secret_sql(config.object_store))
         con.execute(f"ATTACH 'ducklake:{lake._catalog(config)}' AS lake (DATA_PATH '{config.lake_data_path}')")
         con.execute("USE lake")
-        con.execute(LAKE_SQL_BEFORE_TREES)
+        con.execute(ddl)
     finally:
         con.close()
     return latest_snapshot(config)
 
 
-def test_lake_made_before_multi_turn_trees_is_migrated_in_one_snapshot_on_connect(config):
-    before = make_lake_before_trees(config)
+def make_lake_before_trees(config: Config) -> int:
+    """Create the lake as the version before multi-turn trees left it (one old run in it); return its snapshot id."""
+    return make_lake_with(config, LAKE_SQL_BEFORE_TREES)
 
-    lake.connect(config).close()
 
-    assert latest_snapshot(config) == before + 1
-    assert_tables_follow_rows(config)
+def test_lake_made_before_multi_turn_trees_is_migrated_in_one_snapshot_on_connect(local_config):
+    before = make_lake_before_trees(local_config)
+
+    lake.connect(local_config).close()
+
+    assert latest_snapshot(local_config) == before + 1
+    assert_tables_follow_rows(local_config)
     # Rows written before the migration read null in the new columns and still reach the views.
-    _, old = lake.query(config, "SELECT node_id, turn, sandbox_exit_code FROM nodes WHERE node_id = 'a1'")
+    _, old = lake.query(local_config, "SELECT node_id, turn, sandbox_exit_code FROM nodes WHERE node_id = 'a1'")
     assert old == [("a1", None, None)]
-    _, pairs = lake.query(config, "SELECT pair_id, turn FROM dpo_pairs")
+    _, pairs = lake.query(local_config, "SELECT pair_id, turn FROM dpo_pairs")
     assert pairs == [("p0", None)]
-    assert count(config, "SELECT count(*) FROM sft_examples") == 1
-    assert count(config, "SELECT count(*) FROM ranked_lists") == 1
-    lake.connect(config).close()
-    assert latest_snapshot(config) == before + 1  # migrated once
+    assert count(local_config, "SELECT count(*) FROM sft_examples") == 1
+    assert count(local_config, "SELECT count(*) FROM ranked_lists") == 1
+    lake.connect(local_config).close()
+    assert latest_snapshot(local_config) == before + 1  # migrated once
 
 
 def test_migrated_lake_takes_new_runs_beside_old_rows(config):
@@ -508,16 +637,31 @@ def test_migrated_lake_takes_new_runs_beside_old_rows(config):
     assert turns == [("r0", None, 1), ("r1", 1, 4), ("r1", 2, 2)]
 
 
-def test_a_column_without_its_migration_is_refused_and_changes_nothing(config, monkeypatch):
-    before = make_lake_before_trees(config)
-    ddl = lake.schema_sql()
-    forgotten = "ALTER TABLE nodes ADD COLUMN IF NOT EXISTS cached_tokens BIGINT;\n"
-    assert forgotten in ddl
-    monkeypatch.setattr(lake, "schema_sql", lambda: ddl.replace(forgotten, ""))
+def test_tables_made_without_their_newest_column_gain_it_when_the_lake_is_opened(local_config):
+    older = {name: schema.remove(len(schema) - 1) for name, schema in LAKE_TABLES.items()}
+    before = make_lake_with(local_config, lake.tables_sql(older) + """
+        INSERT INTO drops VALUES ('r0', NULL, 'seeds', 'empty', 2);
+        INSERT INTO nodes (run_id, node_id, role, text) VALUES ('r0', 'n0', 'instruction', 'What is 1 + 1?');
+    """)
 
-    with pytest.raises(LakeError, match=r"lake table nodes does not follow schemas/rows.py: lacks \['cached_tokens'\]"):
-        lake.connect(config)
+    lake.connect(local_config).close()
 
-    assert latest_snapshot(config) == before
-    _, tables = lake.query(config, "SELECT table_name FROM duckdb_tables() WHERE database_name = 'lake'")
-    assert "trees" not in {t for (t,) in tables}
+    assert latest_snapshot(local_config) == before + 1
+    assert_tables_follow_rows(local_config)
+    _, drops = lake.query(local_config, "SELECT reason, example_ids FROM drops")
+    assert drops == [("empty", None)]  # a row from before reads null in the column it gained
+    _, nodes = lake.query(local_config, "SELECT node_id, edit FROM nodes")
+    assert nodes == [("n0", None)]
+
+
+def test_a_column_whose_type_changed_is_refused_and_changes_nothing(local_config):
+    nodes = SHARD_TABLES["nodes"]
+    retyped = nodes.set(nodes.get_field_index("turn"), pa.field("turn", pa.string()))
+    before = make_lake_with(local_config, lake.tables_sql({"nodes": retyped}))
+
+    with pytest.raises(LakeError, match=r"nodes.turn is VARCHAR, not BIGINT"):
+        lake.connect(local_config)
+
+    assert latest_snapshot(local_config) == before
+    _, tables = lake.query(local_config, "SELECT table_name FROM duckdb_tables() WHERE database_name = 'lake'")
+    assert [t for (t,) in tables] == ["nodes"]
