@@ -276,6 +276,7 @@ def start_worker(state_dir: Path, pool: str, name: str, env: dict[str, str], *, 
 
 def create_pools_and_limits(api: str, pools: tuple[str, ...], limits: dict[str, int]) -> None:
     """Create the process work pools and the global concurrency limits (one slot per GPU) unless they exist."""
+    # Prefect is slow to import, and `orchard run` imports this module before it sets Prefect's environment.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
@@ -302,6 +303,7 @@ def create_crash_automation(api: str, crashed_after_s: int) -> None:
     A worker or host that dies mid-run reports nothing: without this its flow run stays Running for ever, and the
     nightly dispatch task waiting on it with run_deployment waits for ever too.
     """
+    # Prefect is slow to import, and `orchard run` imports this module before it sets Prefect's environment.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
@@ -348,6 +350,7 @@ def deploy(api: str, state_dir: Path, env: dict[str, str]) -> None:
 
 def prefect_overview(api: str) -> dict[str, Any]:
     """Return the work pools with their workers, the deployments and the ten latest flow runs."""
+    # Prefect is slow to import, and `orchard run` imports this module before it sets Prefect's environment.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.sorting import FlowRunSort
     from prefect.settings import PREFECT_API_URL, temporary_settings

@@ -15,8 +15,8 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 
-from orchard.cli import build_parser
-from orchard.cli import main as orchard_main
+from flows.cli import build_parser
+from flows.cli import main as orchard_main
 from orchard.config import Config, ObjectStoreConfig
 from orchard.services import Service
 from orchard.store import ObjectStore
@@ -345,7 +345,7 @@ def test_push_to_an_unreachable_hub_is_one_clear_error_line(lake_of_two_runs, tm
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN="hf_not_a_real_token", HF_HOME=str(tmp_path / "hf-home"))
 
     done = subprocess.run(
-        [sys.executable, "-m", "orchard.cli", "--config", str(path), "export", "--format", "trl-dpo",
+        [sys.executable, "-m", "flows.cli", "--config", str(path), "export", "--format", "trl-dpo",
          "--push", "someone/orchard-dpo", str(out_dir)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

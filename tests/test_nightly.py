@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flows.cli import main as orchard_main
 from orchard import lake
-from orchard.cli import main as orchard_main
 from orchard.config import Config, EngineConfig, SeedSource
 from orchard.store import ObjectStore
 from tasks.grow import grow_shard
