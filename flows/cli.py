@@ -14,9 +14,9 @@ from typing import Sequence
 
 from orchard.cluster import down, joined, status, status_text, up
 from orchard.config import Config, load_config, redacted
-from orchard.errors import OrchardError
 from orchard.lake import query
 from orchard.services import embedded_services
+from schemas.errors import OrchardError
 from tasks.export import check_target, export_dataset, push_dataset
 from tasks.fates import exit_code
 

@@ -23,7 +23,7 @@ from prefect.states import Failed, State
 
 from orchard.config import Config, ConfigError, load_config, redacted, with_secrets
 from orchard.engine import EngineUnavailable, check_endpoints
-from orchard.errors import OrchardError, is_transient, retry_transient
+from schemas.errors import OrchardError, is_transient, retry_transient
 from orchard.services import embedded_services
 from orchard.store import ObjectStore
 from tasks.grow import grow_shard_task, with_stored_validation

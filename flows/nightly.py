@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
 from orchard.config import Config, load_config, with_secrets
-from orchard.errors import OrchardError
+from schemas.errors import OrchardError
 from orchard.services import embedded_services
 from flows.grow_shard import dispatch_shard_task
 from tasks.fates import ShardCheck, shard_fate

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import httpx
 
 from orchard.config import Config, ConfigError
-from orchard.errors import OrchardError
+from schemas.errors import OrchardError
 from orchard.services import (
     HOST, STOP_GRACE_S, Service, ServiceError, _launch, _NotReady, _slug, _wait_healthy, keep_running,
     start_llama_server, start_seaweedfs,

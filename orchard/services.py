@@ -25,7 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from orchard import llama_build
 from orchard.config import Config, EngineConfig, ObjectStoreConfig, launch_argv
-from orchard.errors import OrchardError
+from schemas.errors import OrchardError
 from orchard.store import s3_client
 
 HOST = "127.0.0.1"

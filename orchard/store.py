@@ -15,7 +15,7 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from orchard.config import ObjectStoreConfig
-from orchard.errors import OrchardError
+from schemas.errors import OrchardError
 
 # S3 error codes that mean "the key (or bucket) is not there", as different servers spell them.
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}

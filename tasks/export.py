@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from orchard import lake
 from orchard.config import Config
-from orchard.errors import OrchardError
+from schemas.errors import OrchardError
 
 SPLITS = ("train", "test")
 # Columns the card breaks row counts down by, where a format has them.
@@ -397,7 +397,7 @@ def dataset_card(export: ExportFormat, splits: Mapping[str, pa.Table], summary: 
 
 def push_dataset(out_dir: str | Path, repo: str) -> str:
     """Upload the dataset directory `out_dir` to the hub dataset repo `repo`; return the repo's URL."""
-    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub import HfApi, constants, get_token  # reads HF_ENDPOINT at import: only when pushing
 
     if get_token() is None:
         raise ExportError(f"push to {repo}: no Hugging Face token (set HF_TOKEN or run `hf auth login`)")

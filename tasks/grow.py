@@ -36,7 +36,7 @@ from prefect.cache_policies import NO_CACHE
 from orchard.config import Config, HygieneConfig, RunConfig
 from orchard.engine import (CacheCounters, ChatEngine, EngineClient, PrefixCache, Usage, counters_delta,
                             prefix_cache_counters)
-from orchard.errors import is_transient
+from schemas.errors import is_transient
 from orchard.store import ObjectStore
 from schemas import rows
 from tasks import jury as juries
@@ -48,7 +48,7 @@ from tasks.mcts import Search
 from tasks.pairs import constraint_count, curate
 from tasks.plans import ShardRef, read_plan
 from tasks.principles import Constitution, Principled, load_constitution
-from tasks.seeds import Instruction, ShardPlan
+from schemas.plan import Instruction, ShardPlan
 from tasks.turns import Turns
 from tasks.validate import (ShardTables, ShardValidation, record_unvalidated, record_validation, shard_contamination,
                             stored_validation, validate_shard, validate_shards, warm_validation)

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchard.errors import OrchardError
+from schemas.errors import OrchardError
 from orchard.store import ObjectMissing, ObjectStore
 from schemas.rows import SHARD_TABLES
 

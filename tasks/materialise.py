@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from orchard import lake
 from orchard.config import Config
-from orchard.errors import retry_transient
+from schemas.errors import retry_transient
 from orchard.lake import LakeError
 from schemas.rows import CONTAMINATION, DROPS, SHARD_TABLES, VALIDATIONS
 from tasks import history

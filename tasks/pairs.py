@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 from orchard.config import RunConfig
 from tasks.hygiene import Drops
-from tasks.seeds import Instruction
+from schemas.plan import Instruction
 
 # Rejection sampling: n responses to one prompt (siblings sent the same messages), paired by verifier score.
 REJECTION_SAMPLING = "rs"

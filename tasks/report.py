@@ -18,7 +18,7 @@ from orchard.engine import PrefixCache
 from orchard.lake import LakeError, connect
 from tasks.fates import ShardFate, with_fates
 from tasks.hygiene import Drops
-from tasks.seeds import SourceCount
+from schemas.plan import SourceCount
 
 MARGIN_BINS = (0.25, 0.5, 0.75, 1.0)  # upper edges of the margin histogram's bins
 

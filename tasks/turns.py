@@ -14,7 +14,7 @@ from typing import Mapping
 
 from orchard.config import RunConfig
 from tasks.growth import GrowError, Phase, Request, Shard, Tree, all_of
-from tasks.seeds import Instruction
+from schemas.plan import Instruction
 
 ACTION_TEMPLATE = "action/v2"
 CRITIQUE_TEMPLATE = "critique/v1"

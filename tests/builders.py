@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 from orchard.config import RunConfig
 from orchard.engine import Completion, Sampling, Usage
-from tasks.seeds import Instruction, ShardPlan, instruction_id
+from schemas.plan import Instruction, ShardPlan, instruction_id
 from tasks.verify import Verdict, check_math_answer
 
 

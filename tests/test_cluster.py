@@ -18,7 +18,7 @@ from orchard.cluster import CRASH_AUTOMATION, ClusterError, down, read_up, statu
 from orchard.config import (HEARTBEAT_S, Config, ConfigError, CostConfig, ObjectStoreConfig, OrchestrationConfig,
                             load_config, redacted)
 from orchard.engine import EngineUnavailable
-from orchard.errors import is_transient
+from schemas.errors import is_transient
 from orchard.lake import query
 from orchard.services import free_ports
 from orchard.store import ObjectStore, StoreUnavailable

@@ -6,7 +6,7 @@ import pytest
 
 from orchard.config import RunConfig
 from orchard.engine import EngineError
-from orchard.errors import is_transient
+from schemas.errors import is_transient
 from schemas import rows
 from tasks.grow import grow_shard
 from tasks.growth import GrowError

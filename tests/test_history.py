@@ -18,7 +18,7 @@ from schemas.rows import SHARD_TABLES
 from tasks.history import EarlierRuns, earlier_lookup, earlier_runs
 from tasks.hygiene import Signing, fingerprints, normalized, screen_seeds, shingles
 from tasks.materialise import materialise_run
-from tasks.seeds import Instruction, instruction_id
+from schemas.plan import Instruction, instruction_id
 from builders import put_shard
 from test_lake import run_row
 

@@ -13,13 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.cli import main as orchard_main
 from orchard import lake
+from flows.cli import main as orchard_main
 from orchard.config import Config, EngineConfig, SeedSource
 from orchard.store import ObjectStore
 from tasks.grow import grow_shard
 from tasks.land import land_shard, landed_manifest, quarantine_prefix
-from tasks.seeds import SeedError, plan_seeds
+from tasks.seed_files import SeedError
+from tasks.seeds import plan_seeds
 
 from builders import SMALL_RUN, ArithmeticScript, ScriptedEngine, ScriptedServer, check_math, store_toml
 

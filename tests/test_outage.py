@@ -24,7 +24,8 @@ from orchard.services import Service, start_seaweedfs
 from orchard.store import ObjectStore, StoreUnavailable, retry_delay_s
 from tasks.land import MANIFEST, VALIDATION, landed_manifest, read_shard_table, shard_prefix
 from tasks.plans import INDEX, plan_key, plans_prefix
-from tasks.seeds import ShardPlan, load_seeds, plan_seeds
+from schemas.plan import ShardPlan
+from tasks.seeds import load_seeds, plan_seeds
 
 from builders import ScriptedEngine, ScriptedServer
 

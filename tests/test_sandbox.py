@@ -19,7 +19,8 @@ import pytest
 from builders import instruction
 
 from orchard.sandbox import SandboxConfig, SandboxUnavailable, run_sandboxed, sandbox_self_check
-from tasks.seeds import humaneval_path, load_humaneval
+from tasks.seed_files import humaneval_path
+from tasks.seeds import load_humaneval
 from tasks.verify import CORRECT, INCORRECT, Verifiers, check_code_answer
 
 # A uid of its own for this session, so "no stray processes" means exactly: none of this uid is left.

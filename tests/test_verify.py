@@ -123,7 +123,7 @@ def test_unknown_domain_is_refused_by_name(verifiers):
 
 def test_instruction_following_answers_score_the_fraction_of_constraints_kept(verifiers):
     from tasks.constraints import constraints_reference
-    from tasks.seeds import Instruction, instruction_id
+    from schemas.plan import Instruction, instruction_id
 
     reference = constraints_reference(["punctuation:no_comma", "change_case:english_lowercase"], [{}, {}])
     text = "Describe the sea. Do not use commas. Use only lowercase letters."
@@ -149,7 +149,7 @@ def test_synthesized_instruction_following_seeds_carry_k_as_difficulty():
 
 def _if_instruction(constraint_ids: list[str], kwargs: list[dict], text: str):
     from tasks.constraints import constraints_reference
-    from tasks.seeds import Instruction, instruction_id
+    from schemas.plan import Instruction, instruction_id
 
     reference = constraints_reference(constraint_ids, kwargs)
     return Instruction(instruction_id("instruction_following", text, reference), "instruction_following", "test", 1,
