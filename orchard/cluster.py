@@ -20,11 +20,19 @@ from typing import Any, Callable
 import httpx
 
 from orchard.config import Config, ConfigError
-from schemas.errors import OrchardError
 from orchard.services import (
-    HOST, STOP_GRACE_S, Service, ServiceError, _launch, _NotReady, _slug, _wait_healthy, keep_running,
-    start_llama_server, start_seaweedfs,
+    HOST,
+    STOP_GRACE_S,
+    Service,
+    _launch,
+    _NotReady,
+    _slug,
+    _wait_healthy,
+    keep_running,
+    start_llama_server,
+    start_seaweedfs,
 )
+from schemas.errors import OrchardError
 
 UP_FILE = "up.json"
 API_STARTUP_TIMEOUT_S = 120.0  # Prefect's server migrates its database and builds the UI on first start

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from schemas.errors import OrchardError
 from orchard.sandbox import SandboxConfig
+from schemas.errors import OrchardError
 
 ENV_PREFIX = "ORCHARD__"
 

@@ -31,10 +31,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from orchard.config import RUBRICS, RunConfig
 from orchard.engine import ChatEngine, Completion, Sampling
+from schemas.plan import Instruction
 from tasks.growth import GrowError, Phase, Request, Shard, Tree, all_of, node_id, sample_seed
 from tasks.pairs import may_keep
 from tasks.principles import Constitution
-from schemas.plan import Instruction
 
 VERDICT_SCHEMA: dict[str, Any] = json.loads(
     (Path(__file__).resolve().parents[1] / "schemas" / "verdict.schema.json").read_text(encoding="utf-8")

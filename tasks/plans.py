@@ -22,11 +22,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from orchard.config import Config
-from schemas.errors import OrchardError, retry_transient
 from orchard.store import ObjectMissing, ObjectStore, StoreError
+from schemas.errors import OrchardError, retry_transient
+from schemas.plan import Instruction, ShardPlan, SourceCount
 from tasks.history import earlier_lookup
 from tasks.land import put_replacing
-from schemas.plan import Instruction, ShardPlan, SourceCount
 from tasks.seeds import plan_seeds
 
 INDEX = "index.json"

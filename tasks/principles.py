@@ -19,8 +19,8 @@ from pathlib import Path
 
 from orchard.config import RunConfig
 from schemas.errors import OrchardError
-from tasks.growth import Phase, Request, Shard, Tree, all_of, node_id, sample_seed
 from schemas.plan import Instruction
+from tasks.growth import Phase, Request, Shard, Tree, all_of, node_id, sample_seed
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 CONSTITUTION_SCHEMA = SCHEMAS / "constitution.schema.json"

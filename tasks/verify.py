@@ -24,9 +24,9 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
+from orchard.sandbox import PROGRAM_PATH, SandboxConfig, run_sandboxed, sandbox_self_check
 from schemas.errors import OrchardError
 from schemas.plan import Instruction
-from orchard.sandbox import PROGRAM_PATH, SandboxConfig, run_sandboxed, sandbox_self_check
 
 MATH_VERIFIER = "math_verify"
 CODE_VERIFIER = "sandbox_tests"

@@ -12,7 +12,6 @@ from orchard.engine import Completion, Sampling, Usage
 from schemas.plan import Instruction, ShardPlan, instruction_id
 from tasks.verify import Verdict, check_math_answer
 
-
 # A small run with every part of a tree: strategies, critique-refine turns, MCTS (steps, rollouts, self-evaluations),
 # principles for open-ended prompts, the jury on a verifiable pair and a canary per shard.
 SMALL_RUN = RunConfig(

@@ -22,11 +22,19 @@ from orchard.services import Service
 from orchard.store import ObjectStore
 from schemas.rows import SHARD_TABLES
 from tasks.export import FORMATS, ExportError, export_dataset, in_test_split
-from tests.builders import put_shard, store_toml
 from tasks.materialise import materialise_run
-from test_lake import (_node, _open_ended_rows, _tree_rows, count, insert_rows, latest_snapshot,
-                       local_config,  # a fixture
-                       make_lake_before_trees, new_lake, run_row)
+from test_lake import (
+    _node,
+    _open_ended_rows,
+    _tree_rows,
+    count,
+    insert_rows,
+    latest_snapshot,
+    make_lake_before_trees,
+    new_lake,
+    run_row,
+)
+from tests.builders import put_shard, store_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 

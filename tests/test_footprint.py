@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from orchard.config import Config, EngineConfig, OrchestrationConfig, RunConfig, load_config
-from tasks.grow import GrowthHost, growth_host, shards_in_flight
 from schemas.plan import ShardPlan
+from tasks.grow import GrowthHost, growth_host, shards_in_flight
 from tasks.seeds import generate_arithmetic
 
 _SPEC = importlib.util.spec_from_file_location("gpu_sim", Path(__file__).resolve().parents[1] / "bench" / "gpu_sim.py")

@@ -23,11 +23,11 @@ import pytest
 from orchard.config import RUBRICS, EngineConfig, RunConfig, load_config
 from orchard.engine import EngineClient, PrefixCache, Sampling, counters_delta, prefix_cache_counters
 from orchard.services import embedded_services, smollm2_gguf
+from schemas.plan import Instruction
 from tasks import jury as juries
 from tasks.growth import sample_seed
 from tasks.mcts import SELF_EVAL_REQUEST, SELF_EVAL_SYSTEM, SELF_EVAL_TOP_LOGPROBS, yes_probability
 from tasks.turns import action_messages, strategies_for
-from schemas.plan import Instruction
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
