@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import httpx
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -414,11 +415,9 @@ def push_dataset(out_dir: str | Path, repo: str) -> str:
 def _hub_errors() -> tuple[type[BaseException], ...]:
     """The errors of a failed upload: the hub's HTTP errors (OSErrors), a bad repo id (ValueError), and the
     transport errors of its HTTP client, which are not OSErrors: httpx2 (huggingface_hub 2.x) or httpx (1.x)."""
-    import httpx
-
     errors: list[type[BaseException]] = [OSError, ValueError, httpx.HTTPError]
     try:
-        import httpx2
+        import httpx2  # huggingface_hub 2.x's client: not installed with 1.x
 
         errors.append(httpx2.HTTPError)
     except ImportError:

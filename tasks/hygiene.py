@@ -278,7 +278,7 @@ def fingerprints(texts: Sequence[str], signing: Signing) -> Fingerprints:
         width = signing.num_perm if signing.near else 0
         return Fingerprints(signing, hashes, np.zeros((len(texts), width), np.uint32),
                             np.zeros((len(texts), signing.bands), np.uint64))
-    from datasketch import MinHash
+    from datasketch import MinHash  # numpy-backed, as above: only when there are texts to sign
 
     signatures = MinHash.bulk([shingles(text, signing.shingle) for text in texts], num_perm=signing.num_perm,
                               seed=MINHASH_SEED, scheme=MINHASH_SCHEME)
