@@ -10,7 +10,7 @@ PIP_FLAGS ?= --disable-pip-version-check
 # only when missing; as root here and in CI, through sudo otherwise.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup sandbox embedded-engine postgres browser vllm-env train-env train-check run test check clean-state
+.PHONY: setup sandbox embedded-engine postgres browser vllm-env train-env train-check run lint test check clean-state
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -102,11 +102,16 @@ setup: $(STAMP) sandbox embedded-engine
 run: $(STAMP) sandbox embedded-engine
 	$(VENV)/bin/orchard run $(ARGS)
 
-test: $(STAMP) sandbox embedded-engine postgres browser vllm-env train-check
+# ruff, and import-linter's contracts (pyproject.toml): flows -> tasks -> orchard -> schemas, no import cycles.
+# `test` and `check` run it first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/lint-imports
+
+test: $(STAMP) lint sandbox embedded-engine postgres browser vllm-env train-check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The inner loop: the tests that start no service (no SeaweedFS, model server, Prefect or vLLM); a few minutes.
-check: $(STAMP) sandbox embedded-engine
+check: $(STAMP) lint sandbox embedded-engine
 	$(PY) -m pytest -m "not integration and not vllm" $(PYTEST_ARGS)
 
 clean-state:

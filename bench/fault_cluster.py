@@ -174,8 +174,12 @@ def _mid_shard(client: object, cfg: Config, run_id: str, alive: Callable[[str], 
     """A grow-shard run of `run_id` that is Running on a worker for which `alive` holds while that worker's model
     server decodes a request (so mid-shard, however fast its shard grows), and that worker's name; None if there is
     none yet."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterState, \
-        FlowRunFilterStateType
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterName,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
 
     running = client.read_flow_runs(flow_run_filter=FlowRunFilter(

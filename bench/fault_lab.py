@@ -487,7 +487,7 @@ class Attempt:
 def run_orchard(target: Target, log_name: str, *, run_id: str = RUN_ID, kill_when: Callable[[Watch], bool] | None = None,
                 act: Callable[[Watch], None] | None = None, timeout_s: float = 900.0,
                 poll_s: Callable[[Watch], float] = lambda watch: POLL_S, store: ObjectStore | None = None) -> Attempt:
-    """Run `python -m orchard.cli --config … run --run-id …`; SIGKILL its process group once `kill_when` says so.
+    """Run `python -m flows.cli --config … run --run-id …`; SIGKILL its process group once `kill_when` says so.
 
     `act(watch)` is called after every look at the run (a scenario's fault, timed by what the run has done);
     `store` is what the bucket is watched through (default: the target's own, without retries; pass a direct one
@@ -497,7 +497,7 @@ def run_orchard(target: Target, log_name: str, *, run_id: str = RUN_ID, kill_whe
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ORCHARD"))}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     env[TAG_VAR] = f"{target.name}:{log_name}:{os.getpid()}"
-    argv = [sys.executable, "-m", "orchard.cli", "--config", str(target.config_path), "run", "--run-id", run_id]
+    argv = [sys.executable, "-m", "flows.cli", "--config", str(target.config_path), "run", "--run-id", run_id]
     log_path = target.config_path.parent / log_name
     watch = Watch(started=time.monotonic(), run_id=run_id)
     # Watched without retries: a poll while a scenario has the store down must not stall the watch for 30 s.

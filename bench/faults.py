@@ -34,9 +34,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fault_lab  # noqa: E402
 from fault_lab import (  # noqa: E402
-    FORWARD, RUN_ID, Attempt, Baseline, Check, FaultProxy, Lab, Target, body_share, check_complete,
-    check_state, clean_run, counts_text,
+    FORWARD,
+    RUN_ID,
+    Attempt,
+    Baseline,
+    Check,
+    FaultProxy,
+    Lab,
+    Target,
+    body_share,
+    check_complete,
+    check_state,
+    clean_run,
+    counts_text,
 )
+
 from orchard.store import ObjectStore  # noqa: E402
 from tasks.land import MANIFEST, VALIDATION, quarantine_prefix, shard_prefix  # noqa: E402
 

@@ -20,8 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchard.config import Config, EvalSet  # noqa: E402
+from schemas.plan import Instruction, instruction_id  # noqa: E402
 from tasks.hygiene import decontaminator_for, screen_seeds  # noqa: E402
-from tasks.seeds import Instruction, generate_arithmetic, instruction_id  # noqa: E402
+from tasks.seeds import generate_arithmetic  # noqa: E402
 
 VOCABULARY = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "su", "ta", "ve", "zo") for b in
               ("ri", "ban", "tel", "mor", "quin", "das", "fo", "gul", "hep", "jax", "pim", "rus")] + \

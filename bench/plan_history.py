@@ -40,11 +40,19 @@ from bench.hygiene import made, paragraph  # noqa: E402
 from orchard import lake  # noqa: E402
 from orchard.config import Config, LakeConfig, ObjectStoreConfig  # noqa: E402
 from orchard.services import start_seaweedfs  # noqa: E402
+from schemas.plan import Instruction  # noqa: E402
 from schemas.rows import INSTRUCTIONS  # noqa: E402
 from tasks.history import MINHASH, earlier_lookup, index_tables  # noqa: E402
 from tasks.hygiene import (  # noqa: E402
-    Fingerprints, Published, Signing, band_keys, decontaminator, fingerprints, screen_seeds)
-from tasks.seeds import Instruction, generate_arithmetic  # noqa: E402
+    Fingerprints,
+    Published,
+    Signing,
+    band_keys,
+    decontaminator,
+    fingerprints,
+    screen_seeds,
+)
+from tasks.seeds import generate_arithmetic  # noqa: E402
 
 STORE = ObjectStoreConfig(bucket="plan-history", access_key_id="orchard", secret_access_key="orchard-bench-secret")
 NEW_RUN = "bench-new"  # the planning run: it has not published, so it compares with every run

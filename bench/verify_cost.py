@@ -112,8 +112,8 @@ def hold_ballast(megabytes: int, threads: int) -> tuple[bytearray, threading.Eve
 
 
 def _items():
+    from schemas.plan import Instruction, instruction_id
     from tasks.constraints import constraints_reference
-    from tasks.seeds import Instruction, instruction_id
 
     def make(domain: str, text: str, reference: str) -> Instruction:
         return Instruction(instruction_id(domain, text, reference), domain, "bench", 0, text, reference, 1)

@@ -23,9 +23,9 @@ from prefect.states import Failed, State
 
 from orchard.config import Config, ConfigError, load_config, redacted, with_secrets
 from orchard.engine import EngineUnavailable, check_endpoints
-from orchard.errors import OrchardError, is_transient, retry_transient
 from orchard.services import embedded_services
 from orchard.store import ObjectStore
+from schemas.errors import OrchardError, is_transient, retry_transient
 from tasks.grow import grow_shard_task, with_stored_validation
 from tasks.growth import GrowError
 from tasks.land import resume_shard

@@ -16,15 +16,15 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
-from orchard.config import Config, load_config, with_secrets
-from orchard.errors import OrchardError
-from orchard.services import embedded_services
 from flows.grow_shard import dispatch_shard_task
+from orchard.config import Config, load_config, with_secrets
+from orchard.services import embedded_services
+from schemas.errors import OrchardError
 from tasks.fates import ShardCheck, shard_fate
 from tasks.grow import growth_host, shards_in_flight
 from tasks.materialise import check_run_id_task, materialise_task
-from tasks.report import report_task, run_summary, summary_text
 from tasks.plans import ShardRef, plan_shards_task
+from tasks.report import report_task, run_summary, summary_text
 from tasks.validate import check_shard_task, data_docs_task
 
 

@@ -20,11 +20,19 @@ from typing import Any, Callable
 import httpx
 
 from orchard.config import Config, ConfigError
-from orchard.errors import OrchardError
 from orchard.services import (
-    HOST, STOP_GRACE_S, Service, ServiceError, _launch, _NotReady, _slug, _wait_healthy, keep_running,
-    start_llama_server, start_seaweedfs,
+    HOST,
+    STOP_GRACE_S,
+    Service,
+    _launch,
+    _NotReady,
+    _slug,
+    _wait_healthy,
+    keep_running,
+    start_llama_server,
+    start_seaweedfs,
 )
+from schemas.errors import OrchardError
 
 UP_FILE = "up.json"
 API_STARTUP_TIMEOUT_S = 120.0  # Prefect's server migrates its database and builds the UI on first start
@@ -276,6 +284,7 @@ def start_worker(state_dir: Path, pool: str, name: str, env: dict[str, str], *, 
 
 def create_pools_and_limits(api: str, pools: tuple[str, ...], limits: dict[str, int]) -> None:
     """Create the process work pools and the global concurrency limits (one slot per GPU) unless they exist."""
+    # Prefect is slow to import, and `orchard run` imports this module before it sets Prefect's environment.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
@@ -302,6 +311,7 @@ def create_crash_automation(api: str, crashed_after_s: int) -> None:
     A worker or host that dies mid-run reports nothing: without this its flow run stays Running for ever, and the
     nightly dispatch task waiting on it with run_deployment waits for ever too.
     """
+    # Prefect is slow to import, and `orchard run` imports this module before it sets Prefect's environment.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
@@ -348,6 +358,7 @@ def deploy(api: str, state_dir: Path, env: dict[str, str]) -> None:
 
 def prefect_overview(api: str) -> dict[str, Any]:
     """Return the work pools with their workers, the deployments and the ten latest flow runs."""
+    # Prefect is slow to import, and `orchard run` imports this module before it sets Prefect's environment.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.sorting import FlowRunSort
     from prefect.settings import PREFECT_API_URL, temporary_settings

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from orchard.errors import OrchardError
 from orchard.sandbox import SandboxConfig
+from schemas.errors import OrchardError
 
 ENV_PREFIX = "ORCHARD__"
 
@@ -164,10 +164,33 @@ def launch_argv(template: str, *, port: int, host: str = "127.0.0.1") -> list[st
 
 STRUCTURED_OUTPUTS = ("json_schema", "json_object", "none")
 
+# How a chat is laid out as raw text for the completions endpoint, so a partial answer can be continued
+# exactly (MCTS steps). ChatML is what SmolLM2, Qwen and many others use. Here, beside the engine's config, so that
+# load_config can check `chat_format` against them; orchard/engine.py renders chats with them.
+CHAT_FORMATS: dict[str, dict[str, str]] = {
+    "chatml": {"turn": "<|im_start|>{role}\n{content}<|im_end|>\n", "open": "<|im_start|>assistant\n",
+               "end": "<|im_end|>"},
+    "llama3": {"turn": "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
+               "open": "<|start_header_id|>assistant<|end_header_id|>\n\n", "end": "<|eot_id|>",
+               "begin": "<|begin_of_text|>"},
+}
+
+
+# Rubrics: different ways of asking, so that one model can still sit a jury of several judges. A judge's config names
+# one (load_config checks it); tasks/jury.py sends its text as the judge's system prompt.
+RUBRICS: dict[str, str] = {
+    "direct": "You compare two responses to the same request against one criterion. Decide which response meets "
+              "the criterion better.",
+    "violations": "You audit two responses to the same request against one criterion. Look for every way each "
+                  "response breaks the criterion; the response that breaks it less is the winner.",
+    "reader": "Imagine a careful reader who cares about one criterion above all. Decide which of two responses to "
+              "the same request that reader would prefer.",
+}
+
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    """One member of the jury: a name, the engine it runs on and the rubric it judges by (tasks/jury.py: RUBRICS)."""
+    """One member of the jury: a name, the engine it runs on and the rubric it judges by (RUBRICS)."""
 
     name: str = ""
     engine: str = "embedded"
@@ -594,8 +617,6 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     config = Config.from_dict(raw)
     for role in config.roles:
         config.engine_for(role)
-    from orchard.engine import CHAT_FORMATS  # the engine module imports this one
-
     for name, engine in config.engines.items():
         if engine.chat_format not in CHAT_FORMATS:
             raise ConfigError(f"engines.{name}.chat_format: must be one of {', '.join(CHAT_FORMATS)}, "
@@ -626,8 +647,6 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
 
 def _check_jury(config: Config) -> None:
     """Fail unless the jury has at least three uniquely named judges on defined engines with known rubrics."""
-    from tasks.jury import RUBRICS
-
     if len(config.jury) < 3:
         raise ConfigError(f"jury: needs at least three judges, got {len(config.jury)}")
     names = [judge.name for judge in config.jury]

@@ -18,8 +18,8 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 import aiohttp
 import httpx
 
-from orchard.config import EngineConfig
-from orchard.errors import OrchardError
+from orchard.config import CHAT_FORMATS, EngineConfig
+from schemas.errors import OrchardError
 
 Message = dict[str, str]
 
@@ -275,17 +275,6 @@ class PrefixCache:
         metrics = [p.metrics for p in parts if p.metrics is not None]
         return cls(sum(p.prompt_tokens for p in parts), sum(cached) if cached else None,
                    CacheCounters(sum(m.hits for m in metrics), sum(m.queries for m in metrics)) if metrics else None)
-
-
-# How a chat is laid out as raw text for the completions endpoint, so a partial answer can be continued
-# exactly (MCTS steps). ChatML is what SmolLM2, Qwen and many others use.
-CHAT_FORMATS: dict[str, dict[str, str]] = {
-    "chatml": {"turn": "<|im_start|>{role}\n{content}<|im_end|>\n", "open": "<|im_start|>assistant\n",
-               "end": "<|im_end|>"},
-    "llama3": {"turn": "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
-               "open": "<|start_header_id|>assistant<|end_header_id|>\n\n", "end": "<|eot_id|>",
-               "begin": "<|begin_of_text|>"},
-}
 
 
 def render_chat(messages: Sequence[Message], chat_format: str, prefix: str = "") -> str:

@@ -23,7 +23,7 @@ import duckdb
 import pyarrow as pa
 
 from orchard.config import Config, ObjectStoreConfig
-from orchard.errors import OrchardError
+from schemas.errors import OrchardError
 from schemas.rows import LAKE_TABLES, TABLE_OPTIONS
 
 _log = logging.getLogger(__name__)

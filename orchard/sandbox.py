@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchard.errors import OrchardError
+from schemas.errors import OrchardError
 
 # Where the program lies inside the sandbox; tracebacks name this file.
 PROGRAM_PATH = "/tmp/solution.py"

@@ -12,7 +12,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,8 +24,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from orchard import llama_build
 from orchard.config import Config, EngineConfig, ObjectStoreConfig, launch_argv
-from orchard.errors import OrchardError
 from orchard.store import s3_client
+from schemas.errors import OrchardError
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 60.0

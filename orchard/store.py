@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-
 import json
 import random
 import time
@@ -15,7 +14,7 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from orchard.config import ObjectStoreConfig
-from orchard.errors import OrchardError
+from schemas.errors import OrchardError
 
 # S3 error codes that mean "the key (or bucket) is not there", as different servers spell them.
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}

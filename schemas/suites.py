@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from orchard.errors import OrchardError
+from schemas.errors import OrchardError
 from schemas.rows import SHARD_TABLES
 
 SUITES_DIR = Path(__file__).parent / "suites"

@@ -28,7 +28,8 @@ from if_verifiable.ifeval import instructions_registry as ifeval_registry
 from if_verifiable.ifeval import instructions_util as ifeval_util
 from nltk.tokenize import NLTKWordTokenizer
 
-from orchard.errors import OrchardError
+from schemas.errors import OrchardError
+from tasks.seed_files import SeedError, read_rows
 
 # langdetect draws random samples while it detects: without a fixed seed the same text can get a different
 # language on another call, and a response's score would change between runs.
@@ -796,12 +797,9 @@ def load_ifeval(path: str | Path) -> list[IFPrompt]:
     Read through `datasets` as the other seed files are; an unknown instruction id or a bad parameter fails
     naming the file, the line (or row) and the id.
     """
-    # Imported here: tasks.seeds may come to import this module for instruction-following seeds.
-    from tasks.seeds import SeedError, _read_rows
-
     path = Path(path)
     prompts = []
-    for i, row, row_word in _read_rows(path, strings=("prompt",), string_lists=("instruction_id_list",)):
+    for i, row, row_word in read_rows(path, strings=("prompt",), string_lists=("instruction_id_list",)):
         where = f"{path}: {row_word} {i}"
         ids, kwargs_list = row["instruction_id_list"], row.get("kwargs")
         if kwargs_list is None:

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import httpx
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from orchard import lake
 from orchard.config import Config
-from orchard.errors import OrchardError
+from schemas.errors import OrchardError
 
 SPLITS = ("train", "test")
 # Columns the card breaks row counts down by, where a format has them.
@@ -397,7 +398,7 @@ def dataset_card(export: ExportFormat, splits: Mapping[str, pa.Table], summary: 
 
 def push_dataset(out_dir: str | Path, repo: str) -> str:
     """Upload the dataset directory `out_dir` to the hub dataset repo `repo`; return the repo's URL."""
-    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub import HfApi, constants, get_token  # reads HF_ENDPOINT at import: only when pushing
 
     if get_token() is None:
         raise ExportError(f"push to {repo}: no Hugging Face token (set HF_TOKEN or run `hf auth login`)")
@@ -414,11 +415,9 @@ def push_dataset(out_dir: str | Path, repo: str) -> str:
 def _hub_errors() -> tuple[type[BaseException], ...]:
     """The errors of a failed upload: the hub's HTTP errors (OSErrors), a bad repo id (ValueError), and the
     transport errors of its HTTP client, which are not OSErrors: httpx2 (huggingface_hub 2.x) or httpx (1.x)."""
-    import httpx
-
     errors: list[type[BaseException]] = [OSError, ValueError, httpx.HTTPError]
     try:
-        import httpx2
+        import httpx2  # huggingface_hub 2.x's client: not installed with 1.x
 
         errors.append(httpx2.HTTPError)
     except ImportError:

@@ -20,11 +20,11 @@ from typing import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 
 from orchard.config import HygieneConfig, RunConfig
 from orchard.engine import ChatEngine, Completion, EngineError, Sampling
-from orchard.errors import OrchardError
 from schemas import rows
+from schemas.errors import OrchardError
+from schemas.plan import Instruction, ShardPlan
 from tasks.hygiene import Drops, clean_pairs
 from tasks.pairs import found_pairs
-from tasks.seeds import Instruction, ShardPlan
 from tasks.verify import Verdict
 
 # Verifies (instruction, answer text) items without blocking the event loop (tasks/verify.py: Verifiers.verify).

@@ -28,7 +28,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from orchard.config import Config, EvalSet, HygieneConfig
-from orchard.errors import OrchardError
+from schemas.errors import OrchardError
+from schemas.plan import Instruction
+from tasks.seed_files import humaneval_path
 
 EXAMPLES = 5  # example ids kept per (stage, reason)
 _TOKEN = re.compile(r"\w+")
@@ -120,7 +122,7 @@ class EvalItem:
 
 def load_eval_set(spec: EvalSet) -> list[EvalItem]:
     """Return the items of one eval set, read through `datasets`; a bad row is named with its field."""
-    path = Path(spec.path) if spec.path else _humaneval_file()
+    path = Path(spec.path) if spec.path else humaneval_path()
     if not path.is_file():
         raise HygieneError(f"decontaminate {spec.name}: {path}: no such eval file")
     text_field, id_field = EVAL_FIELDS.get(spec.format, (spec.field, None))
@@ -144,12 +146,6 @@ def load_eval_set(spec: EvalSet) -> list[EvalItem]:
             raise HygieneError(f"decontaminate {spec.name}: {path}: row {i}: field {text_field!r} is missing or empty")
         items.append(EvalItem(spec.name, str(ids[i - 1]) if ids is not None else f"row {i}", text))
     return items
-
-
-def _humaneval_file() -> Path:
-    from tasks.seeds import humaneval_path
-
-    return humaneval_path()
 
 
 # --- decontamination ------------------------------------------------------------------------------
@@ -282,7 +278,7 @@ def fingerprints(texts: Sequence[str], signing: Signing) -> Fingerprints:
         width = signing.num_perm if signing.near else 0
         return Fingerprints(signing, hashes, np.zeros((len(texts), width), np.uint32),
                             np.zeros((len(texts), signing.bands), np.uint64))
-    from datasketch import MinHash
+    from datasketch import MinHash  # numpy-backed, as above: only when there are texts to sign
 
     signatures = MinHash.bulk([shingles(text, signing.shingle) for text in texts], num_perm=signing.num_perm,
                               seed=MINHASH_SEED, scheme=MINHASH_SCHEME)
@@ -396,14 +392,14 @@ class Deduplicator:
 class Screened:
     """What the gate let through, what it dropped and why, and every contamination flag."""
 
-    kept: list[Any]
+    kept: list[Instruction]
     drops: Drops
     contamination: list[dict[str, Any]]
 
 
-def screen_seeds(instructions: Sequence[Any], cfg: Config, earlier: EarlierLookup | None = None) -> Screened:
-    """Decontaminate, then dedup `instructions` (tasks.seeds.Instruction) in order; `earlier` finds the instructions
-    other runs published that they may duplicate (tasks/history.py), which count as seen before the run's own.
+def screen_seeds(instructions: Sequence[Instruction], cfg: Config, earlier: EarlierLookup | None = None) -> Screened:
+    """Decontaminate, then dedup `instructions` in order; `earlier` finds the instructions other runs published that
+    they may duplicate (tasks/history.py), which count as seen before the run's own.
 
     `earlier` runs on a thread of its own, given every seed's fingerprints, while the seeds are decontaminated: its
     lake reads are I/O and DuckDB work that leave the GIL to the decontamination.

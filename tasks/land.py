@@ -17,8 +17,8 @@ from typing import Any, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchard.errors import OrchardError
 from orchard.store import ObjectMissing, ObjectStore
+from schemas.errors import OrchardError
 from schemas.rows import SHARD_TABLES
 
 MANIFEST = "manifest.json"

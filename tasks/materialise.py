@@ -11,8 +11,8 @@ published, and the snapshot id it records, are still true when it commits.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 import duckdb
@@ -22,8 +22,8 @@ from prefect.cache_policies import NO_CACHE
 
 from orchard import lake
 from orchard.config import Config
-from orchard.errors import retry_transient
 from orchard.lake import LakeError
+from schemas.errors import retry_transient
 from schemas.rows import CONTAMINATION, DROPS, SHARD_TABLES, VALIDATIONS
 from tasks import history
 from tasks.fates import ShardFate, fate_counts, settle, with_fates

@@ -21,8 +21,8 @@ from typing import Mapping, Sequence
 
 from orchard.config import RunConfig
 from orchard.engine import Sampling
+from schemas.plan import Instruction
 from tasks.growth import Phase, Request, Shard, Tree, all_of, sample_seed
-from tasks.seeds import Instruction
 from tasks.turns import action_messages, strategies_for
 
 STEP_TEMPLATE = "step/v1"  # an MCTS step continues the action prompt of the tree's first strategy

@@ -14,8 +14,8 @@ from collections import defaultdict
 from typing import Mapping, Sequence
 
 from orchard.config import RunConfig
+from schemas.plan import Instruction
 from tasks.hygiene import Drops
-from tasks.seeds import Instruction
 
 # Rejection sampling: n responses to one prompt (siblings sent the same messages), paired by verifier score.
 REJECTION_SAMPLING = "rs"

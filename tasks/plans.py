@@ -22,11 +22,12 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from orchard.config import Config
-from orchard.errors import OrchardError, retry_transient
 from orchard.store import ObjectMissing, ObjectStore, StoreError
+from schemas.errors import OrchardError, retry_transient
+from schemas.plan import Instruction, ShardPlan, SourceCount
 from tasks.history import earlier_lookup
 from tasks.land import put_replacing
-from tasks.seeds import Instruction, ShardPlan, SourceCount, plan_seeds
+from tasks.seeds import plan_seeds
 
 INDEX = "index.json"
 
@@ -68,7 +69,7 @@ def plan_key(run_id: str, shard_id: str) -> str:
 
 
 def store_plan(store: ObjectStore, run_id: str, config_hash: str, planned: Any) -> RunPlan:
-    """Write each shard's plan of `planned` (a tasks.seeds.SeedPlan), then the run's index, last; return the run plan.
+    """Write each shard's plan of `planned` (a schemas.plan.SeedPlan), then the run's index, last; return the run plan.
 
     Whatever an unfinished earlier planning of this run left (plans without an index) is replaced.
     """

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchard.config import RunConfig
-from orchard.errors import OrchardError
+from schemas.errors import OrchardError
+from schemas.plan import Instruction
 from tasks.growth import Phase, Request, Shard, Tree, all_of, node_id, sample_seed
-from tasks.seeds import Instruction
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 CONSTITUTION_SCHEMA = SCHEMAS / "constitution.schema.json"

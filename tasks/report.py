@@ -16,9 +16,9 @@ from prefect.cache_policies import NO_CACHE
 from orchard.config import Config, CostConfig
 from orchard.engine import PrefixCache
 from orchard.lake import LakeError, connect
+from schemas.plan import SourceCount
 from tasks.fates import ShardFate, with_fates
 from tasks.hygiene import Drops
-from tasks.seeds import SourceCount
 
 MARGIN_BINS = (0.25, 0.5, 0.75, 1.0)  # upper edges of the margin histogram's bins
 

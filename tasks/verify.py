@@ -22,13 +22,11 @@ import re
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-from orchard.errors import OrchardError
 from orchard.sandbox import PROGRAM_PATH, SandboxConfig, run_sandboxed, sandbox_self_check
-
-if TYPE_CHECKING:
-    from tasks.seeds import Instruction
+from schemas.errors import OrchardError
+from schemas.plan import Instruction
 
 MATH_VERIFIER = "math_verify"
 CODE_VERIFIER = "sandbox_tests"
@@ -63,7 +61,7 @@ def answer_span(text: str) -> str:
 
 def check_math_answer(text: str, reference: str, timeout_s: int = 5) -> Verdict:
     """Return the verdict of `text` against the exact `reference`, checked by math-verify (call in a main thread)."""
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # slow import: the fork server preloads it (WORKER_PRELOAD)
 
     gold = parse(f"${reference}$", parsing_timeout=timeout_s)
     if not gold:
@@ -202,8 +200,7 @@ PROCESS_DOMAINS = ("instruction_following", "math")
 def check_answer(domain: str, text: str, reference: str, prompt: str = "") -> Verdict:
     """Return the verdict of `text` on a math or instruction-following item: what a worker process runs.
 
-    Plain strings, not an Instruction, cross to the worker: unpickling an Instruction would import tasks.seeds,
-    and with it Prefect, into every worker.
+    Plain strings cross to the worker, not an Instruction: they are all a checker reads.
     """
     if domain == "math":
         return check_math_answer(text, reference)

@@ -9,9 +9,8 @@ from typing import Callable, Sequence
 
 from orchard.config import RunConfig
 from orchard.engine import Completion, Sampling, Usage
-from tasks.seeds import Instruction, ShardPlan, instruction_id
+from schemas.plan import Instruction, ShardPlan, instruction_id
 from tasks.verify import Verdict, check_math_answer
-
 
 # A small run with every part of a tree: strategies, critique-refine turns, MCTS (steps, rollouts, self-evaluations),
 # principles for open-ended prompts, the jury on a verifiable pair and a canary per shard.

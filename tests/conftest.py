@@ -6,15 +6,15 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
-from orchard.config import Config, EngineConfig, ObjectStoreConfig, SeedSource
+from builders import SMALL_RUN
+from orchard.config import Config, EngineConfig, LakeConfig, ObjectStoreConfig, SeedSource
 from orchard.services import Service, start_llama_server, start_seaweedfs
 from orchard.store import ObjectStore
-
-from builders import SMALL_RUN
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 
@@ -47,6 +47,14 @@ def store(seaweed: tuple[Service, ObjectStoreConfig]) -> ObjectStore:
     object_store = ObjectStore(dataclasses.replace(config, bucket=f"test-{uuid.uuid4().hex[:16]}"))
     object_store.ensure_bucket()
     return object_store
+
+
+@pytest.fixture
+def local_config(tmp_path: Path) -> Config:
+    """A Config whose lake keeps its data files in a local directory: DuckLake without the object store, for what
+    only the catalog decides (its endpoint is never reached)."""
+    return Config(state_dir=str(tmp_path / "state"), lake=LakeConfig(data_path=f"{tmp_path / 'lake-data'}/"),
+                  object_store=ObjectStoreConfig(endpoint_url="http://127.0.0.1:9"))  # fmt: skip
 
 
 @pytest.fixture(scope="session")

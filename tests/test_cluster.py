@@ -15,16 +15,24 @@ import yaml
 from bench import fault_cluster
 from flows.grow_shard import DISPATCH_ATTEMPTS, DispatchError, dispatch_shard_task, grow_here, worker_config
 from orchard.cluster import CRASH_AUTOMATION, ClusterError, down, read_up, status, status_text, up
-from orchard.config import (HEARTBEAT_S, Config, ConfigError, CostConfig, ObjectStoreConfig, OrchestrationConfig,
-                            load_config, redacted)
+from orchard.config import (
+    HEARTBEAT_S,
+    Config,
+    ConfigError,
+    CostConfig,
+    ObjectStoreConfig,
+    OrchestrationConfig,
+    load_config,
+    redacted,
+)
 from orchard.engine import EngineUnavailable
-from orchard.errors import is_transient
 from orchard.lake import query
 from orchard.services import free_ports
 from orchard.store import ObjectStore, StoreUnavailable
+from schemas.errors import is_transient
 from tasks.land import landed_manifest
-from tasks.report import cost_estimate
 from tasks.plans import ShardRef, plan_key
+from tasks.report import cost_estimate
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

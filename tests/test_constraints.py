@@ -22,7 +22,7 @@ from tasks.constraints import (
     score_response,
     synthesize_if_prompts,
 )
-from tasks.seeds import SeedError
+from tasks.seed_files import SeedError
 
 STORY = ("The keeper climbed the tower every night. He lit the lamp for the ships at sea. "
          "In the morning he wrote about the storms in his small notebook.")

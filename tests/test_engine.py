@@ -9,8 +9,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from orchard.config import EMBEDDED_SLOTS, EMBEDDED_THREADS, EngineConfig
-from orchard.engine import (CacheCounters, EngineClient, EngineError, PrefixCache, Sampling, Slots, counters_delta,
-                            parse_prefix_cache_counters, prefix_cache_counters)
+from orchard.engine import (
+    CacheCounters,
+    EngineClient,
+    EngineError,
+    PrefixCache,
+    Sampling,
+    Slots,
+    counters_delta,
+    parse_prefix_cache_counters,
+    prefix_cache_counters,
+)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -290,10 +299,9 @@ def test_real_llama_server_continues_a_prefix_and_reports_yes_no_logprobs(llama)
 
 
 def test_a_server_that_answers_at_all_is_up_and_one_that_refuses_connections_is_down():
+    from builders import ScriptedEngine, ScriptedServer
     from orchard.engine import EngineUnavailable, check_endpoints
     from orchard.services import free_ports
-
-    from builders import ScriptedEngine, ScriptedServer
 
     with ScriptedServer(ScriptedEngine(lambda m, s: "hi")) as server:  # serves no /v1/models: HTTP 501
         check_endpoints("scripted", EngineConfig(model="m", base_urls=(server.url,)), attempts=1)

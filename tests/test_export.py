@@ -15,18 +15,26 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 
-from orchard.cli import build_parser
-from orchard.cli import main as orchard_main
+from flows.cli import build_parser
+from flows.cli import main as orchard_main
 from orchard.config import Config, ObjectStoreConfig
 from orchard.services import Service
 from orchard.store import ObjectStore
 from schemas.rows import SHARD_TABLES
 from tasks.export import FORMATS, ExportError, export_dataset, in_test_split
-from tests.builders import put_shard, store_toml
 from tasks.materialise import materialise_run
-from test_lake import (_node, _open_ended_rows, _tree_rows, count, insert_rows, latest_snapshot,
-                       local_config,  # a fixture
-                       make_lake_before_trees, new_lake, run_row)
+from test_lake import (
+    _node,
+    _open_ended_rows,
+    _tree_rows,
+    count,
+    insert_rows,
+    latest_snapshot,
+    make_lake_before_trees,
+    new_lake,
+    run_row,
+)
+from tests.builders import put_shard, store_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -345,7 +353,7 @@ def test_push_to_an_unreachable_hub_is_one_clear_error_line(lake_of_two_runs, tm
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN="hf_not_a_real_token", HF_HOME=str(tmp_path / "hf-home"))
 
     done = subprocess.run(
-        [sys.executable, "-m", "orchard.cli", "--config", str(path), "export", "--format", "trl-dpo",
+        [sys.executable, "-m", "flows.cli", "--config", str(path), "export", "--format", "trl-dpo",
          "--push", "someone/orchard-dpo", str(out_dir)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

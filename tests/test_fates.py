@@ -2,7 +2,17 @@
 
 import pytest
 
-from tasks.fates import ShardCheck, ShardFate, exit_code, fate_counts, problems, run_status, settle, shard_fate, with_fates
+from tasks.fates import (
+    ShardCheck,
+    ShardFate,
+    exit_code,
+    fate_counts,
+    problems,
+    run_status,
+    settle,
+    shard_fate,
+    with_fates,
+)
 
 
 def fates(*names: str) -> list[ShardFate]:

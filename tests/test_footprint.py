@@ -15,8 +15,9 @@ import httpx
 import pytest
 
 from orchard.config import Config, EngineConfig, OrchestrationConfig, RunConfig, load_config
+from schemas.plan import ShardPlan
 from tasks.grow import GrowthHost, growth_host, shards_in_flight
-from tasks.seeds import ShardPlan, generate_arithmetic
+from tasks.seeds import generate_arithmetic
 
 _SPEC = importlib.util.spec_from_file_location("gpu_sim", Path(__file__).resolve().parents[1] / "bench" / "gpu_sim.py")
 gpu_sim = sys.modules.get("gpu_sim") or importlib.util.module_from_spec(_SPEC)

@@ -4,18 +4,13 @@ import random
 
 import pytest
 
+from builders import ScriptedEngine, check_math, instruction, plan
 from orchard.config import RunConfig
 from orchard.engine import EngineError
-from orchard.errors import is_transient
-from schemas import rows
+from schemas.errors import is_transient
 from tasks.grow import grow_shard
 from tasks.growth import GrowError
 from tasks.pairs import extract_pairs
-
-
-from builders import ScriptedEngine, check_math, instruction, plan
-
-
 
 
 def grow(engine, *instructions, critic=None, **run):

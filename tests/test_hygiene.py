@@ -8,6 +8,7 @@ import random
 import pytest
 
 from orchard.config import Config, ConfigError, EvalSet, HygieneConfig, load_config
+from schemas.plan import Instruction, instruction_id
 from tasks.hygiene import (
     Decontaminator,
     Deduplicator,
@@ -26,7 +27,7 @@ from tasks.hygiene import (
     shingles,
 )
 from tasks.pairs import curate
-from tasks.seeds import Instruction, instruction_id, load_humaneval, plan_seeds
+from tasks.seeds import load_humaneval, plan_seeds
 
 GSM = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
        "How many clips did Natalia sell altogether in April and May?")

@@ -14,9 +14,19 @@ from orchard.config import ConfigError, EngineConfig, RunConfig, load_config
 from orchard.engine import EngineClient
 from tasks.grow import grow_shard
 from tasks.growth import GrowError
+from tasks.jury import (
+    CORRECTNESS_CANARY,
+    Comparison,
+    Judge,
+    agreement,
+    cohen_kappa,
+    fleiss_kappa,
+    judge_messages,
+    label_comparison,
+    parse_verdict,
+    preference,
+)
 from tasks.principles import load_constitution
-from tasks.jury import (CORRECTNESS_CANARY, Comparison, Judge, agreement, cohen_kappa, fleiss_kappa, judge_messages, label_comparison,
-                        parse_verdict, preference)
 from tests.builders import ScriptedEngine, check_math, instruction, plan
 
 JURY = ("direct", "violations", "reader")

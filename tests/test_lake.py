@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchard import lake
-from orchard.config import Config, LakeConfig, ObjectStoreConfig
+from orchard.config import Config, ObjectStoreConfig
 from orchard.lake import LakeError
 from orchard.store import ObjectStore, s3_client
 from schemas.rows import LAKE_TABLES, SHARD_TABLES, TABLE_OPTIONS, table
@@ -31,14 +31,6 @@ def _s3(store: ObjectStoreConfig) -> Any:
 def config(store: ObjectStore, tmp_path: Path) -> Config:
     """A Config whose lake lives in the test's own bucket and a fresh state directory."""
     return Config(state_dir=str(tmp_path / "state"), object_store=store.cfg)
-
-
-@pytest.fixture
-def local_config(tmp_path: Path) -> Config:
-    """A Config whose lake keeps its data files in a local directory: DuckLake without the object store, for what
-    only the catalog decides (its endpoint is never reached)."""
-    return Config(state_dir=str(tmp_path / "state"), lake=LakeConfig(data_path=f"{tmp_path / 'lake-data'}/"),
-                  object_store=ObjectStoreConfig(endpoint_url="http://127.0.0.1:9"))  # fmt: skip
 
 
 NODES_PER_TREE = 7  # root, three actions, a critique of the wrong one, two refinements

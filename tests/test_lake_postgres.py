@@ -27,8 +27,8 @@ import pytest
 
 from orchard import lake
 from orchard.config import Config, LakeConfig, SeedSource
-from orchard.store import ObjectStore
 from orchard.lake import LakeError
+from orchard.store import ObjectStore
 from tasks.hygiene import Signing
 from tasks.materialise import materialise_run, published_config_hash
 from test_lake import NODES_PER_TREE, PAIRS_PER_TREE, count, land_shard, run_row, validation_rows

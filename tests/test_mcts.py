@@ -5,13 +5,11 @@ import math
 
 import pytest
 
+from builders import ScriptedEngine, check_math, instruction, plan
 from orchard.config import ConfigError, RunConfig
 from tasks.grow import grow_shard
 from tasks.mcts import SearchNode, backup, node_value, select, yes_probability
 from tasks.pairs import contrast_of, curate
-
-
-from builders import ScriptedEngine, check_math, instruction, plan
 
 
 def leaf(name: str, parent: SearchNode | None = None, terminal: bool = False) -> SearchNode:

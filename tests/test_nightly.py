@@ -13,15 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from builders import SMALL_RUN, ArithmeticScript, ScriptedEngine, ScriptedServer, check_math, store_toml
+from flows.cli import main as orchard_main
 from orchard import lake
-from orchard.cli import main as orchard_main
 from orchard.config import Config, EngineConfig, SeedSource
 from orchard.store import ObjectStore
 from tasks.grow import grow_shard
 from tasks.land import land_shard, landed_manifest, quarantine_prefix
-from tasks.seeds import SeedError, plan_seeds
-
-from builders import SMALL_RUN, ArithmeticScript, ScriptedEngine, ScriptedServer, check_math, store_toml
+from tasks.seed_files import SeedError
+from tasks.seeds import plan_seeds
 
 pytestmark = pytest.mark.integration
 
@@ -272,7 +272,7 @@ def test_a_user_error_in_a_run_is_one_line_on_the_console_and_its_traceback_is_i
     assert orchard_main(["--config", str(path), "run", "--run-id", "it-cli-error"]) == 1
     err = capfd.readouterr().err
     assert "Traceback" not in err
-    (line,) = [l for l in err.splitlines() if l.startswith("orchard:")]
+    (line,) = [said for said in err.splitlines() if said.startswith("orchard:")]
     assert "seeds.jsonl: line 2: field 'answer' is missing" in line and "orchard.log" in line
     log = (Path(config.state_dir) / "logs" / "orchard.log").read_text()
     assert "Traceback" in log and "SeedError" in log

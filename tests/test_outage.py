@@ -17,16 +17,24 @@ from pathlib import Path
 import pytest
 
 import tasks.grow
-from orchard import lake, services, store as store_module
-from orchard.config import (HygieneConfig, Config, EngineConfig, ObjectStoreConfig, OrchestrationConfig, RunConfig,
-                            SeedSource)
+from builders import ScriptedEngine, ScriptedServer
+from orchard import lake, services
+from orchard import store as store_module
+from orchard.config import (
+    Config,
+    EngineConfig,
+    HygieneConfig,
+    ObjectStoreConfig,
+    OrchestrationConfig,
+    RunConfig,
+    SeedSource,
+)
 from orchard.services import Service, start_seaweedfs
 from orchard.store import ObjectStore, StoreUnavailable, retry_delay_s
+from schemas.plan import ShardPlan
 from tasks.land import MANIFEST, VALIDATION, landed_manifest, read_shard_table, shard_prefix
 from tasks.plans import INDEX, plan_key, plans_prefix
-from tasks.seeds import ShardPlan, load_seeds, plan_seeds
-
-from builders import ScriptedEngine, ScriptedServer
+from tasks.seeds import load_seeds, plan_seeds
 
 pytestmark = pytest.mark.integration
 

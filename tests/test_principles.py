@@ -5,7 +5,8 @@ import json
 import pytest
 
 from tasks.principles import DEFAULT_CONSTITUTION, ConstitutionError, load_constitution
-from tasks.seeds import SeedError, load_open_ended
+from tasks.seed_files import SeedError
+from tasks.seeds import load_open_ended
 
 
 def test_default_constitution_has_at_least_ten_principles_each_with_an_antithesis():

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-from builders import instruction
 
+from builders import instruction
 from orchard.sandbox import SandboxConfig, SandboxUnavailable, run_sandboxed, sandbox_self_check
-from tasks.seeds import humaneval_path, load_humaneval
+from tasks.seed_files import humaneval_path
+from tasks.seeds import load_humaneval
 from tasks.verify import CORRECT, INCORRECT, Verifiers, check_code_answer
 
 # A uid of its own for this session, so "no stray processes" means exactly: none of this uid is left.
@@ -390,8 +391,8 @@ def _humaneval_records(count: int) -> list[dict]:
 
 def test_humaneval_canonical_solutions_pass():
     instructions = load_humaneval(5)
-    for record, instruction in zip(_humaneval_records(5), instructions):
-        verdict = check_code_answer(_answer(record["prompt"] + record["canonical_solution"]), instruction.reference,
+    for record, problem in zip(_humaneval_records(5), instructions):
+        verdict = check_code_answer(_answer(record["prompt"] + record["canonical_solution"]), problem.reference,
                                     LIMITS)
         assert verdict.verdict == CORRECT, (record["task_id"], verdict)
         assert verdict.exit_code == 0 and verdict.failure_reason is None

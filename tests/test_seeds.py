@@ -6,9 +6,9 @@ import pytest
 
 from orchard.config import SeedSource
 from orchard.sandbox import SandboxConfig
+from tasks.seed_files import SeedError
 from tasks.seeds import (
     CODE_TEMPLATES,
-    SeedError,
     generate_arithmetic,
     generate_code_tasks,
     gsm8k_reference,

@@ -16,8 +16,14 @@ import pytest
 
 from schemas import rows
 from schemas.suites import SuiteError, load_suite, load_suites
-from tasks.validate import (ShardTables, ShardValidation, ShardValidationError, build_data_docs, validate_shard,
-                            validate_shards)
+from tasks.validate import (
+    ShardTables,
+    ShardValidation,
+    ShardValidationError,
+    build_data_docs,
+    validate_shard,
+    validate_shards,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "run-1"

@@ -1,8 +1,8 @@
 import asyncio
 
 import pytest
-from builders import instruction
 
+from builders import instruction
 from orchard.sandbox import SandboxConfig
 from tasks.verify import (
     CORRECT,
@@ -122,8 +122,8 @@ def test_unknown_domain_is_refused_by_name(verifiers):
 # --- instruction following: scored by the constraint checkers -------------------------------------
 
 def test_instruction_following_answers_score_the_fraction_of_constraints_kept(verifiers):
+    from schemas.plan import Instruction, instruction_id
     from tasks.constraints import constraints_reference
-    from tasks.seeds import Instruction, instruction_id
 
     reference = constraints_reference(["punctuation:no_comma", "change_case:english_lowercase"], [{}, {}])
     text = "Describe the sea. Do not use commas. Use only lowercase letters."
@@ -148,8 +148,8 @@ def test_synthesized_instruction_following_seeds_carry_k_as_difficulty():
 
 
 def _if_instruction(constraint_ids: list[str], kwargs: list[dict], text: str):
+    from schemas.plan import Instruction, instruction_id
     from tasks.constraints import constraints_reference
-    from tasks.seeds import Instruction, instruction_id
 
     reference = constraints_reference(constraint_ids, kwargs)
     return Instruction(instruction_id("instruction_following", text, reference), "instruction_following", "test", 1,

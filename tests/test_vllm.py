@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from orchard.config import EngineConfig, RunConfig, load_config
+from orchard.config import RUBRICS, EngineConfig, RunConfig, load_config
 from orchard.engine import EngineClient, PrefixCache, Sampling, counters_delta, prefix_cache_counters
 from orchard.services import embedded_services, smollm2_gguf
+from schemas.plan import Instruction
 from tasks import jury as juries
 from tasks.growth import sample_seed
 from tasks.mcts import SELF_EVAL_REQUEST, SELF_EVAL_SYSTEM, SELF_EVAL_TOP_LOGPROBS, yes_probability
 from tasks.turns import action_messages, strategies_for
-from tasks.seeds import Instruction
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
 
@@ -130,7 +130,7 @@ def test_judge_verdicts_follow_the_schema_under_json_schema_structured_output(vl
     assert vllm.response_format == "json_schema"
     comparison = juries.Comparison("cmp-1", "verifiable", "tree-1", juries.CORRECTNESS, juries.CORRECTNESS_TEXT,
                                    "What is 12 * 7?", "node-84", "12 * 7 = 84.", "node-88", "12 * 7 = 88.")
-    asked = [(rubric, presented) for rubric in juries.RUBRICS for presented in juries.PRESENTATIONS]
+    asked = [(rubric, presented) for rubric in RUBRICS for presented in juries.PRESENTATIONS]
 
     async def judge() -> list:
         async with EngineClient(vllm) as client:

@@ -4,13 +4,21 @@ and bring up a local Prefect server with workers (`up`, `down`, `status`)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from orchard.config import Config, ConfigError, load_config, redacted
+from orchard.cluster import down, joined, status, status_text, up
+from orchard.config import Config, load_config, redacted
+from orchard.lake import query
+from orchard.services import embedded_services
+from schemas.errors import OrchardError
+from tasks.export import check_target, export_dataset, push_dataset
+from tasks.fates import exit_code
 
 
 def _prefect_env(cfg: Config) -> None:
@@ -27,8 +35,6 @@ def _prefect_env(cfg: Config) -> None:
 def _log_to_file(cfg: Config) -> Path:
     """Send every log record, tracebacks included, to `<state>/logs/orchard.log`; leave the console one line per
     record (a failed task's traceback is in the file, not on the screen). Return the log file's path."""
-    import logging
-
     path = cfg.state_path / "logs" / "orchard.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
@@ -49,13 +55,9 @@ class _WithoutTraceback:
     """A console formatter that leaves tracebacks out of what another formatter writes."""
 
     def __init__(self, inner: object) -> None:
-        import logging
-
         self.inner = inner or logging.Formatter()
 
     def format(self, record: object) -> str:
-        import copy
-
         brief = copy.copy(record)
         brief.exc_info, brief.exc_text, brief.stack_info = None, None, None  # type: ignore[attr-defined]
         return self.inner.format(brief)  # type: ignore[attr-defined]
@@ -65,16 +67,11 @@ class _WithoutTraceback:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchard.cluster import joined
-
     cfg, api = joined(load_config(args.config))
     if api is not None:  # `orchard up` runs a Prefect server here: the run shows in its UI
         os.environ.setdefault("PREFECT_API_URL", api)
     _prefect_env(cfg)
     from flows.nightly import RunFailed, nightly  # imports Prefect: only after its environment is set
-    from orchard.errors import OrchardError
-    from orchard.services import embedded_services
-    from tasks.fates import exit_code
 
     log_file = _log_to_file(cfg)
     if args.config is not None:  # the flow fills the secrets its parameters leave out from the same file
@@ -93,12 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from orchard.cluster import joined
-
     cfg, _ = joined(load_config(args.config))
-    from orchard.lake import query
-    from orchard.services import embedded_services
-
     with embedded_services(cfg, model=False) as live:
         columns, rows = query(live, args.query, version=args.version)
     print(_format_table(columns, rows))
@@ -106,12 +98,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from orchard.cluster import joined
-
     cfg, _ = joined(load_config(args.config))
-    from orchard.services import embedded_services
-    from tasks.export import check_target, export_dataset, push_dataset
-
     check_target(args.dir.resolve(), args.force)  # before starting the store: a refusal costs nothing
     with embedded_services(cfg, model=False) as live:
         summary = export_dataset(live, args.format, args.dir, version=args.version, test_share=args.test_share,
@@ -129,8 +116,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in (("gpu_workers", args.workers), ("api_port", args.port)) if v is not None}
     if changes:
         cfg = cfg.replace(orchestration=dataclasses.replace(cfg.orchestration, **changes))
-    from orchard.cluster import up
-
     record = up(cfg, args.config)
     print(f"Prefect UI: {record['ui_url']}")
     print(f"  a run now:  PREFECT_API_URL={record['api_url']} .venv/bin/prefect deployment run nightly/nightly --watch")
@@ -140,15 +125,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from orchard.cluster import down
-
     down(load_config(args.config))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from orchard.cluster import status, status_text
-
     report = status(load_config(args.config))
     print(status_text(report))
     return 0 if report["up"] else 1
@@ -209,8 +190,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("orchard: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one clear line for the user; the traceback is in the logs
-        from orchard.errors import OrchardError
-
         if isinstance(exc, OrchardError):
             print(f"orchard: error: {exc}", file=sys.stderr)
             return 2

@@ -3,6 +3,7 @@
 Every module's error type derives from `OrchardError`. `transient` says whether trying the same thing again can
 help (an object store that is down, a catalog commit another writer won, an engine that timed out); schema,
 config, checksum and ownership errors are not transient, so no retry hides them or delays their message.
+It lives in the lowest layer, beside the row schemas and suites, so that every layer can derive from it.
 """
 
 from __future__ import annotations
