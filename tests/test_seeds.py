@@ -1,4 +1,5 @@
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,10 +32,36 @@ def test_generator_is_reproducible_and_distinct():
     assert first != other
 
 
-def test_generated_answers_are_exact_integers():
-    for item in generate_arithmetic(30, difficulty=3, seed=9):
-        assert int(item.reference) == int(item.reference)
-        assert item.domain == "math" and item.difficulty == 3
+def _solve(question: str) -> int:
+    """Work out a generated problem's answer again from its text alone, one way per template."""
+    numbers = [int(n) for n in re.findall(r"\d+", question)]
+    if question.startswith("Compute "):
+        expression = question.removeprefix("Compute ").removesuffix(".").replace("×", "*")
+        assert re.fullmatch(r"[\d +*-]+", expression), question
+        return eval(expression, {"__builtins__": {}})  # noqa: S307 - digits and + - * only (checked above)
+    if " buys " in question and " bags with " in question:
+        have, bags, each = numbers
+        return have + bags * each
+    if " shares " in question:
+        total, friends, left = numbers
+        assert (total - left) % friends == 0, question  # shared out exactly
+        return (total - left) // friends
+    if " notebooks at " in question:
+        count, price, paid = numbers
+        return paid - count * price
+    if " km per hour " in question:
+        speed, hours, extra = numbers
+        return speed * hours + extra
+    raise AssertionError(f"no template reads {question!r}")
+
+
+@pytest.mark.parametrize("difficulty", [1, 3, 5])
+def test_generated_answers_are_what_the_question_works_out_to(difficulty):
+    items = generate_arithmetic(30, difficulty=difficulty, seed=9)
+    for item in items:
+        assert item.reference == str(_solve(item.text)), item.text  # a canonical integer, and the right one
+        assert item.domain == "math" and item.difficulty == difficulty
+    assert all(int(item.reference) > 0 for item in items if "change" in item.text)  # paid more than it cost
 
 
 def test_difficulty_adds_steps():
