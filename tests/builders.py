@@ -100,12 +100,12 @@ class ArithmeticScript:
         self.references: dict[str, str] = {}
         self.url = ""
 
-    def learn(self, config) -> None:
-        """Learn the questions and references of every seed `config` plans."""
-        from tasks.seeds import plan_seeds
+    def learn(self, sources) -> "ArithmeticScript":
+        """Learn the questions and references of every seed that seed `sources` read; return the script."""
+        from tasks.seeds import load_seeds
 
-        for shard in plan_seeds(config, "learn").plans:
-            self.references.update((i.text, i.reference) for i in shard.instructions)
+        self.references.update((i.text, i.reference) for i in load_seeds(sources))
+        return self
 
     def answer(self, messages: Sequence[dict], sampling: Sampling) -> str:
         if messages[0]["content"].startswith("You review"):

@@ -281,7 +281,7 @@ catalog = "{catalog}"
 
 def test_two_nightly_runs_from_two_hosts_publish_into_one_postgres_catalog(store, postgres, tmp_path):
     """Two `orchard run` processes (own state directories, own Prefect) publish at once; a re-run adds nothing."""
-    from builders import ScriptedEngine, ScriptedServer, store_toml
+    from builders import ArithmeticScript, ScriptedEngine, ScriptedServer, store_toml
 
     catalog = postgres.create_database()
     orchard = Path(sys.executable).with_name("orchard")
@@ -297,16 +297,10 @@ def test_two_nightly_runs_from_two_hosts_publish_into_one_postgres_catalog(store
         return subprocess.Popen([str(orchard), "--config", str(path), "run", "--run-id", run_id],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    from tasks.seeds import load_seeds
-
-    references = {i.text: i.reference for seed in (1, 2)
-                  for i in load_seeds([SeedSource(kind="arithmetic", count=3, difficulty=1, seed=seed)])}
-
-    def answer(messages: list[dict], sampling: Any) -> str:  # right on even sample seeds: siblings that pair
-        reference = references[messages[1]["content"]]
-        return f"Answer: {reference}" if sampling.seed % 2 == 0 else f"Answer: {int(reference) + 1}"
-
-    with ScriptedServer(ScriptedEngine(answer)) as engine:
+    # Right on even sample seeds: siblings that pair.
+    script = ArithmeticScript().learn([SeedSource(kind="arithmetic", count=3, difficulty=1, seed=seed)
+                                       for seed in (1, 2)])
+    with ScriptedServer(ScriptedEngine(script.answer)) as engine:
         hosts = {"a": host("host-a", 1, engine.url), "b": host("host-b", 2, engine.url)}
         running = {run_id: start(path, run_id) for run_id, path in (("pg-a", hosts["a"]), ("pg-b", hosts["b"]))}
         outputs = {run_id: process.communicate(timeout=600)[0] for run_id, process in running.items()}

@@ -51,7 +51,7 @@ def config(tmp_path, store, scripted, prefect_api) -> Config:
         engines={"embedded": engine},
         object_store=store.cfg,
     )
-    scripted.learn(config)
+    scripted.learn(config.seeds)
     return config
 
 
@@ -220,7 +220,7 @@ def test_garbage_from_the_model_fails_one_shard_and_the_others_publish(config, s
                                for q in questions))
     engine = dataclasses.replace(config.engines["embedded"], base_urls=(f"http://127.0.0.1:{proxy.server_address[1]}",))
     broken = config.replace(engines={"embedded": engine}, seeds=(SeedSource(kind="gsm8k", path=str(seeds), count=0),))
-    scripted.learn(broken)
+    scripted.learn(broken.seeds)
     try:
         summary = run(broken, "it-garbage")
     finally:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import tasks.grow
-from builders import ScriptedEngine, ScriptedServer
+from builders import ArithmeticScript, ScriptedEngine, ScriptedServer
 from orchard import lake, services
 from orchard import store as store_module
 from orchard.config import (
@@ -34,7 +34,7 @@ from orchard.store import ObjectStore, StoreUnavailable, retry_delay_s
 from schemas.plan import ShardPlan
 from tasks.land import MANIFEST, VALIDATION, landed_manifest, read_shard_table, shard_prefix
 from tasks.plans import INDEX, plan_key, plans_prefix
-from tasks.seeds import load_seeds, plan_seeds
+from tasks.seeds import plan_seeds
 
 pytestmark = pytest.mark.integration
 
@@ -55,13 +55,7 @@ SHARD_TABLES_IN_LAKE = ("instructions", "trees", "nodes", "pairs")
 @pytest.fixture(scope="module")
 def engine_url() -> Iterator[str]:
     """A scripted model: right answers on even seeds, wrong ones on odd seeds."""
-    references = {i.text: i.reference for i in load_seeds(SEEDS)}
-
-    def answer(messages: list[dict], sampling) -> str:
-        reference = references[messages[1]["content"]]
-        return f"Answer: {reference}" if sampling.seed % 2 == 0 else f"Answer: {int(reference) + 1}"
-
-    with ScriptedServer(ScriptedEngine(answer)) as server:
+    with ScriptedServer(ScriptedEngine(ArithmeticScript().learn(SEEDS).answer)) as server:
         yield server.url
 
 
