@@ -285,10 +285,13 @@ LAKE_TABLES: dict[str, pa.Schema] = {
 
 
 def table(name: str, rows: list[dict]) -> pa.Table:
-    """Build the Arrow table `name` from row dicts, failing on a missing or mistyped column."""
+    """Build the Arrow table `name` from row dicts, failing on a missing, unknown (a misspelt name would otherwise be
+    dropped, leaving its column NULL) or mistyped column."""
     schema = SHARD_TABLES[name]
-    missing = [{c for c in schema.names if c not in row} for row in rows]
-    for i, cols in enumerate(missing):
-        if cols:
-            raise ValueError(f"{name} row {i}: missing column(s) {sorted(cols)}")
+    columns = set(schema.names)
+    for i, row in enumerate(rows):
+        if row.keys() != columns:
+            missing, unknown = sorted(columns - row.keys()), sorted(row.keys() - columns)
+            raise ValueError(f"{name} row {i}: " + "; ".join(
+                [f"missing column(s) {missing}"] * bool(missing) + [f"unknown column(s) {unknown}"] * bool(unknown)))
     return pa.Table.from_pylist(rows, schema=schema)

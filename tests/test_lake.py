@@ -50,7 +50,8 @@ def _tree_rows(run_id: str, shard_id: str, t: int) -> dict[str, list[dict]]:
     prompt = [{"role": "user", "content": question}]
     history = [*prompt, {"role": "assistant", "content": wrong},
                {"role": "user", "content": f"expected {t + 2}, got {t + 3}. Critique: add again."}]  # fmt: skip
-    common = dict(run_id=run_id, shard_id=shard_id, tree_id=tree, instruction_id=iid)
+    instruction = dict(run_id=run_id, shard_id=shard_id, instruction_id=iid)  # an instruction row has no tree id
+    common = dict(instruction, tree_id=tree)
     attempt = dict(common, model="smol", temperature=0.9, top_p=0.95, max_tokens=64, prompt_template_version="v1",
                    prompt_tokens=12, completion_tokens=6, finish_reason="stop", verifier="math_verify",
                    strategy="step_by_step")  # fmt: skip
@@ -82,7 +83,7 @@ def _tree_rows(run_id: str, shard_id: str, t: int) -> dict[str, list[dict]]:
 
     pairs = [pair(1, "a1", "a3", 1, prompt), pair(2, "a2", "a3", 1, prompt), pair(3, "r1", "r2", 2, history)]
     return {
-        "instructions": [dict(common, domain="math", source="arithmetic", source_row=t + 1, text=question,
+        "instructions": [dict(instruction, domain="math", source="arithmetic", source_row=t + 1, text=question,
                               reference=str(t + 2), difficulty=2)],  # fmt: skip
         "nodes": nodes,
         "pairs": pairs,
@@ -94,7 +95,8 @@ def _tree_rows(run_id: str, shard_id: str, t: int) -> dict[str, list[dict]]:
 def _open_ended_rows(run_id: str, shard_id: str, t: int) -> dict[str, list[dict]]:
     """An open-ended prompt with two principle examples: one the jury labels stable for the response, one not."""
     tree, iid = f"{shard_id}-o{t}", f"{shard_id}-oi{t}"
-    common = dict(run_id=run_id, shard_id=shard_id, tree_id=tree, instruction_id=iid)
+    instruction = dict(run_id=run_id, shard_id=shard_id, instruction_id=iid)  # an instruction row has no tree id
+    common = dict(instruction, tree_id=tree)
 
     def example(k: int, label: str, winner: str | None) -> dict:
         return dict(common, example_id=f"{tree}-e{k}", prompt=f"Write a note {t}.", constitution="default@1",
@@ -105,7 +107,7 @@ def _open_ended_rows(run_id: str, shard_id: str, t: int) -> dict[str, list[dict]
                     votes_antithesis=0, votes_tie=0, judges=3)  # fmt: skip
 
     return {
-        "instructions": [dict(common, domain="open_ended", source="open_ended", source_row=t + 1,
+        "instructions": [dict(instruction, domain="open_ended", source="open_ended", source_row=t + 1,
                               text=f"Write a note {t}.", reference="", difficulty=1)],  # fmt: skip
         "principle_examples": [example(1, "stable", "response"), example(2, "non_attitude", None)],
     }
@@ -270,6 +272,15 @@ def test_generated_ddl_gives_every_rows_column_the_type_lake_sql_gave_it():
 def test_an_arrow_type_without_a_duckdb_type_is_an_error_naming_the_column():
     with pytest.raises(LakeError, match=r"schemas/rows.py notes.when: Arrow type timestamp\[s\] has no DuckDB type"):
         lake.tables_sql({"notes": pa.schema([("text", pa.string()), ("when", pa.timestamp("s"))])})
+
+
+def test_a_row_with_a_misspelt_or_missing_column_is_refused_naming_the_table_row_and_column():
+    rows = _tree_rows("r1", "s1", 0)["pairs"]
+    assert table("pairs", rows).num_rows == len(rows)
+    misspelt = [*rows[:1], {**{k: v for k, v in rows[1].items() if k != "margin"}, "margn": rows[1]["margin"]}]
+    with pytest.raises(ValueError, match=r"^pairs row 1: missing column\(s\) \['margin'\]; "
+                                         r"unknown column\(s\) \['margn'\]$"):
+        table("pairs", misspelt)
 
 
 def test_lake_tables_mirror_the_row_schemas_column_for_column(local_config):
