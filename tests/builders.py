@@ -98,7 +98,6 @@ class ArithmeticScript:
 
     def __init__(self) -> None:
         self.references: dict[str, str] = {}
-        self.url = ""
 
     def learn(self, sources) -> "ArithmeticScript":
         """Learn the questions and references of every seed that seed `sources` read; return the script."""

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import pytest
@@ -25,19 +26,24 @@ from tasks.seeds import plan_seeds
 
 pytestmark = pytest.mark.integration
 
-OPEN_ENDED = SeedSource(kind="open_ended", count=2)
 # The tests of failure paths run on a scripted model over HTTP (the real model's runs are in `real_run`): no search,
 # no jury, so that every request is a strategy, a critique or a refinement whose answer the script knows.
 SCRIPTED_RUN = dataclasses.replace(SMALL_RUN, mcts_iterations=0, jury_pairs=0, jury_canaries=0)
 
 
+class Scripted(NamedTuple):
+    """The module's scripted model: what it answers, and the URL that serves it."""
+
+    script: ArithmeticScript
+    url: str
+
+
 @pytest.fixture(scope="module")
-def scripted() -> Iterator[ArithmeticScript]:
-    """A scripted model server that knows the answers of the questions a test registers."""
+def scripted() -> Iterator[Scripted]:
+    """A scripted model server that knows the answers of the questions a test has its script learn."""
     script = ArithmeticScript()
     with ScriptedServer(ScriptedEngine(script.answer)) as server:
-        script.url = server.url
-        yield script
+        yield Scripted(script, server.url)
 
 
 @pytest.fixture
@@ -51,7 +57,7 @@ def config(tmp_path, store, scripted, prefect_api) -> Config:
         engines={"embedded": engine},
         object_store=store.cfg,
     )
-    scripted.learn(config.seeds)
+    scripted.script.learn(config.seeds)
     return config
 
 
@@ -220,7 +226,7 @@ def test_garbage_from_the_model_fails_one_shard_and_the_others_publish(config, s
                                for q in questions))
     engine = dataclasses.replace(config.engines["embedded"], base_urls=(f"http://127.0.0.1:{proxy.server_address[1]}",))
     broken = config.replace(engines={"embedded": engine}, seeds=(SeedSource(kind="gsm8k", path=str(seeds), count=0),))
-    scripted.learn(broken.seeds)
+    scripted.script.learn(broken.seeds)
     try:
         summary = run(broken, "it-garbage")
     finally:
@@ -236,7 +242,7 @@ def test_garbage_from_the_model_fails_one_shard_and_the_others_publish(config, s
 def test_shard_violating_a_suite_is_quarantined_and_not_published(config, store, scripted):
     plans = plan_seeds(config, "planned").plans
     bad_plan = plans[0]
-    engine = ScriptedEngine(scripted.answer)
+    engine = ScriptedEngine(scripted.script.answer)
     grown = asyncio.run(grow_shard(bad_plan, run_id="it-bad", run=config.run, check=check_math,
                                    engines={"generator": engine, "critic": engine, "refiner": engine}))
     assert grown.pairs
