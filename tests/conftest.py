@@ -7,12 +7,10 @@ import dataclasses
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 
-from builders import SMALL_RUN
-from orchard.config import Config, EngineConfig, LakeConfig, ObjectStoreConfig, SeedSource
+from orchard.config import Config, EngineConfig, LakeConfig, ObjectStoreConfig
 from orchard.services import Service, start_llama_server, start_seaweedfs
 from orchard.store import ObjectStore
 
@@ -20,13 +18,24 @@ EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 
 # Tests that use these fixtures talk to real servers: they are integration tests whether or not
 # their author remembered the marker, so `-m "not integration"` always leaves them out.
-_SERVICE_FIXTURES = {"seaweed", "store", "llama", "prefect_api", "real_run"}
+_SERVICE_FIXTURES = {"seaweed", "store", "llama", "prefect_api"}
+
+
+# `make test` runs the suite on two pytest-xdist workers (`--dist loadfile`): half its time is spent waiting (servers
+# starting, a crashed worker's heartbeat running out, retries backing off), and the other worker uses it. A module goes
+# to one worker whole, so its module fixtures (a cluster, a fault lab, the real run, a Postgres server) start once.
+# (Not `--dist loadgroup`: xdist 3.8 names a group in the test id in a way pytest 9 no longer reads.) The longest
+# modules start first (about 7, 6, 4, 2 and 2 minutes on 2 cores), so neither worker is left with a long one at the
+# end; the rest follow in file order.
+_LONGEST_FIRST = ("test_cluster", "test_real_run", "test_faults", "test_lake_postgres", "test_outage")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+    rank = {module: i for i, module in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: file order within a rank
 
 
 @pytest.fixture(scope="session")
@@ -83,38 +92,3 @@ def prefect_api() -> Iterator[None]:
     with prefect_test_harness(server_startup_timeout=180), pytest.MonkeyPatch.context() as patch:
         patch.setattr(dispatch_shard_task, "retry_delay_seconds", [1] * len(DISPATCH_RETRY_DELAYS_S))
         yield
-
-
-# The real-model run every reading test shares: math searched (MCTS), judged (the jury), injected; open-ended prompts
-# under principles; a duplicate source and an eval item dropped before growth. Enough of the easiest problems at
-# full-length answers that the 135M model gets some right and some wrong, so every export format has rows (SFT needs
-# a correct answer, DPO a pair): 8 math trees in 2 shards, 2 open-ended trees in a third.
-REAL_RUN_ID = "it-1"
-REAL_ARITHMETIC = SeedSource(kind="arithmetic", count=8, difficulty=1, seed=3)
-REAL_SEEDS = (REAL_ARITHMETIC, SeedSource(kind="open_ended", count=2), REAL_ARITHMETIC,
-              SeedSource(kind="humaneval", count=1))
-
-
-class RealRun(NamedTuple):
-    """A nightly run grown on the real model: its config (state dir, bucket, engine) and the summary it returned."""
-
-    config: Config
-    summary: dict
-
-
-@pytest.fixture(scope="session")
-def real_run(tmp_path_factory: pytest.TempPathFactory, seaweed: tuple[Service, ObjectStoreConfig],
-             llama: EngineConfig, prefect_api: None) -> RealRun:
-    """One nightly run on the real model for the whole session (about two minutes on 2 cores), read by the tests of
-    what a real run publishes (tables, report, SQL, exports that train). Tests may run it again (a re-run reuses
-    every shard) but must not add to or change its lake otherwise."""
-    from flows.nightly import nightly
-
-    _, store_config = seaweed
-    object_store = ObjectStore(dataclasses.replace(store_config, bucket=f"real-run-{uuid.uuid4().hex[:12]}"))
-    object_store.ensure_bucket()
-    config = Config(state_dir=str(tmp_path_factory.mktemp("real-run") / "state"),
-                    run=dataclasses.replace(SMALL_RUN, instructions_per_shard=4, max_tokens=128),
-                    seeds=REAL_SEEDS, engines={"embedded": dataclasses.replace(llama, retries=1, backoff_s=0.1)},
-                    object_store=object_store.cfg)
-    return RealRun(config, nightly(config=config.to_dict(), run_id=REAL_RUN_ID))
