@@ -14,6 +14,7 @@ from schemas.fates import (
     shard_fate,
 )
 from schemas.shards import ShardReceipt, ShardStats
+from tasks.materialise import run_row
 
 
 def fates(*names: str) -> list[ShardFate]:
@@ -71,6 +72,13 @@ def test_settling_against_the_lake_moves_counts_but_never_the_status():
     assert (summary.status, settled.status) == ("partial", "partial")
     assert [(s.counts["shards_published"], s.counts["shards_reused"]) for s in (summary, settled)] == [(2, 0), (1, 1)]
     assert settled.to_dict()["shards_reused"] == 1 and settled.to_dict()["status"] == "partial"
+
+
+def test_the_runs_row_holds_the_settled_status_and_counts():
+    row = run_row(run_summary(fates("published", "published", "failed")).settled(in_lake={"s0"}), "2026-01-01T01:00")
+    assert (row["status"], row["shards_published"], row["shards_reused"], row["shards_failed"]) == ("partial", 1, 1, 1)
+    assert [f["fate"] for f in row["summary"]["fates"]] == ["reused", "published", "failed"]
+    assert row["summary"]["problems"] == ["shard s2 failed: why"]
 
 
 def test_a_shard_that_failed_before_landing_has_no_counts():
