@@ -17,8 +17,8 @@ from orchard.config import Config, load_config, redacted
 from orchard.lake import query
 from orchard.services import embedded_services
 from schemas.errors import OrchardError
+from schemas.fates import exit_code
 from tasks.export import check_target, export_dataset, push_dataset
-from tasks.fates import exit_code
 
 
 def _prefect_env(cfg: Config) -> None:

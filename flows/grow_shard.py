@@ -9,6 +9,7 @@ limit); they may not change what is grown.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 
@@ -26,6 +27,7 @@ from orchard.engine import EngineUnavailable, check_endpoints
 from orchard.services import embedded_services
 from orchard.store import ObjectStore
 from schemas.errors import OrchardError, is_transient, retry_transient
+from schemas.shards import ShardReceipt
 from tasks.grow import grow_shard_task, with_stored_validation
 from tasks.growth import GrowError
 from tasks.land import resume_shard
@@ -68,7 +70,7 @@ class DispatchError(GrowError):
         self.transient = transient
 
 
-def grow_here(config: dict, run_id: str, shard: ShardRef) -> dict:
+def grow_here(config: dict, run_id: str, shard: ShardRef) -> ShardReceipt:
     """Grow, verify and land one shard (its plan read from the store) with this host's engines; return its receipt.
 
     Engines served elsewhere (a worker's model server) must answer before the GPU slot is taken: a host whose
@@ -120,10 +122,11 @@ def hold_while_engines_down(flow: object, flow_run: FlowRun, state: State) -> No
 @flow(name="grow-shard", log_prints=True, on_failure=[hold_while_engines_down])
 def grow_shard_flow(config: dict, run_id: str, shard: ShardRef) -> dict | State:
     """Grow, verify and land one shard on this worker (its plan is read from the store: the parameters carry its
-    key); return its receipt, or a Failed state named Retryable when what failed may not fail again (a model server
-    down, the store unavailable)."""
+    key); return its receipt (as JSON-safe values: the run's result, shown in the UI; the dispatch task reads the
+    shard's manifest from the store instead), or a Failed state named Retryable when what failed may not fail again
+    (a model server down, the store unavailable)."""
     try:
-        return grow_here(config, run_id, shard)
+        return grow_here(config, run_id, shard).to_dict()
     except OrchardError as exc:
         if not is_transient(exc):
             raise
@@ -136,7 +139,7 @@ def grow_shard_flow(config: dict, run_id: str, shard: ShardRef) -> dict | State:
 # server that was down); a failure a retry repeats (a config, schema or ownership error) is final at once.
 @task(name="dispatch-shard", cache_policy=NO_CACHE, retries=DISPATCH_ATTEMPTS - 1,
       retry_delay_seconds=DISPATCH_RETRY_DELAYS_S, retry_condition_fn=retry_transient)
-def dispatch_shard_task(config: dict, run_id: str, shard: ShardRef) -> dict:
+def dispatch_shard_task(config: dict, run_id: str, shard: ShardRef) -> ShardReceipt:
     """Grow one shard with the grow-shard flow, here or on a GPU worker; return its receipt.
 
     A dispatched shard's receipt comes from its manifest in the store, which the worker wrote when it landed it.
@@ -151,7 +154,7 @@ def dispatch_shard_task(config: dict, run_id: str, shard: ShardRef) -> dict:
     store = ObjectStore(cfg.object_store)
     known, healed = resume_shard(store, run_id, shard.shard_id, cfg.content_hash())
     if known is not None:  # landed by an earlier attempt of this run: no GPU worker needed
-        get_run_logger().info("shard %s already %s; not dispatched", shard.shard_id, known["state"])
+        get_run_logger().info("shard %s already %s; not dispatched", shard.shard_id, known.state)
         return with_stored_validation(store, run_id, known)
     attempt = task_run.run_count or 1
     # Parameters show in the UI: the worker fills the blanked secrets from its own config.
@@ -173,5 +176,6 @@ def dispatch_shard_task(config: dict, run_id: str, shard: ShardRef) -> dict:
         raise GrowError(f"shard {shard.shard_id}: {where} completed, yet no intact manifest of it is in the store"
                         + (f" ({corrupt})" if corrupt else ""))
     # The worker validated the shard where it grew it: its record is beside the shard (or its quarantined copy).
-    return {**with_stored_validation(store, run_id, landed),
-            "state": "landed" if landed["state"] == "reused" else landed["state"], "worker": worker, "healed": healed}
+    return dataclasses.replace(with_stored_validation(store, run_id, landed),
+                               state="landed" if landed.state == "reused" else landed.state, worker=worker,
+                               healed=healed)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
@@ -20,7 +21,9 @@ from flows.grow_shard import dispatch_shard_task
 from orchard.config import Config, load_config, with_secrets
 from orchard.services import embedded_services
 from schemas.errors import OrchardError
-from tasks.fates import ShardCheck, shard_fate
+from schemas.fates import ShardCheck, shard_fate
+from schemas.run import RunSummary
+from schemas.shards import ShardReceipt
 from tasks.grow import growth_host, shards_in_flight
 from tasks.materialise import check_run_id_task, materialise_task
 from tasks.plans import ShardRef, plan_shards_task
@@ -50,8 +53,9 @@ def default_run_id() -> str:
 @flow(name="nightly", log_prints=True)
 def nightly(config: dict | None = None, run_id: str | None = None, preset: str | None = None,
             max_shards: int | None = None) -> dict | State:
-    """Grow, land, validate and publish one run; return its summary (as the data of a "Partial" Completed state when
-    some shards were not published; a Failed state's data is RunFailed, holding it, when none was).
+    """Grow, land, validate and publish one run; return its summary as JSON-safe values (`RunSummary.to_dict`: the
+    flow run's result), as the data of a "Partial" Completed state when some shards were not published; a Failed
+    state's data is RunFailed, holding it, when none was.
 
     `config` is a whole config (as `orchard run` passes it); a deployment run passes none and loads `preset` (a
     config file on the worker; None: its $ORCHARD_CONFIG or the embedded preset) under the worker's environment.
@@ -65,16 +69,16 @@ def nightly(config: dict | None = None, run_id: str | None = None, preset: str |
     with embedded_services(cfg, model=cfg.orchestration.grow == "inline") as live:
         summary = publish_run(live, run_id or default_run_id(), max_shards)
     # The UI shows how the run went: Failed when nothing was published, "Partial" when some shards were left out.
-    problems = "; ".join(summary["problems"])[:500]
-    if summary["status"] == "failed":
-        message = f"run {summary['run_id']}: nothing published: {problems}"
-        return Failed(message=message, data=RunFailed(message, summary))
-    if summary["status"] == "partial":
-        return Completed(name="Partial", message=f"run {summary['run_id']}: {problems}", data=summary)
-    return summary
+    problems = "; ".join(summary.problems)[:500]
+    if summary.status == "failed":
+        message = f"run {summary.run_id}: nothing published: {problems}"
+        return Failed(message=message, data=RunFailed(message, summary.to_dict()))
+    if summary.status == "partial":
+        return Completed(name="Partial", message=f"run {summary.run_id}: {problems}", data=summary.to_dict())
+    return summary.to_dict()
 
 
-def publish_run(cfg: Config, run_id: str, max_shards: int | None = None) -> dict:
+def publish_run(cfg: Config, run_id: str, max_shards: int | None = None) -> RunSummary:
     """Grow, land, validate and publish the run `run_id` of `cfg` (whose servers are running); return its summary."""
     config = cfg.to_dict()
     logger = get_run_logger()
@@ -117,13 +121,14 @@ def publish_run(cfg: Config, run_id: str, max_shards: int | None = None) -> dict
                           growth_wall_s, seeds.sources, seeds.drops, seeds.contamination)
     validation_rows = [row for check in checks.values() for row in check.validation_rows]
     run_rows = {"drops": seeds.drops, "contamination": seeds.contamination}
-    summary.update(materialise_task(config, summary, [r["manifest"] for r in passed], validation_rows, run_rows))
+    # The publishing transaction settles the fates against the lake: from here on the summary is the published one.
+    summary = materialise_task(config, summary, [r.manifest for r in passed], validation_rows, run_rows)
     stages.end("publish")
-    summary["data_docs"] = data_docs_task(config, [checks[plan.shard_id] for plan in plans])
+    summary = dataclasses.replace(summary, data_docs=data_docs_task(config, [checks[plan.shard_id] for plan in plans]))
     stages.end("data_docs")
-    summary.update(report_task(config, summary))
+    summary = dataclasses.replace(summary, report=report_task(config, summary))
     stages.end("report")
-    summary["stages"] = stages.walls
+    summary = dataclasses.replace(summary, stages=stages.walls)
     print(summary_text(summary))
     return summary
 
@@ -170,7 +175,7 @@ def grow_and_validate(config: dict, run_id: str, plans: Sequence[ShardRef], prog
     """
     waiting, landed = deque(plans), deque()
     growing: dict[PrefectFuture, ShardRef] = {}
-    checking: dict[PrefectFuture, tuple[ShardRef, dict]] = {}
+    checking: dict[PrefectFuture, tuple[ShardRef, ShardReceipt]] = {}
     finished: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()  # futures, as they finish
     checks: dict[str, ShardCheck] = {}
     while True:
@@ -201,17 +206,17 @@ def grow_and_validate(config: dict, run_id: str, plans: Sequence[ShardRef], prog
         checks[plan.shard_id] = checked
 
 
-def _landed_at(receipt: Mapping) -> float:
+def _landed_at(receipt: ShardReceipt) -> float:
     """When a shard landed (time.time()): its grow task says so; a dispatched shard's manifest, to the second."""
-    if receipt.get("landed_at"):
-        return receipt["landed_at"]
-    stamp = (receipt.get("manifest") or {}).get("landed_at")
+    if receipt.landed_at:
+        return receipt.landed_at
+    stamp = receipt.manifest.get("landed_at")
     return datetime.fromisoformat(stamp).timestamp() if stamp else 0.0
 
 
 def _healed(check: ShardCheck) -> str | None:
     """The corruption the grow step found (and grew over) before this check, if any."""
-    return (check.receipt or {}).get("healed")
+    return check.receipt.healed if check.receipt else None
 
 
 def _reason(error: BaseException) -> str:

@@ -47,6 +47,7 @@ from orchard.store import ObjectStore
 from schemas import rows
 from schemas.errors import is_transient
 from schemas.plan import Instruction, ShardPlan
+from schemas.shards import ShardReceipt, ShardStats
 from tasks import jury as juries
 from tasks.growth import Checker, GrowError, Phase, Progress, Shard
 from tasks.inject import Injection
@@ -82,7 +83,7 @@ class GrownShard:
     principle_examples: list[dict] = field(default_factory=list)
     judgements: list[dict] = field(default_factory=list)
     drops: list[dict] = field(default_factory=list)
-    stats: dict = field(default_factory=dict)
+    stats: ShardStats = field(default_factory=ShardStats)
 
     def tables(self) -> dict:
         """Return the shard's Arrow tables, checked against schemas/rows.py."""
@@ -157,29 +158,28 @@ async def grow_shard(
     wall_s = time.monotonic() - started
     usage["wall_s"] = round(wall_s, 3)
     usage["tokens_per_s"] = round(usage["completion_tokens"] / wall_s, 2) if wall_s > 0 else 0.0
-    grown.stats = {
-        "trees": len(plan.instructions),
-        "nodes": len(grown.nodes),
-        "actions": len(answers),
-        "correct": sum(n["verdict"] == "correct" for n in answers),
-        "critiques": sum(n["role"] == "critique" for n in grown.nodes),
-        "pairs": len(grown.pairs),
-        "pairs_found": len(found),  # after pair hygiene, before the run's contrast and difficulty selection
-        "drops": shard.drops.by_stage(),  # pair hygiene, curation, jury labels: reason -> count
-        "pairs_by_method": {m: sum(p["method"] == m for p in grown.pairs) for m in sorted({p["method"] for p in grown.pairs})},
-        "mcts": shard.counts.get("mcts", {}),
-        "principle_examples": len(examples),
-        "principle_labels": {label: sum(e["label"] == label for e in examples) for label in juries.LABELS},
-        "judgements": len(grown.judgements),
-        "verdicts_unread": sum(j["status"] != "ok" for j in grown.judgements),
-        "turns": max((n["turn"] or 0) for n in answers) if answers else 0,
-        "requests": requests,
-        # Trees that got no answer at all (their requests failed): they have no pairs.
-        "trees_unanswered": sum(t["actions"] == 0 and not any(e["tree_id"] == t["tree_id"] for e in examples)
-                                for t in grown.trees),
-        "grow_wall_s": round(wall_s, 3),
-        "engine": usage,
-    }
+    grown.stats = ShardStats(
+        trees=len(plan.instructions),
+        nodes=len(grown.nodes),
+        actions=len(answers),
+        correct=sum(n["verdict"] == "correct" for n in answers),
+        critiques=sum(n["role"] == "critique" for n in grown.nodes),
+        pairs=len(grown.pairs),
+        pairs_found=len(found),
+        drops=shard.drops.by_stage(),  # pair hygiene, curation, jury labels: reason -> count
+        pairs_by_method={m: sum(p["method"] == m for p in grown.pairs) for m in sorted({p["method"] for p in grown.pairs})},
+        mcts=shard.counts.get("mcts", {}),
+        principle_examples=len(examples),
+        principle_labels={label: sum(e["label"] == label for e in examples) for label in juries.LABELS},
+        judgements=len(grown.judgements),
+        verdicts_unread=sum(j["status"] != "ok" for j in grown.judgements),
+        turns=max((n["turn"] or 0) for n in answers) if answers else 0,
+        requests=requests,
+        trees_unanswered=sum(t["actions"] == 0 and not any(e["tree_id"] == t["tree_id"] for e in examples)
+                             for t in grown.trees),
+        grow_wall_s=round(wall_s, 3),
+        engine=usage,
+    )
     return grown
 
 
@@ -325,8 +325,8 @@ class GrowthHost:
         await self._cache_counters_gained()  # the first shard reads where the servers' counters start
         grown = await grow_shard(plan, run_id=run_id, run=cfg.run, engines=engines, check=self.verifiers.verify,
                                  progress=progress, jury=jury, constitution=constitution, hygiene=cfg.hygiene)
-        grown.stats["prefix_cache"] = PrefixCache.of_usage(grown.stats["engine"],
-                                                           await self._cache_counters_gained()).as_dict()
+        grown.stats = dataclasses.replace(grown.stats, prefix_cache=PrefixCache.of_usage(
+            grown.stats.engine, await self._cache_counters_gained()).as_dict())
         return grown
 
     def _validation_pool(self) -> ProcessPoolExecutor:
@@ -469,7 +469,7 @@ PROGRESS_EVERY_S = 5.0
 
 
 @task(name="grow-shard", cache_policy=NO_CACHE, retries=0)
-def grow_shard_task(config: dict, run_id: str, shard: ShardRef) -> dict:
+def grow_shard_task(config: dict, run_id: str, shard: ShardRef) -> ShardReceipt:
     """Grow, verify, land and validate one shard, unless an intact manifest says it already landed; return its
     receipt, whose `validation` says how its suites fared (a shard that failed them is quarantined here).
 
@@ -483,7 +483,7 @@ def grow_shard_task(config: dict, run_id: str, shard: ShardRef) -> dict:
     known, healed = resume_shard(store, run_id, shard.shard_id, cfg.content_hash())
     if known is not None:
         logger.info("shard %s already %s; not grown again", shard.shard_id,
-                    "landed" if known["state"] == "reused" else known["state"])
+                    "landed" if known.state == "reused" else known.state)
         return with_stored_validation(store, run_id, known)
     plan = read_plan(store, run_id, shard)
     if healed:
@@ -510,8 +510,8 @@ def grow_shard_task(config: dict, run_id: str, shard: ShardRef) -> dict:
         landed_at = time.time()
         logger.info(
             "shard %s landed: %d trees, %d answers (%d correct), %d critiques, %d pairs, %.1f tokens/s",
-            plan.shard_id, grown.stats["trees"], grown.stats["actions"], grown.stats["correct"],
-            grown.stats["critiques"], grown.stats["pairs"], grown.stats["engine"]["tokens_per_s"],
+            plan.shard_id, grown.stats.trees, grown.stats.actions, grown.stats.correct,
+            grown.stats.critiques, grown.stats.pairs, grown.stats.engine["tokens_per_s"],
         )
         del grown
         try:
@@ -522,18 +522,18 @@ def grow_shard_task(config: dict, run_id: str, shard: ShardRef) -> dict:
                 raise
             logger.error("shard %s: validation could not run", plan.shard_id, exc_info=True)
             validated = record_unvalidated(store, run_id, plan.shard_id, error)
-    if validated["outcome"] == "passed":
-        logger.info("shard %s validated: all %d expectations passed", plan.shard_id, len(validated["rows"]))
+    if validated.outcome == "passed":
+        logger.info("shard %s validated: all %d expectations passed", plan.shard_id, len(validated.rows))
     else:
-        logger.warning("shard %s quarantined: %s", plan.shard_id, validated["summary"])
+        logger.warning("shard %s quarantined: %s", plan.shard_id, validated.summary)
     update_progress_artifact(moving, progress=100.0)
-    state = "landed" if validated["outcome"] == "passed" else "quarantined"
-    return {"shard_id": plan.shard_id, "state": state, "manifest": manifest, "stats": manifest["stats"],
-            "healed": healed, "validation": validated, "landed_at": landed_at}
+    state = "landed" if validated.outcome == "passed" else "quarantined"
+    return ShardReceipt.of_manifest(plan.shard_id, state, manifest, validation=validated, healed=healed,
+                                    landed_at=landed_at)
 
 
-def with_stored_validation(store: ObjectStore, run_id: str, receipt: dict) -> dict:
+def with_stored_validation(store: ObjectStore, run_id: str, receipt: ShardReceipt) -> ShardReceipt:
     """Return the receipt of a shard an earlier attempt landed, with the validation recorded beside it, if any."""
-    if receipt["state"] != "reused":
+    if receipt.state != "reused":
         return receipt
-    return {**receipt, "validation": stored_validation(store, run_id, receipt["shard_id"])}
+    return dataclasses.replace(receipt, validation=stored_validation(store, run_id, receipt.shard_id))

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from orchard.store import ObjectMissing, ObjectStore
 from schemas.errors import OrchardError
 from schemas.rows import SHARD_TABLES
+from schemas.shards import ShardReceipt, ShardStats
 
 MANIFEST = "manifest.json"
 VALIDATION = "validation.json"
@@ -65,7 +66,7 @@ def land_shard(
     tables: Mapping[str, pa.Table],
     *,
     config_hash: str,
-    stats: Mapping[str, Any],
+    stats: ShardStats,
 ) -> dict[str, Any]:
     """Write the shard's Parquet files, then its manifest; return the manifest (the existing one if already landed)."""
     prefix = shard_prefix(run_id, shard_id)
@@ -75,7 +76,7 @@ def land_shard(
 
     _check_tables(shard_id, tables)
     try:
-        stats_json = json.loads(json.dumps(stats))
+        stats_json = json.loads(json.dumps(stats.to_dict()))
     except (TypeError, ValueError) as exc:
         raise LandingError(f"shard {shard_id}: stats are not JSON-serialisable: {exc}") from None
 
@@ -161,7 +162,8 @@ def read_shard(store: ObjectStore, manifest: Mapping[str, Any]) -> dict[str, pa.
     return {name: read_shard_table(store, manifest, name) for name in SHARD_TABLES}
 
 
-def resume_shard(store: ObjectStore, run_id: str, shard_id: str, config_hash: str) -> tuple[dict | None, str | None]:
+def resume_shard(store: ObjectStore, run_id: str, shard_id: str,
+                 config_hash: str) -> tuple[ShardReceipt | None, str | None]:
     """Return what an earlier attempt of this run left of a shard: (its receipt, or None if it must be grown; the
     corruption found, if any).
 
@@ -173,7 +175,7 @@ def resume_shard(store: ObjectStore, run_id: str, shard_id: str, config_hash: st
         manifest = landed_manifest(store, run_id, shard_id)
         if manifest is not None:
             check_manifest(store, manifest, run_id, shard_id, config_hash)
-            return {"shard_id": shard_id, "state": "reused", "manifest": manifest, "stats": manifest.get("stats") or {}}, None
+            return ShardReceipt.of_manifest(shard_id, "reused", manifest), None
     except ShardIntegrityError as error:
         quarantine_corrupt(store, run_id, shard_id, error)
         return None, str(error)
@@ -185,8 +187,7 @@ def resume_shard(store: ObjectStore, run_id: str, shard_id: str, config_hash: st
         return None, f"{store.uri(quarantined.get('object', ''))}: {quarantined.get('mismatch', '')}"
     if quarantined is None or quarantined.get("config_hash") != config_hash:
         return None, None
-    return {"shard_id": shard_id, "state": "quarantined", "manifest": quarantined,
-            "stats": quarantined.get("stats") or {}}, None
+    return ShardReceipt.of_manifest(shard_id, "quarantined", quarantined), None
 
 
 def write_validation(store: ObjectStore, run_id: str, shard_id: str, record: Mapping[str, Any]) -> str:

@@ -10,10 +10,11 @@ published, and the snapshot id it records, are still true when it commits.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -24,9 +25,10 @@ from orchard import lake
 from orchard.config import Config
 from orchard.lake import LakeError
 from schemas.errors import retry_transient
+from schemas.fates import STATUSES
 from schemas.rows import CONTAMINATION, DROPS, SHARD_TABLES, VALIDATIONS
+from schemas.run import RunSummary
 from tasks import history
-from tasks.fates import ShardFate, fate_counts, settle, with_fates
 from tasks.hygiene import Signing
 from tasks.jury import agreement
 
@@ -41,7 +43,7 @@ SUMMARY_FIELDS = ("problems", "fates", "shards_healed", "requests", "trees_unans
                   "prefix_cache_by_shard", "drops_before_growth", "contaminated", "nothing_planned",
                   "prm_min_rollouts")
 COMPUTED = ("snapshot_id", "fleiss_kappa", "agreement")  # filled in here, from what the lake holds
-RUN_STATUSES = ("complete", "partial", "failed")
+T = TypeVar("T")
 
 
 def materialise_run(
@@ -57,22 +59,51 @@ def materialise_run(
     and quarantined shards alike. Shards and validation results already in the lake for this run
     are skipped; the run row is replaced. If anything fails, nothing is published.
     """
-    return publish_run_snapshot(config, run_row, shards, validations)[0]
+    run = _run_values(run_row)
+    return _publish_snapshot(config, run["run_id"], lambda present: (run, None), shards, validations)[0]
 
 
-def publish_run_snapshot(
+def publish_run(
     config: Config,
-    run_row: Mapping[str, Any],
+    summary: RunSummary,
     shards: Sequence[Mapping[str, Any]],
     validations: Iterable[Mapping[str, Any]] = (),
-    fates: Sequence[ShardFate] | None = None,
     run_rows: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
-) -> tuple[int, list[ShardFate] | None]:
-    """Publish like materialise_run; with the run's shard `fates`, settle them inside the publishing transaction
-    (a passing shard the lake already held is `reused`), write the run row's counts from them, and return them.
-    `run_rows` holds the run-level rows of `drops` (shard_id null) and `contamination`: they replace the run's."""
-    run = _run_values(run_row)
-    run_id = run["run_id"]
+) -> RunSummary:
+    """Publish like materialise_run, the run row written from `summary` with its fates settled inside the publishing
+    transaction (a passing shard the lake already held is `reused`); return the summary as published: its fates
+    settled, its snapshot id set. `run_rows` holds the run-level rows of `drops` (shard_id null) and
+    `contamination`: they replace the run's."""
+    finished_at = datetime.now(timezone.utc).isoformat()
+
+    def settled_row(present: set[str]) -> tuple[dict[str, Any], RunSummary]:
+        # The run row says what this transaction found, not what the caller expected.
+        settled = summary.settled(present)
+        return _run_values(run_row(settled, finished_at)), settled
+
+    snapshot_id, settled = _publish_snapshot(config, summary.run_id, settled_row, shards, validations, run_rows)
+    return dataclasses.replace(settled, snapshot_id=snapshot_id)
+
+
+def run_row(summary: RunSummary, finished_at: str) -> dict[str, Any]:
+    """Return the `runs` values of `summary` but the computed ones, its SUMMARY_FIELDS as the `summary` column."""
+    values = summary.to_dict()
+    row = {column: values.get(column) for column in RUN_COLUMNS if column not in COMPUTED}
+    row["finished_at"] = finished_at
+    row["summary"] = {k: values[k] for k in SUMMARY_FIELDS if k in values}
+    return row
+
+
+def _publish_snapshot(
+    config: Config,
+    run_id: str,
+    settled_row: Callable[[set[str]], tuple[dict[str, Any], T]],
+    shards: Sequence[Mapping[str, Any]],
+    validations: Iterable[Mapping[str, Any]] = (),
+    run_rows: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+) -> tuple[int, T]:
+    """Publish in one transaction; `settled_row(shards the lake holds)` gives the run row and what the caller gets
+    back with the snapshot id."""
     for manifest in shards:
         _check_manifest(manifest, run_id)
 
@@ -82,7 +113,7 @@ def publish_run_snapshot(
         # Run again from the newer snapshot if another writer of a shared catalog committed first: the shards it
         # finds published, and the snapshot id it records, must still be true when it commits.
         snapshot_id, settled = lake.commit_alone(
-            con, lambda: _publish(con, config, run, shards, validations, fates, run_rows or {}),
+            con, lambda: _publish(con, config, run_id, settled_row, shards, validations, run_rows or {}),
             what=f"run {run_id}: nothing published")
         # The id this connection committed, and the snapshot carrying this run's commit message, must both be the
         # one written into runs.snapshot_id (a guard: commit_alone ensures it).
@@ -100,30 +131,24 @@ def publish_run_snapshot(
 def _publish(
     con: duckdb.DuckDBPyConnection,
     config: Config,
-    run: dict[str, Any],
+    run_id: str,
+    settled_row: Callable[[set[str]], tuple[dict[str, Any], T]],
     shards: Sequence[Mapping[str, Any]],
     validations: Sequence[Mapping[str, Any]],
-    fates: Sequence[ShardFate] | None,
     run_rows: Mapping[str, Sequence[Mapping[str, Any]]],
-) -> tuple[int, list[ShardFate] | None]:
+) -> tuple[int, T]:
     """The writes of one publishing transaction of materialise_run; return the snapshot id its commit will make."""
-    run_id = run["run_id"]
     # Snapshot ids are sequential: this transaction started from `current_snapshot()` and its COMMIT creates the next
     # one. A DuckDB-file catalog has one writer process; with a shared catalog a writer that commits first takes that
     # id, and our COMMIT then fails (lake.commit_alone runs this again).
     base = con.execute(f"SELECT id FROM {lake.LAKE}.current_snapshot()").fetchone()[0]
     snapshot_id = base + 1
 
-    _check_same_config(con, run_id, run["config_hash"])
     present = _shards_in_lake(con, run_id)
+    run, settled = settled_row(present)
+    run = dict(run)  # this attempt's: the snapshot id and jury agreement are filled in below
+    _check_same_config(con, run_id, run["config_hash"])
     new_shards = [m for m in shards if m["shard_id"] not in present]
-    settled = None if fates is None else settle(fates, present)
-    if settled is not None:  # the run row says what this transaction found, not what the caller expected
-        counts = fate_counts(settled, run["shards_planned"])
-        run.update({k: v for k, v in counts.items() if k in RUN_COLUMNS})
-        summary = json.loads(run["summary"] or "{}")
-        summary.update(fates=[f.to_dict() for f in settled], shards_healed=counts["shards_healed"])
-        run["summary"] = json.dumps(summary, sort_keys=True, default=str)
     for table in SHARD_TABLES:
         _insert_shard_table(con, config.object_store.bucket, table, new_shards)
     # The index later runs dedup against: the new shards' instructions, fingerprinted under this run's settings.
@@ -206,8 +231,8 @@ def _run_values(run_row: Mapping[str, Any]) -> dict[str, Any]:
             f"run row {run_row.get('run_id', '?')}: "
             + "; ".join(filter(None, [missing and f"missing {missing}", unknown and f"unknown {unknown}"]))
         )
-    if run_row["status"] not in RUN_STATUSES:
-        raise LakeError(f"run row {run_row['run_id']}: status must be one of {RUN_STATUSES}, got {run_row['status']!r}")
+    if run_row["status"] not in STATUSES:
+        raise LakeError(f"run row {run_row['run_id']}: status must be one of {STATUSES}, got {run_row['status']!r}")
     values = dict(run_row)
     if values["summary"] is not None and not isinstance(values["summary"], str):
         values["summary"] = json.dumps(values["summary"], sort_keys=True, default=str)
@@ -326,15 +351,10 @@ def check_run_id_task(config: dict, run_id: str) -> None:
 
 
 @task(name="materialise", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
-def materialise_task(config: dict, summary: dict, shards: list[dict], validations: list[dict],
-                     run_rows: dict | None = None) -> dict:
-    """Publish the run's validated shards and its runs row as one lake snapshot; return the snapshot id and the
-    run's fates, counts and status as the publishing transaction settled them (keys of `with_fates`)."""
-    run_row = {column: summary.get(column) for column in RUN_COLUMNS if column not in COMPUTED}
-    run_row["finished_at"] = datetime.now(timezone.utc).isoformat()
-    run_row["summary"] = {k: summary[k] for k in SUMMARY_FIELDS if k in summary}
-    fates = [ShardFate(**f) for f in summary["fates"]]
-    snapshot_id, settled = publish_run_snapshot(Config.from_dict(config), run_row, shards, validations, fates,
-                                                run_rows)
-    get_run_logger().info("run %s published as lake snapshot %d", summary["run_id"], snapshot_id)
-    return {"snapshot_id": snapshot_id, **with_fates(summary, settled or [])}
+def materialise_task(config: dict, summary: RunSummary, shards: list[dict], validations: list[dict],
+                     run_rows: dict | None = None) -> RunSummary:
+    """Publish the run's validated shards and its runs row as one lake snapshot; return the run's summary as the
+    publishing transaction settled it, with its snapshot id."""
+    published = publish_run(Config.from_dict(config), summary, shards, validations, run_rows)
+    get_run_logger().info("run %s published as lake snapshot %d", summary.run_id, published.snapshot_id)
+    return published

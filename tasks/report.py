@@ -16,144 +16,143 @@ from prefect.cache_policies import NO_CACHE
 from orchard.config import Config, CostConfig
 from orchard.engine import PrefixCache
 from orchard.lake import LakeError, connect
+from schemas.fates import ShardFate
 from schemas.plan import SourceCount
-from tasks.fates import ShardFate, with_fates
+from schemas.run import RunReport, RunSummary
+from schemas.shards import ShardReceipt, ShardStats
 from tasks.hygiene import Drops
 
 MARGIN_BINS = (0.25, 0.5, 0.75, 1.0)  # upper edges of the margin histogram's bins
 
 
-def run_totals(grown_stats: Sequence[Mapping[str, Any]], growth_wall_s: float) -> dict[str, Any]:
+def run_totals(grown_stats: Sequence[ShardStats], growth_wall_s: float) -> dict[str, Any]:
     """Return trees, nodes, pairs, pass rate and token throughput summed over the shards' stats."""
-    trees = sum(s.get("trees", 0) for s in grown_stats)
-    actions = sum(s.get("actions", 0) for s in grown_stats)
-    correct = sum(s.get("correct", 0) for s in grown_stats)
-    prompt_tokens = sum(s.get("engine", {}).get("prompt_tokens", 0) for s in grown_stats)
-    completion_tokens = sum(s.get("engine", {}).get("completion_tokens", 0) for s in grown_stats)
+    actions = sum(s.actions for s in grown_stats)
+    correct = sum(s.correct for s in grown_stats)
+    prompt_tokens = sum(s.engine.get("prompt_tokens", 0) for s in grown_stats)
+    completion_tokens = sum(s.engine.get("completion_tokens", 0) for s in grown_stats)
     by_method: dict[str, int] = {}
     for stats in grown_stats:
-        for method, count in (stats.get("pairs_by_method") or {}).items():
+        for method, count in stats.pairs_by_method.items():
             by_method[method] = by_method.get(method, 0) + count
     return {
-        "trees": trees,
-        "nodes": sum(s.get("nodes", 0) for s in grown_stats),
-        "pairs": sum(s.get("pairs", 0) for s in grown_stats),
+        "trees": sum(s.trees for s in grown_stats),
+        "nodes": sum(s.nodes for s in grown_stats),
+        "pairs": sum(s.pairs for s in grown_stats),
         "pairs_by_method": dict(sorted(by_method.items())),
         "pass_rate": round(correct / actions, 4) if actions else None,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "wall_s": round(growth_wall_s, 2),
         "tokens_per_s": round(completion_tokens / growth_wall_s, 2) if growth_wall_s > 0 else None,
-        "prefix_cache": PrefixCache.combined([PrefixCache.from_dict(s.get("prefix_cache"))
-                                              for s in grown_stats]).as_dict(),
+        "prefix_cache": PrefixCache.combined([PrefixCache.from_dict(s.prefix_cache) for s in grown_stats]).as_dict(),
     }
 
 
 def run_summary(run_id: str, flow_run_id: str | None, cfg: Config, started_at: datetime, planned: int,
-                fates: Sequence[ShardFate], receipts: Sequence[Mapping[str, Any]], passed: Sequence[Mapping[str, Any]],
+                fates: Sequence[ShardFate], receipts: Sequence[ShardReceipt], passed: Sequence[ShardReceipt],
                 growth_wall_s: float, seeds: Sequence[SourceCount], run_drops: Sequence[Mapping[str, Any]] = (),
-                contamination: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
-    """Return a run's summary before it is published: its fates and status, the rows of the shards that passed
-    (`passed` receipts), what the shards grown now cost (`receipts` whose state is `landed`), failed requests,
-    and what each seed source gave."""
-    fresh = [r["stats"] for r in receipts if r["state"] == "landed"]
-    totals = run_totals([r["stats"] for r in passed], growth_wall_s)
+                contamination: Sequence[Mapping[str, Any]] = ()) -> RunSummary:
+    """Return a run's summary before it is published: its fates, the rows of the shards that passed (`passed`
+    receipts), what the shards grown now cost (`receipts` whose state is `landed`), failed requests, and what each
+    seed source gave."""
+    grown_now = [r for r in receipts if r.state == "landed"]
+    fresh = [r.stats for r in grown_now]
+    passing = run_totals([r.stats for r in passed], growth_wall_s)
     # What this run paid for: tokens and GPU time of the shards grown now, not of reused ones.
-    totals.update({k: v for k, v in run_totals(fresh, growth_wall_s).items()
-                   if k in ("prompt_tokens", "completion_tokens", "tokens_per_s", "prefix_cache")})
-    totals.update(cost_estimate(fresh, cfg.cost))
-    totals["cached_share"] = totals["prefix_cache"]["cached_share"]
+    paid = run_totals(fresh, growth_wall_s)
     before = Drops.from_rows(run_drops)
     # A run whose every instruction the hygiene gate dropped plans nothing: its summary says why.
     nothing = (f"nothing to grow: the hygiene gate dropped all {before.total()} instructions "
                f"({'; '.join(f'{stage}: {n}' for stage, n in _stage_totals(before).items())})" if not planned else None)
-    return {
-        "run_id": run_id,
-        "flow_run_id": flow_run_id,
-        "config_hash": cfg.content_hash(),
-        "started_at": started_at.isoformat(),
-        **with_fates({"shards_planned": planned, "nothing_planned": nothing}, fates),
-        "nothing_planned": nothing,
-        **totals,
-        "requests": request_totals(fresh),
+    return RunSummary(
+        run_id=run_id, flow_run_id=flow_run_id, config_hash=cfg.content_hash(), started_at=started_at.isoformat(),
+        shards_planned=planned, fates=tuple(fates), nothing_planned=nothing,
+        trees=passing["trees"], nodes=passing["nodes"], pairs=passing["pairs"],
+        pairs_by_method=passing["pairs_by_method"], pass_rate=passing["pass_rate"],
+        prompt_tokens=paid["prompt_tokens"], completion_tokens=paid["completion_tokens"], wall_s=passing["wall_s"],
+        tokens_per_s=paid["tokens_per_s"], prefix_cache=paid["prefix_cache"],
+        **cost_estimate(fresh, cfg.cost),
+        requests=request_totals(fresh),
         # Each shard grown now: how much of its prompt the servers answered from their prefix cache.
-        "prefix_cache_by_shard": {r["shard_id"]: r["stats"]["prefix_cache"] for r in receipts
-                                  if r["state"] == "landed" and r["stats"].get("prefix_cache")},
-        "trees_unanswered": sum(r["stats"].get("trees_unanswered", 0) for r in passed),
-        "seeds": [source.to_dict() for source in seeds],
-        "prm_min_rollouts": cfg.run.prm_min_rollouts,  # the prm_steps view reads it from the runs row
+        prefix_cache_by_shard={r.shard_id: r.stats.prefix_cache for r in grown_now if r.stats.prefix_cache},
+        trees_unanswered=sum(r.stats.trees_unanswered for r in passed),
+        seeds=tuple(seeds),
+        prm_min_rollouts=cfg.run.prm_min_rollouts,
         # The hygiene gate's: rows dropped before growth by stage and reason, and the instructions flagged.
-        "drops_before_growth": Drops.from_rows(run_drops).by_stage(),
-        "contaminated": {"instructions": len({c["instruction_id"] for c in contamination}),
-                         "by_eval_set": dict(sorted(Counter(c["eval_set"] for c in contamination).items()))},
-    }
+        drops_before_growth=before.by_stage(),
+        contaminated={"instructions": len({c["instruction_id"] for c in contamination}),
+                      "by_eval_set": dict(sorted(Counter(c["eval_set"] for c in contamination).items()))},
+    )
 
 
 def _stage_totals(drops: Drops) -> dict[str, int]:
     return {stage: sum(reasons.values()) for stage, reasons in drops.by_stage().items()}
 
 
-def request_totals(grown_stats: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def request_totals(grown_stats: Sequence[ShardStats]) -> dict[str, Any]:
     """Return the requests sent and failed over the shards' stats, with the failures by reason."""
     by_reason: dict[str, int] = {}
     for stats in grown_stats:
-        for reason, count in (stats.get("requests") or {}).get("failed_by_reason", {}).items():
+        for reason, count in stats.requests.get("failed_by_reason", {}).items():
             by_reason[reason] = by_reason.get(reason, 0) + count
-    return {"sent": sum((s.get("requests") or {}).get("sent", 0) for s in grown_stats),
+    return {"sent": sum(s.requests.get("sent", 0) for s in grown_stats),
             "failed": sum(by_reason.values()), "failed_by_reason": dict(sorted(by_reason.items()))}
 
 
-def cost_estimate(grown_stats: Sequence[Mapping[str, Any]], cost: CostConfig) -> dict[str, Any]:
+def cost_estimate(grown_stats: Sequence[ShardStats], cost: CostConfig) -> dict[str, Any]:
     """Return what growing these shards cost at `cost`'s prices: tokens at API prices plus GPU hours (one slot per
     shard for its growth time)."""
     totals = run_totals(grown_stats, 0.0)
-    gpu_hours = sum(s.get("grow_wall_s", 0.0) for s in grown_stats) / 3600
+    gpu_hours = sum(s.grow_wall_s for s in grown_stats) / 3600
     usd = (totals["prompt_tokens"] * cost.usd_per_million_prompt_tokens
            + totals["completion_tokens"] * cost.usd_per_million_completion_tokens) / 1e6 + gpu_hours * cost.usd_per_gpu_hour
     return {"gpu_hours": round(gpu_hours, 4), "cost_usd": round(usd, 4),
             "priced": any(dataclasses.astuple(cost))}
 
 
-def summary_text(summary: Mapping[str, Any]) -> str:
+def summary_text(summary: RunSummary) -> str:
     """Return the run summary the CLI prints: what was grown, what was published, and how to query it."""
+    counts = summary.counts
+    report = summary.report or RunReport()
     lines = [
-        f"run {summary['run_id']}: {summary['status']}",
-        f"  shards: {summary['shards_planned']} planned, {summary['shards_published']} published, "
-        f"{summary['shards_reused']} already in the lake, {summary['shards_quarantined']} quarantined, "
-        f"{summary['shards_failed']} failed" + (f" ({summary['shards_healed']} grown again after corruption)"
-                                                 if summary.get("shards_healed") else ""),
-        f"  trees {summary['trees']}, nodes {summary['nodes']}, pairs {summary['pairs']}"
-        f"{_methods(summary.get('pairs_by_method'))}, pass rate {_pct(summary['pass_rate'])}",
-        f"  tokens: {summary['prompt_tokens']} prompt + {summary['completion_tokens']} completion "
-        f"in {summary['wall_s']} s of growth = {summary['tokens_per_s']} tokens/s",
+        f"run {summary.run_id}: {summary.status}",
+        f"  shards: {summary.shards_planned} planned, {counts['shards_published']} published, "
+        f"{counts['shards_reused']} already in the lake, {counts['shards_quarantined']} quarantined, "
+        f"{counts['shards_failed']} failed" + (f" ({counts['shards_healed']} grown again after corruption)"
+                                                if counts["shards_healed"] else ""),
+        f"  trees {summary.trees}, nodes {summary.nodes}, pairs {summary.pairs}"
+        f"{_methods(summary.pairs_by_method)}, pass rate {_pct(summary.pass_rate)}",
+        f"  tokens: {summary.prompt_tokens} prompt + {summary.completion_tokens} completion "
+        f"in {summary.wall_s} s of growth = {summary.tokens_per_s} tokens/s",
         f"  cost estimate: {_cost(summary)}",
-        f"  prefix cache: {prefix_cache_text(summary.get('prefix_cache'))}",
+        f"  prefix cache: {prefix_cache_text(summary.prefix_cache)}",
         *_request_lines(summary),
-        *_seed_lines(summary.get("seeds")),
-        f"  lake snapshot: {summary['snapshot_id']}",
+        *_seed_lines(summary.seeds),
+        f"  lake snapshot: {summary.snapshot_id}",
     ]
-    for method, m in (summary.get("curation") or {}).items():
+    for method, m in report.curation.items():
         c = m["contrast"]
         lines.append(f"  {method} pairs: {m['pairs']} (contrast high {c['high']} / mid {c['mid']} / low {c['low']}), "
                      f"median margin {m['margin']['median']:.3f}, "
                      f"median shared prefix {m['shared_prefix_tokens']['median']:.0f} tokens, "
                      f"median length ratio chosen/rejected {_num(m.get('length_ratio_median'))}")
-    lines += jury_lines(summary.get("jury"))
-    lines += drop_lines(summary.get("dropped"))
-    for kind, k in (summary.get("prm_steps") or {}).items():
+    lines += jury_lines(report.jury)
+    lines += drop_lines(report.dropped)
+    for kind, k in report.prm_steps.items():
         lines.append(f"  prm_steps {kind}: {k['paths']} paths, {k['steps']} steps ({k['labelled']} labelled, "
                      f"{k['positive']} positive; {k['unlabelled']} unlabelled: fewer than {k['min_rollouts']} "
                      f"verified completions below)")
-    for problem in summary.get("problems", []):
+    for problem in summary.problems:
         lines.append(f"  ! {problem}")
-    if summary.get("data_docs"):
-        lines.append(f"  data docs: {summary['data_docs']}")
-    if summary.get("stages"):
+    if summary.data_docs:
+        lines.append(f"  data docs: {summary.data_docs}")
+    if summary.stages:
         lines.append("  stages: " + ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {wall:.1f} s"
-                                            for name, wall in summary["stages"].items()))
+                                            for name, wall in summary.stages.items()))
     lines.append('  query it: orchard sql "SELECT domain, count(*) FROM pairs GROUP BY 1"')
-    if summary.get("snapshot_id") is not None:
-        lines.append(f'            orchard sql --version {summary["snapshot_id"]} "SELECT count(*) FROM dpo_pairs"')
+    if summary.snapshot_id is not None:
+        lines.append(f'            orchard sql --version {summary.snapshot_id} "SELECT count(*) FROM dpo_pairs"')
     return "\n".join(lines)
 
 
@@ -185,21 +184,21 @@ def _cache_cells(figures: Mapping[str, Any] | None) -> str:
     return f"{cached} | {hits}"
 
 
-def _request_lines(summary: Mapping[str, Any]) -> list[str]:
-    requests = summary.get("requests") or {}
+def _request_lines(summary: RunSummary) -> list[str]:
+    requests = summary.requests
     lines = []
     if requests.get("failed"):
         reasons = ", ".join(f"{reason} {n}" for reason, n in requests["failed_by_reason"].items())
         lines.append(f"  requests: {requests['failed']} of {requests['sent']} failed after retries ({reasons}); "
                      "their nodes were not grown")
-    if summary.get("trees_unanswered"):
-        lines.append(f"  trees without an answer (no pairs): {summary['trees_unanswered']}")
+    if summary.trees_unanswered:
+        lines.append(f"  trees without an answer (no pairs): {summary.trees_unanswered}")
     return lines
 
 
-def _seed_lines(seeds: Sequence[Mapping[str, Any]] | None) -> list[str]:
-    return [f"  seeds: {s['source']}: {s['read']} read, {s['kept']} kept"
-            + "".join(f", {n} dropped ({reason})" for reason, n in s["dropped"].items()) for s in seeds or ()]
+def _seed_lines(seeds: Sequence[SourceCount]) -> list[str]:
+    return [f"  seeds: {s.source}: {s.read} read, {s.kept} kept"
+            + "".join(f", {n} dropped ({reason})" for reason, n in s.dropped.items()) for s in seeds]
 
 
 def jury_lines(jury: Mapping[str, Any] | None) -> list[str]:
@@ -246,11 +245,11 @@ def jury_stats(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any] | 
     return json.loads(row[0]) if row and row[0] else None
 
 
-def _cost(summary: Mapping[str, Any]) -> str:
-    if "cost_usd" not in summary:
+def _cost(summary: RunSummary) -> str:
+    if summary.cost_usd is None:
         return "–"
-    unpriced = "" if summary.get("priced") else " (no prices set under [cost])"
-    return f"${summary['cost_usd']:.2f} for {summary['gpu_hours']:.3f} GPU-slot hours of growth{unpriced}"
+    unpriced = "" if summary.priced else " (no prices set under [cost])"
+    return f"${summary.cost_usd:.2f} for {summary.gpu_hours:.3f} GPU-slot hours of growth{unpriced}"
 
 
 def _blank(value: Any) -> str:
@@ -409,56 +408,57 @@ def curation_markdown(methods: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def report_markdown(summary: Mapping[str, Any], curation: Mapping[str, Any] | None = None,
-                    jury: Mapping[str, Any] | None = None, dropped: Mapping[str, Any] | None = None,
-                    steps: Mapping[str, Any] | None = None) -> str:
-    """Return the markdown report of a run: totals, pairs per curation method, then each shard's fate."""
-    cache = summary.get("prefix_cache_by_shard") or {}
+def report_markdown(summary: RunSummary, report: RunReport | None = None) -> str:
+    """Return the markdown report of a run: totals, pairs per curation method (`report`: read back from its
+    snapshot; default the summary's), then each shard's fate."""
+    report = report or summary.report or RunReport()
+    counts = summary.counts
+    cache = summary.prefix_cache_by_shard
     rows = "\n".join(
-        f"| `{f['shard_id']}` | {f['fate']}{' (grown again)' if f.get('healed') else ''} | {_blank(f.get('trees'))} "
-        f"| {_blank(f.get('pairs'))} | {f.get('worker') or 'in-process'} | {_cache_cells(cache.get(f['shard_id']))} "
-        f"| {f.get('reason') or f.get('healed') or ''} |"
-        for f in summary["fates"]
+        f"| `{f.shard_id}` | {f.fate}{' (grown again)' if f.healed else ''} | {_blank(f.trees)} "
+        f"| {_blank(f.pairs)} | {f.worker or 'in-process'} | {_cache_cells(cache.get(f.shard_id))} "
+        f"| {f.reason or f.healed or ''} |"
+        for f in summary.fates
     )
-    requests = summary.get("requests") or {}
+    requests = summary.requests
     failed = "; ".join(f"{reason}: {n}" for reason, n in (requests.get("failed_by_reason") or {}).items()) or "none"
-    seeds = "\n".join(f"| {s['source']} | {s['read']} | {s['kept']} | "
-                      f"{', '.join(f'{reason} {n}' for reason, n in s['dropped'].items()) or '–'} |"
-                      for s in summary.get("seeds") or ())
-    problems = "\n".join(f"- {p}" for p in summary.get("problems", [])) or "- none"
-    docs = f"[Data Docs]({summary['data_docs']})" if summary.get("data_docs") else "no Data Docs"
-    return f"""# Orchard run `{summary['run_id']}` — {summary['status']}
+    seeds = "\n".join(f"| {s.source} | {s.read} | {s.kept} | "
+                      f"{', '.join(f'{reason} {n}' for reason, n in s.dropped.items()) or '–'} |"
+                      for s in summary.seeds)
+    problems = "\n".join(f"- {p}" for p in summary.problems) or "- none"
+    docs = f"[Data Docs]({summary.data_docs})" if summary.data_docs else "no Data Docs"
+    return f"""# Orchard run `{summary.run_id}` — {summary.status}
 
 | trees | nodes | pairs | pass rate | prompt tokens | prompt tokens cached | server prefix-cache hits | completion tokens | tokens/s | cost estimate | snapshot |
 |---|---|---|---|---|---|---|---|---|---|---|
-| {summary['trees']} | {summary['nodes']} | {summary['pairs']} | {_pct(summary['pass_rate'])} | {summary['prompt_tokens']} | {_cache_cells(summary.get('prefix_cache'))} | {summary['completion_tokens']} | {summary['tokens_per_s']} | {_cost(summary)} | {summary['snapshot_id']} |
+| {summary.trees} | {summary.nodes} | {summary.pairs} | {_pct(summary.pass_rate)} | {summary.prompt_tokens} | {_cache_cells(summary.prefix_cache)} | {summary.completion_tokens} | {summary.tokens_per_s} | {_cost(summary)} | {summary.snapshot_id} |
 
 ## Pairs by method
-{curation_markdown(curation or dict())}
+{curation_markdown(report.curation)}
 
 ## Judge agreement
-{jury_markdown(jury)}
+{jury_markdown(report.jury)}
 
 ## What was dropped, and why
-{drops_markdown(dropped)}
+{drops_markdown(report.dropped)}
 
 ## Step-level reward data (`prm_steps`)
-{prm_markdown(steps)}
+{prm_markdown(report.prm_steps)}
 
 ## Shards
-{summary['shards_planned']} planned: {summary['shards_published']} published, {summary['shards_reused']} already in the lake, {summary['shards_quarantined']} quarantined, {summary['shards_failed']} failed.
+{summary.shards_planned} planned: {counts['shards_published']} published, {counts['shards_reused']} already in the lake, {counts['shards_quarantined']} quarantined, {counts['shards_failed']} failed.
 
 | shard | fate | trees | pairs | grown by | prompt tokens cached | server prefix-cache hits | reason |
 |---|---|---|---|---|---|---|---|
 {rows}
 
-Prefix cache (shards grown in this run): {prefix_cache_text(summary.get('prefix_cache'))}. "Prompt tokens cached" is
+Prefix cache (shards grown in this run): {prefix_cache_text(summary.prefix_cache)}. "Prompt tokens cached" is
 what the answers' `usage.prompt_tokens_details.cached_tokens` said; "server prefix-cache hits" is the growth of the
 servers' `vllm:prefix_cache_hits` / `vllm:prefix_cache_queries` counters over the shard, which also counts requests
 of other shards served meanwhile.
 
 ## Requests
-{requests.get('failed', 0)} of {requests.get('sent', 0)} requests failed after the engine's retries ({failed}); their nodes were not grown. Trees without an answer (no pairs): {summary.get('trees_unanswered', 0)}.
+{requests.get('failed', 0)} of {requests.get('sent', 0)} requests failed after the engine's retries ({failed}); their nodes were not grown. Trees without an answer (no pairs): {summary.trees_unanswered}.
 
 ## Seeds
 | source | read | kept | dropped |
@@ -473,33 +473,28 @@ Validation: {docs}
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report_task(config: dict, summary: dict) -> dict:
-    """Publish the run's summary table and markdown report as Prefect artifacts; return the curation and jury
-    statistics (keys `curation`, `jury`).
+def report_task(config: dict, summary: RunSummary) -> RunReport:
+    """Publish the run's summary table and markdown report as Prefect artifacts; return the curation, jury, drop
+    and prm_steps statistics.
 
-    Both are read from the snapshot the run published, so they describe what trainers see.
+    They are read from the snapshot the run published, so they describe what trainers see.
     """
-    curation: dict[str, Any] = {}
-    jury: dict[str, Any] | None = None
-    dropped: dict[str, Any] | None = None
-    steps: dict[str, Any] = {}
-    if summary.get("snapshot_id") is not None:
+    report = RunReport()
+    if summary.snapshot_id is not None:
         try:
-            with connect(Config.from_dict(config), version=summary["snapshot_id"]) as con:
-                curation = curation_stats(con, summary["run_id"])
-                jury = jury_stats(con, summary["run_id"])
-                dropped = drop_stats(con, summary["run_id"])
-                steps = prm_stats(con, summary["run_id"])
+            with connect(Config.from_dict(config), version=summary.snapshot_id) as con:
+                report = RunReport(curation=curation_stats(con, summary.run_id), jury=jury_stats(con, summary.run_id),
+                                   dropped=drop_stats(con, summary.run_id), prm_steps=prm_stats(con, summary.run_id))
         except (LakeError, duckdb.Error) as exc:
-            get_run_logger().warning("run %s: no curation statistics: %s", summary["run_id"], exc)
-    key = "orchard-run-" + "".join(c if c.isalnum() else "-" for c in summary["run_id"].lower())
+            get_run_logger().warning("run %s: no curation statistics: %s", summary.run_id, exc)
+    values = summary.to_dict()
+    key = "orchard-run-" + "".join(c if c.isalnum() else "-" for c in summary.run_id.lower())
     create_table_artifact(
         key=key[:100],
-        table=[{**{k: v for k, v in summary.items() if not isinstance(v, list | dict)},
-                "cached_share": (summary.get("prefix_cache") or {}).get("cached_share"),
-                "prefix_cache_hit_rate": ((summary.get("prefix_cache") or {}).get("metrics") or {}).get("hit_rate")}],
-        description=f"Orchard run {summary['run_id']}",
+        table=[{**{k: v for k, v in values.items() if not isinstance(v, list | dict)},
+                "cached_share": summary.cached_share,
+                "prefix_cache_hit_rate": (summary.prefix_cache.get("metrics") or {}).get("hit_rate")}],
+        description=f"Orchard run {summary.run_id}",
     )
-    create_markdown_artifact(key=f"{key}-report"[:100], markdown=report_markdown(summary, curation, jury, dropped,
-                                                                                  steps))
-    return {"curation": curation, "jury": jury, "dropped": dropped, "prm_steps": steps}
+    create_markdown_artifact(key=f"{key}-report"[:100], markdown=report_markdown(summary, report))
+    return report

@@ -32,9 +32,10 @@ from prefect.cache_policies import NO_CACHE
 from orchard.config import Config
 from orchard.store import ObjectMissing, ObjectStore
 from schemas.errors import OrchardError, is_transient, retry_transient
+from schemas.fates import ShardCheck
 from schemas.rows import SHARD_TABLES
+from schemas.shards import RecordedValidation, ShardReceipt
 from schemas.suites import SUITES_DIR, ExpectationSpec, SuiteError, SuiteSpec, columns_of, load_suites, with_checks
-from tasks.fates import ShardCheck
 from tasks.hygiene import flagged_ids
 from tasks.land import (
     VALIDATION,
@@ -763,37 +764,38 @@ def _short(value: Any, limit: int = 40) -> str:
 # --- where a shard is validated, and the flow's check of it -------------------------------------------------
 
 
-def record_validation(store: ObjectStore, run_id: str, shard_id: str, validation: ShardValidation) -> dict[str, Any]:
+def record_validation(store: ObjectStore, run_id: str, shard_id: str,
+                      validation: ShardValidation) -> RecordedValidation:
     """Write a landed shard's validation record (quarantining the shard when an expectation failed); return what its
-    receipt says of it: `outcome` (passed or quarantined), `summary`, the lake's `rows`, the record's `key` and
-    whether the record holds GX's own results (`gx`: a shard passed in a batch has none, see validate_shards)."""
+    receipt says of it: the outcome (passed or quarantined), why, the lake's rows, the record's key and whether the
+    record holds GX's own results (a shard passed in a batch has none, see validate_shards)."""
     rows = validation.rows(run_id)
     record = {**validation.to_dict(), "passed": validation.success, "rows": rows}
     if validation.success:
         key = write_validation(store, run_id, shard_id, record)
-        return {"outcome": "passed", "summary": "", "rows": rows, "key": key, "gx": bool(validation.gx_results)}
+        return RecordedValidation("passed", "", tuple(rows), key, bool(validation.gx_results))
     quarantine_shard(store, run_id, shard_id, record)
-    return {"outcome": "quarantined", "summary": validation.summary(), "rows": rows,
-            "key": quarantine_prefix(run_id, shard_id) + VALIDATION, "gx": bool(validation.gx_results)}
+    return RecordedValidation("quarantined", validation.summary(), tuple(rows),
+                              quarantine_prefix(run_id, shard_id) + VALIDATION, bool(validation.gx_results))
 
 
-def record_unvalidated(store: ObjectStore, run_id: str, shard_id: str, error: BaseException) -> dict[str, Any]:
+def record_unvalidated(store: ObjectStore, run_id: str, shard_id: str, error: BaseException) -> RecordedValidation:
     """Quarantine a landed shard whose validation could not run (not transiently), with why; return its receipt's
-    validation entry."""
+    validation."""
     summary = f"validation could not run: {type(error).__name__}: {error}"
     quarantine_shard(store, run_id, shard_id, {"shard_id": shard_id, "passed": False, "summary": summary, "rows": []})
-    return {"outcome": "quarantined", "summary": summary, "rows": [], "key": quarantine_prefix(run_id, shard_id) + VALIDATION}
+    return RecordedValidation("quarantined", summary, (), quarantine_prefix(run_id, shard_id) + VALIDATION)
 
 
-def stored_validation(store: ObjectStore, run_id: str, shard_id: str) -> dict[str, Any] | None:
-    """Return the receipt's validation entry of a landed shard validated by an earlier attempt, or None."""
+def stored_validation(store: ObjectStore, run_id: str, shard_id: str) -> RecordedValidation | None:
+    """Return the receipt's validation of a landed shard validated by an earlier attempt, or None."""
     key = shard_prefix(run_id, shard_id) + VALIDATION
     try:
         record = store.get_json(key)
     except ObjectMissing:
         return None
-    return {"outcome": "passed" if record.get("passed") else "quarantined", "summary": record.get("summary", ""),
-            "rows": record.get("rows") or [], "key": key, "gx": bool(record.get("gx_results"))}
+    return RecordedValidation("passed" if record.get("passed") else "quarantined", record.get("summary", ""),
+                              tuple(record.get("rows") or ()), key, bool(record.get("gx_results")))
 
 
 def shard_contamination(cfg: Config, tables: Mapping[str, pa.Table]) -> list[str]:
@@ -802,7 +804,7 @@ def shard_contamination(cfg: Config, tables: Mapping[str, pa.Table]) -> list[str
 
 
 @task(name="check-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient)
-def check_shard_task(config: dict, run_id: str, receipt: dict) -> ShardCheck:
+def check_shard_task(config: dict, run_id: str, receipt: ShardReceipt) -> ShardCheck:
     """Check a landed shard before it may be published: its files against its manifest (a corrupt one is quarantined
     and its outcome is `corrupt`: it is grown again) and its validation where it was grown. A shard landed without
     a validation record (an earlier version, or a crash between landing and validating) is validated here.
@@ -811,15 +813,15 @@ def check_shard_task(config: dict, run_id: str, receipt: dict) -> ShardCheck:
     """
     cfg = Config.from_dict(config)
     store = ObjectStore(cfg.object_store)
-    shard_id, manifest = receipt["shard_id"], receipt["manifest"]
+    shard_id, manifest = receipt.shard_id, receipt.manifest
     logger = get_run_logger()
-    validated = receipt.get("validation")
-    if receipt["state"] == "quarantined":  # quarantined where it was grown, or by an earlier attempt of this run
+    validated = receipt.validation
+    if receipt.state == "quarantined":  # quarantined where it was grown, or by an earlier attempt of this run
         if validated is None:
             stored = store.get_json(manifest["validation_key"])
-            validated = {"summary": stored["summary"], "rows": stored.get("rows") or []}
-        return ShardCheck(shard_id, "quarantined", validated["summary"], receipt, tuple(validated["rows"]),
-                          validated.get("key") or manifest.get("validation_key"))
+            validated = RecordedValidation("quarantined", stored["summary"], tuple(stored.get("rows") or ()))
+        return ShardCheck(shard_id, "quarantined", validated.summary, receipt, validated.rows,
+                          validated.key or manifest.get("validation_key"))
     try:
         tables = read_shard(store, manifest)
     except ShardIntegrityError as error:
@@ -835,11 +837,10 @@ def check_shard_task(config: dict, run_id: str, receipt: dict) -> ShardCheck:
                 raise
             logger.error("shard %s: validation could not run", shard_id, exc_info=True)
             validated = record_unvalidated(store, run_id, shard_id, error)
-    rows = tuple(validated["rows"])
-    if validated["outcome"] == "passed":
-        return ShardCheck(shard_id, "passed", "", receipt, rows, validated["key"])
-    logger.warning("shard %s quarantined at %s: %s", shard_id, store.uri(validated["key"]), validated["summary"])
-    return ShardCheck(shard_id, "quarantined", validated["summary"], receipt, rows, validated["key"])
+    if validated.outcome == "passed":
+        return ShardCheck(shard_id, "passed", "", receipt, validated.rows, validated.key)
+    logger.warning("shard %s quarantined at %s: %s", shard_id, store.uri(validated.key), validated.summary)
+    return ShardCheck(shard_id, "quarantined", validated.summary, receipt, validated.rows, validated.key)
 
 
 @task(name="data-docs", cache_policy=NO_CACHE)
@@ -873,6 +874,6 @@ def data_docs_task(config: dict, checks: Sequence[ShardCheck]) -> str | None:
 
 
 def _rendered_alone(check: ShardCheck) -> bool:
-    """Whether a checked shard's validation record holds GX's own results: a receipt without `gx` (validated by
-    check_shard_task, or by an earlier version) was validated alone."""
-    return ((check.receipt or {}).get("validation") or {}).get("gx", True)
+    """Whether a checked shard's validation record holds GX's own results: a receipt without a validation (validated
+    by check_shard_task) was validated alone."""
+    return check.receipt is None or check.receipt.validation is None or check.receipt.validation.gx

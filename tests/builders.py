@@ -9,7 +9,9 @@ from typing import Callable, Sequence
 
 from orchard.config import RunConfig
 from orchard.engine import Completion, Sampling, Usage
-from schemas.plan import Instruction, ShardPlan, instruction_id
+from schemas.fates import ShardFate
+from schemas.plan import Instruction, ShardPlan, SourceCount, instruction_id
+from schemas.run import RunSummary
 from tasks.verify import Verdict, check_math_answer
 
 # A small run with every part of a tree: strategies, critique-refine turns, MCTS (steps, rollouts, self-evaluations),
@@ -35,6 +37,17 @@ SMALL_RUN = RunConfig(
 
 def instruction(text: str = "Compute 2 × 3.", reference: str = "6", difficulty: int = 1, domain: str = "math") -> Instruction:
     return Instruction(instruction_id(domain, text, reference), domain, "test", 1, text, reference, difficulty)
+
+
+def run_summary(fates: Sequence[ShardFate], *, seeds: Sequence[SourceCount] = (), **values) -> RunSummary:
+    """A run summary of `fates` (one planned shard each) with nothing grown, but for `values`."""
+    return RunSummary(**{
+        "run_id": "r", "flow_run_id": None, "config_hash": "cfg", "started_at": "2026-01-01T00:00:00+00:00",
+        "shards_planned": len(fates), "fates": tuple(fates), "nothing_planned": None, "trees": 0, "nodes": 0,
+        "pairs": 0, "pairs_by_method": {}, "pass_rate": None, "prompt_tokens": 0, "completion_tokens": 0,
+        "wall_s": 0.0, "tokens_per_s": None, "prefix_cache": {}, "gpu_hours": None, "cost_usd": None,
+        "priced": False, "requests": {}, "prefix_cache_by_shard": {}, "trees_unanswered": 0, "seeds": tuple(seeds),
+        "prm_min_rollouts": 1, "drops_before_growth": {}, "contaminated": {}, **values})
 
 
 def plan(*instructions: Instruction, shard_id: str = "shard-test") -> ShardPlan:

@@ -30,6 +30,7 @@ from orchard.lake import query
 from orchard.services import free_ports
 from orchard.store import ObjectStore, StoreUnavailable
 from schemas.errors import is_transient
+from schemas.shards import ShardStats
 from tasks.land import landed_manifest
 from tasks.plans import ShardRef, plan_key
 from tasks.report import cost_estimate
@@ -133,8 +134,8 @@ def test_a_worker_refuses_a_run_without_a_shared_store() -> None:
 
 
 def test_cost_estimate_prices_tokens_and_gpu_hours() -> None:
-    stats = [{"engine": {"prompt_tokens": 2_000_000, "completion_tokens": 500_000}, "grow_wall_s": 1800.0},
-             {"engine": {"prompt_tokens": 0, "completion_tokens": 500_000}, "grow_wall_s": 1800.0}]
+    stats = [ShardStats(engine={"prompt_tokens": 2_000_000, "completion_tokens": 500_000}, grow_wall_s=1800.0),
+             ShardStats(engine={"prompt_tokens": 0, "completion_tokens": 500_000}, grow_wall_s=1800.0)]
     priced = cost_estimate(stats, CostConfig(usd_per_million_prompt_tokens=0.5, usd_per_million_completion_tokens=2.0,
                                              usd_per_gpu_hour=3.0))
     assert priced == {"gpu_hours": 1.0, "cost_usd": 0.5 * 2 + 2.0 * 1 + 3.0, "priced": True}

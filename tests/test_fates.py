@@ -1,8 +1,9 @@
-"""A run's status, exit code and counts come from its shards' fates, computed once (tasks/fates.py)."""
+"""A run's status, exit code and counts come from its shards' fates, computed once (schemas/fates.py)."""
 
 import pytest
 
-from tasks.fates import (
+from builders import run_summary
+from schemas.fates import (
     ShardCheck,
     ShardFate,
     exit_code,
@@ -11,8 +12,9 @@ from tasks.fates import (
     run_status,
     settle,
     shard_fate,
-    with_fates,
 )
+from schemas.shards import ShardReceipt, ShardStats
+from tasks.materialise import run_row
 
 
 def fates(*names: str) -> list[ShardFate]:
@@ -54,14 +56,34 @@ def test_validation_that_could_not_run_or_corruption_never_reads_as_published():
 
 
 def test_a_healed_shard_is_published_and_says_what_it_was_grown_over():
-    receipt = {"state": "landed", "stats": {"trees": 2, "pairs": 3}, "worker": "gpu-0"}
+    receipt = ShardReceipt("s", "landed", {}, ShardStats(trees=2, pairs=3), worker="gpu-0")
     fate = shard_fate(ShardCheck("s", "passed", "", receipt), healed="s3://b/k: not a readable Parquet file")
     assert (fate.fate, fate.trees, fate.pairs, fate.worker) == ("published", 2, 3, "gpu-0")
-    summary = with_fates({"shards_planned": 1}, [fate])
-    assert summary["status"] == "complete" and summary["shards_healed"] == 1
-    assert summary["problems"] == ["shard s was corrupt and was grown again: s3://b/k: not a readable Parquet file"]
+    summary = run_summary([fate])
+    assert summary.status == "complete" and summary.counts["shards_healed"] == 1
+    assert summary.problems == ["shard s was corrupt and was grown again: s3://b/k: not a readable Parquet file"]
     failed_again = shard_fate(ShardCheck("s", "corrupt", "still bad"), healed="bad")
     assert failed_again.fate == "failed" and "grown again after: bad" in failed_again.reason
+
+
+def test_settling_against_the_lake_moves_counts_but_never_the_status():
+    summary = run_summary(fates("published", "published", "failed"))
+    settled = summary.settled(in_lake={"s0"})
+    assert (summary.status, settled.status) == ("partial", "partial")
+    assert [(s.counts["shards_published"], s.counts["shards_reused"]) for s in (summary, settled)] == [(2, 0), (1, 1)]
+    assert settled.to_dict()["shards_reused"] == 1 and settled.to_dict()["status"] == "partial"
+
+
+def test_the_runs_row_holds_the_settled_status_and_counts():
+    row = run_row(run_summary(fates("published", "published", "failed")).settled(in_lake={"s0"}), "2026-01-01T01:00")
+    assert (row["status"], row["shards_published"], row["shards_reused"], row["shards_failed"]) == ("partial", 1, 1, 1)
+    assert [f["fate"] for f in row["summary"]["fates"]] == ["reused", "published", "failed"]
+    assert row["summary"]["problems"] == ["shard s2 failed: why"]
+
+
+def test_a_shard_that_failed_before_landing_has_no_counts():
+    fate = shard_fate(ShardCheck("s", "failed", "StoreUnavailable: down"))
+    assert (fate.trees, fate.pairs, fate.worker, fate.grow_wall_s) == (None, None, None, None)
 
 
 def test_every_shard_left_out_is_a_problem_with_its_reason():

@@ -102,10 +102,10 @@ def test_shards_growing_at_once_share_one_client_and_each_counts_its_own_usage()
         assert not errors, errors
         sim = httpx.get(f"{url}/sim/stats").json()
     assert sorted(grown) == ["s0", "s1", "s2"]
-    assert all(shard.stats["trees"] == 2 and shard.stats["actions"] > 0 for shard in grown.values())
+    assert all(shard.stats.trees == 2 and shard.stats.actions > 0 for shard in grown.values())
     # The server saw one client: never more requests at once than max_concurrency, on at most as many connections.
     assert sim["peak_in_flight"] <= CONCURRENCY
     assert sim["connections"] <= CONCURRENCY
     # Each shard counted its own requests and tokens: together they are exactly what the server answered.
-    assert sum(s.stats["engine"]["requests"] for s in grown.values()) == sim["requests"]
-    assert sum(s.stats["engine"]["completion_tokens"] for s in grown.values()) == sim["completion_tokens"]
+    assert sum(s.stats.engine["requests"] for s in grown.values()) == sim["requests"]
+    assert sum(s.stats.engine["completion_tokens"] for s in grown.values()) == sim["completion_tokens"]

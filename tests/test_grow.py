@@ -30,7 +30,7 @@ def test_every_strategy_gets_several_verified_actions():
     assert len(actions) == 6
     assert {a["strategy"] for a in actions} == {"step_by_step", "plan_first", "work_backwards"}
     assert all(a["verdict"] == "correct" and a["verifier"] == "math_verify" and a["turn"] == 1 for a in actions)
-    assert grown.stats["correct"] == 6 and grown.pairs == []
+    assert grown.stats.correct == 6 and grown.pairs == []
 
 
 def test_nodes_form_a_tree_under_the_instruction():
@@ -111,9 +111,9 @@ def test_a_request_that_fails_costs_only_its_own_nodes_and_is_counted():
     grown = grow(ScriptedEngine(refuses_plan_first), instruction(), max_failed_request_share=0.5)
     assert {a["strategy"] for a in by_role(grown, "action")} == {"step_by_step", "work_backwards"}
     assert len(by_role(grown, "action")) == 4  # 2 samples of each strategy that was answered
-    requests = grown.stats["requests"]
+    requests = grown.stats.requests
     assert (requests["sent"], requests["failed"], requests["failed_by_reason"]) == (3, 1, {"HTTP 400": 1})
-    assert "plan_first" in requests["first_failure"] and grown.stats["trees_unanswered"] == 0
+    assert "plan_first" in requests["first_failure"] and grown.stats.trees_unanswered == 0
 
 
 def test_a_tree_whose_requests_all_fail_is_counted_unanswered_and_has_no_pairs():
@@ -125,7 +125,7 @@ def test_a_tree_whose_requests_all_fail_is_counted_unanswered_and_has_no_pairs()
         return "Answer: 6" if sampling.seed % 2 else "Answer: 7"
 
     grown = grow(ScriptedEngine(refuses_the_second), instruction(), other, max_failed_request_share=0.5)
-    assert grown.stats["trees_unanswered"] == 1 and grown.stats["requests"]["failed"] == 3
+    assert grown.stats.trees_unanswered == 1 and grown.stats.requests["failed"] == 3
     assert not [p for p in grown.pairs if p["instruction_id"] == other.instruction_id]
 
 
@@ -219,7 +219,7 @@ def test_refinement_siblings_pair_at_their_turn():
 
 def test_correct_trees_are_not_refined():
     grown = grow(ScriptedEngine(lambda m, s: "Answer: 6"), instruction(), turns=3)
-    assert by_role(grown, "critique") == [] and grown.stats["turns"] == 1
+    assert by_role(grown, "critique") == [] and grown.stats.turns == 1
 
 
 def test_turns_stop_at_the_configured_limit():
@@ -312,7 +312,7 @@ def test_tables_do_not_depend_on_the_order_answers_arrive_in():
 
     (first, first_order), (second, second_order) = grow_with(1), grow_with(2)
     assert first_order != second_order and sorted(first_order, key=str) == sorted(second_order, key=str)
-    assert {m for m in first.stats["pairs_by_method"]} == {"rs", "mcts", "error_injection"}
-    assert first.judgements and first.principle_examples and first.stats["critiques"]
+    assert {m for m in first.stats.pairs_by_method} == {"rs", "mcts", "error_injection"}
+    assert first.judgements and first.principle_examples and first.stats.critiques
     for name, table in first.tables().items():
         assert table.to_pylist() == second.tables()[name].to_pylist(), name

@@ -281,7 +281,7 @@ def test_error_injection_pairs_a_correct_answer_with_its_edited_wrong_copy() -> 
     assert rejected["parent_id"] == chosen["parent_id"] and rejected["prompt"] == chosen["prompt"]
     assert rejected["edit"] and pair["edit_distance"] >= 1 and pair["margin"] == 1.0
     assert len(rejected["text"]) - pair["edit_distance"] <= len(chosen["text"])
-    assert grown.stats["pairs_by_method"]["error_injection"] == 1
+    assert grown.stats.pairs_by_method["error_injection"] == 1
 
 
 def test_open_ended_prompts_without_a_jury_are_refused() -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from orchard.store import ObjectMissing, ObjectStore
 from schemas.rows import MESSAGES, SHARD_TABLES
+from schemas.shards import ShardStats
 from tasks.land import (
     MANIFEST,
     LandingError,
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.integration
 
 RUN = "run-1"
 SHARD = "shard-0001"
-STATS = {"trees": 3, "tokens": 1234, "wall_s": 5.5}
+STATS = ShardStats(trees=3, grow_wall_s=5.5, engine={"completion_tokens": 1234})
 
 
 def shard_tables(run_id: str = RUN, shard_id: str = SHARD, rows: int = 3) -> dict[str, pa.Table]:
@@ -108,7 +109,7 @@ def test_landed_shard_has_a_manifest_with_row_counts_and_checksums(store: Object
 
     assert landed_manifest(store, RUN, SHARD) == manifest
     assert (manifest["run_id"], manifest["shard_id"], manifest["config_hash"]) == (RUN, SHARD, "cfg1")
-    assert manifest["stats"] == STATS and manifest["landed_at"]
+    assert manifest["stats"] == STATS.to_dict() and manifest["landed_at"]
     assert sorted(manifest["files"]) == sorted(SHARD_TABLES)
     for name, entry in manifest["files"].items():
         assert entry["key"] == f"runs/{RUN}/shards/{SHARD}/{name}.parquet"
@@ -131,7 +132,7 @@ def test_manifest_is_written_last(store: ObjectStore) -> None:
 def test_existing_manifest_means_already_landed(store: ObjectStore) -> None:
     first = land_shard(store, RUN, SHARD, shard_tables(), config_hash="cfg1", stats=STATS)
     recording = RecordingStore(store)
-    again = land_shard(recording, RUN, SHARD, shard_tables(rows=7), config_hash="cfg1", stats={"other": True})
+    again = land_shard(recording, RUN, SHARD, shard_tables(rows=7), config_hash="cfg1", stats=ShardStats(trees=7))
     assert again == first
     assert recording.created == []
 
@@ -188,7 +189,7 @@ def test_quarantine_moves_the_shard_with_its_validation(store: ObjectStore) -> N
     assert landed_manifest(store, RUN, SHARD) is None
     assert store.list_keys(shard_prefix(RUN, SHARD)) == []
     quarantined = quarantined_manifest(store, RUN, SHARD)
-    assert quarantined is not None and quarantined["stats"] == STATS
+    assert quarantined is not None and quarantined["stats"] == STATS.to_dict()
     assert store.get_json(quarantined["validation_key"]) == {"kind": "validation", **validation}
     for name in SHARD_TABLES:
         assert quarantined["files"][name]["key"] == f"runs/{RUN}/quarantine/{SHARD}/{name}.parquet"
@@ -250,9 +251,9 @@ def _corrupt(store: ObjectStore, how: str) -> str:
 def test_a_shard_whose_files_are_damaged_fails_to_read_naming_the_object(store: ObjectStore, how: str) -> None:
     key = _corrupt(store, how)
     known, healed = resume_shard(store, RUN, SHARD, "cfg1")  # its manifest is intact: it resumes as landed
-    assert known["state"] == "reused" and healed is None
+    assert known.state == "reused" and healed is None
     with pytest.raises(ShardIntegrityError) as raised:
-        read_shard(store, known["manifest"])
+        read_shard(store, known.manifest)
     assert raised.value.key == key and store.uri(key) in str(raised.value)
 
 
@@ -285,4 +286,4 @@ def test_a_corrupt_shard_read_at_validation_moves_to_quarantine_whole(store: Obj
     assert resume_shard(store, RUN, SHARD, "cfg1") == (None, f"{store.uri(key)}: {raised.value.mismatch}")
     # Its regrowth lands under the same prefix and is then what a re-run finds.
     land_shard(store, RUN, SHARD, shard_tables(), config_hash="cfg1", stats=STATS)
-    assert resume_shard(store, RUN, SHARD, "cfg1")[0]["state"] == "reused"
+    assert resume_shard(store, RUN, SHARD, "cfg1")[0].state == "reused"

@@ -106,7 +106,7 @@ def test_steps_continue_their_parent_and_unfinished_steps_are_rolled_out():
     for node in steps[2:] + rollouts:
         assert node["text"].startswith(by_id[node["parent_id"]]["text"])
         assert node["verdict"] in ("correct", "incorrect") and node["turn"] == 1
-    assert grown.stats["mcts"] == {"rounds": 2, "expansions": 2, "steps": 4, "rollouts": 2, "self_eval_missing": 0,
+    assert grown.stats.mcts == {"rounds": 2, "expansions": 2, "steps": 4, "rollouts": 2, "self_eval_missing": 0,
                                    "unvalued": 0}
 
 
@@ -154,14 +154,14 @@ def test_missing_self_evaluation_leaves_the_verifier_value():
     grown = search(instruction(), engine=engine, mcts_iterations=1)
     steps = [n for n in grown.nodes if n["role"] == "step"]
     assert all(s["self_eval"] is None for s in steps)
-    assert grown.stats["mcts"]["self_eval_missing"] == len(steps)
+    assert grown.stats.mcts["self_eval_missing"] == len(steps)
 
 
 def test_zero_iterations_or_no_domain_turns_mcts_off():
     for run in ({"mcts_iterations": 0}, {"mcts_domains": ()}):
         grown = search(instruction(), **run)
         assert not [n for n in grown.nodes if n["role"] in ("step", "rollout")]
-        assert grown.stats["mcts"] == {}
+        assert grown.stats.mcts == {}
 
 
 # --- contrast and difficulty curation -----------------------------------------------------------

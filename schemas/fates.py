@@ -9,7 +9,8 @@ A shard ends in exactly one fate, with its reason:
 - `failed`: it could not be grown or landed, or it was corrupt and its regrowth failed too.
 
 A run is `complete` only when every planned shard is published or reused, `partial` when some are, `failed`
-when none is. The CLI's exit code, the Prefect state, the `runs` row, the summary and the report all read these.
+when none is. The run summary (schemas/run.py) holds the fates; the CLI's exit code, the Prefect state, the `runs`
+row and the report read the status it derives from them here.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import dataclasses
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from schemas.shards import ShardReceipt
 
 FATES = ("published", "reused", "quarantined", "failed")
 IN_LAKE = ("published", "reused")
@@ -56,7 +59,7 @@ class ShardCheck:
     shard_id: str
     outcome: str  # one of CHECKS
     reason: str = ""
-    receipt: Mapping[str, Any] | None = None  # the landed shard's receipt (manifest, stats, state, worker)
+    receipt: ShardReceipt | None = None  # the landed shard's receipt (manifest, stats, state, worker)
     validation_rows: tuple[Mapping[str, Any], ...] = ()
     record: str | None = None  # the key of its validation record in the store (outcomes and GX's results)
 
@@ -68,15 +71,17 @@ class ShardCheck:
 def shard_fate(check: ShardCheck, healed: str | None = None) -> ShardFate:
     """Return the fate of a shard whose last attempt was `check` (`healed`: the corruption an earlier attempt of
     this run found). A shard that passed is `published` until the lake says it already held it (see `settle`)."""
-    stats = (check.receipt or {}).get("stats") or {}
     fate = {"passed": "published", "quarantined": "quarantined"}.get(check.outcome, "failed")
     reason = check.reason
     if check.outcome == "corrupt":  # a corrupt shard that is not grown again (or whose regrowth is corrupt too)
         reason = f"corrupt: {check.reason}"
     if healed and fate == "failed":
         reason = f"{reason} (grown again after: {healed})"
-    return ShardFate(check.shard_id, fate, reason, healed, stats.get("trees"), stats.get("pairs"),
-                     (check.receipt or {}).get("worker"), stats.get("grow_wall_s"))
+    if check.receipt is None:
+        return ShardFate(check.shard_id, fate, reason, healed)
+    stats = check.receipt.stats
+    return ShardFate(check.shard_id, fate, reason, healed, stats.trees, stats.pairs, check.receipt.worker,
+                     stats.grow_wall_s)
 
 
 def settle(fates: Sequence[ShardFate], in_lake: Collection[str]) -> list[ShardFate]:
@@ -108,13 +113,6 @@ def problems(fates: Sequence[ShardFate]) -> list[str]:
     lines += [f"shard {f.shard_id} was corrupt and was grown again: {f.healed}" for f in fates
               if f.healed and f.fate in IN_LAKE]
     return lines
-
-
-def with_fates(summary: Mapping[str, Any], fates: Sequence[ShardFate]) -> dict[str, Any]:
-    """Return the run status, shard counts, fates and problems of a run whose planned shards ended in `fates`, as
-    the keys a run's summary holds them under."""
-    return {**fate_counts(fates, summary["shards_planned"]), "fates": [f.to_dict() for f in fates],
-            "problems": problems(fates) + ([summary["nothing_planned"]] if summary.get("nothing_planned") else [])}
 
 
 def exit_code(status: str) -> int:
