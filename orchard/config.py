@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from orchard.sandbox import SandboxConfig
+from schemas.domains import DOMAINS
 from schemas.errors import OrchardError
 
 ENV_PREFIX = "ORCHARD__"
@@ -340,8 +341,9 @@ class RunConfig:
             problems.append(f"run.difficulty_band: need [low, high] with 0 <= low <= high <= 1, got {list(band)}")
         if not 0 <= self.mcts_lambda <= 1:
             problems.append(f"run.mcts_lambda: must lie in [0, 1], got {self.mcts_lambda}")
-        if "open_ended" in self.mcts_domains:
-            problems.append("run.mcts_domains: open_ended has no verifier to search with")
+        for name in self.mcts_domains:
+            if name in DOMAINS and not DOMAINS[name].searchable:
+                problems.append(f"run.mcts_domains: {name} has no verifier to search with")
         if self.prm_min_rollouts < 1:
             problems.append(f"run.prm_min_rollouts: must be >= 1, got {self.prm_min_rollouts}")
         small = {k: getattr(self, k) for k in ("jury_pairs", "jury_canaries", "hard_negatives_per_tree",

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
+from schemas.domains import JUDGED_DOMAINS
 from schemas.errors import OrchardError
 from schemas.rows import SHARD_TABLES
 
@@ -220,11 +221,12 @@ def _node_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, pd.Series]:
         "check_mcts_answer_continues_parent": ~(step | rollout) | dangling | ~parent_role.eq("step") | continues_parent,
         # ne("correct") holds for a null verdict: the missing verdict is not_be_null's finding.
         "check_injected_is_wrong": ~role.eq("injected") | nodes["verdict"].ne("correct"),
-        # Through the parent: the root's instruction must be open-ended, and the node must answer that instruction.
+        # Through the parent: the root's instruction must be of a judged domain (open-ended; the check's name predates
+        # the registry), and the node must answer that instruction.
         "check_principled_parent_is_open_ended_root": ~role.isin(PRINCIPLED_ROLES) | dangling | (
             parent_role.eq("instruction")
             & parent.map(by_id["instruction_id"]).eq(nodes["instruction_id"])
-            & parent.map(by_id["instruction_id"]).map(_by(instructions, "instruction_id")["domain"]).eq("open_ended")
+            & parent.map(by_id["instruction_id"]).map(_by(instructions, "instruction_id")["domain"]).isin(JUDGED_DOMAINS)
         ),
     }
 
@@ -322,7 +324,7 @@ def _principle_example_checks(frames: Mapping[str, pd.DataFrame]) -> dict[str, p
     distinct = per_example(verdicts.drop_duplicates(["comparison_id", "judge", "presented"]).groupby("comparison_id").size())
     return {
         "check_nodes_exist": nodes_exist,
-        "check_instruction_is_open_ended": domain.eq("open_ended").fillna(False).astype(bool),
+        "check_instruction_is_open_ended": domain.isin(JUDGED_DOMAINS).fillna(False).astype(bool),  # a judged domain
         "check_label_follows_votes": examples["label"].eq(label) & examples["jury_winner"].fillna("").eq(winner),
         # Each of the `judges` judges has one verdict per presentation order: no more, no fewer, no other judge.
         "check_judged_in_both_orders": rows.eq(2 * judges) & distinct.eq(rows) & voters.eq(judges),

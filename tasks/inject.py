@@ -23,11 +23,11 @@ from decimal import Decimal, localcontext
 from fractions import Fraction
 from typing import Callable, Iterator
 
+from schemas.domains import DOMAINS, FINAL_ANSWER_LINE, PYTHON_CODE, Answer
 from tasks.growth import Phase, Shard, Tree, node_id, sample_seed
 from tasks.pairs import ANSWER_ROLES, ERROR_INJECTION, pair_row, pass_rates
 
-# Math: the verifier reads the last "Answer: …" line, else the whole text (the same pattern as tasks/verify.py).
-_ANSWER_LINE = re.compile(r"answer\s*(?:is)?\s*[:=]\s*(.+)", re.I)
+# Math: the number edited is the last one where the verifier reads the answer (schemas/domains.py: FINAL_ANSWER_LINE).
 _NUMBER = r"\d+(?:,\d{3})*(?:\.\d+)?"
 _SIGNED_NUMBER = re.compile(rf"(?:(?<![\w)])-)?{_NUMBER}")
 _MATH_OPERATOR = re.compile(r"\\times|\\cdot|\\div|[-+*/×÷−]")
@@ -40,10 +40,7 @@ _MATH_SWAP = {"+": "-", "-": "+", "−": "+", "*": "+", "×": "+", "\\times": "+
 _ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _MATH_PRIORITY = {"off_by_one": 0, "number": 1, "operator": 2}
 
-# Code: the verifier runs the last ```python block, else the last untagged one, else the whole text when there is
-# no fence at all (the same choice as tasks.verify.extract_code; tests/test_inject.py checks that they agree).
-_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
-_PYTHON_TAGS = {"python", "py", "python3"}
+# Code: only the code the verifier runs is edited (schemas/domains.py: PYTHON_CODE).
 _COMPARISON_SWAP = {"<": "<=", "<=": "<", ">": ">=", ">=": ">", "==": "!=", "!=": "=="}
 _OPERATOR_SWAP = {"+": "-", "-": "+", "*": "+", "//": "/", "+=": "-=", "-=": "+=", "*=": "+=", "//=": "/="}
 _BOOLEAN_SWAP = {"and": "or", "or": "and", "True": "False", "False": "True"}
@@ -105,18 +102,19 @@ def error_candidates(text: str, domain: str, *, seed: int = 0, limit: int = 8) -
 
     Args:
         text: a correct solution, as the model wrote it.
-        domain: "math" or "code"; any other domain has no candidates.
+        domain: a domain whose answer (schemas/domains.py) has edit rules here: where the verifier reads a final
+            answer line (math) or Python code (code); any other domain has no candidates.
         seed: orders equally good candidates, so that the result is a function of (text, domain, seed).
         limit: the most candidates returned.
     """
-    region = (0, len(text))
-    if domain == "math":
-        with localcontext(prec=len(text) + 28):  # exact: no number in `text` has more digits, so n+1 never rounds
-            slips = _math_slips(text)
-    elif domain == "code" and (found := _code_region(text)):
-        region, slips = found, _code_slips(text, *found)
-    else:
+    entry = DOMAINS.get(domain)
+    rules = EDIT_RULES.get(entry.answer) if entry is not None else None
+    region = rules and entry.answer.region(text)
+    if not region:
         return []
+    slips_in, sound = rules
+    with localcontext(prec=len(text) + 28):  # exact: no number in `text` has more digits, so n+1 never rounds
+        slips = slips_in(text, *region)
     rng = random.Random(seed)
     ties = [rng.random() for _ in slips]
     edits: list[Edit] = []
@@ -126,8 +124,8 @@ def error_candidates(text: str, domain: str, *, seed: int = 0, limit: int = 8) -
             break
         slip = slips[index]
         edited = _apply(text, slip.spans)
-        code = edited[region[0]:len(edited) - (len(text) - region[1])]
-        if edited not in seen and (domain != "code" or _parses(code)):
+        part = edited[region[0]:len(edited) - (len(text) - region[1])]  # the region, edited
+        if edited not in seen and (sound is None or sound(part)):
             seen.add(edited)
             edits.append(Edit(edited, slip.kind, slip.description, edit_distance(text, edited)))
     return edits
@@ -146,9 +144,10 @@ def _line_of(text: str, offset: int) -> int:
 # --- math -------------------------------------------------------------------------------------------------------
 
 
-def _math_slips(text: str) -> list[_Slip]:
-    answers = list(_ANSWER_LINE.finditer(text))
-    numbers = list(_SIGNED_NUMBER.finditer(text, *(answers[-1].span(1) if answers else (0, len(text)))))
+def _math_slips(text: str, start: int, end: int) -> list[_Slip]:
+    """The slips of the final answer, the last number between `start` and `end`, and of the computation that gives
+    it."""
+    numbers = list(_SIGNED_NUMBER.finditer(text, start, end))
     if not numbers:
         return []
     answer = numbers[-1]
@@ -218,18 +217,6 @@ def _value(node: ast.expr) -> Fraction | None:
 
 
 # --- code -------------------------------------------------------------------------------------------------------
-
-
-def _code_region(text: str) -> tuple[int, int] | None:
-    """Return where in `text` the code that the verifier runs lies, or None when it runs none."""
-    blocks = list(_FENCE.finditer(text))
-    if not blocks:
-        return 0, len(text)
-    for wanted in (_PYTHON_TAGS, {""}):
-        chosen = [block for block in blocks if block.group(1).lower() in wanted]
-        if chosen:
-            return chosen[-1].span(2)
-    return None
 
 
 def _parses(code: str) -> bool:
@@ -321,16 +308,24 @@ def _ends_operand(token: tokenize.TokenInfo | None) -> bool:
     return token.type in (tokenize.NUMBER, tokenize.STRING) or token.string in _CLOSE
 
 
+# The edit rules, by where the verifier reads the answer: the slips within the answer's (start, end) in a text, and
+# what an edited answer must still be for its verdict to mean "wrong" (None: anything).
+EDIT_RULES: dict[Answer, tuple[Callable[[str, int, int], list[_Slip]], Callable[[str], bool] | None]] = {
+    FINAL_ANSWER_LINE: (_math_slips, None),
+    PYTHON_CODE: (_code_slips, _parses),  # code that does not parse fails for that, not for the slip
+}
+
+
 # --- the phase: hard negatives for each tree's correct answers --------------------------------------------------
 
 INJECT_TEMPLATE = "inject/v1"
 INJECT_TRIES = 4  # edited candidates verified per correct answer; the first the verifier fails is kept
-VERIFIED_DOMAINS = ("math", "code")  # where a minimally edited answer can be proven wrong
 
 
 class Injection(Phase):
-    """For up to `hard_negatives_per_tree` correct math or code answers of a tree, the first minimally edited copy
-    the verifier fails becomes an `injected` sibling, paired with the answer it was made from."""
+    """For up to `hard_negatives_per_tree` correct answers of a tree of a domain that has hard negatives (math, code),
+    the first minimally edited copy the verifier fails becomes an `injected` sibling, paired with the answer it was
+    made from."""
 
     name = "inject"
     needs = ("turns",)  # it edits the tree's verified answers
@@ -338,7 +333,7 @@ class Injection(Phase):
     async def grow(self, shard: Shard, tree: Tree) -> None:
         run = shard.run
         per_tree = run.hard_negatives_per_tree
-        if per_tree == 0 or tree.instruction.domain not in VERIFIED_DOMAINS:
+        if per_tree == 0 or not DOMAINS[tree.instruction.domain].hard_negatives:
             return
         sources = [n for n in sorted(tree.nodes, key=lambda n: n["node_id"])
                    if n["role"] in ANSWER_ROLES and n["verdict"] == "correct"][: 2 * per_tree]

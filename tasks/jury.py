@@ -34,7 +34,7 @@ from orchard.engine import ChatEngine, Completion, Sampling
 from schemas.plan import Instruction
 from tasks.growth import GrowError, Phase, Request, Shard, Tree, all_of, node_id, sample_seed
 from tasks.pairs import may_keep
-from tasks.principles import Constitution
+from tasks.principles import Constitution, answered_by_principles
 
 VERDICT_SCHEMA: dict[str, Any] = json.loads(
     (Path(__file__).resolve().parents[1] / "schemas" / "verdict.schema.json").read_text(encoding="utf-8")
@@ -304,7 +304,7 @@ class Jury(Phase):
         self._comparisons: dict[int, asyncio.Future[list[Comparison]]] = {}  # by tree index: what it has judged
 
     def start(self, shard: Shard) -> None:
-        if not self.judges and any(i.domain == "open_ended" for i in shard.plan.instructions):
+        if not self.judges and any(answered_by_principles(i) for i in shard.plan.instructions):
             raise GrowError(f"shard {shard.plan.shard_id}: open-ended prompts are judged by a jury, and none was given")
         loop = asyncio.get_running_loop()
         for tree in shard.trees:

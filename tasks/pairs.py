@@ -14,6 +14,7 @@ from collections import defaultdict
 from typing import Mapping, Sequence
 
 from orchard.config import RunConfig
+from schemas.domains import DOMAINS
 from schemas.plan import Instruction
 from tasks.hygiene import Drops
 
@@ -74,8 +75,9 @@ def pair_row(chosen: Mapping, rejected: Mapping, instruction: Instruction, *, me
 
 
 def constraint_count(instruction: Instruction) -> int | None:
-    """Return k, the number of verifiable constraints of an instruction-following prompt (None elsewhere)."""
-    return instruction.difficulty if instruction.domain == "instruction_following" else None
+    """Return k, the number of verifiable constraints of an instruction-following prompt (None elsewhere): the
+    difficulty of a domain whose difficulty counts its constraints."""
+    return instruction.difficulty if DOMAINS[instruction.domain].counts_constraints else None
 
 
 def extract_pairs(nodes: Sequence[Mapping], instructions: Mapping[str, Instruction],

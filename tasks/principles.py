@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchard.config import RunConfig
+from schemas.domains import DOMAINS
 from schemas.errors import OrchardError
 from schemas.plan import Instruction
 from tasks.growth import Phase, Request, Shard, Tree, all_of, node_id, sample_seed
@@ -101,8 +102,9 @@ UNCONDITIONED_SYSTEM = "You are a helpful assistant."
 
 
 def answered_by_principles(instruction: Instruction) -> bool:
-    """Whether principles answer `instruction`: open-ended prompts, which no checker verifies."""
-    return instruction.domain == "open_ended"
+    """Whether principles answer `instruction`: a judged domain's prompt (open-ended), which no checker verifies."""
+    domain = DOMAINS.get(instruction.domain)
+    return domain is not None and domain.judged
 
 
 class Principled(Phase):

@@ -20,8 +20,6 @@ from schemas.plan import Instruction, SeedPlan, ShardPlan, SourceCount, instruct
 from tasks.hygiene import Drops, EarlierLookup, contamination_rows, screen_seeds
 from tasks.seed_files import SeedError, humaneval_path, jsonl_records, read_rows
 
-DOMAINS = ("math", "code", "instruction_following", "open_ended")
-
 
 def _make(domain: str, source: str, row: int, text: str, reference: str, difficulty: int) -> Instruction:
     return Instruction(instruction_id(domain, text, reference), domain, source, row, text, reference, difficulty)

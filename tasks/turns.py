@@ -3,7 +3,8 @@
 Turn 1: every verified instruction is answered under several planning strategies, several samples each (one
 request with `n`). Turn t > 1: up to `refine_per_tree` wrong answers of the tree's last turn get the environment's
 feedback and a critic's critique; a refiner answers again with the whole history, so a child's prompt starts with
-its parent's exact messages and prefix caches hit. Each attempt's critique is sent as soon as its attempt is
+its parent's exact messages and prefix caches hit. A domain's strategies and its parts of the prompts (role, answer
+format, what the critic sees of the reference) are its entry in schemas/domains.py. Each attempt's critique is sent as soon as its attempt is
 verified, and its refinement as soon as the critique returns; only the choice of which answers of a tree to refine
 waits for that tree's turn to be verified.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from orchard.config import RunConfig
+from schemas.domains import DOMAINS, Domain
 from schemas.plan import Instruction
 from tasks.growth import GrowError, Phase, Request, Shard, Tree, all_of
 
@@ -20,69 +22,42 @@ ACTION_TEMPLATE = "action/v2"
 CRITIQUE_TEMPLATE = "critique/v1"
 REFINE_TEMPLATE = "refine/v1"
 
-# The planning styles an action is asked to use (UltraInteract: diverse strategies per instruction).
-STRATEGIES: dict[str, dict[str, str]] = {
-    "math": {
-        "step_by_step": "Solve the problem step by step, one short line per step.",
-        "plan_first": "First write a one-line plan, then carry it out.",
-        "work_backwards": "Start from what is asked and work backwards to the given numbers.",
-        "program": "Write the calculation as one arithmetic expression, then evaluate it.",
-        "estimate_then_check": "Estimate the answer first, then compute it exactly and check it.",
-    },
-    "instruction_following": {
-        "direct": "Answer the request directly.",
-        "rules_first": "Read every rule in the request and follow each one exactly.",
-        "draft_and_trim": "Keep the answer short and plain, and keep to the requested format.",
-    },
-    "code": {
-        "direct": "Write the function directly.",
-        "plan_in_comments": "Start the function body with a short plan as comments, then write the code.",
-        "examples_first": "First work out two example calls and their results, then write the code.",
-    },
-}
-ANSWER_FORMAT = {
-    "math": "End with a last line of the form 'Answer: <number>'.",
-    "code": "Reply with the complete function in one ```python code block.",
-    "instruction_following": "Reply with the response only.",
-}
-ROLE_SYSTEM = {
-    "math": "You are a careful math tutor. {strategy} {format}",
-    "code": "You are a careful Python programmer. {strategy} {format}",
-    "instruction_following": "You are a helpful writer. {strategy} {format}",
-}
 CRITIC_SYSTEM = (
     "You review a student's attempt at a task. In at most three sentences, say what is wrong and how to fix it. "
     "Do not write the full solution."
 )
-CRITIC_REFERENCE = {
-    "math": "The correct final answer is {reference}.",
-    "code": "The hidden tests are:\n{reference}",
-    "instruction_following": "The checker's constraints (ids and parameters) are: {reference}",
-}
 REFINE_REQUEST = "{feedback}\nA reviewer says: {critique}\nWrite a corrected solution. {format}"
 
 
+def domain_of(instruction: Instruction) -> Domain:
+    """Return the registry entry of `instruction`'s domain; GrowError when turns have no strategies for it."""
+    domain = DOMAINS.get(instruction.domain)
+    if domain is None or not domain.strategies:
+        raise GrowError(f"instruction {instruction.instruction_id}: no strategies for domain {instruction.domain!r}")
+    return domain
+
+
 def strategies_for(run: RunConfig, domain: str) -> tuple[str, ...]:
-    """Return the strategies configured for `domain`."""
-    return {"code": run.code_strategies, "instruction_following": run.if_strategies}.get(domain, run.strategies)
+    """Return the strategies configured for `domain`: the run setting its registry entry names, else (a domain with
+    no setting of its own) all of its strategies, in order."""
+    entry = DOMAINS[domain]
+    return getattr(run, entry.strategies_setting) if entry.strategies_setting else tuple(entry.strategies)
 
 
 def action_messages(instruction: Instruction, strategy: str) -> list[dict[str, str]]:
     """Return the exact chat messages an action under `strategy` is generated from."""
-    known = STRATEGIES.get(instruction.domain)
-    if known is None:
-        raise GrowError(f"instruction {instruction.instruction_id}: no strategies for domain {instruction.domain!r}")
-    if strategy not in known:
+    domain = domain_of(instruction)
+    if strategy not in domain.strategies:
         raise GrowError(
-            f"run strategies: unknown {instruction.domain} strategy {strategy!r} (known: {', '.join(known)})"
+            f"run strategies: unknown {domain.name} strategy {strategy!r} (known: {', '.join(domain.strategies)})"
         )
-    system = ROLE_SYSTEM[instruction.domain].format(strategy=known[strategy], format=ANSWER_FORMAT[instruction.domain])
+    system = domain.system.format(strategy=domain.strategies[strategy], format=domain.answer_format)
     return [{"role": "system", "content": system}, {"role": "user", "content": instruction.text}]
 
 
 def critique_messages(instruction: Instruction, attempt: Mapping) -> list[dict[str, str]]:
     """Return the critic's messages: the task, the reference, the attempt and what the checker said of it."""
-    reference = CRITIC_REFERENCE[instruction.domain].format(reference=instruction.reference[:1500])
+    reference = domain_of(instruction).critic_reference.format(reference=instruction.reference[:1500])
     return [
         {"role": "system", "content": CRITIC_SYSTEM},
         {"role": "user", "content": f"Task:\n{instruction.text}\n\n{reference}\n\nAttempt:\n{attempt['text']}\n\n"
@@ -93,13 +68,15 @@ def critique_messages(instruction: Instruction, attempt: Mapping) -> list[dict[s
 def refine_messages(instruction: Instruction, attempt: Mapping, critique: str) -> list[dict[str, str]]:
     """Return the refiner's messages: the attempt's exact history, then feedback and critique as the next user turn."""
     request = REFINE_REQUEST.format(feedback=attempt["feedback"], critique=critique.strip(),
-                                    format=ANSWER_FORMAT[instruction.domain])
+                                    format=domain_of(instruction).answer_format)
     return [*attempt["prompt"], {"role": "assistant", "content": attempt["text"]}, {"role": "user", "content": request}]
 
 
 def answered_by_turns(instruction: Instruction) -> bool:
-    """Whether turns answer `instruction`: open-ended prompts have no checker and grow under principles instead."""
-    return instruction.domain != "open_ended"
+    """Whether turns answer `instruction`: every domain but the judged ones (open-ended prompts), which have no
+    checker and grow under principles instead. A domain without an entry is turns' to refuse (`domain_of`)."""
+    domain = DOMAINS.get(instruction.domain)
+    return domain is None or not domain.judged
 
 
 class Turns(Phase):
@@ -112,9 +89,9 @@ class Turns(Phase):
         if shard.run.turns > 1:
             shard.engine("critic"), shard.engine("refiner")
         for instruction in shard.plan.instructions:
-            if answered_by_turns(instruction):
-                for strategy in strategies_for(shard.run, instruction.domain):
-                    action_messages(instruction, strategy)  # fail before any request on an unknown strategy
+            if answered_by_turns(instruction):  # fail before any request on an unknown domain or strategy
+                for strategy in strategies_for(shard.run, domain_of(instruction).name):
+                    action_messages(instruction, strategy)
 
     def levels(self, instruction: Instruction, run: RunConfig) -> int:
         # Turn 1's actions, then a critique level and a refinement level per further turn.

@@ -1,5 +1,6 @@
 """Verifiers: turn an action's text into a verdict and a score, and say which verifier said so.
 
+Each domain's entry (schemas/domains.py) names its verifier and where in an answer that verifier reads.
 Math and instruction following: checked in worker processes (`check_answer`), never in the caller's thread.
 Math-verify's timeouts use `signal.alarm`, which only works in a main thread (each worker's); the constraint
 checkers are pure Python but slow (langdetect takes milliseconds per language check), and the caller is a shard's
@@ -25,16 +26,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from orchard.sandbox import PROGRAM_PATH, SandboxConfig, run_sandboxed, sandbox_self_check
+from schemas.domains import CODE_VERIFIER, DOMAINS, IF_VERIFIER, MATH_VERIFIER, answer_span, extract_code
 from schemas.errors import OrchardError
 from schemas.plan import Instruction
 
-MATH_VERIFIER = "math_verify"
-CODE_VERIFIER = "sandbox_tests"
-
 CORRECT, INCORRECT, UNPARSABLE = "correct", "incorrect", "unparsable"
-
-# The strategies ask for a last line "Answer: <number>"; when a model forgets, math-verify reads the whole text.
-_ANSWER_LINE = re.compile(r"answer\s*(?:is)?\s*[:=]\s*(.+)", re.I)
 
 
 @dataclass(frozen=True)
@@ -53,12 +49,6 @@ class Verdict:
     stderr: str | None = None
 
 
-def answer_span(text: str) -> str:
-    """Return the part of `text` that states the final answer (its last 'Answer: …' line, else all of it)."""
-    found = _ANSWER_LINE.findall(text)
-    return found[-1].strip() if found else text
-
-
 def check_math_answer(text: str, reference: str, timeout_s: int = 5) -> Verdict:
     """Return the verdict of `text` against the exact `reference`, checked by math-verify (call in a main thread)."""
     from math_verify import parse, verify  # slow import: the fork server preloads it (WORKER_PRELOAD)
@@ -66,6 +56,7 @@ def check_math_answer(text: str, reference: str, timeout_s: int = 5) -> Verdict:
     gold = parse(f"${reference}$", parsing_timeout=timeout_s)
     if not gold:
         gold = parse(reference, parsing_timeout=timeout_s)
+    # The strategies ask for a last line "Answer: <number>"; when a model forgets, math-verify reads the whole text.
     given = parse(answer_span(text), parsing_timeout=timeout_s)
     if not given:
         given = parse(text, parsing_timeout=timeout_s)
@@ -82,10 +73,6 @@ def check_math_answer(text: str, reference: str, timeout_s: int = 5) -> Verdict:
 
 # --- code ---------------------------------------------------------------------------------------
 
-# A fenced block: its language tag (maybe none) and its body; an unclosed last fence (the answer ran out of
-# tokens) still counts, up to the end of the text.
-_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
-_PYTHON_TAGS = {"python", "py", "python3"}
 _FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+)')
 _EXCEPTION = re.compile(r"^(?P<name>[A-Za-z_][\w.]*)(?::\s|:?$)")
 # What a verdict keeps of the program's streams: the start of stdout, the end of stderr (where the error is).
@@ -93,18 +80,9 @@ VERDICT_STREAM_CHARS = 4000
 FEEDBACK_LINES = 6
 
 
-def extract_code(text: str) -> str:
-    """Return the answer's code: its last ```python block, else its last untagged block, else the whole text."""
-    blocks = _FENCE.findall(text)
-    for wanted in (_PYTHON_TAGS, {""}):
-        chosen = [body for tag, body in blocks if tag.lower() in wanted]
-        if chosen:
-            return chosen[-1].strip("\n")
-    return text.strip("\n") if not blocks else ""
-
-
 def check_code_answer(text: str, reference: str, limits: SandboxConfig = SandboxConfig()) -> Verdict:
-    """Return the verdict of the code in `text` run with the test program `reference` in the sandbox (exit 0 passes)."""
+    """Return the verdict of the code in `text` (schemas/domains.py: extract_code) run with the test program
+    `reference` in the sandbox (exit 0 passes)."""
     code = extract_code(text)
     if not code.strip():
         return Verdict(UNPARSABLE, 0.0, CODE_VERIFIER, "no code found in the answer",
@@ -170,9 +148,6 @@ def _code_feedback(reason: str, failing: str | None, below: list[str], limits: S
 # --- instruction following ------------------------------------------------------------------------
 
 
-IF_VERIFIER = "if_constraints"
-
-
 def check_constraints_answer(text: str, reference: str, prompt: str = "") -> Verdict:
     """Return the verdict of `text` against the constraints `reference` of the instruction-following `prompt`.
 
@@ -193,18 +168,22 @@ def check_constraints_answer(text: str, reference: str, prompt: str = "") -> Ver
 
 # --- the worker processes -------------------------------------------------------------------------
 
-# The domains a worker process checks, and the sandboxed one.
-PROCESS_DOMAINS = ("instruction_following", "math")
+# The verifiers a worker process runs; CODE_VERIFIER's program runs in the sandbox, which a thread waits on.
+WORKER_VERIFIERS = (MATH_VERIFIER, IF_VERIFIER)
+# The domains (schemas/domains.py) a worker process checks, and every domain a verifier checks.
+PROCESS_DOMAINS = tuple(sorted(name for name, domain in DOMAINS.items() if domain.verifier in WORKER_VERIFIERS))
+VERIFIED_DOMAINS = tuple(sorted(name for name, domain in DOMAINS.items() if domain.verifier is not None))
 
 
 def check_answer(domain: str, text: str, reference: str, prompt: str = "") -> Verdict:
-    """Return the verdict of `text` on a math or instruction-following item: what a worker process runs.
+    """Return the verdict of `text` on an item of a domain a worker verifier checks: what a worker process runs.
 
     Plain strings cross to the worker, not an Instruction: they are all a checker reads.
     """
-    if domain == "math":
+    verifier = DOMAINS[domain].verifier if domain in DOMAINS else None
+    if verifier == MATH_VERIFIER:
         return check_math_answer(text, reference)
-    if domain == "instruction_following":
+    if verifier == IF_VERIFIER:
         return check_constraints_answer(text, reference, prompt)
     raise VerificationError(f"check_answer: no worker verifier for domain {domain!r} "
                             f"(known: {', '.join(PROCESS_DOMAINS)})")
@@ -233,16 +212,14 @@ class VerificationError(OrchardError, ValueError):
 
 
 class Verifiers:
-    """Check (instruction, response text) items by their domain: math by math-verify, code in the sandbox,
-    instruction following by its constraint checkers.
+    """Check (instruction, response text) items by the verifier their domain names (schemas/domains.py): math by
+    math-verify, code in the sandbox, instruction following by its constraint checkers.
 
     Pools start on first use, and the sandbox is checked on the first code item, so a math-only run needs no
     bubblewrap; without a working sandbox, code items raise SandboxUnavailable and nothing runs unsandboxed.
     `workers` is the size of each pool: worker processes for math and instruction following, and threads that
     wait on sandboxes (each sandbox is one process busy on a CPU).
     """
-
-    DOMAINS = ("code", *PROCESS_DOMAINS)
 
     def __init__(self, workers: int = 2, sandbox: SandboxConfig = SandboxConfig()) -> None:
         self.workers = max(1, workers)
@@ -303,14 +280,14 @@ class Verifiers:
         Raises VerificationError, before anything starts, when an item's domain has no verifier.
         """
         for instruction, _ in items:
-            if instruction.domain not in self.DOMAINS:
+            if instruction.domain not in VERIFIED_DOMAINS:
                 raise VerificationError(f"instruction {instruction.instruction_id}: no verifier for domain "
-                                        f"{instruction.domain!r} (known: {', '.join(self.DOMAINS)})")
+                                        f"{instruction.domain!r} (known: {', '.join(VERIFIED_DOMAINS)})")
         # One future per item, no batching: the process pool's round trip costs this process 0.06-0.2 ms of CPU
         # per item, off the caller's thread (bench/verify_cost.py), against ~4 ms for an IF check.
         futures = []
         for instruction, text in items:
-            if instruction.domain == "code":
+            if DOMAINS[instruction.domain].verifier == CODE_VERIFIER:
                 futures.append(self._thread_pool().submit(self._check_code, text, instruction.reference))
             else:
                 futures.append(self._process_pool().submit(check_answer, instruction.domain, text,

@@ -3,8 +3,9 @@ import random
 
 import pytest
 
+from schemas.domains import answer_span, extract_code
 from tasks.inject import Edit, edit_distance, error_candidates
-from tasks.verify import INCORRECT, answer_span, check_math_answer, extract_code
+from tasks.verify import INCORRECT, check_math_answer
 
 KINDS = {"number", "off_by_one", "operator", "comparison", "condition", "boolean"}
 

@@ -4,16 +4,15 @@ import pytest
 
 from builders import instruction
 from orchard.sandbox import SandboxConfig
+from schemas.domains import answer_span, extract_code
 from tasks.verify import (
     CORRECT,
     INCORRECT,
     UNPARSABLE,
     VerificationError,
     Verifiers,
-    answer_span,
     check_code_answer,
     check_math_answer,
-    extract_code,
 )
 
 
