@@ -616,6 +616,7 @@ class _Environment(EnvSettingsSource):
 
 
 def _toml_value(text: str) -> Any:
+    """`text` read as a TOML value if it is one, else `text` itself."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -664,7 +665,8 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     if path is not None:
         path = Path(path)
         try:
-            path.read_bytes()
+            with path.open("rb"):  # the TOML source reads a missing file as empty: a wrong path must be an error
+                pass
             file_values = TomlConfigSettingsSource(Config, toml_file=path)()
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
@@ -685,10 +687,12 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
 
 
 # What a value of the wrong type was expected to be, in the words a TOML file uses.
-_EXPECTED = {"string_type": "a string", "int_parsing": "a number", "int_type": "a number", "int_from_float": "a whole number",
-             "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false",
-             "bool_type": "true or false", "tuple_type": "a list", "list_type": "a list", "dict_type": "a table",
-             "dataclass_type": "a table", "model_type": "a table", "dataclass_args_type": "a table"}
+_EXPECTED = {
+    "string_type": "a string", "int_parsing": "a number", "int_type": "a number", "int_from_float": "a whole number",
+    "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false", "bool_type": "true or false",
+    "tuple_type": "a list", "list_type": "a list", "dict_type": "a table", "dataclass_type": "a table",
+    "model_type": "a table", "dataclass_args_type": "a table",
+}
 
 
 def _described(exc: ValidationError, origins: Sequence[tuple[Mapping[str, Any], Callable[[list], str]]] = ()) -> str:

@@ -103,8 +103,8 @@ def test_a_worker_whose_model_server_is_down_fails_the_shard_at_once_with_a_tran
     monkeypatch.setenv("ORCHARD__ENGINES__EMBEDDED__KIND", '"openai"')
     monkeypatch.setenv("ORCHARD__ENGINES__EMBEDDED__BASE_URLS", f'["http://127.0.0.1:{dead}"]')
     with pytest.raises(EngineUnavailable, match=f"engine 'embedded' does not answer GET /v1/models.*127.0.0.1:{dead}") as raised:
-        grow_here(worker_config(asked), "run", ShardRef("shard-test", 0, plan_key("run", "shard-test"), 1))  # before any GPU slot,
-        # store or request
+        # before any GPU slot, store or request
+        grow_here(worker_config(asked), "run", ShardRef("shard-test", 0, plan_key("run", "shard-test"), 1))
     assert is_transient(raised.value)
 
 
