@@ -63,8 +63,8 @@ def secret_value(reference: str) -> str:
         from prefect.blocks.system import Secret
 
         name = reference.removeprefix("prefect-secret:")
-        try:
-            return str(Secret.load(name).get())
+        try:  # _sync: the engine client is built inside its event loop, where load would return a coroutine
+            return str(Secret.load(name, _sync=True).get())
         except ValueError as exc:  # Prefect's "Unable to find block document named …"
             raise ConfigError(f"secret {reference!r}: no Prefect Secret block {name!r}: {exc}") from None
     return reference

@@ -1,8 +1,9 @@
+import asyncio
 import json
 
 import pytest
 
-from orchard.config import Config, ConfigError, load_config
+from orchard.config import Config, ConfigError, load_config, secret_value
 from orchard.store import s3_client
 
 
@@ -172,3 +173,17 @@ def test_a_secret_reference_must_name_its_source(tmp_path):
     path.write_text('[object_store]\nsecret_access_key = "env:"\n')
     with pytest.raises(ConfigError, match="object_store.secret_access_key: env: must be followed by a name"):
         load_config(path, environ={})
+
+
+@pytest.mark.integration
+def test_a_prefect_secret_block_is_resolved_inside_the_engine_clients_event_loop(prefect_api):
+    from prefect.blocks.system import Secret
+
+    Secret(value="blk-s3cr3t").save("orchard-test-key", overwrite=True)
+
+    async def in_the_loop() -> str:  # where the engine client builds its session
+        return secret_value("prefect-secret:orchard-test-key")
+
+    assert secret_value("prefect-secret:orchard-test-key") == asyncio.run(in_the_loop()) == "blk-s3cr3t"
+    with pytest.raises(ConfigError, match="no Prefect Secret block 'nope'"):
+        secret_value("prefect-secret:nope")
