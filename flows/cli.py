@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from orchard.cluster import down, joined, status, status_text, up
-from orchard.config import Config, load_config, redacted
+from orchard.config import Config, load_config
 from orchard.lake import query
 from orchard.services import embedded_services
 from schemas.errors import OrchardError
@@ -74,10 +74,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.nightly import RunFailed, nightly  # imports Prefect: only after its environment is set
 
     log_file = _log_to_file(cfg)
-    if args.config is not None:  # the flow fills the secrets its parameters leave out from the same file
-        os.environ["ORCHARD_CONFIG"] = str(Path(args.config).resolve())
-    with embedded_services(cfg) as live:
-        state = nightly(config=redacted(live.to_dict()), run_id=args.run_id, return_state=True)
+    with embedded_services(cfg) as live:  # the config travels as the flow's parameter: its secrets are references
+        state = nightly(config=live.to_dict(), run_id=args.run_id, return_state=True)
     summary = state.result(raise_on_failure=False)
     if isinstance(summary, RunFailed):  # the run ended without publishing a shard: its report said why
         return exit_code(summary.summary.get("status", "failed"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 
 from prefect import flow, get_run_logger, task
@@ -22,7 +21,7 @@ from prefect.logging.loggers import flow_run_logger
 from prefect.runtime import task_run
 from prefect.states import Failed, State
 
-from orchard.config import Config, ConfigError, load_config, redacted, with_secrets
+from orchard.config import Config, ConfigError, load_config
 from orchard.engine import EngineUnavailable, check_endpoints
 from orchard.services import embedded_services
 from orchard.store import ObjectStore
@@ -34,11 +33,11 @@ from tasks.land import resume_shard
 from tasks.plans import ShardRef
 
 
-def worker_config(config: dict, own: Config | None = None) -> Config:
-    """Return `config` under this host's `ORCHARD__…` variables, its blanked secrets filled from this host's own
-    config (`own`: its $ORCHARD_CONFIG or the preset); refuse a host whose variables change the data."""
-    own = own or load_config(os.environ.get("ORCHARD_CONFIG") or None)
-    config = with_secrets(config, own)
+def worker_config(config: dict) -> Config:
+    """Return `config` under this host's `ORCHARD__…` variables; refuse a host whose variables change the data.
+
+    Its secrets are references (`env:NAME`, a Prefect Secret block) that this host's clients resolve.
+    """
     asked = Config.from_dict(config)
     local = load_config(base=config)
     if local.content_hash() != asked.content_hash():
@@ -70,13 +69,12 @@ class DispatchError(GrowError):
         self.transient = transient
 
 
-def grow_here(config: dict, run_id: str, shard: ShardRef) -> ShardReceipt:
+def grow_here(cfg: Config, run_id: str, shard: ShardRef) -> ShardReceipt:
     """Grow, verify and land one shard (its plan read from the store) with this host's engines; return its receipt.
 
     Engines served elsewhere (a worker's model server) must answer before the GPU slot is taken: a host whose
     server is down fails the shard at once, with a transient error, instead of failing every request of it.
     """
-    cfg = worker_config(config)
     down = engines_down(cfg)
     if down is not None:
         raise down
@@ -126,7 +124,7 @@ def grow_shard_flow(config: dict, run_id: str, shard: ShardRef) -> dict | State:
     shard's manifest from the store instead), or a Failed state named Retryable when what failed may not fail again
     (a model server down, the store unavailable)."""
     try:
-        return grow_here(config, run_id, shard).to_dict()
+        return grow_here(worker_config(config), run_id, shard).to_dict()
     except OrchardError as exc:
         if not is_transient(exc):
             raise
@@ -148,18 +146,18 @@ def dispatch_shard_task(config: dict, run_id: str, shard: ShardRef) -> ShardRece
     """
     cfg = Config.from_dict(config)
     if cfg.orchestration.grow == "inline":
-        # The flow's body, not a subflow run: a run's parameters show in the UI, and in-process there is no
-        # worker to fill in secrets left out of them. Its grow-shard task skips a shard that already landed.
-        return grow_here(config, run_id, shard)
+        # The flow's body, not a subflow run: no worker to hand it to. Its grow-shard task skips a shard that
+        # already landed.
+        return grow_here(cfg, run_id, shard)
     store = ObjectStore(cfg.object_store)
     known, healed = resume_shard(store, run_id, shard.shard_id, cfg.content_hash())
     if known is not None:  # landed by an earlier attempt of this run: no GPU worker needed
         get_run_logger().info("shard %s already %s; not dispatched", shard.shard_id, known.state)
         return with_stored_validation(store, run_id, known)
     attempt = task_run.run_count or 1
-    # Parameters show in the UI: the worker fills the blanked secrets from its own config.
+    # Parameters show in the UI: the config's secrets are references, which the worker's clients resolve.
     grown = run_deployment(cfg.orchestration.grow_deployment,
-                           parameters={"config": redacted(config), "run_id": run_id, "shard": shard},
+                           parameters={"config": config, "run_id": run_id, "shard": shard},
                            flow_run_name=f"{run_id}-{shard.shard_id}", poll_interval=2)
     worker = (grown.labels or {}).get("prefect.worker.name")
     where = f"grow-shard run {grown.name} ({grown.id}) on worker {worker or '?'}"

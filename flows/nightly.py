@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
 from flows.grow_shard import dispatch_shard_task
-from orchard.config import Config, load_config, with_secrets
+from orchard.config import Config, load_config
 from orchard.services import embedded_services
 from schemas.errors import OrchardError
 from schemas.fates import ShardCheck, shard_fate
@@ -57,13 +57,13 @@ def nightly(config: dict | None = None, run_id: str | None = None, preset: str |
     flow run's result), as the data of a "Partial" Completed state when some shards were not published; a Failed
     state's data is RunFailed, holding it, when none was.
 
-    `config` is a whole config (as `orchard run` passes it); a deployment run passes none and loads `preset` (a
-    config file on the worker; None: its $ORCHARD_CONFIG or the embedded preset) under the worker's environment.
+    `config` is a whole config (as `orchard run` passes it; its secrets are references, resolved where clients are
+    built); a deployment run passes none and loads `preset` (a config file on the worker; None: its $ORCHARD_CONFIG
+    or the embedded preset) under the worker's environment.
     `max_shards` caps the run's size: the first shards of the plan are grown and the rest wait for a later run.
     """
-    own = load_config(preset or os.environ.get("ORCHARD_CONFIG") or None)
-    # A given config may come with its secrets blanked (parameters show in the UI): they are this host's.
-    cfg = Config.from_dict(with_secrets(config, own)) if config else own
+    # A scheduled deployment run has no command line: `orchard up` names the file in its worker's $ORCHARD_CONFIG.
+    cfg = Config.from_dict(config) if config else load_config(preset or os.environ.get("ORCHARD_CONFIG") or None)
     # What the config leaves to Orchard starts here (nothing, when the caller already started it); model servers
     # only when shards grow in this process: dispatched shards use their worker's.
     with embedded_services(cfg, model=cfg.orchestration.grow == "inline") as live:

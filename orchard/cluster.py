@@ -123,7 +123,7 @@ def up(cfg: Config, config_path: Path | None, *, say: Callable[[str], None] = pr
             "PREFECT_HOME": str(cfg.state_path / "prefect"),
             "ORCHARD__STATE_DIR": json.dumps(str(cfg.state_path)),
         }
-        if config_path is not None:
+        if config_path is not None:  # a scheduled nightly run has no command line: its worker loads this file
             env["ORCHARD_CONFIG"] = str(Path(config_path).resolve())
         if not cfg.object_store.endpoint_url:
             store = _record(start_seaweedfs(cfg.object_store, cfg.state_path))

@@ -1,6 +1,9 @@
 """One configuration object: the embedded preset, a TOML file on top, environment overrides last.
 
-Loaded once (by the CLI or a flow's entry) and passed down as plain values.
+Loaded once per process (by the CLI or a flow's entry) and passed down as a value. Each section is a frozen pydantic
+dataclass that checks its own values; `Config` is a pydantic-settings class whose TOML and `ORCHARD__SECTION__KEY`
+sources `load_config` layers over the preset. Secrets are references (`env:NAME`, `prefect-secret:BLOCK`), resolved
+by `secret_value` where a client is built: a config shown as flow parameters or hashed holds none.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ import os
 import re
 import shlex
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Callable, Mapping, Sequence
+
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from orchard.sandbox import SandboxConfig
 from schemas.domains import DOMAINS
@@ -27,7 +33,53 @@ class ConfigError(OrchardError, ValueError):
     """A configuration value is missing, malformed or contradictory; the message names the key."""
 
 
-@dataclass(frozen=True)
+def _listed(value: Any) -> Any:
+    """A list given as one comma-separated string (`ORCHARD__RUN__STRATEGIES=plan_first,step_by_step`) as a list."""
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+Names = Annotated[tuple[str, ...], BeforeValidator(_listed)]
+# int | float: a file's [0, 1] stays [0, 1] in the config hash, as it always hashed.
+Numbers = Annotated[tuple[int | float, ...], BeforeValidator(_listed)]
+
+# A section of the config: frozen (copies are made with dataclasses.replace, which checks them again) and strict
+# about its keys, so a misspelt key is an error, not a default.
+section = dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+
+# Where a secret comes from: a variable of the process that builds the client, or a Prefect Secret block. Any other
+# value is the secret itself (kept for files that hold one, and for the embedded store's fixed loopback key).
+SECRET_SOURCES = ("env:", "prefect-secret:")
+
+
+def secret_value(reference: str) -> str:
+    """Return the secret `reference` names: `env:NAME`, `prefect-secret:BLOCK`, or (anything else) the value itself."""
+    if reference.startswith("env:"):
+        name = reference.removeprefix("env:")
+        try:
+            return os.environ[name]
+        except KeyError:
+            raise ConfigError(f"secret {reference!r}: environment variable {name} is not set here") from None
+    if reference.startswith("prefect-secret:"):
+        # Prefect is imported only by a process that names a Secret block: orchard's modules do not need it (1-2 s).
+        from prefect.blocks.system import Secret
+
+        name = reference.removeprefix("prefect-secret:")
+        try:  # _sync: the engine client is built inside its event loop, where load would return a coroutine
+            return str(Secret.load(name, _sync=True).get())
+        except ValueError as exc:  # Prefect's "Unable to find block document named …"
+            raise ConfigError(f"secret {reference!r}: no Prefect Secret block {name!r}: {exc}") from None
+    return reference
+
+
+def _check_secret(key: str, reference: str) -> list[str]:
+    """The problem with a secret reference that names nothing, if any."""
+    for prefix in SECRET_SOURCES:
+        if reference.startswith(prefix) and not reference.removeprefix(prefix).strip():
+            return [f"{key}: {prefix} must be followed by a name, got {reference!r}"]
+    return []
+
+
+@section
 class SeedSource:
     """Where instructions come from: a generator (`arithmetic`) or a local file (`gsm8k`)."""
 
@@ -38,7 +90,7 @@ class SeedSource:
     path: str = ""
 
 
-@dataclass(frozen=True)
+@section
 class EvalSet:
     """An evaluation set the run's instructions are checked against before growth (tasks/hygiene.py)."""
 
@@ -52,7 +104,7 @@ class EvalSet:
 EVAL_FORMATS = ("gsm8k", "math", "humaneval", "mbpp", "ifeval", "text")
 
 
-@dataclass(frozen=True)
+@section
 class HygieneConfig:
     """The hygiene gate (tasks/hygiene.py): decontamination and dedup of seeds, pair hygiene."""
 
@@ -70,7 +122,8 @@ class HygieneConfig:
     # Drop a pair whose longer text is more than this many times the shorter (0: no bound; hard negatives exempt).
     max_length_ratio: float = 0.0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> HygieneConfig:
         problems = []
         if self.ngram < 1 or self.shingle < 1 or self.num_perm < 16:
             problems.append("hygiene.ngram and hygiene.shingle must be >= 1, hygiene.num_perm >= 16")
@@ -81,7 +134,8 @@ class HygieneConfig:
         if self.max_length_ratio and self.max_length_ratio < 1:
             problems.append(f"hygiene.max_length_ratio: 0 (no bound) or >= 1, got {self.max_length_ratio}")
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ValueError("; ".join(problems))
+        return self
 
 
 # The embedded llama-server: parallel slots (requests decoded together in one batch) and compute threads.
@@ -92,13 +146,15 @@ EMBEDDED_SLOTS = 8
 EMBEDDED_THREADS = 2
 
 
-@dataclass(frozen=True)
+@section
 class EngineConfig:
     """An OpenAI-compatible endpoint set. `kind = "embedded"` means Orchard starts llama.cpp itself."""
 
     kind: str = "openai"
     model: str = ""
-    base_urls: tuple[str, ...] = ()
+    base_urls: Names = ()
+    # A secret reference (`env:NAME`, `prefect-secret:BLOCK`), resolved where the client is built. The default is
+    # the embedded server's own fixed key: it listens on 127.0.0.1 only.
     api_key: str = "orchard"
     # Requests in flight per base URL. 0: the kind's default, EMBEDDED_SLOTS for the embedded engine (its server's
     # --parallel slots, which batch on the CPU), 2 for any other.
@@ -134,6 +190,35 @@ class EngineConfig:
         if self.kind == "embedded" and self.threads <= 0:
             object.__setattr__(self, "threads", EMBEDDED_THREADS)
 
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        # Messages start with the key inside the engine: the error names it under engines.<name>.
+        if self.chat_format not in CHAT_FORMATS:
+            raise ValueError(f"chat_format: must be one of {', '.join(CHAT_FORMATS)}, got {self.chat_format!r}")
+        if self.kind not in ("embedded", "openai"):
+            raise ValueError(f"kind: must be 'embedded' or 'openai', got {self.kind!r}")
+        if self.launch:
+            if self.kind != "openai":
+                raise ValueError(f"launch: only an 'openai' engine is launched (an embedded one is Orchard's own "
+                                 f"llama.cpp server), got kind {self.kind!r}")
+            if self.base_urls:
+                raise ValueError("launch: a launched engine is served where it is started; drop base_urls or the "
+                                 "launch command")
+            try:
+                launch_argv(self.launch, port=0)
+            except ValueError as exc:
+                raise ValueError(f"launch: {exc}") from None
+            if self.startup_timeout_s <= 0:
+                raise ValueError(f"startup_timeout_s: must be > 0, got {self.startup_timeout_s}")
+        elif self.kind == "openai" and not self.base_urls:
+            raise ValueError("base_urls: an 'openai' engine needs at least one URL or a launch command")
+        if self.structured_output not in ("", *STRUCTURED_OUTPUTS):
+            raise ValueError(f"structured_output: must be one of {', '.join(STRUCTURED_OUTPUTS)}, "
+                             f"got {self.structured_output!r}")
+        if problems := _check_secret("api_key", self.api_key):
+            raise ValueError(problems[0])
+        return self
+
     @property
     def response_format(self) -> str:
         return self.structured_output or "json_schema"
@@ -167,7 +252,7 @@ STRUCTURED_OUTPUTS = ("json_schema", "json_object", "none")
 
 # How a chat is laid out as raw text for the completions endpoint, so a partial answer can be continued
 # exactly (MCTS steps). ChatML is what SmolLM2, Qwen and many others use. Here, beside the engine's config, so that
-# load_config can check `chat_format` against them; orchard/engine.py renders chats with them.
+# EngineConfig can check `chat_format` against them; orchard/engine.py renders chats with them.
 CHAT_FORMATS: dict[str, dict[str, str]] = {
     "chatml": {"turn": "<|im_start|>{role}\n{content}<|im_end|>\n", "open": "<|im_start|>assistant\n",
                "end": "<|im_end|>"},
@@ -178,7 +263,7 @@ CHAT_FORMATS: dict[str, dict[str, str]] = {
 
 
 # Rubrics: different ways of asking, so that one model can still sit a jury of several judges. A judge's config names
-# one (load_config checks it); tasks/jury.py sends its text as the judge's system prompt.
+# one (Config checks it); tasks/jury.py sends its text as the judge's system prompt.
 RUBRICS: dict[str, str] = {
     "direct": "You compare two responses to the same request against one criterion. Decide which response meets "
               "the criterion better.",
@@ -189,7 +274,7 @@ RUBRICS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
+@section
 class JudgeConfig:
     """One member of the jury: a name, the engine it runs on and the rubric it judges by (RUBRICS)."""
 
@@ -198,19 +283,27 @@ class JudgeConfig:
     rubric: str = "direct"
 
 
-@dataclass(frozen=True)
+@section
 class ObjectStoreConfig:
     """An S3-compatible store; an empty `endpoint_url` means Orchard starts SeaweedFS on 127.0.0.1."""
 
     endpoint_url: str = ""
     bucket: str = "orchard"
     access_key_id: str = "orchard"
+    # A secret reference (`env:AWS_SECRET_ACCESS_KEY`, `prefect-secret:s3-key`), resolved where a client is built.
+    # The default is the embedded store's fixed key: Orchard starts that store itself, on 127.0.0.1 only.
     secret_access_key: str = "orchard-embedded-secret"
     region: str = "us-east-1"
     retries: int = 4
 
+    @model_validator(mode="after")
+    def _check(self) -> ObjectStoreConfig:
+        if problems := _check_secret("object_store.secret_access_key", self.secret_access_key):
+            raise ValueError(problems[0])
+        return self
 
-@dataclass(frozen=True)
+
+@section
 class LakeConfig:
     """DuckLake catalog and data path. Empty values resolve to the state directory and the bucket."""
 
@@ -222,7 +315,7 @@ class LakeConfig:
 HEARTBEAT_S = 30
 
 
-@dataclass(frozen=True)
+@section
 class OrchestrationConfig:
     """Where shards grow: in the nightly flow's own process, or as `grow-shard` deployment runs on a GPU work pool."""
 
@@ -252,20 +345,22 @@ class OrchestrationConfig:
     # shard it grows; it also runs this many GX validation processes, at most 4. 0: the cores this process may run on.
     verify_workers: int = 0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> OrchestrationConfig:
         if self.max_shards_in_flight < 1 or self.verify_workers < 0:
-            raise ConfigError(f"orchestration.max_shards_in_flight: must be >= 1 (got {self.max_shards_in_flight}); "
-                              f"orchestration.verify_workers: >= 0 (got {self.verify_workers})")
+            raise ValueError(f"orchestration.max_shards_in_flight: must be >= 1 (got {self.max_shards_in_flight}); "
+                             f"orchestration.verify_workers: >= 0 (got {self.verify_workers})")
         if self.grow not in ("inline", "deployment"):
-            raise ConfigError(f"orchestration.grow: must be inline or deployment, got {self.grow!r}")
+            raise ValueError(f"orchestration.grow: must be inline or deployment, got {self.grow!r}")
         if self.gpu_workers < 0:
-            raise ConfigError(f"orchestration.gpu_workers: must be >= 0, got {self.gpu_workers}")
+            raise ValueError(f"orchestration.gpu_workers: must be >= 0, got {self.gpu_workers}")
         if self.crashed_after_s < HEARTBEAT_S + 15:
-            raise ConfigError(f"orchestration.crashed_after_s: must be >= {HEARTBEAT_S + 15} (flow runs send a "
-                              f"heartbeat every {HEARTBEAT_S} s), got {self.crashed_after_s}")
+            raise ValueError(f"orchestration.crashed_after_s: must be >= {HEARTBEAT_S + 15} (flow runs send a "
+                             f"heartbeat every {HEARTBEAT_S} s), got {self.crashed_after_s}")
+        return self
 
 
-@dataclass(frozen=True)
+@section
 class CostConfig:
     """Prices for the report's cost estimate: per million tokens (hosted APIs) and per GPU hour (own GPUs)."""
 
@@ -274,14 +369,14 @@ class CostConfig:
     usd_per_gpu_hour: float = 0.0  # charged for each shard's growth time (one GPU slot per shard)
 
 
-@dataclass(frozen=True)
+@section
 class RunConfig:
     """How big one run is and how trees are grown."""
 
     instructions_per_shard: int = 4
-    strategies: tuple[str, ...] = ("step_by_step", "plan_first", "work_backwards")  # math
-    code_strategies: tuple[str, ...] = ("direct", "plan_in_comments", "examples_first")
-    if_strategies: tuple[str, ...] = ("direct", "rules_first", "draft_and_trim")
+    strategies: Names = ("step_by_step", "plan_first", "work_backwards")  # math
+    code_strategies: Names = ("direct", "plan_in_comments", "examples_first")
+    if_strategies: Names = ("direct", "rules_first", "draft_and_trim")
     samples_per_strategy: int = 3
     turns: int = 2  # 1 = first attempts only; each further turn critiques wrong nodes and refines them
     refine_per_tree: int = 2  # wrong nodes per tree and turn that get a critique and refinements
@@ -292,7 +387,7 @@ class RunConfig:
     top_p: float = 0.95
     seed: int = 0
     # --- MCTS: answers grown in steps, selected by PUCT across every tree of the shard (arXiv 2412.15282) ---
-    mcts_domains: tuple[str, ...] = ("math", "instruction_following")  # () turns MCTS off
+    mcts_domains: Names = ("math", "instruction_following")  # () turns MCTS off
     mcts_iterations: int = 3  # selection rounds; each round expands one leaf per searched tree (0 = off)
     mcts_width: int = 2  # children per expansion (siblings that share the parent's prefix)
     mcts_step_tokens: int = 40  # a step is a chunk of at most this many tokens
@@ -304,7 +399,7 @@ class RunConfig:
     contrast_high_min: float = 0.6  # margin >= this: a high-contrast pair (between the two: mid)
     pair_contrast: str = "all"  # all | high | low | mix
     contrast_mix_high: float = 0.5  # with pair_contrast = mix: the share of high-contrast pairs (the rest low)
-    difficulty_band: tuple[float, ...] = (0.0, 1.0)  # keep pairs whose prompt's pass rate lies in [low, high]
+    difficulty_band: Numbers = (0.0, 1.0)  # keep pairs whose prompt's pass rate lies in [low, high]
     # --- open-ended prompts: principle-grounded examples, judged by the jury ---
     constitution: str = ""  # a constitution file (schemas/constitution.schema.json); empty: the shipped default
     principles_per_prompt: int = 2  # principles sampled per open-ended prompt (each: a response and its contrast)
@@ -325,7 +420,8 @@ class RunConfig:
     # more than this share of its requests do (its server is down or refuses most of them).
     max_failed_request_share: float = 0.05
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
         problems = []
         if not 0 <= self.max_failed_request_share <= 1:
             problems.append(f"run.max_failed_request_share: must lie in [0, 1], got {self.max_failed_request_share}")
@@ -353,15 +449,25 @@ class RunConfig:
         if self.mcts_width < 1 or self.mcts_step_tokens < 1 or self.mcts_max_steps < 1 or self.mcts_iterations < 0:
             problems.append("run.mcts_width, mcts_step_tokens, mcts_max_steps: must be >= 1; mcts_iterations >= 0")
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ValueError("; ".join(problems))
+        return self
 
 
-@dataclass(frozen=True)
-class Config:
-    """Everything a run needs, as values."""
+ROLES = ("generator", "critic", "refiner")
+
+
+class Config(BaseSettings):
+    """Everything a run needs, as values.
+
+    `Config(...)` and `Config.from_dict` read nothing but their arguments; `load_config` layers the file and the
+    environment (this class's sources) over the preset.
+    """
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="__",
+                                      case_sensitive=False)
 
     state_dir: str = ".orchard"
-    run: RunConfig = field(default_factory=RunConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
     # The embedded default: a little of every domain, easy enough that the small model gets some right and some wrong.
     seeds: tuple[SeedSource, ...] = (
         SeedSource(kind="arithmetic", count=5, difficulty=1, seed=7),
@@ -372,12 +478,10 @@ class Config:
         SeedSource(kind="if_synth", count=2, difficulty=3, seed=21),  # 2-3 verifiable constraints each
         SeedSource(kind="open_ended", count=4),  # the first shipped prompts: writing, advice, explanation, rewriting
     )
-    engines: Mapping[str, EngineConfig] = field(
+    engines: dict[str, EngineConfig] = Field(
         default_factory=lambda: {"embedded": EngineConfig(kind="embedded", model="SmolLM2-135M-Instruct")}
     )
-    roles: Mapping[str, str] = field(
-        default_factory=lambda: {"generator": "embedded", "critic": "embedded", "refiner": "embedded"}
-    )
+    roles: dict[str, str] = Field(default_factory=lambda: dict.fromkeys(ROLES, "embedded"))
     # The jury: at least three judges, on different engines or (where one model is all there is) different rubrics.
     jury: tuple[JudgeConfig, ...] = (
         JudgeConfig(name="direct", engine="embedded", rubric="direct"),
@@ -386,12 +490,44 @@ class Config:
     )
     # Evaluation sets no instruction may come from; a file's [[decontaminate]] list replaces this one.
     decontaminate: tuple[EvalSet, ...] = (EvalSet(name="humaneval", format="humaneval"),)
-    hygiene: HygieneConfig = field(default_factory=HygieneConfig)
-    object_store: ObjectStoreConfig = field(default_factory=ObjectStoreConfig)
-    lake: LakeConfig = field(default_factory=LakeConfig)
-    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
-    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
-    cost: CostConfig = field(default_factory=CostConfig)
+    hygiene: HygieneConfig = Field(default_factory=HygieneConfig)
+    object_store: ObjectStoreConfig = Field(default_factory=ObjectStoreConfig)
+    lake: LakeConfig = Field(default_factory=LakeConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: Any, **sources: Any) -> tuple:
+        # A Config made in code is exactly its arguments; load_config applies the file and environment sources.
+        return (init_settings,)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        """Cross-section checks: every role and judge on a defined engine, a jury of three, well-formed eval sets."""
+        for role in self.roles:
+            self.engine_for(role)
+        if len(self.jury) < 3:
+            raise ValueError(f"jury: needs at least three judges, got {len(self.jury)}")
+        names = [judge.name for judge in self.jury]
+        for i, judge in enumerate(self.jury):
+            if not judge.name or judge.name in names[:i]:
+                raise ValueError(f"jury[{i}].name: every judge needs its own name, got {judge.name!r}")
+            if judge.engine not in self.engines:
+                raise ValueError(f"jury[{i}].engine: engine {judge.engine!r} is not defined under [engines]")
+            if judge.rubric not in RUBRICS:
+                raise ValueError(f"jury[{i}].rubric: must be one of {', '.join(RUBRICS)}, got {judge.rubric!r}")
+        for i, spec in enumerate(self.decontaminate):
+            where = f"decontaminate[{i}]"
+            if spec.format not in EVAL_FORMATS:
+                raise ValueError(f"{where}.format: must be one of {', '.join(EVAL_FORMATS)}, got {spec.format!r}")
+            if not spec.name or spec.name in [s.name for s in self.decontaminate[:i]]:
+                raise ValueError(f"{where}.name: every eval set needs its own name, got {spec.name!r}")
+            if not spec.path and spec.format != "humaneval":
+                raise ValueError(f"{where}.path: a {spec.format} eval set needs a file")
+            if spec.format == "text" and not spec.field:
+                raise ValueError(f"{where}.field: a text eval set names the field that holds its text")
+        return self
 
     # --- derived values ---------------------------------------------------------------------
     @property
@@ -419,15 +555,19 @@ class Config:
             raise ConfigError(f"roles.{role}: engine {name!r} is not defined under [engines]") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict that `Config.from_dict` turns back into an equal Config."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """A JSON-safe dict that `Config.from_dict` turns back into an equal Config: what flow parameters carry."""
+        return self.model_dump(mode="json")
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> "Config":
-        return _build(cls, raw, "")
+    def from_dict(cls, raw: Mapping[str, Any]) -> Config:
+        """Return the Config `raw` (a `to_dict()`) describes; ConfigError names a bad key."""
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(_described(exc)) from None
 
     def content_hash(self) -> str:
-        """A hash of what changes the grown data (not where it is stored or who serves it)."""
+        """A hash of what changes the grown data (not where it is stored or who serves it; no secret is in it)."""
         relevant = {
             "run": dataclasses.asdict(self.run),
             # Limits decide verdicts (a slow answer times out); where the binaries live does not.
@@ -442,29 +582,12 @@ class Config:
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
-    def replace(self, **changes: Any) -> "Config":
-        return dataclasses.replace(self, **changes)
-
-
-def redacted(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Return `raw` (a `Config.to_dict()`) with its secrets blanked: what a flow run's parameters may show."""
-    public = json.loads(json.dumps(raw))
-    public.get("object_store", {})["secret_access_key"] = ""
-    for engine in public.get("engines", {}).values():
-        engine["api_key"] = ""
-    return public
-
-
-def with_secrets(raw: Mapping[str, Any], own: Config) -> dict[str, Any]:
-    """Return `raw` with each blanked secret taken from `own`, the config of the host that runs it."""
-    filled = json.loads(json.dumps(raw))
-    store = filled.get("object_store", {})
-    if not store.get("secret_access_key"):
-        store["secret_access_key"] = own.object_store.secret_access_key
-    for name, engine in filled.get("engines", {}).items():
-        if not engine.get("api_key") and name in own.engines:
-            engine["api_key"] = own.engines[name].api_key
-    return filled
+    def replace(self, **changes: Any) -> Config:
+        """Return a copy with whole sections (or `state_dir`) replaced, checked like any Config."""
+        try:
+            return self.model_validate({**{name: getattr(self, name) for name in type(self).model_fields}, **changes})
+        except ValidationError as exc:
+            raise ConfigError(_described(exc)) from None
 
 
 def _file_digest(path: str) -> str:
@@ -477,185 +600,181 @@ def _file_digest(path: str) -> str:
         raise ConfigError(f"run.constitution: cannot read {path}: {exc.strerror}") from None
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
-    """Turn nested plain values into the dataclass `cls`, naming the key of any bad value."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where or 'config'}: expected a table, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        path = f"{where}.{key}" if where else key
-        if key not in fields:
-            raise ConfigError(f"{path}: unknown key (known: {', '.join(sorted(fields))})")
-        values[key] = _coerce(cls, key, value, path)
-    return cls(**values)
+class _Environment(EnvSettingsSource):
+    """`ORCHARD__RUN__MAX_TOKENS=64` → {"run": {"max_tokens": 64}}, from `environ`; each value is read as TOML if it
+    parses (`64`, `true`, `["a", "b"]`, `"quoted"`), else kept as its text (`postgres:dbname=lake`, `a,b`)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, Any]:
+        # Names lower-cased (the source matches them so); values already decoded, so that a plain field's value
+        # gets the same TOML reading as a list's.
+        return {name.lower(): _toml_value(text) for name, text in self._environ.items() if name.startswith(ENV_PREFIX)}
+
+    def decode_complex_value(self, field_name: str, field: Any, value: Any) -> Any:
+        return value  # decoded in _load_env_vars
 
 
-_NESTED = {
-    (Config, "run"): RunConfig,
-    (Config, "object_store"): ObjectStoreConfig,
-    (Config, "lake"): LakeConfig,
-    (Config, "sandbox"): SandboxConfig,
-    (Config, "orchestration"): OrchestrationConfig,
-    (Config, "cost"): CostConfig,
-    (Config, "hygiene"): HygieneConfig,
-}
+def _toml_value(text: str) -> Any:
+    """`text` read as a TOML value if it is one, else `text` itself."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
-def _coerce(cls: type, key: str, value: Any, path: str) -> Any:
-    if (cls, key) in _NESTED:
-        return _build(_NESTED[(cls, key)], value, path)
-    if cls is Config and key == "seeds":
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected an array of tables")
-        return tuple(_build(SeedSource, item, f"{path}[{i}]") for i, item in enumerate(value))
-    if cls is Config and key == "decontaminate":
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path}: expected an array of tables")
-        sets = tuple(_build(EvalSet, item, f"{path}[{i}]") for i, item in enumerate(value))
-        for i, spec in enumerate(sets):
-            if spec.format not in EVAL_FORMATS:
-                raise ConfigError(f"{path}[{i}].format: must be one of {', '.join(EVAL_FORMATS)}, got {spec.format!r}")
-            if not spec.name or spec.name in [s.name for s in sets[:i]]:
-                raise ConfigError(f"{path}[{i}].name: every eval set needs its own name, got {spec.name!r}")
-            if not spec.path and spec.format != "humaneval":
-                raise ConfigError(f"{path}[{i}].path: a {spec.format} eval set needs a file")
-            if spec.format == "text" and not spec.field:
-                raise ConfigError(f"{path}[{i}].field: a text eval set names the field that holds its text")
-        return sets
-    if cls is Config and key == "engines":
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: expected a table of engines")
-        return {name: _build(EngineConfig, item, f"{path}.{name}") for name, item in value.items()}
-    if cls is Config and key == "jury":
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path}: expected an array of tables")
-        return tuple(_build(JudgeConfig, item, f"{path}[{i}]") for i, item in enumerate(value))
-    if cls is Config and key == "roles":
-        if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
-            raise ConfigError(f"{path}: expected a table of role = engine name")
-        return dict(value)
-    default = {f.name: f for f in dataclasses.fields(cls)}[key].default
-    if isinstance(default, tuple):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path}: expected a list")
-        return tuple(value)
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if isinstance(default, int | float) and not isinstance(default, bool):
-        try:
-            return type(default)(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{path}: expected a number, got {value!r}") from None
-    if isinstance(default, str) and not isinstance(value, str):
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
-    return value
+def _preset_with_file(preset: dict[str, Any], file_values: Mapping[str, Any]) -> dict[str, Any]:
+    """Return `preset` (a config as a dict) with what a file's lists and engines replace taken out of it."""
+    layered = dict(preset)
+    if "engines" in file_values:  # a file that defines engines replaces the preset's engines ...
+        layered["engines"] = {}
+        # ... and a role it leaves unnamed is played by its generator (or its first engine).
+        named = file_values.get("roles", {})
+        fallback = named.get("generator") or next(iter(file_values["engines"]), "")
+        layered["roles"] = {role: named.get(role, fallback) for role in layered["roles"]}
+        if "jury" not in file_values:  # the preset's judges move to the generator's engine
+            layered["jury"] = [{**judge, "engine": layered["roles"]["generator"]} for judge in layered["jury"]]
+    for listed in ("seeds", "jury", "decontaminate"):  # a file's list replaces the preset's
+        if listed in file_values:
+            layered[listed] = []
+    return layered
 
 
-def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+def _layered(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `top` on it: tables merge key by key, anything else (a list, a value) is replaced."""
     merged = dict(base)
     for key, value in top.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(dict(merged[key]), value)
+            merged[key] = _layered(merged[key], value)
         else:
             merged[key] = value
     return merged
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """`ORCHARD__RUN__MAX_TOKENS=64` → {"run": {"max_tokens": 64}}; values are read as TOML if they parse."""
-    overrides: dict[str, Any] = {}
-    for name, text in environ.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__") if k]
-        try:
-            value: Any = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text
-        node = overrides
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    return overrides
-
-
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None, *,
                 base: Mapping[str, Any] | None = None) -> Config:
     """Return the embedded preset (or `base`, a config as a dict), overlaid by the TOML file at `path` and then
-    `ORCHARD__…` variables.
+    `ORCHARD__…` variables (`environ`, default this process's); ConfigError names where a bad value came from.
 
     A flow run on a worker passes the config it was given as `base`: the worker host's variables then say where
     its servers are (its engine endpoints, its GPU limit) on top of what the run asked for.
     """
-    raw = Config.from_dict(base).to_dict() if base is not None else Config().to_dict()
+    environ = os.environ if environ is None else environ
+    preset = dict(base) if base is not None else Config().to_dict()
+    file_values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         try:
-            text = path.read_text()
+            with path.open("rb"):  # the TOML source reads a missing file as empty: a wrong path must be an error
+                pass
+            file_values = TomlConfigSettingsSource(Config, toml_file=path)()
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
-        try:
-            file_values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-        if "engines" in file_values:  # a file that defines engines replaces the preset's engines ...
-            raw["engines"] = {}
-            # ... and a role it leaves unnamed is played by its generator (or its first engine).
-            named = file_values.get("roles", {})
-            fallback = named.get("generator") or next(iter(file_values["engines"]), "")
-            raw["roles"] = {role: named.get(role, fallback) for role in raw["roles"]}
-            if "jury" not in file_values:  # the preset's judges move to the generator's engine
-                raw["jury"] = [{**judge, "engine": raw["roles"]["generator"]} for judge in raw["jury"]]
-        for listed in ("seeds", "jury", "decontaminate"):  # a file's list replaces the preset's
-            if listed in file_values:
-                raw[listed] = []
-        raw = _merge(raw, file_values)
-    raw = _merge(raw, _env_overrides(os.environ if environ is None else environ))
-    config = Config.from_dict(raw)
-    for role in config.roles:
-        config.engine_for(role)
-    for name, engine in config.engines.items():
-        if engine.chat_format not in CHAT_FORMATS:
-            raise ConfigError(f"engines.{name}.chat_format: must be one of {', '.join(CHAT_FORMATS)}, "
-                              f"got {engine.chat_format!r}")
-        if engine.kind not in ("embedded", "openai"):
-            raise ConfigError(f"engines.{name}.kind: must be 'embedded' or 'openai', got {engine.kind!r}")
-        if engine.launch:
-            if engine.kind != "openai":
-                raise ConfigError(f"engines.{name}.launch: only an 'openai' engine is launched (an embedded one is "
-                                  f"Orchard's own llama.cpp server), got kind {engine.kind!r}")
-            if engine.base_urls:
-                raise ConfigError(f"engines.{name}.launch: a launched engine is served where it is started; "
-                                  f"drop base_urls or the launch command")
-            try:
-                launch_argv(engine.launch, port=0)
-            except ValueError as exc:
-                raise ConfigError(f"engines.{name}.launch: {exc}") from None
-            if engine.startup_timeout_s <= 0:
-                raise ConfigError(f"engines.{name}.startup_timeout_s: must be > 0, got {engine.startup_timeout_s}")
-        elif engine.kind == "openai" and not engine.base_urls:
-            raise ConfigError(f"engines.{name}.base_urls: an 'openai' engine needs at least one URL or a launch command")
-        if engine.structured_output not in ("", *STRUCTURED_OUTPUTS):
-            raise ConfigError(f"engines.{name}.structured_output: must be one of {', '.join(STRUCTURED_OUTPUTS)}, "
-                              f"got {engine.structured_output!r}")
-    _check_jury(config)
-    return config
+    unknown = sorted(name for name in environ if name.startswith(ENV_PREFIX)
+                     and name[len(ENV_PREFIX):].split("__")[0].lower() not in Config.model_fields)
+    if unknown:  # the env source passes over a name that is no field: a misspelt variable would do nothing
+        raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(Config.model_fields))})")
+    env_values = _Environment(Config, environ)()
+    values = _layered(_layered(_preset_with_file(preset, file_values), file_values), env_values)
+    try:
+        return Config.model_validate(values)
+    except ValidationError as exc:
+        origins = [(env_values, lambda keys: ENV_PREFIX + "__".join(str(k).upper() for k in keys)),
+                   (file_values, lambda keys: str(path))]
+        raise ConfigError(_described(exc, origins)) from None
 
 
-def _check_jury(config: Config) -> None:
-    """Fail unless the jury has at least three uniquely named judges on defined engines with known rubrics."""
-    if len(config.jury) < 3:
-        raise ConfigError(f"jury: needs at least three judges, got {len(config.jury)}")
-    names = [judge.name for judge in config.jury]
-    for i, judge in enumerate(config.jury):
-        if not judge.name or judge.name in names[:i]:
-            raise ConfigError(f"jury[{i}].name: every judge needs its own name, got {judge.name!r}")
-        if judge.engine not in config.engines:
-            raise ConfigError(f"jury[{i}].engine: engine {judge.engine!r} is not defined under [engines]")
-        if judge.rubric not in RUBRICS:
-            raise ConfigError(f"jury[{i}].rubric: must be one of {', '.join(RUBRICS)}, got {judge.rubric!r}")
+# What a value of the wrong type was expected to be, in the words a TOML file uses.
+_EXPECTED = {
+    "string_type": "a string", "int_parsing": "a number", "int_type": "a number", "int_from_float": "a whole number",
+    "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false", "bool_type": "true or false",
+    "tuple_type": "a list", "list_type": "a list", "dict_type": "a table", "dataclass_type": "a table",
+    "model_type": "a table", "dataclass_args_type": "a table",
+}
+
+
+def _described(exc: ValidationError, origins: Sequence[tuple[Mapping[str, Any], Callable[[list], str]]] = ()) -> str:
+    """Each problem of `exc` as `[origin: ]key: what is wrong` (origin: the variable or file the value came from)."""
+    problems = []
+    for error in exc.errors():
+        loc = [k for k in error["loc"] if k != "[key]"]
+        key = _dotted(loc)
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            message = f"unknown key (known: {', '.join(_known_keys(loc[:-1]))})"
+        elif error["type"] in _EXPECTED:
+            message = f"expected {_EXPECTED[error['type']]}, got {error['input']!r} ({message})"
+        elif error["type"] != "value_error":
+            message = f"{message}, got {error['input']!r}"
+        named, places = message.split(":", 1)[0], [loc]
+        if key and message.startswith(key):  # a section's check names its keys itself
+            text = message
+            places.insert(0, [int(k) if k.isdigit() else k for k in re.split(r"[.\[\]]+", named) if k])
+        elif key and named in _known_keys(loc):  # an engine's check names its key inside the engine
+            text = f"{key}.{message}"
+            places.insert(0, [*loc, named])
+        else:
+            text = f"{key}: {message}" if key else message
+        origin = next((name(_leaf(layer, place)) for place in places for layer, name in origins
+                       if _holds(layer, place)), "")
+        problems.append(f"{origin}: {text}" if origin else text)
+    return "; ".join(problems)
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    """`["jury", 0, "name"]` → `jury[0].name`."""
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in loc).lstrip(".")
+
+
+def _holds(layer: Any, loc: list) -> bool:
+    """Whether the nested dict/list `layer` has a value at `loc`."""
+    for key in loc:
+        if isinstance(layer, dict) and key in layer:
+            layer = layer[key]
+        elif isinstance(layer, list) and isinstance(key, int) and key < len(layer):
+            layer = layer[key]
+        else:
+            return False
+    return bool(loc)
+
+
+def _leaf(layer: Any, loc: list) -> list:
+    """`loc` extended to the first value under it in `layer`: a table's problem is named by a variable that set it."""
+    for key in loc:
+        layer = layer[key]
+    while isinstance(layer, dict) and layer:
+        key = next(iter(layer))
+        loc, layer = [*loc, key], layer[key]
+    return loc
+
+
+def _known_keys(loc: list) -> list[str]:
+    """The keys of the config table at `loc` (`["run"]`, `["engines", "gpu"]`, `["jury", 0]`); [] if none."""
+    node: Any = Config
+    for key in loc:
+        fields = _fields(node)
+        if fields is None:  # an entry of a table of tables (engines) or an item of an array of tables
+            node = _item_type(node)
+        elif key in fields:
+            node = fields[key]
+        else:
+            return []
+    return sorted(_fields(node) or ())
+
+
+def _fields(node: Any) -> dict[str, Any] | None:
+    if isinstance(node, type) and issubclass(node, BaseSettings):
+        return {name: f.annotation for name, f in node.model_fields.items()}
+    if dataclasses.is_dataclass(node):
+        return {f.name: f.type for f in dataclasses.fields(node)}
+    return None
+
+
+def _item_type(annotation: Any) -> Any:
+    """The type of an item of a tuple or dict annotation (`tuple[JudgeConfig, ...]` → JudgeConfig)."""
+    args = getattr(annotation, "__args__", ())
+    return args[-1] if args and args[-1] is not Ellipsis else (args[0] if args else None)

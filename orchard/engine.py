@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 import aiohttp
 import httpx
 
-from orchard.config import CHAT_FORMATS, EngineConfig
+from orchard.config import CHAT_FORMATS, EngineConfig, secret_value
 from schemas.errors import OrchardError
 
 Message = dict[str, str]
@@ -58,7 +58,7 @@ def check_endpoints(name: str, engine: EngineConfig, *, attempts: int = 3, wait_
                 time.sleep(wait_s)
             try:
                 response = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=5.0,
-                                     headers={"Authorization": f"Bearer {engine.api_key}"})
+                                     headers={"Authorization": f"Bearer {secret_value(engine.api_key)}"})
             except httpx.HTTPError as exc:
                 down[url] = f"{type(exc).__name__}: {exc}"
                 continue
@@ -354,7 +354,7 @@ class _Endpoints:
         # that closes a connection after every answer and opens one for the next request.
         if self.http is None:
             self.http = aiohttp.ClientSession(
-                headers={"Authorization": f"Bearer {self.engine.api_key}"},
+                headers={"Authorization": f"Bearer {secret_value(self.engine.api_key)}"},
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=self.engine.timeout_s),
                 connector=aiohttp.TCPConnector(limit=self.engine.max_concurrency * len(self.urls),
                                                limit_per_host=self.engine.max_concurrency),

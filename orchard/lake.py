@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import duckdb
 import pyarrow as pa
 
-from orchard.config import Config, ObjectStoreConfig
+from orchard.config import Config, ObjectStoreConfig, secret_value
 from schemas.errors import OrchardError
 from schemas.rows import LAKE_TABLES, TABLE_OPTIONS
 
@@ -291,7 +291,7 @@ def _secret_sql(store: ObjectStoreConfig) -> str:
     url_style = "vhost" if url.hostname and url.hostname.endswith("amazonaws.com") else "path"
     return (
         "CREATE SECRET orchard_s3 (TYPE s3, "
-        f"KEY_ID {quote(store.access_key_id)}, SECRET {quote(store.secret_access_key)}, "
+        f"KEY_ID {quote(store.access_key_id)}, SECRET {quote(secret_value(store.secret_access_key))}, "
         f"ENDPOINT {quote(url.netloc)}, URL_STYLE '{url_style}', "
         f"USE_SSL {'true' if url.scheme == 'https' else 'false'}, REGION {quote(store.region)})"
     )

@@ -33,6 +33,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydantic.dataclasses
+from pydantic import ConfigDict
+
 from schemas.errors import OrchardError
 
 # Where the program lies inside the sandbox; tracebacks name this file.
@@ -47,7 +50,8 @@ class SandboxUnavailable(OrchardError):
     """bubblewrap (or the interpreter it should run) is missing or cannot start a sandbox here."""
 
 
-@dataclass(frozen=True)
+# The config's [sandbox] section: a pydantic dataclass, checked like the config's other sections (orchard/config.py).
+@pydantic.dataclasses.dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class SandboxConfig:
     """Where bubblewrap and the sandbox's Python are, and the limits every sandboxed run gets."""
 

@@ -23,7 +23,7 @@ import httpx
 from botocore.exceptions import BotoCoreError, ClientError
 
 from orchard import llama_build
-from orchard.config import Config, EngineConfig, ObjectStoreConfig, launch_argv
+from orchard.config import Config, EngineConfig, ObjectStoreConfig, launch_argv, secret_value
 from orchard.store import s3_client
 from schemas.errors import OrchardError
 
@@ -235,8 +235,8 @@ def start_seaweedfs(store: ObjectStoreConfig, state_dir: Path, *, name: str = "s
         "-master.telemetry=false",
     ]
     # weed mini turns these into its admin S3 identity (and keeps them in its data dir).
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=store.access_key_id, AWS_SECRET_ACCESS_KEY=store.secret_access_key,
-               S3_BUCKET=store.bucket)
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=store.access_key_id,
+               AWS_SECRET_ACCESS_KEY=secret_value(store.secret_access_key), S3_BUCKET=store.bucket)
     service = _launch(name, argv, state_dir, env=env, cwd=data_dir, url=url)
     # weed opens unix sockets /tmp/seaweedfs-<server>-<port>.sock and leaves some behind on exit; a stale
     # one would block a later instance that draws the same port.

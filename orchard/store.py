@@ -13,7 +13,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from orchard.config import ObjectStoreConfig
+from orchard.config import ObjectStoreConfig, secret_value
 from schemas.errors import OrchardError
 
 # S3 error codes that mean "the key (or bucket) is not there", as different servers spell them.
@@ -105,7 +105,7 @@ def s3_client(
         "s3",
         endpoint_url=cfg.endpoint_url,
         aws_access_key_id=cfg.access_key_id,
-        aws_secret_access_key=cfg.secret_access_key,
+        aws_secret_access_key=secret_value(cfg.secret_access_key),
         region_name=cfg.region,
         config=config,
     )

@@ -53,8 +53,8 @@ def test_shards_in_flight_are_enough_trees_for_the_engines_and_at_most_the_cap()
 
 def test_what_a_host_spends_on_growth_leaves_the_config_hash_alone():
     cfg = sim_config()
-    busier = dataclasses.replace(cfg, orchestration=dataclasses.replace(cfg.orchestration, verify_workers=16,
-                                                                           max_shards_in_flight=8))
+    busier = cfg.replace(orchestration=dataclasses.replace(cfg.orchestration, verify_workers=16,
+                                                           max_shards_in_flight=8))
     assert busier.content_hash() == cfg.content_hash()
     local = load_config(base=cfg.to_dict(), environ={"ORCHARD__ORCHESTRATION__VERIFY_WORKERS": "6"})
     assert local.orchestration.verify_workers == 6 and local.content_hash() == cfg.content_hash()
@@ -69,7 +69,7 @@ def test_a_process_keeps_one_growth_host_while_a_block_holds_it_open():
     cfg = sim_config()
     with growth_host(cfg) as first, growth_host(cfg) as second:
         assert first is second
-        other = dataclasses.replace(cfg, orchestration=dataclasses.replace(cfg.orchestration, verify_workers=2))
+        other = cfg.replace(orchestration=dataclasses.replace(cfg.orchestration, verify_workers=2))
         with growth_host(other) as third:
             assert third is not first  # another pool size is another host
     with growth_host(cfg) as again:

@@ -203,8 +203,8 @@ def test_a_new_postgres_catalog_has_no_published_run_until_one_is_materialised(c
 
 
 def test_a_catalog_database_that_does_not_exist_is_not_taken_for_an_empty_lake(config, postgres):
-    missing = dataclasses.replace(config, lake=LakeConfig(catalog=f"postgres:dbname=no_such_db host=127.0.0.1 "
-                                                                  f"port={postgres.port} user={postgres.user}"))  # fmt: skip
+    missing = config.replace(lake=LakeConfig(catalog=f"postgres:dbname=no_such_db host=127.0.0.1 "
+                                                     f"port={postgres.port} user={postgres.user}"))  # fmt: skip
     with pytest.raises(LakeError, match='cannot attach.*database "no_such_db" does not exist'):
         lake.exists(missing)
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from orchard import llama_build, services
-from orchard.config import Config, EngineConfig, ObjectStoreConfig
+from orchard.config import RUBRICS, Config, EngineConfig, JudgeConfig, ObjectStoreConfig
 from orchard.services import Service, ServiceError, embedded_services, start_seaweedfs
 from orchard.store import ObjectStore
 
@@ -195,6 +195,7 @@ def test_external_endpoints_start_nothing(tmp_path: Path) -> None:
         object_store=dataclasses.replace(STORE, endpoint_url="http://s3.example.invalid"),
         engines={"remote": EngineConfig(kind="openai", model="m", base_urls=("http://llm.example.invalid",))},
         roles={"generator": "remote"},
+        jury=tuple(JudgeConfig(name=rubric, engine="remote", rubric=rubric) for rubric in RUBRICS),
     )
     with embedded_services(config) as resolved:
         assert resolved == config
