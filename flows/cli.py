@@ -66,8 +66,16 @@ class _WithoutTraceback:
         return getattr(self.inner, name)
 
 
+def warn_of_literal_secrets(cfg: Config) -> None:
+    """A secret held as a value is still accepted (files written before references), but said out loud."""
+    for key in cfg.literal_secrets():
+        print(f"orchard: warning: {key} holds the secret itself, which travels with the config into flow parameters "
+              f"and the Prefect UI: write env:NAME or prefect-secret:BLOCK instead", file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg, api = joined(load_config(args.config))
+    warn_of_literal_secrets(cfg)
     if api is not None:  # `orchard up` runs a Prefect server here: the run shows in its UI
         os.environ.setdefault("PREFECT_API_URL", api)
     _prefect_env(cfg)

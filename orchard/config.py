@@ -49,6 +49,9 @@ section = dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 # Where a secret comes from: a variable of the process that builds the client, or a Prefect Secret block. Any other
 # value is the secret itself (kept for files that hold one, and for the embedded store's fixed loopback key).
 SECRET_SOURCES = ("env:", "prefect-secret:")
+# The fixed keys of the servers Orchard starts itself, on 127.0.0.1 only: values, but nothing to hide.
+EMBEDDED_API_KEY = "orchard"
+EMBEDDED_STORE_SECRET = "orchard-embedded-secret"
 
 
 def secret_value(reference: str) -> str:
@@ -155,7 +158,7 @@ class EngineConfig:
     base_urls: Names = ()
     # A secret reference (`env:NAME`, `prefect-secret:BLOCK`), resolved where the client is built. The default is
     # the embedded server's own fixed key: it listens on 127.0.0.1 only.
-    api_key: str = "orchard"
+    api_key: str = EMBEDDED_API_KEY
     # Requests in flight per base URL. 0: the kind's default, EMBEDDED_SLOTS for the embedded engine (its server's
     # --parallel slots, which batch on the CPU), 2 for any other.
     max_concurrency: int = 0
@@ -292,7 +295,7 @@ class ObjectStoreConfig:
     access_key_id: str = "orchard"
     # A secret reference (`env:AWS_SECRET_ACCESS_KEY`, `prefect-secret:s3-key`), resolved where a client is built.
     # The default is the embedded store's fixed key: Orchard starts that store itself, on 127.0.0.1 only.
-    secret_access_key: str = "orchard-embedded-secret"
+    secret_access_key: str = EMBEDDED_STORE_SECRET
     region: str = "us-east-1"
     retries: int = 4
 
@@ -581,6 +584,14 @@ class Config(BaseSettings):
             "decontaminate": [dataclasses.asdict(e) for e in self.decontaminate],
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+    def literal_secrets(self) -> list[str]:
+        """The keys of the secrets this config holds as values, not references (the fixed loopback keys of the servers
+        Orchard starts itself aside): a value travels with the config into flow parameters and the Prefect UI."""
+        held = [("object_store.secret_access_key", self.object_store.secret_access_key)]
+        held += [(f"engines.{name}.api_key", engine.api_key) for name, engine in sorted(self.engines.items())]
+        return [key for key, value in held
+                if value not in (EMBEDDED_API_KEY, EMBEDDED_STORE_SECRET) and not value.startswith(SECRET_SOURCES)]
 
     def replace(self, **changes: Any) -> Config:
         """Return a copy with whole sections (or `state_dir`) replaced, checked like any Config."""

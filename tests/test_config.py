@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from flows.cli import warn_of_literal_secrets
 from orchard.config import Config, ConfigError, load_config, secret_value
 from orchard.store import s3_client
 
@@ -166,6 +167,20 @@ def test_a_secret_reference_is_resolved_when_the_client_is_built_and_never_trave
     monkeypatch.delenv("ORCHARD_TEST_SECRET")
     with pytest.raises(ConfigError, match="environment variable ORCHARD_TEST_SECRET is not set"):
         s3_client(cfg.object_store)
+
+
+def test_a_secret_held_as_a_value_is_named_and_orchard_run_warns_of_it(tmp_path, capsys):
+    assert load_config(None, environ={}).literal_secrets() == []  # the embedded servers' fixed loopback keys
+    path = tmp_path / "orchard.toml"
+    path.write_text(f'state_dir = "{tmp_path / "state"}"\n[object_store]\nendpoint_url = "http://127.0.0.1:9"\n'
+                    'secret_access_key = "AKIA-literal"\n[engines.embedded]\nkind = "openai"\nmodel = "m"\n'
+                    'base_urls = ["http://127.0.0.1:9"]\napi_key = "env:ORCHARD_TEST_KEY"\n')
+    cfg = load_config(path, environ={})
+    assert cfg.literal_secrets() == ["object_store.secret_access_key"]  # a reference is not named
+    warn_of_literal_secrets(cfg)  # what `orchard run` does first
+    assert ("orchard: warning: object_store.secret_access_key holds the secret itself, which travels with the config "
+            "into flow parameters and the Prefect UI: write env:NAME or prefect-secret:BLOCK instead"
+            in capsys.readouterr().err)
 
 
 def test_a_secret_reference_must_name_its_source(tmp_path):
