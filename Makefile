@@ -107,17 +107,13 @@ run: $(STAMP) sandbox embedded-engine
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/lint-imports
 
-# Two pytest-xdist workers, each module whole on one of them, the longest modules first (tests/conftest.py).
-# PYTEST_ARGS="-n 0" runs the suite in this process, one test after another.
-XDIST := -n 2 --dist loadfile --no-loadscope-reorder
-
 # The whole suite; the 25 slowest steps printed at the end (where the suite's time goes).
 test: $(STAMP) lint sandbox embedded-engine postgres browser vllm-env train-check
-	$(PY) -m pytest $(XDIST) --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 # The inner loop: the tests that start no service (no SeaweedFS, model server, Prefect or vLLM); a few minutes.
 check: $(STAMP) lint sandbox embedded-engine
-	$(PY) -m pytest $(XDIST) -m "not integration and not vllm" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not integration and not vllm" $(PYTEST_ARGS)
 
 clean-state:
 	rm -rf .orchard

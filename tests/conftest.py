@@ -21,21 +21,10 @@ EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 _SERVICE_FIXTURES = {"seaweed", "store", "llama", "prefect_api"}
 
 
-# `make test` runs the suite on two pytest-xdist workers (`--dist loadfile`): half its time is spent waiting (servers
-# starting, a crashed worker's heartbeat running out, retries backing off), and the other worker uses it. A module goes
-# to one worker whole, so its module fixtures (a cluster, a fault lab, the real run, a Postgres server) start once.
-# (Not `--dist loadgroup`: xdist 3.8 names a group in the test id in a way pytest 9 no longer reads.) The longest
-# modules start first (about 7, 6, 4, 2 and 2 minutes on 2 cores), so neither worker is left with a long one at the
-# end; the rest follow in file order.
-_LONGEST_FIRST = ("test_cluster", "test_real_run", "test_faults", "test_lake_postgres", "test_outage")
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
-    rank = {module: i for i, module in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: file order within a rank
 
 
 @pytest.fixture(scope="session")
