@@ -441,7 +441,9 @@ class RunConfig:
         if not 0 <= self.mcts_lambda <= 1:
             problems.append(f"run.mcts_lambda: must lie in [0, 1], got {self.mcts_lambda}")
         for name in self.mcts_domains:
-            if name in DOMAINS and not DOMAINS[name].searchable:
+            if name not in DOMAINS:  # a misspelt domain would leave its trees unsearched, silently
+                problems.append(f"run.mcts_domains: unknown domain {name!r}; the domains are {', '.join(DOMAINS)}")
+            elif not DOMAINS[name].searchable:
                 problems.append(f"run.mcts_domains: {name} has no verifier to search with")
         if self.prm_min_rollouts < 1:
             problems.append(f"run.prm_min_rollouts: must be >= 1, got {self.prm_min_rollouts}")

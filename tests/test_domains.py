@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from orchard.config import RunConfig, SeedSource
+from orchard.config import ConfigError, RunConfig, SeedSource, load_config
 from schemas.domains import (
     CODE_VERIFIER,
     DOMAINS,
@@ -79,6 +79,13 @@ def test_a_judged_domain_is_grown_under_principles_only(name):
     # A section built directly raises pydantic's ValidationError (a ValueError); load_config turns it into a ConfigError.
     with pytest.raises(ValueError, match=f"run.mcts_domains: {name} has no verifier to search with"):
         RunConfig(mcts_domains=("math", name))
+
+
+def test_an_unknown_domain_to_search_is_named_with_the_known_ones(tmp_path):
+    path = tmp_path / "orchard.toml"
+    path.write_text('[run]\nmcts_domains = ["maths"]\n')
+    with pytest.raises(ConfigError, match="run.mcts_domains: unknown domain 'maths'; the domains are math, code"):
+        load_config(path, environ={})
 
 
 def test_hard_negatives_are_made_only_where_error_injection_has_edit_rules():
