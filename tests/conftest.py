@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchard.config import Config, EngineConfig, LakeConfig, ObjectStoreConfig
+from orchard.config import EMBEDDED_STORE_SECRET, Config, EngineConfig, LakeConfig, ObjectStoreConfig
 from orchard.services import Service, start_llama_server, start_seaweedfs
 from orchard.store import ObjectStore
 
@@ -30,7 +30,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, ObjectStoreConfig]]:
     """A SeaweedFS S3 server for the whole session, and the store config that reaches it."""
-    config = ObjectStoreConfig(bucket="orchard", access_key_id="orchard", secret_access_key="orchard-test-secret")
+    # The key Orchard gives a SeaweedFS it starts itself on 127.0.0.1: a value, but not one `orchard run` warns of.
+    config = ObjectStoreConfig(bucket="orchard", access_key_id="orchard", secret_access_key=EMBEDDED_STORE_SECRET)
     service = start_seaweedfs(config, tmp_path_factory.mktemp("seaweed-state"))
     try:
         yield service, dataclasses.replace(config, endpoint_url=service.url)
