@@ -75,7 +75,7 @@ $(VLLM_STAMP):
 
 vllm-env: $(VLLM_STAMP)
 
-# The trainers that read Orchard's exports (tests/test_train.py): TRL, transformers and accelerate in a venv of their
+# The trainers that read Orchard's exports (tests/test_real_run.py): TRL, transformers and accelerate in a venv of their
 # own with torch from the on-disk CPU wheel. Pinned: the export formats were checked with exactly these (the cards say
 # so), and a new TRL may change a format. transformers 5.19 and accelerate 1.15 as in .venv-vllm; gguf reads the GGUF.
 TRAIN_VENV  := .venv-train

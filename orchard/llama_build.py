@@ -213,7 +213,7 @@ def models_dir() -> Path:
 
 def train_model() -> Path:
     """Where `make train-check` keeps the shipped SmolLM2 dequantized to a float32 safetensors checkpoint (a folder
-    that transformers and TRL load): the trainers that prove Orchard's exports train use it (tests/test_train.py)."""
+    that transformers and TRL load): the trainers that prove Orchard's exports train use it (tests/test_real_run.py)."""
     return models_dir() / f"{MODEL_SHA256[:12]}-SmolLM2-135M-Instruct-f32"
 
 

@@ -45,13 +45,13 @@ class ExportFormat:
     sql: str  # one query over those views; every row has a tree_id ({step_token}: the export's step token, quoted)
     description: str  # the card's "Format" paragraph
     # The trainer (and versions) a real run's export of this format was trained with in the test suite
-    # (tests/test_train.py, `make train-check`); the card says so.
+    # (tests/test_real_run.py, `make train-check`); the card says so.
     checked_with: str = ""
 
 
-# What the suite proved for a format TRL trains (tests/test_train.py asserts that the card says it).
+# What the suite proved for a format TRL trains (tests/test_real_run.py asserts that the card says it).
 TRAINED = ("TRL 1.16.0 `{trainer}` (transformers 5.19.0, torch 2.13.0+cpu): two optimizer steps on the export of a "
-           "real run, every row read, in Orchard's test suite (tests/test_train.py)")
+           "real run, every row read, in Orchard's test suite (tests/test_real_run.py)")
 
 # Every published preference: the verifier-ranked pairs and the stable principle-grounded pairs. A principle pair's
 # margin is the jury's: (votes for the response - votes for the antithesis) / judges.
@@ -176,7 +176,7 @@ FORMATS: dict[str, ExportFormat] = {
                 "null in the lake; paths without a labelled first step are left out."
             ),
             checked_with=("TRL 1.16.0's stepwise-supervision columns; TRL 1.16.0 has no process reward trainer, so the suite "
-                          "(tests/test_train.py) checks the labels token by token with transformers 5.19.0 and the "
+                          "(tests/test_real_run.py) checks the labels token by token with transformers 5.19.0 and the "
                           "SmolLM2 tokenizer: each label lands on the last token of its step"),
         ),
         ExportFormat(

@@ -223,7 +223,7 @@ def test_card_maps_the_splits_and_names_snapshot_catalog_runs_and_counts(lake_of
     by_source = body.split("## Rows by source", 1)[1]
     assert "| pairs |" in by_source and "| principle_pairs |" in by_source
     assert "## Rows by method" in body and "## Rows by domain" in body and "| open_ended |" in body
-    # The trainer and versions the format was proved with (tests/test_train.py).
+    # The trainer and versions the format was proved with (tests/test_real_run.py).
     assert "Checked with: TRL 1.16.0 `DPOTrainer` (transformers 5.19.0, torch 2.13.0+cpu)" in body
 
 
