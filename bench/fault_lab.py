@@ -339,10 +339,18 @@ class Target:
 
 
 class Lab:
-    """The servers every scenario of a session shares, and the baselines (clean runs) computed once."""
+    """The servers every scenario of a session shares, and the baselines (clean runs) computed once.
 
-    def __init__(self, work: Path) -> None:
+    With `prefect_api`, one Prefect server too, which every `orchard run` of the lab reports to instead of starting
+    a temporary one of its own (~10 s each on 2 cores): for scenarios whose faults are not in Prefect's path (a
+    corrupt shard, a model's answer). Runs that are killed keep their own, as a user's runs do.
+    """
+
+    def __init__(self, work: Path, *, prefect_api: bool = False) -> None:
         self.work = work.resolve()
+        self.prefect: Service | None = None
+        self.api_url: str | None = None
+        self._wants_api = prefect_api
         self.work.mkdir(parents=True, exist_ok=True)
         self.store_cfg = STORE
         self.seaweed = Restartable("seaweedfs", lambda: start_seaweedfs(STORE, self.work / "services"),
@@ -358,12 +366,21 @@ class Lab:
         self.seaweed.start()
         self.store_cfg = dataclasses.replace(STORE, endpoint_url=self.seaweed.url)
         self.llama.start()
+        if self._wants_api:
+            from orchard.cluster import start_prefect_server
+
+            (port,) = services.free_ports(1)
+            self.prefect = start_prefect_server(self.work / "services", port)
+            self.api_url = f"{self.prefect.url}/api"
         return self
 
     def close(self) -> None:
         if self._postgres is not None:
             self._postgres.remove()
             self._postgres = None
+        if self.prefect is not None:
+            self.prefect.stop()
+            self.prefect = self.api_url = None
         self.llama.stop()
         self.seaweed.stop()
 
@@ -424,9 +441,12 @@ secret_access_key = {json.dumps(self.store_cfg.secret_access_key)}
         return [p.shard_id for p in plan_seeds(target.cfg, "planned").plans]
 
     def run(self, target: Target, log_name: str, **options: Any) -> "Attempt":
-        """`run_orchard`, after leaving the model server's prompt cache as a fresh start has it."""
+        """`run_orchard` (reporting to the lab's Prefect server, if it has one, unless it will be killed), after
+        leaving the model server's prompt cache as a fresh start has it."""
         if self.llama.service is not None and self.llama.service.running:
             clear_prompt_cache(self.llama.url)
+        if options.get("kill_when") is None:
+            options.setdefault("api_url", self.api_url)
         return run_orchard(target, log_name, **options)
 
 
@@ -486,8 +506,10 @@ class Attempt:
 
 def run_orchard(target: Target, log_name: str, *, run_id: str = RUN_ID, kill_when: Callable[[Watch], bool] | None = None,
                 act: Callable[[Watch], None] | None = None, timeout_s: float = 900.0,
-                poll_s: Callable[[Watch], float] = lambda watch: POLL_S, store: ObjectStore | None = None) -> Attempt:
+                poll_s: Callable[[Watch], float] = lambda watch: POLL_S, store: ObjectStore | None = None,
+                api_url: str | None = None) -> Attempt:
     """Run `python -m flows.cli --config … run --run-id …`; SIGKILL its process group once `kill_when` says so.
+    With `api_url`, the run reports to that Prefect API; without, it starts a temporary one of its own.
 
     `act(watch)` is called after every look at the run (a scenario's fault, timed by what the run has done);
     `store` is what the bucket is watched through (default: the target's own, without retries; pass a direct one
@@ -497,6 +519,8 @@ def run_orchard(target: Target, log_name: str, *, run_id: str = RUN_ID, kill_whe
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ORCHARD"))}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     env[TAG_VAR] = f"{target.name}:{log_name}:{os.getpid()}"
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
     argv = [sys.executable, "-m", "flows.cli", "--config", str(target.config_path), "run", "--run-id", run_id]
     log_path = target.config_path.parent / log_name
     watch = Watch(started=time.monotonic(), run_id=run_id)

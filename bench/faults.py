@@ -71,10 +71,11 @@ _LAB: Lab | None = None
 
 
 @contextlib.contextmanager
-def lab_session(work: Path) -> Iterator[Lab]:
-    """Start the shared servers under `work` for the scenarios run inside the block; stop them after."""
+def lab_session(work: Path, *, prefect_api: bool = False) -> Iterator[Lab]:
+    """Start the shared servers under `work` (with `prefect_api`, a Prefect server that runs not killed report to)
+    for the scenarios run inside the block; stop them after."""
     global _LAB
-    with Lab(work) as lab:
+    with Lab(work, prefect_api=prefect_api) as lab:
         _LAB = lab
         try:
             yield lab

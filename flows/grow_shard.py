@@ -21,7 +21,7 @@ from prefect.logging.loggers import flow_run_logger
 from prefect.runtime import task_run
 from prefect.states import Failed, State
 
-from orchard.config import Config, ConfigError, load_config
+from orchard.config import Config, ConfigError, OrchestrationConfig, load_config
 from orchard.engine import EngineUnavailable, check_endpoints
 from orchard.services import embedded_services
 from orchard.store import ObjectStore
@@ -49,11 +49,6 @@ def worker_config(config: dict) -> Config:
     return local
 
 
-# A dispatched shard is grown at most this many times: again after its grow-shard run crashed (its worker or host
-# died: Prefect's heartbeat automation marks it Crashed) or failed transiently (its model server was down), so
-# another worker of the pool can grow it.
-DISPATCH_ATTEMPTS = 3
-DISPATCH_RETRY_DELAYS_S = [10, 30]
 # The name of the Failed state a grow-shard run ends in when its error was transient: the dispatch task, in another
 # process, cannot see the exception, only the state.
 RETRYABLE = "Retryable"
@@ -134,15 +129,16 @@ def grow_shard_flow(config: dict, run_id: str, shard: ShardRef) -> dict | State:
 
 
 # Grown again only for a transient failure (a crashed or Retryable grow-shard run, or in-process a store or model
-# server that was down); a failure a retry repeats (a config, schema or ownership error) is final at once.
-@task(name="dispatch-shard", cache_policy=NO_CACHE, retries=DISPATCH_ATTEMPTS - 1,
-      retry_delay_seconds=DISPATCH_RETRY_DELAYS_S, retry_condition_fn=retry_transient)
+# server that was down); a failure a retry repeats (a config, schema or ownership error) is final at once. How often
+# and after how long: orchestration.dispatch_retry_delays_s (`dispatcher`); the defaults here are that setting's.
+@task(name="dispatch-shard", cache_policy=NO_CACHE, retries=len(OrchestrationConfig().dispatch_retry_delays_s),
+      retry_delay_seconds=list(OrchestrationConfig().dispatch_retry_delays_s), retry_condition_fn=retry_transient)
 def dispatch_shard_task(config: dict, run_id: str, shard: ShardRef) -> ShardReceipt:
     """Grow one shard with the grow-shard flow, here or on a GPU worker; return its receipt.
 
     A dispatched shard's receipt comes from its manifest in the store, which the worker wrote when it landed it.
-    A grow-shard run that crashed (its worker died) or failed transiently is dispatched again, up to
-    DISPATCH_ATTEMPTS times in all; the error then says how many attempts were made.
+    A grow-shard run that crashed (its worker died) or failed transiently is dispatched again, once after each of
+    orchestration.dispatch_retry_delays_s; the error then says how many attempts were made.
     """
     cfg = Config.from_dict(config)
     if cfg.orchestration.grow == "inline":
@@ -154,7 +150,7 @@ def dispatch_shard_task(config: dict, run_id: str, shard: ShardRef) -> ShardRece
     if known is not None:  # landed by an earlier attempt of this run: no GPU worker needed
         get_run_logger().info("shard %s already %s; not dispatched", shard.shard_id, known.state)
         return with_stored_validation(store, run_id, known)
-    attempt = task_run.run_count or 1
+    attempt, attempts = task_run.run_count or 1, len(cfg.orchestration.dispatch_retry_delays_s) + 1
     # Parameters show in the UI: the config's secrets are references, which the worker's clients resolve.
     grown = run_deployment(cfg.orchestration.grow_deployment,
                            parameters={"config": config, "run_id": run_id, "shard": shard},
@@ -164,10 +160,10 @@ def dispatch_shard_task(config: dict, run_id: str, shard: ShardRef) -> ShardRece
     state = grown.state
     if state is None or not state.is_completed():
         transient = state is not None and (state.is_crashed() or (state.is_failed() and state.name == RETRYABLE))
-        then = ("dispatched again" if attempt < DISPATCH_ATTEMPTS else f"gave up after {attempt} attempts") \
+        then = ("dispatched again" if attempt < attempts else f"gave up after {attempt} attempts") \
             if transient else "not retried"
         raise DispatchError(f"shard {shard.shard_id}: {where} ended {state.name if state else 'unknown'}: "
-                            f"{state.message if state else ''} (attempt {attempt} of {DISPATCH_ATTEMPTS}; {then})",
+                            f"{state.message if state else ''} (attempt {attempt} of {attempts}; {then})",
                             transient=transient)
     landed, corrupt = resume_shard(store, run_id, shard.shard_id, cfg.content_hash())
     if landed is None:
@@ -177,3 +173,9 @@ def dispatch_shard_task(config: dict, run_id: str, shard: ShardRef) -> ShardRece
     return dataclasses.replace(with_stored_validation(store, run_id, landed),
                                state="landed" if landed.state == "reused" else landed.state, worker=worker,
                                healed=healed)
+
+
+def dispatcher(orchestration: OrchestrationConfig):  # noqa: ANN201 — the dispatch-shard task, as this run retries it
+    """`dispatch_shard_task` dispatching a shard again once after each of `orchestration.dispatch_retry_delays_s`."""
+    delays = list(orchestration.dispatch_retry_delays_s)
+    return dispatch_shard_task.with_options(retries=len(delays), retry_delay_seconds=delays or 0)

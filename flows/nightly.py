@@ -11,13 +11,13 @@ from collections import deque
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
-from prefect import flow, get_run_logger
+from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
-from flows.grow_shard import dispatch_shard_task
+from flows.grow_shard import dispatcher
 from orchard.config import Config, load_config
 from orchard.services import embedded_services
 from schemas.errors import OrchardError
@@ -89,7 +89,7 @@ def publish_run(cfg: Config, run_id: str, max_shards: int | None = None) -> RunS
     # Through the hygiene gate (decontaminated and deduplicated), written to the store: shards travel as references.
     seeds = plan_shards_task(config, run_id)
     plans = seeds.shards[:max_shards]
-    in_flight = shards_in_flight(cfg)
+    in_flight, dispatch = shards_in_flight(cfg), dispatcher(cfg.orchestration)
     logger.info("run %s: %d shards of up to %d instructions, up to %d growing at once", run_id, len(plans),
                 cfg.run.instructions_per_shard, in_flight)
     progress = Progress(run_id, len(plans))
@@ -100,14 +100,14 @@ def publish_run(cfg: Config, run_id: str, max_shards: int | None = None) -> RunS
     # whole growth; dispatched shards grow in their workers' processes.
     host = growth_host(cfg) if cfg.orchestration.grow == "inline" else contextlib.nullcontext()
     with host:
-        checks = grow_and_validate(config, run_id, plans, progress, in_flight)
+        checks = grow_and_validate(config, run_id, plans, progress, in_flight, dispatch)
         # A corrupt shard (its bytes or manifest are not what was landed) is grown again, once, in this same run.
         corrupt = [plan for plan in plans if checks[plan.shard_id].outcome == "corrupt"]
         found = {plan.shard_id: checks[plan.shard_id].reason for plan in corrupt}
         if corrupt:
             logger.warning("run %s: %d corrupt shard(s) grown again", run_id, len(corrupt))
             progress.add(len(corrupt))
-            checks.update(grow_and_validate(config, run_id, corrupt, progress, in_flight))
+            checks.update(grow_and_validate(config, run_id, corrupt, progress, in_flight, dispatch))
     growth_wall_s = time.monotonic() - growth_started
     # Growth ends with the last landing; what follows until every shard is validated and checked is the tail.
     stages.end("grow", until=max((_landed_at(c.receipt) for c in checks.values() if c.receipt), default=None))
@@ -166,9 +166,9 @@ class Progress:
 
 
 def grow_and_validate(config: dict, run_id: str, plans: Sequence[ShardRef], progress: Progress,
-                      in_flight: int) -> dict[str, ShardCheck]:
+                      in_flight: int, dispatch: Task) -> dict[str, ShardCheck]:
     """Grow (or find landed) every shard of `plans`, each validated where it grows, and check each as it returns
-    (its bytes against its manifest); return each shard's check.
+    (its bytes against its manifest); return each shard's check. `dispatch` grows one shard (`dispatcher`).
 
     At most `in_flight` shards grow at once and at most as many wait on their check: the others wait in plan order,
     so the flow's threads and task runs do not grow with the run.
@@ -181,7 +181,7 @@ def grow_and_validate(config: dict, run_id: str, plans: Sequence[ShardRef], prog
     while True:
         while waiting and len(growing) < in_flight:
             plan = waiting.popleft()
-            future = dispatch_shard_task.submit(config, run_id, plan)
+            future = dispatch.submit(config, run_id, plan)
             growing[future] = plan
             future.add_done_callback(finished.put)
         while landed and len(checking) < in_flight:

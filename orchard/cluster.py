@@ -121,6 +121,7 @@ def up(cfg: Config, config_path: Path | None, *, say: Callable[[str], None] = pr
         env = {
             "PREFECT_API_URL": api,
             "PREFECT_HOME": str(cfg.state_path / "prefect"),
+            "PREFECT_WORKER_QUERY_SECONDS": str(orch.worker_poll_s),
             "ORCHARD__STATE_DIR": json.dumps(str(cfg.state_path)),
         }
         if config_path is not None:  # a scheduled nightly run has no command line: its worker loads this file
@@ -138,8 +139,9 @@ def up(cfg: Config, config_path: Path | None, *, say: Callable[[str], None] = pr
         # The CPU worker runs nightly, which dispatches every shard to the GPU pool (or grows them itself when
         # there are no GPU workers to dispatch to).
         grow = "deployment" if orch.gpu_workers else "inline"
-        started.append(_record(start_worker(cfg.state_path, orch.cpu_pool, "cpu-0", {
-            **env, "ORCHARD__ORCHESTRATION__GROW": json.dumps(grow)})))
+        workers = [(start_worker(cfg.state_path, orch.cpu_pool, "cpu-0", {
+            **env, "ORCHARD__ORCHESTRATION__GROW": json.dumps(grow)}), time.monotonic())]
+        started.append(_record(workers[-1][0]))
         # The embedded model servers started here share this host's cores: each gets its share of its engine's
         # threads. Two servers of 2 threads on 2 cores (gpu_workers = 2 on a CPU host) grew a shard at 4-10 tokens/s
         # each, where one alone grew it at 15-21 (tests/test_cluster.py's cluster, worker logs).
@@ -157,7 +159,11 @@ def up(cfg: Config, config_path: Path | None, *, say: Callable[[str], None] = pr
                 worker_env |= {key + "KIND": '"openai"', key + "BASE_URLS": json.dumps([model.url]),
                                key + "STRUCTURED_OUTPUT": json.dumps(engine.response_format)}
             # Besides the GPU limit, the worker itself takes one shard at a time: it never claims a run it must park.
-            started.append(_record(start_worker(cfg.state_path, orch.gpu_pool, f"gpu-{i}", worker_env, limit=1)))
+            workers.append((start_worker(cfg.state_path, orch.gpu_pool, f"gpu-{i}", worker_env, limit=1),
+                            time.monotonic()))
+            started.append(_record(workers[-1][0]))
+        for worker, since in workers:  # started side by side: one wait for all
+            wait_started(worker, since)
         record = {"api_url": api, "ui_url": server.url, "config": env.get("ORCHARD_CONFIG"),
                   "processes": [p.__dict__ for p in started]}
         up_file(cfg).write_text(json.dumps(record, indent=2))
@@ -265,21 +271,24 @@ def start_prefect_server(state_dir: Path, port: int) -> Service:
 
 def start_worker(state_dir: Path, pool: str, name: str, env: dict[str, str], *, limit: int | None = None) -> Service:
     """Start a process worker on `pool` with `env` (the API URL and this worker's ORCHARD__ variables), running at
-    most `limit` flow runs at once."""
+    most `limit` flow runs at once; `wait_started` returns once it is up (workers start side by side)."""
     argv = [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", pool, "--type", "process",
             "--name", name]
     if limit is not None:
         argv += ["--limit", str(limit)]
-    service = _launch(f"worker-{name}", argv, state_dir, env={**os.environ, **env}, cwd=REPO_ROOT,
-                      url=env["PREFECT_API_URL"])
+    return _launch(f"worker-{name}", argv, state_dir, env={**os.environ, **env}, cwd=REPO_ROOT,
+                   url=env["PREFECT_API_URL"])
 
-    def alive() -> None:  # a worker serves nothing: it is up once it has polled its pool without dying
-        if time.monotonic() - born < 3.0:
+
+def wait_started(worker: Service, since: float) -> None:
+    """Return once `worker` (from start_worker at monotonic time `since`) is up: a worker serves nothing, so up
+    means it has run for a few seconds, polling its pool, without dying; raise (and stop it) if it dies first."""
+
+    def alive() -> None:
+        if time.monotonic() - since < 3.0:
             raise _NotReady("starting")
 
-    born = time.monotonic()
-    _wait_healthy(service, alive, 60.0)
-    return service
+    _wait_healthy(worker, alive, 60.0)
 
 
 def create_pools_and_limits(api: str, pools: tuple[str, ...], limits: dict[str, int]) -> None:

@@ -333,10 +333,17 @@ class OrchestrationConfig:
     gpu_workers: int = 2
     cpu_pool: str = "orchard-cpu"
     gpu_pool: str = "orchard-gpu"
+    # `orchard up` only: how often its workers ask the API for work (Prefect's default is 10 s). A GPU worker takes one
+    # shard at a time, so it may wait this long between two shards with its GPU idle; the API answers a local poll in
+    # milliseconds.
+    worker_poll_s: float = 2.0
     # `orchard up` only: a flow run whose heartbeats stop for this long (its worker or host died; the deployments
     # send one every HEARTBEAT_S) is marked Crashed by an automation `up` creates, so the run waiting on it (the
     # nightly dispatch of a shard) sees it end and grows the shard again elsewhere.
     crashed_after_s: int = 90
+    # A shard whose grow-shard run crashed (its worker died) or failed transiently (its model server was down) is
+    # dispatched again after each of these delays in turn, to any worker of the pool: one attempt more than delays.
+    dispatch_retry_delays_s: tuple[float, ...] = (10.0, 30.0)
     # A grow-shard run that failed because its worker's model server is down keeps that worker's slot until the
     # server answers again, at most this long, so the worker takes no shard it cannot grow (flows/grow_shard.py).
     engine_down_hold_s: float = 600.0
@@ -357,6 +364,11 @@ class OrchestrationConfig:
             raise ValueError(f"orchestration.grow: must be inline or deployment, got {self.grow!r}")
         if self.gpu_workers < 0:
             raise ValueError(f"orchestration.gpu_workers: must be >= 0, got {self.gpu_workers}")
+        if self.worker_poll_s <= 0:
+            raise ValueError(f"orchestration.worker_poll_s: must be > 0, got {self.worker_poll_s}")
+        if any(delay < 0 for delay in self.dispatch_retry_delays_s):
+            raise ValueError(f"orchestration.dispatch_retry_delays_s: delays must be >= 0, got "
+                             f"{list(self.dispatch_retry_delays_s)}")
         if self.crashed_after_s < HEARTBEAT_S + 15:
             raise ValueError(f"orchestration.crashed_after_s: must be >= {HEARTBEAT_S + 15} (flow runs send a "
                              f"heartbeat every {HEARTBEAT_S} s), got {self.crashed_after_s}")

@@ -70,15 +70,8 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineConfig]:
 
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[None]:
-    """One Prefect test harness (a real Prefect server on its own SQLite database) for the whole session.
-
-    Flows run in this process dispatch a shard that failed transiently again after 1 s, not after 10 and 30 s: the
-    tests check that it is dispatched again and how the run ends, not how long a worker gets to recover. (Flows of
-    `orchard run` or `orchard up` in their own processes keep the shipped delays.)"""
+    """One Prefect test harness (a real Prefect server on its own SQLite database) for the whole session."""
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.grow_shard import DISPATCH_RETRY_DELAYS_S, dispatch_shard_task
-
-    with prefect_test_harness(server_startup_timeout=180), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dispatch_shard_task, "retry_delay_seconds", [1] * len(DISPATCH_RETRY_DELAYS_S))
+    with prefect_test_harness(server_startup_timeout=180):
         yield

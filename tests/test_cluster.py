@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from bench import fault_cluster
-from flows.grow_shard import DISPATCH_ATTEMPTS, DispatchError, dispatch_shard_task, grow_here, worker_config
+from flows.grow_shard import DispatchError, dispatch_shard_task, dispatcher, grow_here, worker_config
 from orchard.cluster import CRASH_AUTOMATION, ClusterError, down, read_up, status, status_text, up
 from orchard.config import (
     HEARTBEAT_S,
@@ -53,7 +53,7 @@ jury_canaries = 0
 hard_negatives_per_tree = 0
 [[seeds]]
 kind = "arithmetic"
-count = 4
+count = 2
 difficulty = 1
 [hygiene]
 # One cluster's lake takes several runs of these same seeds (each scenario checks its own run): a later run must
@@ -63,6 +63,12 @@ dedup_against_lake = false
 api_port = {port}
 gpu_workers = 2
 crashed_after_s = 60
+# One verification and one validation process per grow-shard run (not one per core): a run grows one shard, and two
+# workers' runs share these 2 cores with two model servers.
+verify_workers = 1
+# A crashed or failed grow-shard run is dispatched again after 1 s, not after 10 and 30: the tests check that it is
+# dispatched again and how the run ends, not how long a worker gets to recover.
+dispatch_retry_delays_s = [1, 1]
 """
 
 
@@ -94,7 +100,14 @@ def test_a_shard_is_dispatched_again_only_when_its_grow_shard_run_crashed_or_fai
     assert not retry(None, None, Failed(data=DispatchError("grow-shard run ended Failed: schema")))
     assert not retry(None, None, Failed(data=ConfigError("bad config")))
     assert retry(None, None, Failed(data=StoreUnavailable("b", "k", "http://s3", 5, 30.0, ConnectionError("down"))))
-    assert DISPATCH_ATTEMPTS > 1 and dispatch_shard_task.retries == DISPATCH_ATTEMPTS - 1
+    # Dispatched again after each delay of orchestration.dispatch_retry_delays_s (by default 10 s, then 30 s).
+    default = OrchestrationConfig().dispatch_retry_delays_s
+    assert default == (10.0, 30.0) and dispatch_shard_task.retries == len(default)
+    quick = dispatcher(OrchestrationConfig(dispatch_retry_delays_s=(1.0, 2.0, 3.0)))
+    assert (quick.retries, quick.retry_delay_seconds) == (3, [1.0, 2.0, 3.0])
+    assert dispatcher(OrchestrationConfig(dispatch_retry_delays_s=())).retries == 0
+    with pytest.raises(ValueError, match="dispatch_retry_delays_s"):
+        OrchestrationConfig(dispatch_retry_delays_s=(-1.0,))
 
 
 def test_a_worker_whose_model_server_is_down_fails_the_shard_at_once_with_a_transient_error(
@@ -220,20 +233,20 @@ def test_nightly_dispatches_shards_to_both_gpu_workers_and_the_lake_holds_each_o
         runs = client.read_flow_runs()
         flows = {run.flow_id: client.read_flow(run.flow_id).name for run in runs}
     grown = [run for run in runs if flows[run.flow_id] == "grow-shard"]
-    assert len(grown) == 4 and all(run.state.is_completed() for run in grown)
+    assert len(grown) == 2 and all(run.state.is_completed() for run in grown)
     assert all(str(run.parent_task_run_id) for run in grown)  # subflows of the nightly run's dispatch tasks
     workers = Counter(run.labels.get("prefect.worker.name") for run in grown)
     assert set(workers) == {"gpu-0", "gpu-1"}, workers
     store_url = next(p.url for p in read_up(cluster)["processes"] if p.name == "seaweedfs")
     live = cluster.replace(object_store=dataclasses.replace(cluster.object_store, endpoint_url=store_url))
     _, shards = query(live, "SELECT shard_id, count(*) FROM trees GROUP BY 1 ORDER BY 1")
-    assert len(shards) == 4 and all(count == 1 for _, count in shards)
+    assert len(shards) == 2 and all(count == 1 for _, count in shards)
     store = ObjectStore(live.object_store)
     assert all(landed_manifest(store, RUN_ID, shard_id) for shard_id, _ in shards)
     (dupes,) = query(live, "SELECT count(*) - count(DISTINCT node_id) FROM nodes")[1]
     assert dupes == (0,)
     _, published = query(live, f"SELECT status, shards_published FROM runs WHERE run_id = '{RUN_ID}'")
-    assert published == [("complete", 4)]
+    assert published == [("complete", 2)]
 
 
 @pytest.mark.integration

@@ -23,9 +23,10 @@ import faults  # noqa: E402
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A fault lab (SeaweedFS + llama.cpp) for this module; its servers stop when the module ends."""
+    """A fault lab (SeaweedFS, llama.cpp and a Prefect server that its runs report to: none of these faults is in
+    Prefect's path) for this module; its servers stop when the module ends."""
     path = tmp_path_factory.mktemp("faults")
-    with faults.lab_session(path):
+    with faults.lab_session(path, prefect_api=True):
         yield path
 
 
