@@ -130,9 +130,12 @@ def grow_shard_flow(config: dict, run_id: str, shard: ShardRef) -> dict | State:
 
 # Grown again only for a transient failure (a crashed or Retryable grow-shard run, or in-process a store or model
 # server that was down); a failure a retry repeats (a config, schema or ownership error) is final at once. How often
-# and after how long: orchestration.dispatch_retry_delays_s (`dispatcher`); the defaults here are that setting's.
-@task(name="dispatch-shard", cache_policy=NO_CACHE, retries=len(OrchestrationConfig().dispatch_retry_delays_s),
-      retry_delay_seconds=list(OrchestrationConfig().dispatch_retry_delays_s), retry_condition_fn=retry_transient)
+# and after how long: orchestration.dispatch_retry_delays_s, which `dispatcher` applies; the task's own are its default.
+_DEFAULT_DELAYS_S = list(OrchestrationConfig().dispatch_retry_delays_s)
+
+
+@task(name="dispatch-shard", cache_policy=NO_CACHE, retries=len(_DEFAULT_DELAYS_S), retry_delay_seconds=_DEFAULT_DELAYS_S,
+      retry_condition_fn=retry_transient)
 def dispatch_shard_task(config: dict, run_id: str, shard: ShardRef) -> ShardReceipt:
     """Grow one shard with the grow-shard flow, here or on a GPU worker; return its receipt.
 
