@@ -7,7 +7,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Sequence
 
-from orchard.config import RunConfig
+from orchard.config import OrchestrationConfig, RunConfig
 from orchard.engine import Completion, Sampling, Usage
 from schemas.fates import ShardFate
 from schemas.plan import Instruction, ShardPlan, SourceCount, instruction_id
@@ -16,6 +16,12 @@ from tasks.verify import Verdict, check_math_answer
 
 # A small run with every part of a tree: strategies, critique-refine turns, MCTS (steps, rollouts, self-evaluations),
 # principles for open-ended prompts, the jury on a verifiable pair and a canary per shard.
+# Where a test's run grows in this process against a scripted model: a shard that failed transiently (the store or
+# the model misbehaving) is dispatched again after 1 s, not after 10 and 30 s (the tests check that it is, and how the
+# run ends, not how long a server gets to recover); one verification and one validation process, since a scripted
+# model answers at once and a run would wait on more of them starting.
+QUICK_RETRIES = OrchestrationConfig(verify_workers=1, dispatch_retry_delays_s=(1.0, 1.0))
+
 SMALL_RUN = RunConfig(
     instructions_per_shard=2,
     strategies=("step_by_step", "plan_first", "work_backwards"),

@@ -3,7 +3,7 @@
 Every corruption of a landed shard at once (truncated Parquet, wrong checksum, missing part, a manifest of another
 run: one shard each, in one resumed run), and one model request answered HTTP 400: real SeaweedFS, the real
 llama.cpp server, `orchard run` as a subprocess. The slow faults (store outages, kills at each stage, the model
-server killed, Postgres) run in the bench only: together these two tests take about 2 minutes on 2 cores (their
+server killed, Postgres) run in the bench only: together these two tests take about 2½ minutes on 2 cores (their
 runs report to the lab's one Prefect server instead of starting their own).
 """
 

@@ -14,10 +14,10 @@ from typing import NamedTuple
 import httpx
 import pytest
 
-from builders import SMALL_RUN, ArithmeticScript, ScriptedEngine, ScriptedServer, check_math, store_toml
+from builders import QUICK_RETRIES, SMALL_RUN, ArithmeticScript, ScriptedEngine, ScriptedServer, check_math, store_toml
 from flows.cli import main as orchard_main
 from orchard import lake
-from orchard.config import Config, EngineConfig, OrchestrationConfig, SeedSource
+from orchard.config import Config, EngineConfig, SeedSource
 from tasks.grow import grow_shard
 from tasks.land import land_shard, landed_manifest, quarantine_prefix
 from tasks.seed_files import SeedError
@@ -55,10 +55,7 @@ def config(tmp_path, store, scripted, prefect_api) -> Config:
         seeds=(SeedSource(kind="arithmetic", count=4, difficulty=1, seed=11),),
         engines={"embedded": engine},
         object_store=store.cfg,
-        # A shard that failed transiently (garbage from the model) is dispatched again after 1 s, not after 10 and
-        # 30: the tests check that it is and how the run ends. One verification and one validation process: a
-        # scripted model answers at once, so a run waits on them starting.
-        orchestration=OrchestrationConfig(verify_workers=1, dispatch_retry_delays_s=(1.0, 1.0)),
+        orchestration=QUICK_RETRIES,  # garbage from the model fails a shard transiently: dispatched again at once
     )
     scripted.script.learn(config.seeds)
     return config

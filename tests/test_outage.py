@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import tasks.grow
-from builders import ArithmeticScript, ScriptedEngine, ScriptedServer
+from builders import QUICK_RETRIES, ArithmeticScript, ScriptedEngine, ScriptedServer
 from orchard import lake, services
 from orchard import store as store_module
 from orchard.config import (
@@ -25,7 +25,6 @@ from orchard.config import (
     EngineConfig,
     HygieneConfig,
     ObjectStoreConfig,
-    OrchestrationConfig,
     RunConfig,
     SeedSource,
 )
@@ -105,11 +104,10 @@ def seaweed(tmp_path: Path) -> Iterator[Seaweed]:
 def config_for(tmp_path: Path, seaweed: Seaweed, engine_url: str) -> Config:
     engine = EngineConfig(kind="openai", model="scripted", base_urls=(engine_url,), retries=0, structured_output="none")
     # A test here grows the same seeds as two runs into one lake ("calm", then "storm") to compare them: the second
-    # must not drop them as already published. A shard that failed on the store is dispatched again after 1 s, not
-    # after 10 and 30: the tests check how the run ends, not how long a store gets to recover.
+    # must not drop them as already published. A shard that failed on the store is dispatched again at once.
     return Config(state_dir=str(tmp_path / "state"), run=RUN, seeds=SEEDS, engines={"embedded": engine},
                   object_store=seaweed.cfg, hygiene=HygieneConfig(dedup_against_lake=False),
-                  orchestration=OrchestrationConfig(verify_workers=1, dispatch_retry_delays_s=(1.0, 1.0)))
+                  orchestration=QUICK_RETRIES)
 
 
 def plans(config: Config) -> list[ShardPlan]:
