@@ -107,9 +107,10 @@ run: $(STAMP) sandbox embedded-engine
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/lint-imports
 
-# The whole suite; the 25 slowest steps printed at the end (where the suite's time goes).
+# The whole suite on two pytest-xdist workers, one for the tests that keep a model server busy and one for the rest
+# (tests/conftest.py); the 25 slowest steps printed at the end (where the suite's time goes).
 test: $(STAMP) lint sandbox embedded-engine postgres browser vllm-env train-check
-	$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --durations=25 $(PYTEST_ARGS)
 
 # The inner loop: the tests that start no service (no SeaweedFS, model server, Prefect or vLLM); a few minutes.
 check: $(STAMP) lint sandbox embedded-engine

@@ -346,7 +346,7 @@ class Lab:
     corrupt shard, a model's answer). Runs that are killed keep their own, as a user's runs do.
     """
 
-    def __init__(self, work: Path, *, prefect_api: bool = False) -> None:
+    def __init__(self, work: Path, *, prefect_api: bool = False, model_threads: int = 0) -> None:
         self.work = work.resolve()
         self.prefect: Service | None = None
         self.api_url: str | None = None
@@ -355,7 +355,7 @@ class Lab:
         self.store_cfg = STORE
         self.seaweed = Restartable("seaweedfs", lambda: start_seaweedfs(STORE, self.work / "services"),
                                    self.work / "services")
-        engine = EngineConfig(kind="embedded", model=MODEL, n_ctx=2048)
+        engine = EngineConfig(kind="embedded", model=MODEL, n_ctx=2048, threads=model_threads)  # 0: the default
         self.llama = Restartable("llama", lambda: start_llama_server(engine, self.work / "services"),
                                  self.work / "services")
         self.memo: dict[Any, Any] = {}  # what scenarios share: clean runs, a corruption episode's outcome

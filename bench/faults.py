@@ -71,11 +71,12 @@ _LAB: Lab | None = None
 
 
 @contextlib.contextmanager
-def lab_session(work: Path, *, prefect_api: bool = False) -> Iterator[Lab]:
-    """Start the shared servers under `work` (with `prefect_api`, a Prefect server that runs not killed report to)
-    for the scenarios run inside the block; stop them after."""
+def lab_session(work: Path, *, prefect_api: bool = False, model_threads: int = 0) -> Iterator[Lab]:
+    """Start the shared servers under `work` (with `prefect_api`, a Prefect server that runs not killed report to;
+    the model server with `model_threads` compute threads, 0: the default) for the scenarios run inside the block;
+    stop them after."""
     global _LAB
-    with Lab(work, prefect_api=prefect_api) as lab:
+    with Lab(work, prefect_api=prefect_api, model_threads=model_threads) as lab:
         _LAB = lab
         try:
             yield lab

@@ -1,15 +1,17 @@
-"""Shared fixtures: one real SeaweedFS, one real llama.cpp server and one Prefect test harness per test session, a
-fresh bucket per test, and one nightly run on the real model that every test reading a real run's results shares."""
+"""Shared fixtures: one real SeaweedFS, one real llama.cpp server and one Prefect test harness per test session (per
+pytest-xdist worker), a fresh bucket per test; and how `make test`'s two workers share the tests out."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from builders import MODEL_THREADS
 from orchard.config import EMBEDDED_STORE_SECRET, Config, EngineConfig, LakeConfig, ObjectStoreConfig
 from orchard.services import Service, start_llama_server, start_seaweedfs
 from orchard.store import ObjectStore
@@ -19,6 +21,46 @@ EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 # Tests that use these fixtures talk to real servers: they are integration tests whether or not
 # their author remembered the marker, so `-m "not integration"` always leaves them out.
 _SERVICE_FIXTURES = {"seaweed", "store", "llama", "prefect_api"}
+
+
+# `make test` runs the suite on two pytest-xdist workers (`-n 2`) in two lanes. The modules that keep a model server
+# busy (the shared real-model run, `orchard up`'s GPU workers, the fault lab, vLLM, the real-model tests) are one
+# unit of work, run by one worker one after another: two model servers decoding at once on 2 cores slow each other
+# down many times over. Every other module is a unit of its own (its module fixtures set up once), run by the other
+# worker, which waits less than the model lane's worker does, at a lower CPU priority (LANE_NICE), so it takes the
+# CPU the model lane leaves idle (its sleeps, polls and dependent requests) rather than the model server's.
+MODEL_LANE = "model servers"
+_MODEL_MODULES = {"test_real_run", "test_cluster", "test_faults", "test_vllm", "test_jury", "test_engine",
+                  "test_services", "test_launch"}
+LANE_NICE = 5
+
+
+def lane(nodeid: str) -> str:
+    """The unit of work a test belongs to: MODEL_LANE, or its module's path."""
+    module = nodeid.split("::", 1)[0]
+    return MODEL_LANE if Path(module).stem in _MODEL_MODULES else module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    # xdist's loadgroup (xdist_group marks) does not group under pytest 9: its worker rewrites `_nodeid`, which
+    # pytest 9 no longer reads. Its module-scope scheduler, with MODEL_LANE as one scope, does the same.
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Lanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return lane(nodeid)
+
+    return Lanes(config, log)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    global _niced
+    if not _niced and os.environ.get("PYTEST_XDIST_WORKER") and lane(item.nodeid) != MODEL_LANE:
+        os.nice(LANE_NICE)  # this worker and the servers it starts from now on
+        _niced = True
+
+
+_niced = False
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -59,7 +101,7 @@ def local_config(tmp_path: Path) -> Config:
 @pytest.fixture(scope="session")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineConfig]:
     """The embedded llama.cpp server for the whole session, as an `openai` engine config."""
-    embedded = EngineConfig(kind="embedded", model=EMBEDDED_MODEL, n_ctx=2048)
+    embedded = EngineConfig(kind="embedded", model=EMBEDDED_MODEL, n_ctx=2048, threads=MODEL_THREADS)
     service = start_llama_server(embedded, tmp_path_factory.mktemp("llama-state"))
     try:
         yield dataclasses.replace(embedded, kind="openai", base_urls=(service.url,),

@@ -17,6 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from builders import MODEL_THREADS
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import faults  # noqa: E402
@@ -27,7 +29,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A fault lab (SeaweedFS, llama.cpp and a Prefect server that its runs report to: none of these faults is in
     Prefect's path) for this module; its servers stop when the module ends."""
     path = tmp_path_factory.mktemp("faults")
-    with faults.lab_session(path, prefect_api=True):
+    with faults.lab_session(path, prefect_api=True, model_threads=MODEL_THREADS):
         yield path
 
 
