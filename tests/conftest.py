@@ -24,14 +24,13 @@ _SERVICE_FIXTURES = {"seaweed", "store", "llama", "prefect_api"}
 
 
 # `make test` runs the suite on two pytest-xdist workers (`-n 2`) in two lanes. The modules that keep a model server
-# busy (the shared real-model run, `orchard up`'s GPU workers, the fault lab, vLLM, the real-model tests) are one
-# unit of work, run by one worker one after another: two model servers decoding at once on 2 cores slow each other
-# down many times over. Every other module is a unit of its own (its module fixtures set up once), run by the other
-# worker, which waits less than the model lane's worker does, at a lower CPU priority (LANE_NICE), so it takes the
-# CPU the model lane leaves idle (its sleeps, polls and dependent requests) rather than the model server's.
+# busy for minutes (the shared real-model run, `orchard up`'s GPU workers, the fault lab, vLLM) are one unit of work,
+# run by one worker one after another, so that at most two model servers decode at once (this lane's and the other's
+# few seconds of real-model tests), each with its lane's share of the cores (builders.MODEL_THREADS). Every other
+# module is a unit of its own (its module fixtures set up once), run by the other worker, whose work is shorter, at a
+# lower CPU priority (LANE_NICE), so it takes the CPU the model lane leaves idle rather than the model lane's.
 MODEL_LANE = "model servers"
-_MODEL_MODULES = {"test_real_run", "test_cluster", "test_faults", "test_vllm", "test_jury", "test_engine",
-                  "test_services", "test_launch"}
+_MODEL_MODULES = {"test_real_run", "test_cluster", "test_faults", "test_vllm"}
 LANE_NICE = 5
 
 
@@ -50,6 +49,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
         def _split_scope(self, nodeid: str) -> str:
             return lane(nodeid)
 
+    # Units in collection order, where the model lane comes first (pytest_collection_modifyitems): the longest unit
+    # starts at once, and the other worker takes every other unit in turn. (By default xdist starts the units with
+    # the most tests first, and the model lane has few tests, each of minutes.)
+    config.option.loadscopereorder = False
     return Lanes(config, log)
 
 
@@ -64,6 +67,7 @@ _niced = False
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: lane(item.nodeid) != MODEL_LANE)  # stable: the model lane first, else as collected
     for item in items:
         if _SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
