@@ -2,8 +2,8 @@
 every test that reads what it published: its tables and a re-run that adds nothing, its report in Prefect, the `sql`
 command, and its trainer-facing exports trained by TRL's own trainers.
 
-They live in one module so that the run is grown once however the suite is split: `make test` hands whole modules to
-its two workers (tests/conftest.py).
+They live in one module so that the run is grown once however the suite is split: `make test` runs this module in its
+model lane, one worker's (tests/conftest.py).
 
 TRL runs in its own venv (`make train-env`; `make train-check` also converts the shipped GGUF to a safetensors
 checkpoint once): tests/train_check.py runs there, two optimizer steps of DPOTrainer, KTOTrainer, SFTTrainer and
@@ -59,7 +59,8 @@ class RealRun(NamedTuple):
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory: pytest.TempPathFactory, seaweed: tuple[Service, ObjectStoreConfig],
              llama: EngineConfig, prefect_api: None) -> RealRun:
-    """One nightly run on the real model for this module (about two minutes on 2 cores), read by the tests of
+    """One nightly run on the real model for this module (about two minutes on 2 cores; three and a half under
+    `make test`, whose model servers get 1 thread of 2), read by the tests of
     what a real run publishes (tables, report, SQL, exports that train). Tests may run it again (a re-run reuses
     every shard) but must not add to or change its lake otherwise."""
     from flows.nightly import nightly
