@@ -26,8 +26,9 @@ QUICK_RETRIES = OrchestrationConfig(verify_workers=1, dispatch_retry_delays_s=(1
 # The compute threads of the llama.cpp servers the tests start themselves (the session's, the fault lab's). Under
 # `make test`'s two pytest-xdist workers (tests/conftest.py) they get their lane's share of the cores, as `orchard up`
 # gives each of its servers its share: a server of 2 threads on 2 cores decodes many times slower whenever anything
-# else is running (16 requests of 128 tokens: 78 tokens/s alone, 17 beside one busy process even at the lowest
-# priority, and not done in 90 s beside one at nice 5; at 1 thread 74 alone and 70 beside one). 0: the default.
+# else is running (16 requests of 128 tokens: 78 tokens/s alone; beside one busy process, 17 when that process is
+# scheduled as idle, and not done in 90 s when it runs at nice 19; at 1 thread, 74 alone and 70 beside one at nice 5).
+# 0: the default.
 MODEL_THREADS = max(1, (os.cpu_count() or 1) // 2) if os.environ.get("PYTEST_XDIST_WORKER") else 0
 
 SMALL_RUN = RunConfig(

@@ -25,8 +25,8 @@ _SERVICE_FIXTURES = {"seaweed", "store", "llama", "prefect_api"}
 
 # `make test` runs the suite on two pytest-xdist workers (`-n 2`) in two lanes. The modules that keep a model server
 # busy for minutes (the shared real-model run, `orchard up`'s GPU workers, the fault lab, vLLM) are one unit of work,
-# run by one worker one after another, so that at most two model servers decode at once (this lane's and the other's
-# few seconds of real-model tests), each with its lane's share of the cores (builders.MODEL_THREADS). Every other
+# run by one worker one after another, so that beside its model servers only the other lane's few seconds of
+# real-model tests decode, every server with its share of the cores (builders.MODEL_THREADS, `orchard up`'s). Every other
 # module is a unit of its own (its module fixtures set up once), run by the other worker, whose work is shorter, at a
 # lower CPU priority (LANE_NICE), so it takes the CPU the model lane leaves idle rather than the model lane's.
 MODEL_LANE = "model servers"
@@ -56,14 +56,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     return Lanes(config, log)
 
 
+_niced = False  # whether this worker lowered its priority (once, at its first test outside the model lane)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     global _niced
     if not _niced and os.environ.get("PYTEST_XDIST_WORKER") and lane(item.nodeid) != MODEL_LANE:
         os.nice(LANE_NICE)  # this worker and the servers it starts from now on
         _niced = True
-
-
-_niced = False
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
