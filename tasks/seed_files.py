@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 from schemas.errors import OrchardError
 
@@ -82,10 +82,24 @@ def jsonl_records(path: Path, lines: Iterable[str], strings: Sequence[str],
         yield number, record
 
 
+def utf8_lines(path: Path, raw: IO[bytes]) -> Iterator[str]:
+    """Yield the lines of the binary file `raw` (read from `path`) as text; fail on the first that is not valid UTF-8,
+    naming its line and the offending byte's offset in the line and in the file (1-based), before anything is read
+    as a seed."""
+    offset = 0
+    for number, line in enumerate(raw, start=1):
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SeedError(f"{path}: line {number}: not valid UTF-8 at byte {exc.start + 1} of the line (byte "
+                            f"{offset + exc.start + 1} of the file): {exc.reason}") from None
+        offset += len(line)
+
+
 def _check_jsonl(path: Path, strings: Sequence[str], string_lists: Sequence[str] = ()) -> None:
-    """Fail on the first line that is not a JSON object with every required field."""
-    with path.open(encoding="utf-8") as lines:
-        for _ in jsonl_records(path, lines, strings, string_lists):
+    """Fail on the first line that is not UTF-8 text holding a JSON object with every required field."""
+    with path.open("rb") as raw:
+        for _ in jsonl_records(path, utf8_lines(path, raw), strings, string_lists):
             pass
 
 

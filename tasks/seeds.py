@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 from orchard.config import Config, SeedSource
 from schemas.plan import Instruction, SeedPlan, ShardPlan, SourceCount, instruction_id
 from tasks.hygiene import Drops, EarlierLookup, contamination_rows, screen_seeds
-from tasks.seed_files import SeedError, humaneval_path, jsonl_records, read_rows
+from tasks.seed_files import SeedError, humaneval_path, jsonl_records, read_rows, utf8_lines
 
 
 def _make(domain: str, source: str, row: int, text: str, reference: str, difficulty: int) -> Instruction:
@@ -145,8 +145,8 @@ def load_humaneval(count: int = 0, *, path: str | Path | None = None) -> list[In
         raise SeedError(f"{path}: no such seed file")
     instructions = []
     # Read the file directly: the package's own executor runs code unsandboxed, and is never imported here.
-    with gzip.open(path, "rt", encoding="utf-8") as lines:
-        for number, record in jsonl_records(path, lines, ("task_id", "prompt", "test", "entry_point")):
+    with gzip.open(path, "rb") as raw:
+        for number, record in jsonl_records(path, utf8_lines(path, raw), ("task_id", "prompt", "test", "entry_point")):
             if count and len(instructions) >= count:
                 break
             text = f"{CODE_ASK}\n\n```python\n{record['prompt'].strip()}\n```"

@@ -103,6 +103,16 @@ def test_malformed_json_line_is_named(tmp_path):
         load_gsm8k(path)
 
 
+def test_a_line_that_is_not_utf8_is_named_with_its_byte_offset(tmp_path):
+    path = tmp_path / "seeds.jsonl"
+    first = '{"question": "a?", "answer": "#### 1"}\n'.encode()
+    path.write_bytes(first + b'{"question": "caf\xe9?", "answer": "#### 2"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(SeedError) as raised:
+        load_gsm8k(path)
+    assert str(raised.value) == (f"{path}: line 2: not valid UTF-8 at byte 18 of the line (byte {len(first) + 18} of "
+                                 "the file): invalid continuation byte")
+
+
 def test_missing_field_is_named(tmp_path):
     path = tmp_path / "seeds.jsonl"
     path.write_text('{"question": "a?", "answer": "#### 1"}\n{"question": "b?"}\n')
