@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -141,6 +142,52 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if report["up"] else 1
 
 
+def cmd_seeds(args: argparse.Namespace) -> int:
+    from tasks.seeds import seed_report  # reads `datasets` and the eval sets: only for this command
+
+    report = seed_report(load_config(args.config))
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else seeds_text(report, args.show))
+    return 0
+
+
+def seeds_text(report: dict, show: int = 10) -> str:
+    """`orchard seeds`'s printout: per source, the gate, its contamination hits and near-duplicate clusters (the first
+    `show` of each), the planned shards."""
+    def quoted(text: str, width: int = 70) -> str:
+        text = " ".join(text.split())
+        return repr(text if len(text) <= width else text[: width - 1] + "…")
+
+    def where(seed: dict) -> str:
+        return f"{seed['source']} row {seed['row']}"
+
+    out = []
+    for source in report["sources"]:
+        dropped = sum(source["dropped"].values())
+        out.append(f"{source['source']}: read {source['read']}, kept {source['kept']}, dropped {dropped}")
+        out += [f"    {n:>6}  {reason}" for reason, n in source["dropped"].items()]
+    gate = [row for row in report["drops"] if row["stage"] != "seeds"]
+    out.append(f"hygiene gate: {report['read']} instructions in, {report['kept']} kept")
+    out += [f"    {row['count']:>6}  {row['stage']}: {row['reason']}" for row in gate]
+    sets = ", ".join(f"{s['name']} ({s['items']} items)" for s in report["eval_sets"]) or "none"
+    hits = report["contamination"]
+    out.append(f"contamination: {len({h['instruction_id'] for h in hits})} instructions flagged against {sets}")
+    for hit in hits[:show]:
+        out.append(f"    {where(hit)} {quoted(hit['text'], 50)} ~ {hit['eval_set']} {hit['eval_item_id']} "
+                   f"(coverage {hit['coverage']:.2f})")
+    clusters = report["near_duplicate_clusters"]
+    out.append(f"duplicate clusters: {len(clusters)} ({sum(len(c['duplicates']) for c in clusters)} dropped)")
+    for cluster in clusters[:show]:
+        out.append(f"    kept {where(cluster['kept'])} {quoted(cluster['kept']['text'])}")
+        out += [f"      dropped {where(d)} {quoted(d['text'], 50)}: {d['reason']}" for d in cluster["duplicates"][:show]]
+    if len(hits) > show or len(clusters) > show:
+        out.append(f"    (the first {show} of each; --show N for more, --json for all)")
+    shards = report["shards"]
+    out.append(f"planned: {report['kept']} instructions in {shards['count']} shards of up to "
+               f"{shards['instructions_per_shard']}")
+    out.append(f"earlier runs: {report['earlier_runs']}")
+    return "\n".join(out)
+
+
 def _format_table(columns: Sequence[str], rows: Sequence[Sequence[object]], width: int = 60) -> str:
     def cell(value: object) -> str:
         text = "NULL" if value is None else str(value).replace("\n", "\\n")
@@ -183,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--workers", type=int, help="process workers on the GPU pool (default: orchestration.gpu_workers)")
     start.add_argument("--port", type=int, help="the Prefect API and UI port (default: orchestration.api_port)")
     start.set_defaults(func=cmd_up)
+    seeds = sub.add_parser("seeds", help="read and screen the configured seeds without growing anything")
+    seeds.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    seeds.add_argument("--show", type=int, default=10, help="contamination hits and clusters printed (default: 10)")
+    seeds.set_defaults(func=cmd_seeds)
     sub.add_parser("down", help="stop what `orchard up` started").set_defaults(func=cmd_down)
     sub.add_parser("status", help="say what `orchard up` started and what runs").set_defaults(func=cmd_status)
     return parser

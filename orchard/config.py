@@ -82,15 +82,37 @@ def _check_secret(key: str, reference: str) -> list[str]:
     return []
 
 
+# What a `dataset` seed source's `columns` may map (Orchard's field -> the file's column), tasks/dataset_seeds.py.
+SEED_FIELDS = ("prompt", "messages", "system", "answer", "solution", "tests", "test_setup", "entry_point",
+               "instruction_id_list", "kwargs", "id", "difficulty")
+ANSWER_FORMATS = ("auto", "gsm8k", "boxed", "plain")
+
+
 @section
 class SeedSource:
-    """Where instructions come from: a generator (`arithmetic`) or a local file (`gsm8k`)."""
+    """Where instructions come from: a generator (`arithmetic`), a shipped set (`humaneval`), or a user's data
+    (`dataset`: any JSONL/JSON/Parquet/CSV file, glob of them or `save_to_disk` folder, read through `datasets`)."""
 
     kind: str = "arithmetic"
     count: int = 0  # 0: every row of a file or shipped set; a generator needs a count
     difficulty: int = 2
     seed: int = 7
     path: str = ""
+    # kind = "dataset" (tasks/dataset_seeds.py); the gsm8k, mbpp, ifeval and open_ended files are presets of it.
+    split: str = ""  # a save_to_disk DatasetDict's or a hub dataset's split ("": its only split, else "train")
+    columns: dict[str, str] = Field(default_factory=dict)  # Orchard field (SEED_FIELDS) -> the data's column
+    domain: str = ""  # math | code | instruction_following | open_ended, a column holding one of them, or "": inferred
+    answer_format: str = "auto"  # auto | gsm8k (`#### 42`) | boxed (`\\boxed{42}`) | plain
+    filter: str = ""  # a SQL predicate over the data's columns (DuckDB), e.g. "level = 'Level 2' AND type = 'Algebra'"
+
+    @model_validator(mode="after")
+    def _check(self) -> SeedSource:
+        unknown = sorted(set(self.columns) - set(SEED_FIELDS))
+        if unknown:
+            raise ValueError(f"columns: unknown field {unknown[0]!r} (Orchard's fields: {', '.join(SEED_FIELDS)})")
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format: must be one of {', '.join(ANSWER_FORMATS)}, got {self.answer_format!r}")
+        return self
 
 
 @section

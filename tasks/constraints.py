@@ -20,7 +20,6 @@ import json
 import random
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import langdetect
@@ -29,7 +28,7 @@ from if_verifiable.ifeval import instructions_util as ifeval_util
 from nltk.tokenize import NLTKWordTokenizer
 
 from schemas.errors import OrchardError
-from tasks.seed_files import SeedError, read_rows
+from tasks.seed_files import SeedError
 
 # langdetect draws random samples while it detects: without a fixed seed the same text can get a different
 # language on another call, and a response's score would change between runs.
@@ -791,40 +790,32 @@ def _feedback(results: Sequence[ConstraintResult]) -> str:
 # --- IFEval-format files --------------------------------------------------------------------------
 
 
-def load_ifeval(path: str | Path) -> list[IFPrompt]:
-    """Return the prompts of an IFEval-format file (`prompt`, `instruction_id_list`, `kwargs`; JSONL or Parquet).
-
-    Read through `datasets` as the other seed files are; an unknown instruction id or a bad parameter fails
-    naming the file, the line (or row) and the id.
-    """
-    path = Path(path)
-    prompts = []
-    for i, row, row_word in read_rows(path, strings=("prompt",), string_lists=("instruction_id_list",)):
-        where = f"{path}: {row_word} {i}"
-        ids, kwargs_list = row["instruction_id_list"], row.get("kwargs")
-        if kwargs_list is None:
-            kwargs_list = [{} for _ in ids]
-        if not isinstance(kwargs_list, list) or len(kwargs_list) != len(ids):
-            raise SeedError(f"{where}: field 'kwargs' must be a list of objects, one per instruction id "
-                            f"({len(ids)}), got {_clip(repr(kwargs_list), 80)}")
-        normalized = []
-        for cid, kwargs in zip(ids, kwargs_list):
-            if cid not in CONSTRAINTS:
-                raise SeedError(f"{where}: unknown instruction id {cid!r} (known: {', '.join(sorted(CONSTRAINTS))})")
-            if kwargs is not None and not isinstance(kwargs, dict):
-                raise SeedError(f"{where}: instruction {cid!r}: kwargs must be an object, "
-                                f"got {_clip(repr(kwargs), 80)}")
-            try:
-                normalized.append(normalize_kwargs(cid, kwargs))
-            except ConstraintError as exc:
-                raise SeedError(f"{where}: instruction {exc}") from None
-        text = row["prompt"].strip()
-        prompts.append(IFPrompt(text, text, tuple(ids), tuple(normalized), len(ids), str(path), i))
-    return prompts
+def if_prompt(where: str, prompt: str, ids: Sequence[str], kwargs_list: Any, source: str, row: int,
+              kwargs_field: str = "kwargs") -> IFPrompt:
+    """Return the IFEval-format row (`where`: its file and line or row) as a prompt with its constraints checked: every
+    id known and one kwargs object (or none at all) per id, each with parameters its checker takes."""
+    if kwargs_list is None:
+        kwargs_list = [{} for _ in ids]
+    if not isinstance(kwargs_list, list) or len(kwargs_list) != len(ids):
+        raise SeedError(f"{where}: field {kwargs_field!r} must be a list of objects, one per instruction id "
+                        f"({len(ids)}), got {_clip(repr(kwargs_list), 80)}")
+    normalized = []
+    for cid, kwargs in zip(ids, kwargs_list):
+        if cid not in CONSTRAINTS:
+            raise SeedError(f"{where}: unknown instruction id {cid!r} (known: {', '.join(sorted(CONSTRAINTS))})")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise SeedError(f"{where}: instruction {cid!r}: kwargs must be an object, "
+                            f"got {_clip(repr(kwargs), 80)}")
+        try:
+            normalized.append(normalize_kwargs(cid, kwargs))
+        except ConstraintError as exc:
+            raise SeedError(f"{where}: instruction {exc}") from None
+    text = prompt.strip()
+    return IFPrompt(text, text, tuple(ids), tuple(normalized), len(ids), source, row)
 
 
 __all__ = [
     "BASE_TASKS", "CONSTRAINTS", "Budget", "Constraint", "ConstraintError", "ConstraintResult", "ConstraintScore",
-    "IFPrompt", "combination_problem", "constraint", "constraints_reference", "load_ifeval", "normalize_kwargs",
+    "IFPrompt", "combination_problem", "constraint", "constraints_reference", "if_prompt", "normalize_kwargs",
     "parse_constraints_reference", "score_response", "synthesize_if_prompts",
 ]

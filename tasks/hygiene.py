@@ -395,6 +395,8 @@ class Screened:
     kept: list[Instruction]
     drops: Drops
     contamination: list[dict[str, Any]]
+    # Each instruction dropped as a duplicate: {instruction_id, reason, duplicate_of} (the id it duplicates).
+    duplicates: list[dict[str, str]] = field(default_factory=list)
 
 
 def screen_seeds(instructions: Sequence[Instruction], cfg: Config, earlier: EarlierLookup | None = None) -> Screened:
@@ -423,13 +425,15 @@ def screen_seeds(instructions: Sequence[Instruction], cfg: Config, earlier: Earl
     renumbered = {number: k for k, number in enumerate(clean)}
     items = [(instructions[number].instruction_id, instructions[number].text) for number in clean]
     published = [replace(p, seed=renumbered[p.seed]) for p in published if p.seed in renumbered]
-    kept = []
+    kept, duplicates = [], []
     for number, verdict in zip(clean, dedup.screen(items, prints.take(clean), published)):
         if verdict is None:
             kept.append(instructions[number])
         else:
             drops.add("dedup", verdict[0], instructions[number].instruction_id)
-    return Screened(kept, drops, flags)
+            duplicates.append({"instruction_id": instructions[number].instruction_id, "reason": verdict[0],
+                               "duplicate_of": verdict[1]})
+    return Screened(kept, drops, flags, duplicates)
 
 
 def contamination_rows(run_id: str, flags: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -5,50 +5,17 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.resources
 import json
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Sequence
+from typing import IO, Iterable, Iterator, Sequence
 
 from schemas.errors import OrchardError
 
 
 class SeedError(OrchardError, ValueError):
     """A seed source is unreadable or malformed; the message names the file and line (or row) and field."""
-
-
-def read_rows(
-    path: Path, *, strings: Sequence[str] = (), string_lists: Sequence[str] = ()
-) -> list[tuple[int, dict[str, Any], str]]:
-    """Return (1-based number, row, "line" or "row") for every row of a JSONL or Parquet file read through `datasets`.
-
-    Every field in `strings` must be a non-empty string and every field in `string_lists` a non-empty list of
-    strings; the first row that breaks this is named with its field.
-    """
-    if not path.is_file():
-        raise SeedError(f"{path}: no such seed file")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        _check_jsonl(path, strings, string_lists)
-        builder, row_word = "json", "line"
-    elif suffix == ".parquet":
-        builder, row_word = "parquet", "row"
-    else:
-        raise SeedError(f"{path}: unsupported seed file type {suffix!r} (use .jsonl or .parquet)")
-
-    import datasets  # slow import: only when a file source is used
-
-    try:
-        rows = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
-    except Exception as exc:  # datasets raises many types for an unreadable file; report it as one seed error
-        raise SeedError(f"{path}: cannot read as {builder}: {exc}") from None
-    numbered = []
-    for i, row in enumerate(rows, start=1):
-        problem = _field_problem(row, strings, string_lists)
-        if problem:
-            raise SeedError(f"{path}: {row_word} {i}: {problem}")
-        numbered.append((i, row, row_word))
-    return numbered
 
 
 def _field_problem(record: dict, strings: Sequence[str], string_lists: Sequence[str]) -> str | None:
@@ -96,11 +63,17 @@ def utf8_lines(path: Path, raw: IO[bytes]) -> Iterator[str]:
         offset += len(line)
 
 
-def _check_jsonl(path: Path, strings: Sequence[str], string_lists: Sequence[str] = ()) -> None:
-    """Fail on the first line that is not UTF-8 text holding a JSON object with every required field."""
-    with path.open("rb") as raw:
-        for _ in jsonl_records(path, utf8_lines(path, raw), strings, string_lists):
-            pass
+def check_text_file(path: Path, *, json_lines: bool) -> None:
+    """Fail on the first line of a text data file (gzipped where its name ends in .gz) that is not UTF-8 or, for JSON
+    lines, not a JSON object: named with its line before `datasets` reads the file (it would raise from deep inside)."""
+    with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb")) as raw:
+        lines = utf8_lines(path, raw)
+        if json_lines:
+            for _ in jsonl_records(path, lines, ()):
+                pass
+        else:
+            for _ in lines:
+                pass
 
 
 def humaneval_path() -> Path:

