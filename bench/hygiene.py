@@ -6,8 +6,11 @@ other instructions (must be dropped as near-duplicates). The eval items are writ
 through `datasets`, as a `[[decontaminate]]` entry would be. With `--default-sets` the instructions are screened
 against the default eval sets instead (GSM8K, MATH, MBPP, HumanEval, IFBench, MT-Bench: 7,437 items, read from
 Orchard's cache as a run reads them), and the planted paraphrases are of their real items. Prints the wall time of
-each part and rows/s. Usage:
+each part and rows/s. With `--from-dataset` it then writes the same instructions to a Parquet file, reads them
+through a `kind = "dataset"` seed source and screens them against the default sets, and prints the ratio of the two
+wall times (issue 25's bound: 1.5x). Usage:
     PYTHONPATH=. .venv/bin/python bench/hygiene.py [--instructions 100000] [--eval-items 10000] [--default-sets]
+                                                   [--from-dataset]
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instructions", type=int, default=100_000)
     parser.add_argument("--eval-items", type=int, default=10_000, help="synthetic eval items (without --default-sets)")
+    parser.add_argument("--from-dataset", action="store_true",
+                        help="then read the same instructions from a Parquet file as a dataset seed source and screen "
+                             "them against the default eval sets; print the ratio of the two wall times")
     parser.add_argument("--default-sets", action="store_true",
                         help="screen against the default eval sets (fetched by `make evals`), not synthetic items")
     args = parser.parse_args()
@@ -81,17 +87,51 @@ def main() -> None:
         indexed = time.perf_counter() - started
         screened = screen_seeds(seeds, cfg)
         wall = time.perf_counter() - started
+        report(seeds, cfg, screened, [("read + index the eval sets", indexed), ("decontaminate + dedup", wall - indexed)],
+               f"{contaminated} paraphrased eval items and {near} near-copies planted")
+        if args.from_dataset:
+            from_dataset(seeds, Path(folder), wall)
 
+
+def report(seeds: list[Instruction], cfg: Config, screened, parts: list[tuple[str, float]], planted: str) -> None:
     stages = screened.drops.by_stage()
     against = ", ".join(spec.name for spec in cfg.decontaminate)
-    print(f"instructions {len(seeds)}, eval items {len(decontaminator_for(cfg).items)} ({against}; {contaminated} "
-          f"paraphrased eval items and {near} near-copies planted)")
-    print(f"  read + index the eval sets: {indexed:.2f} s")
-    print(f"  decontaminate + dedup:     {wall - indexed:.1f} s")
+    wall = sum(seconds for _, seconds in parts)
+    print(f"instructions {len(seeds)}, eval items {len(decontaminator_for(cfg).items)} ({against}; {planted})")
+    for name, seconds in parts:
+        print(f"  {name + ':':<31}{seconds:.2f} s")
     print(f"  wall time {wall:.1f} s = {len(seeds) / wall:,.0f} instructions/s")
     print(f"  kept {len(screened.kept)}; dropped {json.dumps(stages)}")
     print(f"  flagged {len({c['instruction_id'] for c in screened.contamination})} instructions "
           f"({len(screened.contamination)} contamination rows)")
+
+
+def from_dataset(seeds: list[Instruction], folder: Path, before: float) -> None:
+    """The same instructions as a user's Parquet file (prompt, answer, domain), read through a `dataset` seed source
+    and screened against the default eval sets, as `orchard run` and `orchard seeds` do; the ratio to the wall time
+    above, measured in this run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchard.config import SeedSource
+    from tasks.seeds import read_seeds
+
+    path = folder / "pool.parquet"
+    pq.write_table(pa.table({"prompt": [s.text for s in seeds], "answer": [s.reference or None for s in seeds],
+                             "domain": ["math" if s.reference else "open_ended" for s in seeds]}), path)
+    cfg = Config()
+    started = time.perf_counter()
+    instructions, (count,) = read_seeds([SeedSource(kind="dataset", path=str(path), domain="domain")])
+    read = time.perf_counter() - started
+    decontaminator_for(cfg)
+    indexed = time.perf_counter() - started - read
+    screened = screen_seeds(instructions, cfg)
+    wall = time.perf_counter() - started
+    print(f"\nthe same rows as a Parquet file read through kind = \"dataset\", against the default eval sets: {count.read} "
+          f"rows read, {count.kept} distinct instructions ({json.dumps(count.dropped)})")
+    report(instructions, cfg, screened, [("read the dataset", read), ("read + index the eval sets", indexed),
+                                         ("decontaminate + dedup", wall - read - indexed)], "as above")
+    print(f"  ratio to the first figure: {wall / before:.2f}x")
 
 
 if __name__ == "__main__":

@@ -242,8 +242,10 @@ def _columns(part: _Part, source: SeedSource, where: str) -> dict[str, str]:
                             f"{', '.join(names)})")
         found[name] = column
     taken = set(found.values())
+    # A final answer mapped, or a solution: the other is not guessed beside it (an answer would win over the solution).
+    mapped_answer = {"answer", "solution"} & set(found)
     for name, guesses in FIELD_NAMES.items():
-        if name not in found:
+        if name not in found and not (name in ("answer", "solution") and mapped_answer):
             column = next((c for c in guesses if c in names and c not in taken), None)
             if column is not None:
                 found[name] = column
@@ -392,6 +394,8 @@ class _Row:
         else:
             raise self.fail("no answer: map columns.answer (a final answer) or columns.solution (a worked solution)")
         reference = final_answer(text, answer_format, whole=whole)
+        if reference is not None:
+            reference = latex_spacing(reference)
         if reference is None:
             raise self.fail(f"field {name!r} has no final answer ({_FORMAT_SAYS[answer_format]}): {_clip(text)!r}")
         if not math_answer_parses(reference):
@@ -478,6 +482,16 @@ def final_answer(text: str, answer_format: str, *, whole: bool = False) -> str |
         if len(found) > 1 and found.startswith("$") and found.endswith("$"):
             found = found.strip("$").strip()
     return found or None
+
+
+_THOUSANDS = re.compile(r"(?<=\d),\\!(?=\d{3})")
+_SPACING = re.compile(r"\\[!,;:](?![A-Za-z])|\\ ")
+
+
+def latex_spacing(answer: str) -> str:
+    """`answer` without LaTeX's spacing commands (`\\!`, `\\,`, `\\;`, `\\:`, `\\ `), a thousands separator
+    written `5,\\!525` joined (MATH writes large numbers so; math-verify parses neither)."""
+    return _SPACING.sub("", _THOUSANDS.sub("", answer)).strip()
 
 
 def math_answer_parses(reference: str) -> bool:

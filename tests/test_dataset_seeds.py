@@ -234,3 +234,25 @@ def test_orchard_seeds_prints_what_a_run_would_read_and_exits_non_zero_on_bad_in
 def test_a_default_config_still_reads_every_shipped_kind():
     instructions, counts = read_seeds(Config().seeds)
     assert [c.kept for c in counts] == [5, 2, 3, 2, 4] and len(instructions) == 16
+
+
+# --- a benchmark's test split as seeds -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "options", "share"), [
+    ("gsm8k", {}, 1.0),  # question, and the answer after ####
+    ("math", {"columns": {"solution": "solution"}}, 0.95),  # \boxed{} solutions; 199 one-line problems have no 8-gram
+    ("mbpp", {}, 0.98),  # text and test_list: code
+    ("ifbench", {"domain": "open_ended"}, 1.0),  # IFBench's constraints are not IFEval's: its prompts alone
+    ("mt_bench", {}, 0.95),  # one row per turn: open-ended
+])
+def test_a_benchmark_test_split_as_seeds_is_flagged_almost_entirely_by_the_default_gate(name, options, share):
+    from orchard.benchmarks import set_path
+    from tasks.hygiene import screen_seeds
+
+    instructions, (count,) = read_seeds([dataset(set_path(name), **options)])
+    assert count.read == len(instructions) + sum(count.dropped.values())
+    screened = screen_seeds(instructions, Config())
+    flagged = {flag["instruction_id"] for flag in screened.contamination if flag["eval_set"] == name}
+    assert len(flagged) >= share * len(instructions), (name, len(flagged), len(instructions))
+    assert len(screened.kept) <= (1 - share) * len(instructions) + 1
