@@ -20,6 +20,7 @@ from orchard.config import Config, SeedSource
 from schemas.plan import Instruction, SeedPlan, ShardPlan, SourceCount, instruction_id
 from tasks.dataset_seeds import DatasetRows, gsm8k_reference, load_dataset_seeds
 from tasks.hygiene import Drops, EarlierLookup, Screened, contamination_rows, decontaminator_for, screen_seeds
+from tasks.prompt_length import PromptLimits, TooLong
 from tasks.seed_files import SeedError, humaneval_path, jsonl_records, utf8_lines
 
 __all__ = ["gsm8k_reference"]  # re-exported: the GSM8K preset's answer rule
@@ -351,12 +352,15 @@ def load_seeds(sources: Iterable[SeedSource]) -> list[Instruction]:
     return read_seeds(sources)[0]
 
 
-def read_seeds(sources: Iterable[SeedSource], drops: Drops | None = None) -> tuple[list[Instruction], list[SourceCount]]:
+def read_seeds(sources: Iterable[SeedSource], drops: Drops | None = None, limits: PromptLimits | None = None,
+               too_long: list[TooLong] | None = None) -> tuple[list[Instruction], list[SourceCount]]:
     """Return the instructions of every configured source (first occurrence of a duplicate kept) and, per source,
     the rows read, kept and dropped with the reason (each drop also goes into `drops`, a tasks.hygiene.Drops).
 
     A file (or shipped set) without `count` is read whole; with one, its first `count` rows are kept. A
-    generator needs a count: it makes that many rows.
+    generator needs a count: it makes that many rows. With `limits` (tasks.prompt_length), a row too long for an
+    engine it would be sent to is dropped like a row the loader drops, before `count` takes its rows; each such drop
+    is also appended to `too_long`.
     """
     seen: dict[str, Instruction] = {}
     counts = []
@@ -369,11 +373,21 @@ def read_seeds(sources: Iterable[SeedSource], drops: Drops | None = None) -> tup
             raise SeedError(f"seeds[{i}].count: must be 0 (every row) or more, got {source.count}")
         rows = _source_rows(i, source)
         found = rows.instructions
-        kept = found[: source.count] if source.count else found
-        dropped = {**rows.dropped, DROPPED_BEYOND_COUNT: len(found) - len(kept)}
         label = " ".join(filter(None, (f"seeds[{i}]", source.kind, source.path)))
+        row_drops = dict(rows.dropped)
         for reason, n in rows.dropped.items():
             drops.add("seeds", f"{reason} ({label})", n=n)
+        if limits is not None:
+            over = limits.over(found)
+            for instruction in found:
+                if (long := over.get(instruction.instruction_id)) is not None:
+                    row_drops[long.reason] = row_drops.get(long.reason, 0) + 1
+                    drops.add("seeds", f"{long.reason} ({label})", instruction.instruction_id)
+                    if too_long is not None:
+                        too_long.append(long)
+            found = [instruction for instruction in found if instruction.instruction_id not in over]
+        kept = found[: source.count] if source.count else found
+        dropped = {**row_drops, DROPPED_BEYOND_COUNT: len(found) - len(kept)}
         new = 0
         for instruction in found[len(kept):]:
             drops.add("seeds", f"{DROPPED_BEYOND_COUNT} ({label})", instruction.instruction_id)
@@ -436,21 +450,28 @@ class _Gate:
     drops: Drops
     screened: Screened
     plans: list[ShardPlan]
+    too_long: list[TooLong]
+    lengths: list[dict[str, Any]]  # per engine an instruction goes to: its limit and how texts were counted
 
 
 def _through_the_gate(cfg: Config, earlier: EarlierLookup | None) -> _Gate:
     drops = Drops()
-    instructions, sources = read_seeds(cfg.seeds, drops)
+    too_long: list[TooLong] = []
+    # Too long for an engine's context: dropped as the seeds are read, before the hygiene gate, never sent.
+    with PromptLimits(cfg) as limits:
+        instructions, sources = read_seeds(cfg.seeds, drops, limits, too_long)
+        lengths = limits.described()
     if not instructions:
         raise SeedError("seeds: the configured sources produced no instructions")
     screened = screen_seeds(instructions, cfg, earlier)
     drops.merge(screened.drops)
     plans = plan_shards(screened.kept, per_shard=cfg.run.instructions_per_shard, config_hash=cfg.content_hash())
-    return _Gate(instructions, sources, drops, screened, plans)
+    return _Gate(instructions, sources, drops, screened, plans, too_long, lengths)
 
 
 def plan_seeds(cfg: Config, run_id: str, earlier: EarlierLookup | None = None) -> SeedPlan:
-    """Load every seed source, pass the instructions through the hygiene gate (decontamination, dedup against each
+    """Load every seed source (a prompt too long for an engine it would go to dropped: tasks/prompt_length.py), pass
+    the instructions through the hygiene gate (decontamination, dedup against each
     other and what `earlier` finds that other runs published) and split what is left into shards; say what each
     source gave and what was dropped, and why."""
     gate = _through_the_gate(cfg, earlier)
@@ -460,7 +481,9 @@ def plan_seeds(cfg: Config, run_id: str, earlier: EarlierLookup | None = None) -
 
 def seed_report(cfg: Config) -> dict[str, Any]:
     """What a run would read and screen, without growing anything (`orchard seeds`): per source the rows read, kept
-    and dropped with the reasons; every contamination hit with the eval set and item it matched; the near-duplicate
+    and dropped with the reasons; each instruction too long for an engine's context, and how its length was counted
+    (`prompt_length`: by the engine's tokenizer where a server of it answers or, for the embedded engine, is started
+    for the count; else as UTF-8 bytes); every contamination hit with the eval set and item it matched; the near-duplicate
     clusters (each kept instruction with the ones dropped as its duplicates); and the planned shards. Bad input
     raises the same one-line SeedError a run would. Not checked here: duplicates of what earlier runs published
     (a run reads those from the lake)."""
@@ -485,6 +508,7 @@ def seed_report(cfg: Config) -> dict[str, Any]:
         "contamination": [{**seed(flag["instruction_id"]), **{k: v for k, v in flag.items() if k != "instruction_id"}}
                           for flag in gate.screened.contamination],
         "near_duplicate_clusters": [{"kept": seed(kept), "duplicates": members} for kept, members in clusters.items()],
+        "prompt_length": {"engines": gate.lengths, "too_long": [long.to_dict() for long in gate.too_long]},
         "eval_sets": [{"name": spec.name, "items": sizes[spec.name]} for spec in cfg.decontaminate],
         "shards": {"count": len(gate.plans), "instructions_per_shard": cfg.run.instructions_per_shard,
                    "plans": [{"shard_id": plan.shard_id, "instructions": len(plan.instructions),

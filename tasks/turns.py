@@ -27,6 +27,7 @@ CRITIC_SYSTEM = (
     "Do not write the full solution."
 )
 REFINE_REQUEST = "{feedback}\nA reviewer says: {critique}\nWrite a corrected solution. {format}"
+CRITIC_REFERENCE_CHARS = 1500  # the most of an instruction's reference its critic is shown
 
 
 def domain_of(instruction: Instruction) -> Domain:
@@ -57,7 +58,7 @@ def action_messages(instruction: Instruction, strategy: str) -> list[dict[str, s
 
 def critique_messages(instruction: Instruction, attempt: Mapping) -> list[dict[str, str]]:
     """Return the critic's messages: the task, the reference, the attempt and what the checker said of it."""
-    reference = domain_of(instruction).critic_reference.format(reference=instruction.reference[:1500])
+    reference = domain_of(instruction).critic_reference.format(reference=instruction.reference[:CRITIC_REFERENCE_CHARS])
     return [
         {"role": "system", "content": CRITIC_SYSTEM},
         {"role": "user", "content": f"Task:\n{instruction.text}\n\n{reference}\n\nAttempt:\n{attempt['text']}\n\n"

@@ -232,3 +232,13 @@ def test_a_shared_long_prefix_is_served_from_the_cache_in_usage_and_in_the_serve
     assert figures.cached_tokens == first.cached_tokens + second.cached_tokens
     assert 0.3 < figures.cached_share < 0.6  # about half: the second prompt's shared blocks of two like prompts
     print(f"vLLM prefix cache over two requests: {figures.as_dict()}")
+
+
+def test_its_tokenizer_counts_a_prompt_and_reports_the_context(vllm: EngineConfig) -> None:
+    from tasks.prompt_length import EndpointTokenizer
+
+    counter, why = EndpointTokenizer.probe(vllm)
+    assert counter is not None, why
+    assert counter.dialect == "vllm" and isinstance(counter.max_model_len, int) and counter.max_model_len > 0
+    (short, long) = counter.count(["Hello world", "word " * 3000], 100)
+    assert 1 <= short <= 3 and 2900 <= long <= 3100  # no special tokens: only the text's own
