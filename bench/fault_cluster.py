@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.fault_lab import ID_COLUMNS  # noqa: E402
 from orchard import lake  # noqa: E402
-from orchard.cluster import Process, _start_time, down, read_up, up  # noqa: E402
+from orchard.cluster import Process, down, read_up, start_time, up  # noqa: E402
 from orchard.config import Config, load_config  # noqa: E402
 from orchard.services import free_ports  # noqa: E402
 from orchard.store import ObjectStore  # noqa: E402
@@ -399,7 +399,7 @@ def restart_model_server(cfg: Config, worker: str) -> None:
         _wait_healthy(service, _models_answer(process.url), 60.0)
         keep_running(service)
         entry["pid"] = service.process.pid
-        entry["started"] = _start_time(service.process.pid)
+        entry["started"] = start_time(service.process.pid)
     path.write_text(json.dumps(record, indent=2))
 
 

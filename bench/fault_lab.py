@@ -54,6 +54,9 @@ GROWTH_MARK = re.compile(r"run \S+: \d+ shards of up to")  # the flow logs it as
 PUBLISHED_MARK = "published as lake snapshot"
 # Marks every process of one `orchard run`, so that any that outlive a killed process group can be found.
 TAG_VAR = "ORCHARD_FAULTS_RUN"
+# How long the servers of a run killed alone (SIGKILL of `orchard run`, not its group) may take to end by themselves:
+# their parent-death signal is SIGTERM, and SeaweedFS shuts down in about 3 s.
+ORPHAN_GRACE_S = 10.0
 
 # The smallest run that still has several shards to corrupt or kill between: one instruction per shard, one
 # turn, one sample per strategy, no MCTS, no jury (no open-ended seeds). Seconds of growth on 2 cores.
@@ -505,11 +508,16 @@ class Attempt:
 
 
 def run_orchard(target: Target, log_name: str, *, run_id: str = RUN_ID, kill_when: Callable[[Watch], bool] | None = None,
+                kill_group: bool = True, signal_when: Callable[[Watch], bool] | None = None,
+                stop_signal: signal.Signals = signal.SIGTERM, signal_group: bool = False,
                 act: Callable[[Watch], None] | None = None, timeout_s: float = 900.0,
                 poll_s: Callable[[Watch], float] = lambda watch: POLL_S, store: ObjectStore | None = None,
                 api_url: str | None = None) -> Attempt:
-    """Run `python -m flows.cli --config … run --run-id …`; SIGKILL its process group once `kill_when` says so.
-    With `api_url`, the run reports to that Prefect API; without, it starts a temporary one of its own.
+    """Run `python -m flows.cli --config … run --run-id …`; SIGKILL its process group (`kill_group`, else the
+    `orchard run` process alone: what it started must then end by itself, within ORPHAN_GRACE_S) once `kill_when`
+    says so; send `stop_signal` to it (or, `signal_group`, to its group, as a terminal's Ctrl-C does) once
+    `signal_when` says so, and let it stop (the event "signalled" marks when).
+    With `api_url`, the run reports to that Prefect API; without, it starts one of its own.
 
     `act(watch)` is called after every look at the run (a scenario's fault, timed by what the run has done);
     `store` is what the bucket is watched through (default: the target's own, without retries; pass a direct one
@@ -535,11 +543,14 @@ def run_orchard(target: Target, log_name: str, *, run_id: str = RUN_ID, kill_whe
             _poll(target, store, watch, reader)
             if act is not None:
                 act(watch)
+            if signal_when is not None and "signalled" not in watch.events and signal_when(watch):
+                (os.killpg if signal_group else os.kill)(process.pid, stop_signal)
+                watch.mark("signalled")
             if kill_when is not None and kill_when(watch):
-                os.killpg(process.pid, signal.SIGKILL)
+                (os.killpg if kill_group else os.kill)(process.pid, signal.SIGKILL)
                 process.wait()
                 wall = watch.elapsed()
-                stragglers = kill_stragglers(env[TAG_VAR])
+                stragglers = kill_stragglers(env[TAG_VAR], grace_s=0.0 if kill_group else ORPHAN_GRACE_S)
                 _poll(target, store, watch, reader)  # what the killed run left behind
                 return Attempt(None, wall, watch, log_path, stragglers)
             if watch.elapsed() > timeout_s:
@@ -551,7 +562,9 @@ def run_orchard(target: Target, log_name: str, *, run_id: str = RUN_ID, kill_whe
         watch.mark("exit")
         with contextlib.suppress(StoreError):
             _poll(target, store, watch, reader)
-        return Attempt(process.returncode, watch.elapsed(), watch, log_path, kill_stragglers(env[TAG_VAR]))
+        # A run that exits has stopped what it started (a stopped one too): anything left is a straggler.
+        return Attempt(process.returncode, watch.elapsed(), watch, log_path,
+                       kill_stragglers(env[TAG_VAR], grace_s=1.0 if "signalled" in watch.events else 0.0))
     except BaseException:
         # Interrupted (Ctrl-C, a scenario's error): the run started here must not outlive the suite.
         if process.poll() is None:
@@ -598,8 +611,12 @@ def _poll(target: Target, store: ObjectStore, watch: Watch, reader) -> None:
                 watch.mark("lake data")
 
 
-def kill_stragglers(tag: str) -> list[str]:
-    """SIGKILL, by pid, any process of a run (found by its tag variable) that outlived it; return what they were."""
+def kill_stragglers(tag: str, *, grace_s: float = 0.0) -> list[str]:
+    """SIGKILL, by pid, any process of a run (found by its tag variable) that outlived it, after giving them `grace_s`
+    to end on their own (a server whose parent died gets SIGTERM and shuts down); return what they were."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _tagged(tag):
+        time.sleep(0.25)
     found = []
     needle = f"{TAG_VAR}={tag}".encode()
     for entry in Path("/proc").iterdir():
@@ -613,6 +630,19 @@ def kill_stragglers(tag: str) -> list[str]:
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
         found.append(f"{entry.name} {command[:80]}")
+    return found
+
+
+def _tagged(tag: str) -> list[int]:
+    """The live (not zombie) processes carrying `tag`."""
+    needle = f"{TAG_VAR}={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
     return found
 
 

@@ -21,6 +21,8 @@ import hashlib
 import importlib
 import json
 import os
+import re
+import signal
 import sys
 import tempfile
 import threading
@@ -568,6 +570,161 @@ def sigkill_at(work_dir: Path, stage: str) -> FaultResult:
     return FaultResult(f"sigkill-{stage}", expected, observed, not failed)
 
 
+# --- stopped by a signal, and killed alone (issue 26) --------------------------------------------------
+
+STOP_BOUND_S = 15.0
+
+
+def stopped_by_signal(work_dir: Path, sig: signal.Signals, *, group: bool) -> FaultResult:
+    """SIGTERM to `orchard run` (as systemd, a container runtime or Prefect sends it), or SIGINT to its whole process
+    group (a terminal's Ctrl-C), half-way through growth; then the same run id again."""
+    name = f"{sig.name.lower()}-growth"
+    lab = lab_for(work_dir)
+    baseline = clean_run(lab)
+    target = lab.target(name)
+    stopped = lab.run(target, "stopped.log", signal_when=_kill_growth(baseline), stop_signal=sig, signal_group=group)
+    events, failed = stopped.watch.events, []
+    want = 128 + sig
+    if "signalled" not in events:
+        failed.append(f"never signalled: the run ended first (rc {stopped.code})")
+    took = events.get("exit", 0.0) - events.get("signalled", 0.0)
+    if stopped.code != want:
+        failed.append(f"exit {stopped.code}, not {want}")
+    if took > STOP_BOUND_S:
+        failed.append(f"stopped {took:.1f} s after the signal (bound {STOP_BOUND_S:g} s)")
+    if stopped.stragglers:
+        failed.append(f"{len(stopped.stragglers)} processes outlived it: {stopped.stragglers[0]}")
+    said = [line for line in stopped.watch.log_text.splitlines() if line.startswith("orchard: run") and "stopped by" in line]
+    if not said:
+        failed.append("the console did not say the run stopped")
+    after = check_state(target, baseline.planned)
+    failed += ["after the stop: " + p for p in after.failed]
+    again, again_check = _rerun_completes(lab, target, baseline, baseline.planned)
+    failed += ["re-run: " + p for p in again_check.failed]
+    expected = (f"exit {want} within {STOP_BOUND_S:g} s of the signal, the console says so, nothing left running, "
+                "nothing partial; re-run exit 0 complete, plan counts = clean run")
+    observed = (f"{sig.name} {'to the group' if group else 'to orchard run'} in "
+                f"{_phase_at_kill(stopped.watch, len(baseline.planned)) if 'signalled' in events else '-'} at "
+                f"{events.get('signalled', 0.0):.1f} s ({len(after.bucket.get('manifests', ()))}/"
+                f"{len(baseline.planned)} landed); exit {stopped.code} {took:.1f} s later, "
+                f"{len(stopped.stragglers)} processes left; re-run {again.brief()}, {counts_text(again_check.counts)}")
+    if failed:
+        observed += " ! " + _problems(failed)
+    return FaultResult(name, expected, observed, not failed)
+
+
+def sigkill_alone(work_dir: Path) -> FaultResult:
+    """SIGKILL of `orchard run` alone, not its process group (the OOM killer, a crashed host process), mid-growth, in a
+    run that started its own model server and Prefect API: they, its verification and validation processes must end
+    by themselves; the same run id again completes (before, the orphaned servers held the store's lock)."""
+    lab = lab_for(work_dir)
+    baseline = clean_run(lab)
+    target = lab.target("sigkill-alone")
+    own = target.config_path.read_text().replace('kind = "openai"', 'kind = "embedded"\nthreads = 1', 1)
+    own = re.sub(r"base_urls = .*\nstructured_output = .*\n", "", own, count=1)
+    target.config_path.write_text(own)
+    target = dataclasses.replace(target, cfg=fault_lab.load_config(target.config_path, environ={}))
+    killed = lab.run(target, "killed.log", kill_when=_kill_growth(baseline), kill_group=False, api_url=None)
+    failed = []
+    if killed.code is not None:
+        failed.append(f"never killed: the run ended first (rc {killed.code})")
+    if killed.stragglers:
+        failed.append(f"{len(killed.stragglers)} processes outlived it by {fault_lab.ORPHAN_GRACE_S:g} s: "
+                      f"{killed.stragglers[0]}")
+    after = check_state(target, baseline.planned)
+    failed += ["after the kill: " + p for p in after.failed]
+    again, again_check = _rerun_completes(lab, target, baseline, baseline.planned)
+    failed += ["re-run: " + p for p in again_check.failed]
+    expected = (f"its model server, Prefect API and worker processes end by themselves within "
+                f"{fault_lab.ORPHAN_GRACE_S:g} s; nothing partial; re-run exit 0 complete, plan counts = clean run")
+    observed = (f"killed at {killed.wall_s:.1f} s with {len(killed.watch.landed)}/{len(baseline.planned)} landed; "
+                f"{len(killed.stragglers)} processes left after {fault_lab.ORPHAN_GRACE_S:g} s; re-run {again.brief()}, "
+                f"{counts_text(again_check.counts)}")
+    if failed:
+        observed += " ! " + _problems(failed)
+    return FaultResult("sigkill-alone", expected, observed, not failed)
+
+
+# --- seed text screened before planning (issue 26) ------------------------------------------------------
+
+def _seed_file(target: Target, lines: list[bytes]) -> Path:
+    path = target.config_path.parent / "seeds.jsonl"
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def _gsm8k(question: str, answer: int) -> bytes:
+    return json.dumps({"question": question, "answer": f"#### {answer}"}).encode()
+
+
+def seed_not_utf8(work_dir: Path) -> FaultResult:
+    """A GSM8K-format file with one line of Latin-1: one error naming the file, the line and the byte; nothing planned
+    or landed; fixed, the same run id completes."""
+    lab = lab_for(work_dir)
+    target = lab.target("seed-not-utf8")
+    good = [_gsm8k("What is 12 + 30?", 42), _gsm8k("What is 6 times 7?", 42)]
+    bad = b'{"question": "How many caf\xe9s are on a street of 3 blocks with 2 each?", "answer": "#### 6"}'
+    path = _seed_file(target, [good[0], bad, good[1]])
+    toml = target.config_path.read_text().replace("[[seeds]]\nkind = \"arithmetic\"\ncount = 4\ndifficulty = 1\nseed = 5\n",
+                                                  f"[[seeds]]\nkind = \"gsm8k\"\npath = {json.dumps(str(path))}\n")
+    target.config_path.write_text(toml)
+    target = dataclasses.replace(target, cfg=fault_lab.load_config(target.config_path, environ={}))
+    first = lab.run(target, "bad-seeds.log")
+    failed = []
+    errors = [line for line in first.watch.log_text.splitlines() if line.startswith("orchard: ")]
+    at = bad.index(0xE9) + 1
+    want = f"{path}: line 2: not valid UTF-8 at byte {at} of the line"
+    if first.code == 0 or not any(want in line for line in errors):
+        failed.append(f"rc {first.code}, said {errors[-1][:160] if errors else 'nothing'}")
+    if "Traceback" in first.watch.log_text.split("orchard: ")[0][-2000:]:
+        failed.append("a traceback on the console")
+    landed = target.store.list_keys(f"runs/{RUN_ID}/shards/")
+    if landed:
+        failed.append(f"{len(landed)} objects landed from a bad seed file")
+    _seed_file(target, [good[0], bad.replace(b"\xe9", "é".encode()), good[1]])
+    planned = lab.planned(target)
+    again, again_check = _rerun_completes(lab, target, None, planned, same_counts_as={"instructions": 3})
+    failed += ["re-run: " + p for p in again_check.failed]
+    expected = "exit non-zero with one line naming file, line and byte; nothing landed; fixed, re-run exit 0 complete"
+    observed = (f"rc {first.code}: {(errors[-1] if errors else '')[:150]}; "
+                f"{len(landed)} objects landed; fixed, re-run {again.brief()}, {counts_text(again_check.counts)}")
+    if failed:
+        observed += " ! " + _problems(failed)
+    return FaultResult("seed-not-utf8", expected, observed, not failed)
+
+
+def seed_too_long(work_dir: Path) -> FaultResult:
+    """A GSM8K-format file with a 20 MB question (millions of tokens) between two short ones: dropped at the seed
+    stage with its reason in `drops`, never sent; the run completes with the other two."""
+    lab = lab_for(work_dir)
+    target = lab.target("seed-too-long")
+    huge = "How many apples are there? " + "apple " * 3_500_000  # ~21 MB
+    path = _seed_file(target, [_gsm8k("What is 12 + 30?", 42), _gsm8k(huge, 7), _gsm8k("What is 6 times 7?", 42)])
+    toml = target.config_path.read_text().replace("[[seeds]]\nkind = \"arithmetic\"\ncount = 4\ndifficulty = 1\nseed = 5\n",
+                                                  f"[[seeds]]\nkind = \"gsm8k\"\npath = {json.dumps(str(path))}\n")
+    target.config_path.write_text(toml)
+    target = dataclasses.replace(target, cfg=fault_lab.load_config(target.config_path, environ={}))
+    planned = lab.planned(target)
+    run = lab.run(target, "run.log")
+    check = check_complete(target, run, planned, {"instructions": 2})
+    failed = list(check.failed)
+    from orchard import lake
+
+    drops = lake.query(target.cfg, f"SELECT reason, count FROM drops WHERE run_id = '{RUN_ID}' AND stage = 'seeds'")[1]
+    too_long = [(reason, n) for reason, n in drops if reason.startswith("prompt too long")]
+    if not too_long:
+        failed.append(f"no 'prompt too long' drop (drops: {drops})")
+    longest = lake.query(target.cfg, "SELECT max(length(text)) FROM instructions")[1][0][0]
+    if longest and longest > 1000:
+        failed.append(f"an instruction of {longest} characters was grown")
+    expected = "the 20 MB row dropped at the seed stage with its reason in drops; run exit 0 complete with the other 2"
+    observed = (f"{run.brief()}, {counts_text(check.counts)}; drops: "
+                f"{too_long[0][0][:100] + '…' if too_long else 'none'}")
+    if failed:
+        observed += " ! " + _problems(failed)
+    return FaultResult("seed-too-long", expected, observed, not failed)
+
+
 # --- the Postgres catalog stopped during a publish ----------------------------------------------
 
 
@@ -631,6 +788,11 @@ SCENARIOS: dict[str, Callable[[Path], FaultResult]] = {
     "model-500-400-garbage-many": model_answers_many,
     **{f"sigkill-{stage}": (lambda stage: lambda work: sigkill_at(work, stage))(stage) for stage in KILL_POINTS},
     "postgres-down-in-publish": postgres_down_in_publish,
+    "sigterm-growth": lambda work: stopped_by_signal(work, signal.SIGTERM, group=False),
+    "sigint-growth": lambda work: stopped_by_signal(work, signal.SIGINT, group=True),
+    "sigkill-alone": sigkill_alone,
+    "seed-not-utf8": seed_not_utf8,
+    "seed-too-long": seed_too_long,
 }
 
 

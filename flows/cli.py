@@ -4,6 +4,7 @@ and bring up a local Prefect server with workers (`up`, `down`, `status`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -13,10 +14,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from orchard.cluster import down, joined, status, status_text, up
+from orchard.cluster import down, joined, start_prefect_api, status, status_text, up
 from orchard.config import Config, load_config
 from orchard.lake import query
 from orchard.services import embedded_services
+from orchard.stop import RunStopped, exit_now, stop_on_signals
 from schemas.errors import OrchardError
 from schemas.fates import exit_code
 from tasks.export import check_target, export_dataset, push_dataset
@@ -77,14 +79,39 @@ def warn_of_literal_secrets(cfg: Config) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg, api = joined(load_config(args.config))
     warn_of_literal_secrets(cfg)
-    if api is not None:  # `orchard up` runs a Prefect server here: the run shows in its UI
-        os.environ.setdefault("PREFECT_API_URL", api)
     _prefect_env(cfg)
-    from flows.nightly import RunFailed, nightly  # imports Prefect: only after its environment is set
+    with stop_on_signals():
+        try:
+            return _run(cfg, api, args.run_id)
+        except RunStopped as stopped:
+            from flows.nightly import default_run_id
 
-    log_file = _log_to_file(cfg)
-    with embedded_services(cfg) as live:  # the config travels as the flow's parameter: its secrets are references
-        state = nightly(config=live.to_dict(), run_id=args.run_id, return_state=True)
+            run_id = args.run_id or default_run_id()
+            print(f"orchard: run {run_id} stopped by {stopped.name}: growth cancelled, the servers it started stopped; "
+                  f"nothing half-landed was published (a shard lands whole or not at all, the lake takes one snapshot "
+                  f"or none); `orchard run --run-id {run_id}` resumes it", file=sys.stderr)
+            exit_now(stopped.code)  # the run's threads may still wait on what was stopped: they are not waited for
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _run(cfg: Config, api: str | None, run_id: str | None) -> int:
+    with contextlib.ExitStack() as running:
+        # The Prefect API: $PREFECT_API_URL, else the one `orchard up` runs here, else one started for this run (as
+        # Orchard starts its other servers: it dies with the run, however the run dies).
+        api = os.environ.get("PREFECT_API_URL") or api
+        if api is None:
+            server = start_prefect_api(cfg.state_path)
+            running.callback(server.stop)
+            api = f"{server.url}/api"
+        from prefect.settings import PREFECT_API_URL, temporary_settings  # imports Prefect: after its environment
+
+        running.enter_context(temporary_settings(updates={PREFECT_API_URL: api}))
+        from flows.nightly import RunFailed, nightly
+
+        log_file = _log_to_file(cfg)
+        # The config travels as the flow's parameter: its secrets are references.
+        live = running.enter_context(embedded_services(cfg))
+        state = nightly(config=live.to_dict(), run_id=run_id, return_state=True)
     summary = state.result(raise_on_failure=False)
     if isinstance(summary, RunFailed):  # the run ended without publishing a shard: its report said why
         return exit_code(summary.summary.get("status", "failed"))
@@ -118,12 +145,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+UP_STOP_DEADLINE_S = 60.0  # `up` undoing a half start, `down`: every process it stops gets its own grace period
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     changes = {k: v for k, v in (("gpu_workers", args.workers), ("api_port", args.port)) if v is not None}
     if changes:
         cfg = cfg.replace(orchestration=dataclasses.replace(cfg.orchestration, **changes))
-    record = up(cfg, args.config)
+    with stop_on_signals(UP_STOP_DEADLINE_S):  # a stop mid-start stops what was started (up's own undo)
+        record = up(cfg, args.config)
     print(f"Prefect UI: {record['ui_url']}")
     print(f"  a run now:  PREFECT_API_URL={record['api_url']} .venv/bin/prefect deployment run nightly/nightly --watch")
     print("  or:         .venv/bin/orchard run   (in-process, shown in the UI)")
@@ -132,7 +163,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    down(load_config(args.config))
+    with stop_on_signals(UP_STOP_DEADLINE_S):
+        down(load_config(args.config))
     return 0
 
 
@@ -243,9 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("orchard: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or RunStopped: SIGTERM or SIGINT
+        print(f"orchard: {'stopped by ' + exc.name if isinstance(exc, RunStopped) else 'interrupted'}", file=sys.stderr)
+        return exc.code if isinstance(exc, RunStopped) else 130
     except Exception as exc:  # one clear line for the user; the traceback is in the logs
         if isinstance(exc, OrchardError):
             print(f"orchard: error: {exc}", file=sys.stderr)

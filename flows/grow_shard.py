@@ -24,6 +24,7 @@ from prefect.states import Failed, State
 from orchard.config import Config, ConfigError, OrchestrationConfig, load_config
 from orchard.engine import EngineUnavailable, check_endpoints
 from orchard.services import embedded_services
+from orchard.stop import stop_within
 from orchard.store import ObjectStore
 from schemas.errors import OrchardError, is_transient, retry_transient
 from schemas.shards import ShardReceipt
@@ -76,7 +77,8 @@ def grow_here(cfg: Config, run_id: str, shard: ShardRef) -> ShardReceipt:
     gpu_limit = cfg.orchestration.gpu_limit
     # The slot is taken before any model server starts, so a launched engine only holds the GPU inside it.
     slot = concurrency(gpu_limit, occupy=1, strict=True) if gpu_limit else contextlib.nullcontext()
-    with slot, embedded_services(cfg) as live:
+    # Cancelled (SIGTERM from its worker) or interrupted: its model servers stop at once, nothing is retried.
+    with stop_within(), slot, embedded_services(cfg) as live:
         return grow_shard_task(live.to_dict(), run_id, shard)
 
 

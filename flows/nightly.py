@@ -20,6 +20,7 @@ from prefect.states import Completed, Failed, State
 from flows.grow_shard import dispatcher
 from orchard.config import Config, load_config
 from orchard.services import embedded_services
+from orchard.stop import stop_within
 from schemas.errors import OrchardError
 from schemas.fates import ShardCheck, shard_fate
 from schemas.run import RunSummary
@@ -66,7 +67,8 @@ def nightly(config: dict | None = None, run_id: str | None = None, preset: str |
     cfg = Config.from_dict(config) if config else load_config(preset or os.environ.get("ORCHARD_CONFIG") or None)
     # What the config leaves to Orchard starts here (nothing, when the caller already started it); model servers
     # only when shards grow in this process: dispatched shards use their worker's.
-    with embedded_services(cfg, model=cfg.orchestration.grow == "inline") as live:
+    # SIGTERM (a cancel, a stop) or SIGINT: the model servers stop at once and nothing is retried (orchard/stop.py).
+    with stop_within(), embedded_services(cfg, model=cfg.orchestration.grow == "inline") as live:
         summary = publish_run(live, run_id or default_run_id(), max_shards)
     # The UI shows how the run went: Failed when nothing was published, "Partial" when some shards were left out.
     problems = "; ".join(summary.problems)[:500]

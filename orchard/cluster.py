@@ -28,9 +28,12 @@ from orchard.services import (
     _NotReady,
     _slug,
     _wait_healthy,
+    free_ports,
     keep_running,
+    outliving,
     start_llama_server,
     start_seaweedfs,
+    start_time,
 )
 from schemas.errors import OrchardError
 
@@ -57,21 +60,14 @@ class Process:
 
     @property
     def running(self) -> bool:
-        return _start_time(self.pid) == self.started
+        return start_time(self.pid) == self.started
 
 
-def _start_time(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces; fields after it do not
-    return None if fields[0] == "Z" else fields[19]  # a zombie has exited
 
 
 def _record(service: Service) -> Process:
     keep_running(service)  # it outlives this command: `orchard down` stops it
-    return Process(service.name, service.process.pid, _start_time(service.process.pid) or "", service.url,
+    return Process(service.name, service.process.pid, start_time(service.process.pid) or "", service.url,
                    str(service.log_path), tuple(service.leftovers))
 
 
@@ -105,7 +101,13 @@ def joined(cfg: Config) -> tuple[Config, str | None]:
 
 
 def up(cfg: Config, config_path: Path | None, *, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Start everything and deploy; return the record written to up.json. On any failure stop what was started."""
+    """Start everything and deploy; return the record written to up.json. On any failure stop what was started.
+    What it starts outlives this command (`orchard down` stops it): no parent-death signal, no pid records."""
+    with outliving():
+        return _up(cfg, config_path, say=say)
+
+
+def _up(cfg: Config, config_path: Path | None, *, say: Callable[[str], None]) -> dict[str, Any]:
     record = read_up(cfg)
     if record is not None and any(p.running for p in record["processes"]):
         raise ClusterError(f"already up ({up_file(cfg)}): `orchard down` first")
@@ -259,6 +261,35 @@ def start_prefect_server(state_dir: Path, port: int) -> Service:
     env.pop("PREFECT_API_URL", None)
     argv = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", HOST, "--port", str(port)]
     service = _launch("prefect-server", argv, state_dir, env=env, url=url)
+
+    def healthy() -> None:
+        response = httpx.get(f"{url}/api/health", timeout=2.0)
+        if response.status_code != 200:
+            raise _NotReady(f"GET /api/health answered {response.status_code}")
+
+    _wait_healthy(service, healthy, API_STARTUP_TIMEOUT_S)
+    return service
+
+
+def start_prefect_api(state_dir: Path) -> Service:
+    """Start Prefect's API alone (no UI) on a free port of 127.0.0.1, its database in `<state_dir>/prefect`: the server
+    Prefect would start itself for `orchard run` (its ephemeral server, the same uvicorn command), started as Orchard
+    starts its other servers, so that it dies with the run however the run dies and a stale one is reaped."""
+    import importlib.util
+
+    home = state_dir / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    (port,) = free_ports(1)
+    url = f"http://{HOST}:{port}"
+    spec = importlib.util.find_spec("prefect")
+    assert spec is not None and spec.submodule_search_locations
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    env.pop("PREFECT_API_URL", None)
+    argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.submodule_search_locations[0]).parent),
+            "--factory", "prefect.server.api.server:create_app", "--host", HOST, "--port", str(port),
+            "--log-level", "error", "--lifespan", "on"]
+    service = _launch("prefect-api", argv, state_dir, env=env, url=url)
 
     def healthy() -> None:
         response = httpx.get(f"{url}/api/health", timeout=2.0)

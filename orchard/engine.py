@@ -20,6 +20,7 @@ import httpx
 
 from orchard.config import CHAT_FORMATS, EngineConfig, secret_value
 from schemas.errors import OrchardError
+from schemas.stopping import stop_requested
 
 Message = dict[str, str]
 
@@ -488,6 +489,8 @@ class EngineClient:
         url = self._urls[index] + path
         last_error = "no attempt made"
         for attempt in range(self.engine.retries + 1):
+            if stop_requested():  # the run stops (its model servers with it): no request, no retry
+                raise EngineError(f"{url}: not sent: the run is stopping", "stopped")
             if attempt:
                 self.usage.retries += 1
                 await asyncio.sleep(self.engine.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
+import ctypes
 import dataclasses
 import glob
 import importlib.metadata
+import json
 import os
+import queue
 import re
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -47,6 +52,8 @@ class Service:
     _log_file: IO[bytes] | None = field(default=None, repr=False)
     # Glob patterns of files the server leaves behind when it exits, removed by stop().
     leftovers: tuple[str, ...] = ()
+    # Its record in the state directory while this process owns it (None: it outlives this process, `orchard up`).
+    pid_file: Path | None = None
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -82,6 +89,8 @@ class Service:
         for pattern in self.leftovers:
             for path in glob.glob(pattern):
                 Path(path).unlink(missing_ok=True)
+        if self.pid_file is not None:
+            self.pid_file.unlink(missing_ok=True)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -97,10 +106,43 @@ _LIVE_LOCK = threading.Lock()
 
 @atexit.register
 def _stop_leftovers() -> None:
+    stop_all_services(grace_s=5.0)
+
+
+def stop_all_services(grace_s: float = STOP_GRACE_S) -> None:
+    """Stop every server this process started and still owns."""
     with _LIVE_LOCK:
         leftovers = list(_LIVE)
     for service in leftovers:
-        service.stop(grace_s=5.0)
+        service.stop(grace_s=grace_s)
+
+
+# The servers a stop takes down first: the model servers (their requests in flight end at once), not the store or the
+# Prefect API, through which the run records how it ended.
+MODEL_SERVER_PREFIXES = ("llama-", "engine-")
+
+
+def stop_model_servers(grace_s: float = 2.0) -> None:
+    """Stop the model servers this process started and still owns."""
+    with _LIVE_LOCK:
+        models = [service for service in _LIVE if service.name.startswith(MODEL_SERVER_PREFIXES)]
+    for service in models:
+        service.stop(grace_s=grace_s)
+
+
+def child_pids(parent: int | None = None) -> list[int]:
+    """The pids of the running children of `parent` (default: this process), read from /proc."""
+    parent = os.getpid() if parent is None else parent
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            text = Path(stat).read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[1]) == parent:
+            found.append(int(stat.split("/")[2]))
+    return found
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -126,6 +168,154 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+# --- no orphans ----------------------------------------------------------------------------------
+# A server Orchard starts dies with the process that started it, however that process dies (SIGKILL, the OOM killer,
+# a closed terminal): the kernel sends it SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG). The signal follows
+# the death of the parent *thread*, so servers are started from the main thread or from one thread that lives as
+# long as the process. Each also leaves a record in `<state_dir>/pids/` while it runs; a later process reaps the
+# servers of one that is gone (`reap_stale`). `orchard up` starts servers meant to outlive it (`outliving`).
+
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_OUTLIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("orchard_services_outlive", default=False)
+
+
+@contextlib.contextmanager
+def outliving() -> Iterator[None]:
+    """Servers started in this block outlive this process (`orchard up`: `orchard down` stops them)."""
+    token = _OUTLIVE.set(True)
+    try:
+        yield
+    finally:
+        _OUTLIVE.reset(token)
+
+
+def _dies_with(parent: int) -> Callable[[], None]:
+    def set_parent_death_signal() -> None:  # runs in the child, between fork and exec
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_parent_death_signal
+
+
+def owner() -> tuple[int, str | None]:
+    """This process as a worker's owner: its pid and start time (what `die_with_owner` watches)."""
+    return os.getpid(), start_time(os.getpid())
+
+
+def die_with_owner(pid: int, started: str | None) -> None:
+    """What a worker process of Orchard's (verification, validation) calls first: it exits when the process that
+    started its pool (`owner()`) is gone, however that process died, and leaves Ctrl-C to it. A worker forked by
+    multiprocessing's fork server is the fork server's child, not its owner's, and the fork server outlives the
+    owner while any worker holds the owner's end of its pipe: so the worker watches the owner itself. The terminal's
+    SIGINT reaches every process of its foreground group; the owner decides how the run stops, and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while _running(pid, started):
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="orchard-owner-watch", daemon=True).start()
+
+
+_SPAWNS: queue.SimpleQueue | None = None
+_SPAWNS_LOCK = threading.Lock()
+
+
+def _popen_here(call: Callable[[], subprocess.Popen]) -> subprocess.Popen:
+    """Run `call` (a Popen) in the main thread, else in one daemon thread that lives until the process exits: the
+    parent-death signal fires when the thread that forked the server ends, and a task's worker thread may end first."""
+    global _SPAWNS
+    if threading.current_thread() is threading.main_thread():
+        return call()
+    with _SPAWNS_LOCK:
+        if _SPAWNS is None:
+            _SPAWNS = queue.SimpleQueue()
+            threading.Thread(target=_spawner, args=(_SPAWNS,), name="orchard-spawner", daemon=True).start()
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    _SPAWNS.put((call, done))
+    ok, value = done.get()
+    if not ok:
+        raise value
+    return value
+
+
+def _spawner(calls: queue.SimpleQueue) -> None:
+    while True:
+        call, done = calls.get()
+        try:
+            done.put((True, call()))
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller's thread
+            done.put((False, exc))
+
+
+def start_time(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks (/proc/<pid>/stat), so a reused pid is not taken for it; None
+    when it is not running (or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces; fields after it do not
+    return None if fields[0] == "Z" else fields[19]
+
+
+def pids_dir(state_dir: Path) -> Path:
+    return Path(state_dir).resolve() / "pids"
+
+
+def _record_pid(service: Service, state_dir: Path, argv: list[str]) -> None:
+    folder = pids_dir(state_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    me = os.getpid()
+    path = folder / f"{service.name}.{service.process.pid}.json"
+    path.write_text(json.dumps({"name": service.name, "pid": service.process.pid,
+                                "started": start_time(service.process.pid), "owner": me, "owner_started": start_time(me),
+                                "command": argv[0]}))
+    service.pid_file = path
+
+
+def _running(pid: int, started: str | None) -> bool:
+    return started is not None and start_time(pid) == started
+
+
+def services_of(state_dir: Path) -> list[dict]:
+    """The servers the records in `state_dir` name that still run, each with `owner_alive`: whether the process that
+    started it still runs. A record whose server is gone is removed."""
+    found = []
+    for path in sorted(pids_dir(state_dir).glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)
+            continue
+        if not _running(record["pid"], record.get("started")):
+            path.unlink(missing_ok=True)
+            continue
+        found.append({**record, "path": str(path),
+                      "owner_alive": _running(record["owner"], record.get("owner_started"))})
+    return found
+
+
+def reap_stale(state_dir: Path, *, say: Callable[[str], None] | None = None) -> list[dict]:
+    """Stop every server of `state_dir` whose starting process is gone (it outlived it: a parent-death signal it
+    ignored, or an Orchard older than them); say each; return them."""
+    say = say or (lambda line: print(f"orchard: {line}", file=sys.stderr))
+    stale = [record for record in services_of(state_dir) if not record["owner_alive"]]
+    for record in stale:
+        _signal_group(record["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while _running(record["pid"], record.get("started")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _signal_group(record["pid"], signal.SIGKILL)
+        Path(record["path"]).unlink(missing_ok=True)
+        say(f"stopped {record['name']} (pid {record['pid']}), left running by orchard process {record['owner']}, "
+            f"which is gone")
+    return stale
+
+
 def _launch(name: str, argv: list[str], state_dir: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None,
             url: str) -> Service:
     log_dir = state_dir / "logs"
@@ -134,8 +324,9 @@ def _launch(name: str, argv: list[str], state_dir: Path, *, env: dict[str, str] 
     log_file = open(log_path, "wb")  # noqa: SIM115 — owned by the Service, closed in stop()
     log_file.write(("$ " + " ".join(argv) + "\n").encode())
     log_file.flush()
+    outlive = _OUTLIVE.get()
     try:
-        process = subprocess.Popen(
+        process = _popen_here(lambda: subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
@@ -143,11 +334,14 @@ def _launch(name: str, argv: list[str], state_dir: Path, *, env: dict[str, str] 
             env=env,
             cwd=cwd,
             start_new_session=True,  # its own process group, so stop() reaches every child
-        )
+            preexec_fn=None if outlive else _dies_with(os.getpid()),
+        ))
     except OSError as exc:
         log_file.close()
         raise ServiceError(f"{name}: cannot run {argv[0]}: {exc}") from exc
     service = Service(name=name, url=url, process=process, log_path=log_path, _log_file=log_file)
+    if not outlive:
+        _record_pid(service, state_dir, argv)
     with _LIVE_LOCK:
         _LIVE.add(service)
     return service
@@ -215,6 +409,12 @@ def start_seaweedfs(store: ObjectStoreConfig, state_dir: Path, *, name: str = "s
                     timeout_s: float = STARTUP_TIMEOUT_S) -> Service:
     """Start `weed mini` on 127.0.0.1 with its data under `<state_dir>/seaweedfs`; return once the bucket answers."""
     state_dir = Path(state_dir).resolve()
+    reap_stale(state_dir)
+    for record in services_of(state_dir):
+        if record["name"] == name and record["owner"] != os.getpid():
+            raise ServiceError(f"{name} of {state_dir} is running (pid {record['pid']}) for orchard process "
+                               f"{record['owner']}, which still runs: let it finish or stop it (kill {record['owner']}), "
+                               f"or give this run another state_dir")
     data_dir = state_dir / "seaweedfs"
     data_dir.mkdir(parents=True, exist_ok=True)
     ports = dict(zip(_WEED_PORTS, free_ports(len(_WEED_PORTS))))

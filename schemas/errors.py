@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from schemas.stopping import stop_requested
+
 
 class OrchardError(Exception):
     """An error whose message alone tells the user what happened and what to fix (file, row, field or object)."""
@@ -29,5 +31,8 @@ def is_transient(error: BaseException | None) -> bool:
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: retry a failed task run only when its error is transient."""
+    """Prefect `retry_condition_fn`: retry a failed task run only when its error is transient, and never in a process
+    that is stopping."""
+    if stop_requested():
+        return False
     return is_transient(state.result(raise_on_failure=False) if state is not None else None)

@@ -43,6 +43,7 @@ from orchard.engine import (
     counters_delta,
     prefix_cache_counters,
 )
+from orchard.services import die_with_owner, owner
 from orchard.store import ObjectStore
 from schemas import rows
 from schemas.errors import is_transient
@@ -336,7 +337,7 @@ class GrowthHost:
         with self._validator_lock:
             if self._validator is None:
                 self._validator = ProcessPoolExecutor(max_workers=self.validators, mp_context=worker_context(),
-                                                      initializer=_validation_process)
+                                                      initializer=_validation_process, initargs=owner())
                 for _ in range(self.validators):  # one call each while the others are still starting: all start
                     self._validator.submit(os.getpid)
             return self._validator
@@ -430,8 +431,10 @@ def validate_each(batch: Sequence[ShardTables]) -> list[tuple[ShardValidation | 
     return outcomes
 
 
-def _validation_process() -> None:
-    """A validation process starts behind growth (VALIDATE_NICE) with its GX context built."""
+def _validation_process(pid: int, started: str | None) -> None:
+    """A validation process starts behind growth (VALIDATE_NICE) with its GX context built; it ends when its owner
+    (`owner()`: the process that grows) is gone, and leaves Ctrl-C to the run."""
+    die_with_owner(pid, started)
     os.nice(VALIDATE_NICE)
     warm_validation()
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from orchard.sandbox import PROGRAM_PATH, SandboxConfig, run_sandboxed, sandbox_self_check
+from orchard.services import die_with_owner, owner
 from schemas.domains import CODE_VERIFIER, DOMAINS, IF_VERIFIER, MATH_VERIFIER, answer_span, extract_code
 from schemas.errors import OrchardError
 from schemas.plan import Instruction
@@ -315,5 +316,6 @@ class Verifiers:
     def _process_pool(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._processes is None:
-                self._processes = ProcessPoolExecutor(max_workers=self.workers, mp_context=worker_context())
+                self._processes = ProcessPoolExecutor(max_workers=self.workers, mp_context=worker_context(),
+                                                      initializer=die_with_owner, initargs=owner())
             return self._processes

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -211,3 +215,74 @@ def test_model_false_leaves_embedded_engines_unstarted(tmp_path: Path) -> None:
         assert resolved.engines["embedded"].kind == "embedded"
         assert resolved.engines["embedded"].base_urls == ()
     assert not (tmp_path / "state").exists()
+
+
+# --- no orphans -------------------------------------------------------------------------------------------
+
+OWNER = """
+import sys, threading, time
+sys.path.insert(0, {repo!r})
+from orchard.config import ObjectStoreConfig
+from orchard.services import start_seaweedfs
+store = ObjectStoreConfig(bucket="orchard", access_key_id="orchard", secret_access_key="orchard-test-secret")
+started = []
+# From a thread that ends at once: the server must still live as long as this process, and no longer.
+worker = threading.Thread(target=lambda: started.append(start_seaweedfs(store, {state!r})))
+worker.start()
+worker.join()
+print(started[0].process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _ended(pid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if services.start_time(pid) is None:  # gone, or a zombie waiting for init
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_server_dies_with_the_process_that_started_it_however_it_dies(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    code = OWNER.format(repo=str(Path(__file__).resolve().parents[1]), state=str(state))
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        weed = int(owner.stdout.readline())
+        (record,) = services.services_of(state)
+        assert (record["name"], record["pid"], record["owner"], record["owner_alive"]) == \
+            ("seaweedfs", weed, owner.pid, True)
+        # Another process may not open the same store while its owner runs: one line saying whose it is.
+        with pytest.raises(ServiceError, match=rf"seaweedfs of {state} is running \(pid {weed}\) for orchard process "
+                                               rf"{owner.pid}, which still runs"):
+            start_seaweedfs(STORE, state)
+        owner.kill()  # SIGKILL: no handler, no atexit
+        owner.wait()
+        assert _ended(weed, 15.0), "SeaweedFS outlived the process that started it"
+        assert services.services_of(state) == []  # its record is dropped with it
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+
+
+def test_a_server_left_by_a_process_that_is_gone_is_stopped_and_said(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    orphan = subprocess.Popen(["sleep", "600"], start_new_session=True)  # as if its parent-death signal were lost
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    folder = services.pids_dir(state)
+    folder.mkdir(parents=True)
+    (folder / f"llama-embedded.{orphan.pid}.json").write_text(json.dumps({
+        "name": "llama-embedded", "pid": orphan.pid, "started": services.start_time(orphan.pid), "owner": gone.pid,
+        "owner_started": "1", "command": "sleep"}))
+    said: list[str] = []
+    try:
+        (reaped,) = services.reap_stale(state, say=said.append)
+        assert reaped["pid"] == orphan.pid and orphan.wait(timeout=15) is not None
+        assert said == [f"stopped llama-embedded (pid {orphan.pid}), left running by orchard process {gone.pid}, "
+                        "which is gone"]
+        assert not list(folder.iterdir())
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()

@@ -1,0 +1,122 @@
+"""How a process of Orchard's stops on SIGTERM (Prefect cancelling, systemd, a container runtime) and SIGINT (Ctrl-C).
+
+The first signal asks the process to stop (schemas.stopping): the model servers it started are stopped at once, so
+the requests in flight end, and no request or task is retried; the signal then goes on as it would have (Prefect's
+own SIGTERM bridge inside a flow, which records the flow run as crashed; RunStopped elsewhere), so the flow and the
+blocks that started the servers unwind and stop them. Whatever still runs STOP_DEADLINE_S after the first signal is
+killed and the process exits with 128 + the signal's number (143, 130), the shell's "ended by a signal".
+
+Nothing half-landed is published by a stop: a shard lands whole or not at all and a run publishes one lake snapshot
+or none, so running the same run again resumes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+from orchard.services import child_pids, stop_all_services, stop_model_servers
+from schemas.stopping import STOP_REQUESTED
+
+STOP_DEADLINE_S = 12.0
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_FIRST: list[int] = []
+_FIRST_LOCK = threading.Lock()
+
+
+class RunStopped(KeyboardInterrupt):
+    """A signal asked the command to stop."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(self.name)
+
+    @property
+    def code(self) -> int:
+        return 128 + self.signum
+
+
+def request_stop(signum: int, deadline_s: float = STOP_DEADLINE_S) -> None:
+    """The first time: mark the process as stopping, stop its model servers (in a thread: a handler must not wait)
+    and arm the deadline after which what is left is killed. Later calls do nothing."""
+    with _FIRST_LOCK:
+        if _FIRST:
+            return
+        _FIRST.append(signum)
+    STOP_REQUESTED.set()
+    threading.Thread(target=stop_model_servers, name="orchard-stop-servers", daemon=True).start()
+    threading.Thread(target=_deadline, args=(signum, deadline_s), name="orchard-stop-deadline", daemon=True).start()
+
+
+def _deadline(signum: int, seconds: float) -> None:
+    time.sleep(seconds)
+    exit_now(128 + signum, f"stopped by {signal.Signals(signum).name}; what still ran {seconds:g} s later was killed")
+
+
+def exit_now(code: int, why: str | None = None) -> None:
+    """Kill what this process started that still runs (its servers; its worker processes, whose own workers die with
+    them) and exit with `code` at once, without waiting for threads."""
+    if why:
+        print(f"orchard: {why}", file=sys.stderr)
+    stop_all_services(grace_s=1.0)
+    for pid in child_pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+@contextlib.contextmanager
+def stop_on_signals(deadline_s: float = STOP_DEADLINE_S) -> Iterator[None]:
+    """While the block runs in the main thread, SIGTERM and SIGINT ask the process to stop and raise RunStopped.
+    Elsewhere (a thread), nothing is installed."""
+    def handler(signum: int, frame: Any) -> None:
+        request_stop(signum, deadline_s)
+        raise RunStopped(signum)
+
+    with _handlers(handler):
+        yield
+
+
+@contextlib.contextmanager
+def stop_within(deadline_s: float = STOP_DEADLINE_S) -> Iterator[None]:
+    """Inside a flow (which installed its own SIGTERM bridge): the first SIGTERM or SIGINT asks the process to stop,
+    then goes on to the handler that was there (Prefect's bridge raises its TerminationSignal; a Python default
+    raises KeyboardInterrupt), so the flow run is recorded as it would have been."""
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        request_stop(signum, deadline_s)
+        before = previous.get(signum)
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_IGN:
+            return
+        raise RunStopped(signum)
+
+    with _handlers(handler, previous):
+        yield
+
+
+@contextlib.contextmanager
+def _handlers(handler: Callable[[int, Any], None], previous: dict[int, Any] | None = None) -> Iterator[None]:
+    previous = {} if previous is None else previous
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    for sig in SIGNALS:
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, action in previous.items():
+            signal.signal(sig, action)
