@@ -23,6 +23,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -582,7 +583,15 @@ def stopped_by_signal(work_dir: Path, sig: signal.Signals, *, group: bool) -> Fa
     lab = lab_for(work_dir)
     baseline = clean_run(lab)
     target = lab.target(name)
-    stopped = lab.run(target, "stopped.log", signal_when=_kill_growth(baseline), stop_signal=sig, signal_group=group)
+    half_way, at = _kill_growth(baseline), {}
+
+    def due(watch: fault_lab.Watch) -> bool:
+        if half_way(watch):
+            at.update(phase=_phase_at_kill(watch, len(baseline.planned)), landed=len(watch.landed))
+            return True
+        return False
+
+    stopped = lab.run(target, "stopped.log", signal_when=due, stop_signal=sig, signal_group=group)
     events, failed = stopped.watch.events, []
     want = 128 + sig
     if "signalled" not in events:
@@ -603,10 +612,9 @@ def stopped_by_signal(work_dir: Path, sig: signal.Signals, *, group: bool) -> Fa
     failed += ["re-run: " + p for p in again_check.failed]
     expected = (f"exit {want} within {STOP_BOUND_S:g} s of the signal, the console says so, nothing left running, "
                 "nothing partial; re-run exit 0 complete, plan counts = clean run")
-    observed = (f"{sig.name} {'to the group' if group else 'to orchard run'} in "
-                f"{_phase_at_kill(stopped.watch, len(baseline.planned)) if 'signalled' in events else '-'} at "
-                f"{events.get('signalled', 0.0):.1f} s ({len(after.bucket.get('manifests', ()))}/"
-                f"{len(baseline.planned)} landed); exit {stopped.code} {took:.1f} s later, "
+    observed = (f"{sig.name} {'to the group' if group else 'to orchard run'} in {at.get('phase', '-')} at "
+                f"{events.get('signalled', 0.0):.1f} s ({at.get('landed', 0)}/{len(baseline.planned)} landed); exit "
+                f"{stopped.code} {took:.1f} s later, "
                 f"{len(stopped.stragglers)} processes left; re-run {again.brief()}, {counts_text(again_check.counts)}")
     if failed:
         observed += " ! " + _problems(failed)
@@ -643,6 +651,56 @@ def sigkill_alone(work_dir: Path) -> FaultResult:
     if failed:
         observed += " ! " + _problems(failed)
     return FaultResult("sigkill-alone", expected, observed, not failed)
+
+
+def disk_full(work_dir: Path) -> FaultResult:
+    """The disk under the state directory (a 256 MB tmpfs: its logs, the lake's catalog) filled up once growth has
+    started; then space freed and the same run id run again. Where the machine cannot mount a tmpfs, it says so."""
+    lab = lab_for(work_dir)
+    baseline = clean_run(lab)
+    target = lab.target("disk-full")
+    disk = target.config_path.parent / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        return FaultResult("disk-full", "a full disk under the state directory", "not run: this machine cannot mount "
+                           f"a tmpfs ({mounted.stderr.strip()[:100]})", True)
+    filler = disk / "filler"
+    try:
+        toml = re.sub(r"^state_dir = .*$", f"state_dir = {json.dumps(str(disk))}", target.config_path.read_text(),
+                      count=1, flags=re.M)
+        target.config_path.write_text(toml)
+        target = dataclasses.replace(target, cfg=fault_lab.load_config(target.config_path, environ={}))
+
+        def fill(watch: fault_lab.Watch) -> None:
+            if "growth" in watch.events and "filled" not in watch.events:
+                with open(filler, "wb") as out, contextlib.suppress(OSError):  # until ENOSPC
+                    while True:
+                        out.write(b"\0" * (1 << 20))
+                watch.mark("filled")
+
+        full = lab.run(target, "full.log", act=fill)
+        failed = []
+        said = [line for line in full.watch.log_text.splitlines() if line.startswith("orchard: ")]
+        space = any("No space left" in line or "ENOSPC" in line or "disk" in line.lower() for line in said)
+        if full.code == 0:
+            failed.append("exit 0 on a full disk")
+        after = check_state(target, baseline.planned)
+        failed += ["after the full disk: " + p for p in after.failed]
+        filler.unlink()
+        again, again_check = _rerun_completes(lab, target, baseline, baseline.planned)
+        failed += ["re-run: " + p for p in again_check.failed]
+        expected = ("exit non-zero (nothing published) with one line naming the cause; nothing partial; space freed, "
+                    "re-run exit 0 complete, plan counts = clean run")
+        observed = (f"filled at {full.watch.events.get('filled', 0.0):.1f} s; {full.brief()}: "
+                    f"{(said[-1] if said else 'nothing said')[:140]}{'' if space else ' (the cause not named)'}; "
+                    f"re-run {again.brief()}, {counts_text(again_check.counts)}")
+        if failed:
+            observed += " ! " + _problems(failed)
+        return FaultResult("disk-full", expected, observed, not failed)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 # --- seed text screened before planning (issue 26) ------------------------------------------------------
@@ -791,6 +849,7 @@ SCENARIOS: dict[str, Callable[[Path], FaultResult]] = {
     "sigterm-growth": lambda work: stopped_by_signal(work, signal.SIGTERM, group=False),
     "sigint-growth": lambda work: stopped_by_signal(work, signal.SIGINT, group=True),
     "sigkill-alone": sigkill_alone,
+    "disk-full": disk_full,
     "seed-not-utf8": seed_not_utf8,
     "seed-too-long": seed_too_long,
 }

@@ -44,7 +44,7 @@ def _log_to_file(cfg: Config) -> Path:
     for handler in [h for h in root.handlers if getattr(h, "orchard_log_file", False)]:
         root.removeHandler(handler)  # an earlier run in this process (tests call main() repeatedly)
         handler.close()
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _LogFile(path, encoding="utf-8")
     handler.orchard_log_file = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
     root.addHandler(handler)
@@ -52,6 +52,26 @@ def _log_to_file(cfg: Config) -> Path:
         if console is not handler and not isinstance(console.formatter, _WithoutTraceback):
             console.setFormatter(_WithoutTraceback(console.formatter))
     return path
+
+
+class _LogFile(logging.FileHandler):
+    """The run's log file. When it cannot be written (a full disk), it says so once on the console and stops trying:
+    logging's own report of a failed write is a traceback printed through `print`, which Prefect turns back into a
+    log record, and so on without end."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if self.failed:
+            return
+        self.failed = True
+        error = sys.exc_info()[1]
+        os.write(2, f"orchard: warning: cannot write the log file {self.baseFilename} ({error}); the console keeps "
+                    f"logging\n".encode())
 
 
 class _WithoutTraceback:
@@ -102,6 +122,7 @@ def _run(cfg: Config, api: str | None, run_id: str | None) -> int:
         if api is None:
             server = start_prefect_api(cfg.state_path)
             running.callback(server.stop)
+            running.callback(_drain_to_api)  # before it stops: what the run logged and emitted reaches it
             api = f"{server.url}/api"
         from prefect.settings import PREFECT_API_URL, temporary_settings  # imports Prefect: after its environment
 
@@ -121,6 +142,16 @@ def _run(cfg: Config, api: str | None, run_id: str | None) -> int:
     if isinstance(summary, BaseException):  # a defect, not a failed run: its traceback helps
         raise summary
     return exit_code(summary["status"])
+
+
+def _drain_to_api(timeout_s: float = 5.0) -> None:
+    """Send the logs and events Prefect still holds to the API (its workers would at interpreter exit, after the API
+    this run started is gone)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout_s)
 
 
 def cmd_sql(args: argparse.Namespace) -> int:

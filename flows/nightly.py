@@ -193,7 +193,7 @@ def grow_and_validate(config: dict, run_id: str, plans: Sequence[ShardRef], prog
             future.add_done_callback(finished.put)
         if not growing and not checking:
             return checks
-        future = finished.get()
+        future = _next(finished)
         progress.tick()
         if future in growing:
             plan, receipt = growing.pop(future), future.result(raise_on_failure=False)
@@ -206,6 +206,17 @@ def grow_and_validate(config: dict, run_id: str, plans: Sequence[ShardRef], prog
         if isinstance(checked, BaseException):  # transient and still failing after retries: nothing was moved
             checked = ShardCheck(plan.shard_id, "failed", f"check could not run: {_reason(checked)}", receipt)
         checks[plan.shard_id] = checked
+
+
+def _next(finished: queue.SimpleQueue[PrefectFuture]) -> PrefectFuture:
+    """The next future to finish. Waited for a second at a time: a signal (SIGTERM, Ctrl-C) the kernel hands another
+    thread only runs its Python handler once the main thread wakes, and a wait without a timeout never does."""
+    while True:
+        with contextlib.suppress(queue.Empty):
+            return finished.get(timeout=WAKE_S)
+
+
+WAKE_S = 1.0
 
 
 def _landed_at(receipt: ShardReceipt) -> float:

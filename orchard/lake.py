@@ -8,9 +8,11 @@ open a connection, use it, close it. A Postgres catalog admits several writer pr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
 import logging
+import os
 import random
 import re
 import time
@@ -121,6 +123,8 @@ def connect(config: Config, *, read_only: bool = False, version: int | None = No
     """
     catalog = _catalog(config)
     writable = not read_only and version is None
+    if writable:
+        _create_file_catalog(config, catalog)
     for attempt in range(1, _ATTACH_ATTEMPTS + 1):
         try:
             return _open(config, catalog, read_only=read_only, version=version)
@@ -132,6 +136,23 @@ def connect(config: Config, *, read_only: bool = False, version: int | None = No
                 raise
             time.sleep(0.2 * attempt)
     raise AssertionError("unreachable")
+
+
+def _create_file_catalog(config: Config, catalog: str) -> None:
+    """Create a DuckDB-file catalog that does not exist yet whole or not at all: built beside it under a temporary name
+    (the catalog, its schema) and linked into place, so a failure half-way (a full disk) leaves no file that a later
+    run would find unreadable. Another process creating it at the same time wins: its file is kept."""
+    path = Path(catalog)
+    if catalog.startswith(_REMOTE_CATALOGS) or path.exists():
+        return
+    partial = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    try:
+        _open(config, str(partial), read_only=False, version=None).close()
+        with contextlib.suppress(FileExistsError):
+            os.link(partial, path)
+    finally:
+        for leftover in (partial, partial.with_name(partial.name + ".wal")):
+            leftover.unlink(missing_ok=True)
 
 
 def extensions(catalog: str) -> tuple[str, ...]:

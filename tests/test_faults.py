@@ -1,7 +1,8 @@
 """The cheap faults of the fault suite (bench/faults.py), run through the suite's own scenario code.
 
 Every corruption of a landed shard at once (truncated Parquet, wrong checksum, missing part, a manifest of another
-run: one shard each, in one resumed run), and one model request answered HTTP 400: real SeaweedFS, the real
+run: one shard each, in one resumed run), one model request answered HTTP 400, and SIGTERM mid-growth (exit 143
+within 15 s, nothing left running, the re-run completes): real SeaweedFS, the real
 llama.cpp server, `orchard run` as a subprocess. The slow faults (store outages, kills at each stage, the model
 server killed, Postgres) run in the bench only: together these two tests take about 2½ minutes on 2 cores (their
 runs report to the lab's one Prefect server instead of starting their own).
@@ -85,3 +86,9 @@ def test_a_request_answered_400_is_counted_its_node_dropped_and_the_run_complete
     result = faults.model_answers_once(work, "400")
     assert result.passed, result.line()
 
+
+
+@pytest.mark.integration
+def test_sigterm_mid_growth_stops_the_run_in_seconds_leaves_nothing_running_and_the_rerun_completes(work):
+    result = faults.stopped_by_signal(work, faults.signal.SIGTERM, group=False)
+    assert result.passed, result.line()
