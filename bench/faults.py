@@ -703,6 +703,47 @@ def disk_full(work_dir: Path) -> FaultResult:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
+def prefect_api_gone(work_dir: Path) -> FaultResult:
+    """The Prefect API the run started for itself SIGKILLed once growth has started: the run ends with a truthful exit
+    code and status, nothing partial is published, and the same run id run again completes."""
+    from orchard import services
+
+    lab = lab_for(work_dir)
+    baseline = clean_run(lab)
+    target = lab.target("prefect-api-gone")
+
+    def kill_api(watch: fault_lab.Watch) -> None:
+        if "growth" in watch.events and "api killed" not in watch.events:
+            for record in services.services_of(target.cfg.state_path):
+                if record["name"] == "prefect-api":
+                    os.kill(record["pid"], signal.SIGKILL)
+                    watch.mark("api killed")
+
+    gone = lab.run(target, "api-gone.log", act=kill_api, api_url=None)
+    failed = []
+    if "api killed" not in gone.watch.events:
+        failed.append(f"the API was never killed (rc {gone.code})")
+    after = check_state(target, baseline.planned)
+    failed += ["after the outage: " + p for p in after.failed]
+    status = after.summary.get("status") or gone.status
+    if gone.code == 0 and status != "complete":
+        failed.append(f"exit 0 but status {status or 'none'}")
+    if gone.code != 0 and status == "complete":
+        failed.append(f"status complete but exit {gone.code}")
+    if gone.stragglers:
+        failed.append(f"{len(gone.stragglers)} processes outlived it: {gone.stragglers[0]}")
+    said = [line for line in gone.watch.log_text.splitlines() if line.startswith("orchard: ")]
+    again, again_check = _rerun_completes(lab, target, baseline, baseline.planned)
+    failed += ["re-run: " + p for p in again_check.failed]
+    expected = ("exit code and status agree (0 complete, else non-zero and nothing published); nothing partial; nothing "
+                "left running; re-run exit 0 complete, plan counts = clean run")
+    observed = (f"API killed at {gone.watch.events.get('api killed', 0.0):.1f} s; {gone.brief()}"
+                f"{': ' + said[-1][:120] if said else ''}; re-run {again.brief()}, {counts_text(again_check.counts)}")
+    if failed:
+        observed += " ! " + _problems(failed)
+    return FaultResult("prefect-api-gone", expected, observed, not failed)
+
+
 # --- seed text screened before planning (issue 26) ------------------------------------------------------
 
 def _seed_file(target: Target, lines: list[bytes]) -> Path:
@@ -850,6 +891,7 @@ SCENARIOS: dict[str, Callable[[Path], FaultResult]] = {
     "sigint-growth": lambda work: stopped_by_signal(work, signal.SIGINT, group=True),
     "sigkill-alone": sigkill_alone,
     "disk-full": disk_full,
+    "prefect-api-gone": prefect_api_gone,
     "seed-not-utf8": seed_not_utf8,
     "seed-too-long": seed_too_long,
 }

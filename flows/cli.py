@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import httpx
+
 from orchard.cluster import down, joined, start_prefect_api, status, status_text, up
 from orchard.config import Config, load_config
 from orchard.lake import query
@@ -103,6 +105,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     with stop_on_signals():
         try:
             return _run(cfg, api, args.run_id)
+        except httpx.HTTPError as exc:  # only Prefect's client speaks httpx in a run: its API went away or broke
+            from flows.nightly import default_run_id
+
+            run_id = args.run_id or default_run_id()
+            print(f"orchard: run {run_id} failed: the Prefect API stopped answering ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:200]}); nothing half-landed was published; `orchard run --run-id "
+                  f"{run_id}` resumes it (details: {cfg.state_path / 'logs' / 'orchard.log'})", file=sys.stderr)
+            return exit_code("failed")
         except RunStopped as stopped:
             from flows.nightly import default_run_id
 

@@ -1,0 +1,68 @@
+"""How a process of Orchard's stops (orchard/stop.py): SIGTERM and SIGINT become RunStopped in the main thread, mark
+the process as stopping, and whatever still runs after the deadline is killed with exit 128 + the signal."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchard.stop import RunStopped
+
+REPO = Path(__file__).resolve().parents[1]
+
+STOPPABLE = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from orchard.stop import RunStopped, stop_on_signals, stop_within
+from schemas.stopping import stop_requested
+
+def flows_own(signum, frame):  # what Prefect's bridge does inside a flow
+    raise RuntimeError("the flow's own handler ran")
+
+try:
+    with stop_on_signals(deadline_s=3.0):
+        import signal
+        signal.signal(signal.SIGTERM, flows_own)
+        with stop_within(deadline_s=3.0):
+            print("ready", flush=True)
+            while True:
+                time.sleep(0.05)
+except RuntimeError as exc:
+    print(f"chained: {{exc}}; stopping: {{stop_requested()}}", flush=True)
+except RunStopped as exc:
+    print(f"stopped: {{exc.name}}; stopping: {{stop_requested()}}", flush=True)
+time.sleep(60)  # a clean-up that hangs: the deadline ends the process
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_marks_the_process_stopping_reaches_the_flows_handler_and_the_deadline_ends_it(sig):
+    child = subprocess.Popen([sys.executable, "-c", STOPPABLE.format(repo=str(REPO))], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        sent = time.monotonic()
+        child.send_signal(sig)
+        code = child.wait(timeout=30)
+        took = time.monotonic() - sent
+        out, err = child.communicate()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert code == 128 + sig
+    if sig == signal.SIGTERM:  # the flow's own SIGTERM handler runs after the stop is requested
+        assert out.strip() == "chained: the flow's own handler ran; stopping: True"
+    else:  # SIGINT goes on to the handler outside the flow (Prefect bridges SIGTERM alone): RunStopped
+        assert out.strip() == "stopped: SIGINT; stopping: True"
+    assert f"stopped by {sig.name}; what still ran 3 s later was killed" in err
+    assert took >= 2.5  # the deadline, not a crash, ended it
+
+
+def test_run_stopped_carries_the_shells_exit_code():
+    assert RunStopped(signal.SIGTERM).code == 143 and RunStopped(signal.SIGINT).code == 130
+    assert RunStopped(signal.SIGTERM).name == "SIGTERM"
