@@ -318,6 +318,7 @@ def reap_stale(state_dir: Path, *, say: Callable[[str], None] | None = None) -> 
 
 def _launch(name: str, argv: list[str], state_dir: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None,
             url: str) -> Service:
+    reap_stale(state_dir)  # a server left by a process of this state dir that is gone (its record says so)
     log_dir = state_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
@@ -409,7 +410,7 @@ def start_seaweedfs(store: ObjectStoreConfig, state_dir: Path, *, name: str = "s
                     timeout_s: float = STARTUP_TIMEOUT_S) -> Service:
     """Start `weed mini` on 127.0.0.1 with its data under `<state_dir>/seaweedfs`; return once the bucket answers."""
     state_dir = Path(state_dir).resolve()
-    reap_stale(state_dir)
+    reap_stale(state_dir)  # before looking for a live owner: one that is gone leaves the store to this run
     for record in services_of(state_dir):
         if record["name"] == name and record["owner"] != os.getpid():
             raise ServiceError(f"{name} of {state_dir} is running (pid {record['pid']}) for orchard process "
