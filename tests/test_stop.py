@@ -3,6 +3,7 @@ the process as stopping, and whatever still runs after the deadline is killed wi
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -66,3 +67,41 @@ def test_a_signal_marks_the_process_stopping_reaches_the_flows_handler_and_the_d
 def test_run_stopped_carries_the_shells_exit_code():
     assert RunStopped(signal.SIGTERM).code == 143 and RunStopped(signal.SIGINT).code == 130
     assert RunStopped(signal.SIGTERM).name == "SIGTERM"
+
+
+@pytest.mark.integration
+def test_sigterm_while_orchard_up_starts_undoes_the_start_and_exits_143(tmp_path):
+    from orchard.services import free_ports
+
+    (port,) = free_ports(1)
+    config = tmp_path / "orchard.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[orchestration]\napi_port = {port}\ngpu_workers = 1\n')
+    tag = f"ORCHARD_STOP_TEST={tmp_path.name}"
+    env = {**os.environ, "ORCHARD_STOP_TEST": tmp_path.name}
+    env.pop("PREFECT_API_URL", None)
+    up = subprocess.Popen([sys.executable, "-m", "flows.cli", "--config", str(config), "up"], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        said = []
+        for line in up.stdout:  # once the store is up, mid-start: workers and model servers still to come
+            said.append(line)
+            if line.startswith("object store:"):
+                break
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(timeout=60)
+        said += up.stdout.readlines()
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert code == 143, "".join(said)
+    assert said[-1].strip() == "orchard: stopped by SIGTERM"
+    time.sleep(1.0)
+    left = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and _has(p, tag.encode())]
+    assert left == [], f"processes of the stopped `up` still run: {left}"
+
+
+def _has(process: Path, needle: bytes) -> bool:
+    try:
+        return needle in (process / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
