@@ -752,6 +752,17 @@ def _seed_file(target: Target, lines: list[bytes]) -> Path:
     return path
 
 
+def _seeded(lab: Lab, name: str, lines: list[bytes]) -> tuple[Target, Path]:
+    """A target whose seeds are a GSM8K-format file of `lines` instead of the small run's arithmetic."""
+    target = lab.target(name)
+    path = _seed_file(target, lines)
+    arithmetic = "[[seeds]]\nkind = \"arithmetic\"\ncount = 4\ndifficulty = 1\nseed = 5\n"
+    toml = target.config_path.read_text()
+    assert arithmetic in toml, "the small run's seeds changed: update _seeded"
+    target.config_path.write_text(toml.replace(arithmetic, f"[[seeds]]\nkind = \"gsm8k\"\npath = {json.dumps(str(path))}\n"))
+    return dataclasses.replace(target, cfg=fault_lab.load_config(target.config_path, environ={})), path
+
+
 def _gsm8k(question: str, answer: int) -> bytes:
     return json.dumps({"question": question, "answer": f"#### {answer}"}).encode()
 
@@ -760,14 +771,9 @@ def seed_not_utf8(work_dir: Path) -> FaultResult:
     """A GSM8K-format file with one line of Latin-1: one error naming the file, the line and the byte; nothing planned
     or landed; fixed, the same run id completes."""
     lab = lab_for(work_dir)
-    target = lab.target("seed-not-utf8")
     good = [_gsm8k("What is 12 + 30?", 42), _gsm8k("What is 6 times 7?", 42)]
     bad = b'{"question": "How many caf\xe9s are on a street of 3 blocks with 2 each?", "answer": "#### 6"}'
-    path = _seed_file(target, [good[0], bad, good[1]])
-    toml = target.config_path.read_text().replace("[[seeds]]\nkind = \"arithmetic\"\ncount = 4\ndifficulty = 1\nseed = 5\n",
-                                                  f"[[seeds]]\nkind = \"gsm8k\"\npath = {json.dumps(str(path))}\n")
-    target.config_path.write_text(toml)
-    target = dataclasses.replace(target, cfg=fault_lab.load_config(target.config_path, environ={}))
+    target, path = _seeded(lab, "seed-not-utf8", [good[0], bad, good[1]])
     first = lab.run(target, "bad-seeds.log")
     failed = []
     errors = [line for line in first.watch.log_text.splitlines() if line.startswith("orchard: ")]
@@ -796,13 +802,9 @@ def seed_too_long(work_dir: Path) -> FaultResult:
     """A GSM8K-format file with a 20 MB question (millions of tokens) between two short ones: dropped at the seed
     stage with its reason in `drops`, never sent; the run completes with the other two."""
     lab = lab_for(work_dir)
-    target = lab.target("seed-too-long")
     huge = "How many apples are there? " + "apple " * 3_500_000  # ~21 MB
-    path = _seed_file(target, [_gsm8k("What is 12 + 30?", 42), _gsm8k(huge, 7), _gsm8k("What is 6 times 7?", 42)])
-    toml = target.config_path.read_text().replace("[[seeds]]\nkind = \"arithmetic\"\ncount = 4\ndifficulty = 1\nseed = 5\n",
-                                                  f"[[seeds]]\nkind = \"gsm8k\"\npath = {json.dumps(str(path))}\n")
-    target.config_path.write_text(toml)
-    target = dataclasses.replace(target, cfg=fault_lab.load_config(target.config_path, environ={}))
+    target, _ = _seeded(lab, "seed-too-long",
+                        [_gsm8k("What is 12 + 30?", 42), _gsm8k(huge, 7), _gsm8k("What is 6 times 7?", 42)])
     planned = lab.planned(target)
     run = lab.run(target, "run.log")
     check = check_complete(target, run, planned, {"instructions": 2})

@@ -253,22 +253,9 @@ def status_text(report: dict[str, Any]) -> str:
 
 def start_prefect_server(state_dir: Path, port: int) -> Service:
     """Start `prefect server start` (API and UI) on 127.0.0.1:`port`, its database in `<state_dir>/prefect`."""
-    home = state_dir / "prefect"
-    home.mkdir(parents=True, exist_ok=True)
     url = f"http://{HOST}:{port}"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_API_URL": f"{url}/api"}
-    env.pop("PREFECT_API_URL", None)
     argv = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", HOST, "--port", str(port)]
-    service = _launch("prefect-server", argv, state_dir, env=env, url=url)
-
-    def healthy() -> None:
-        response = httpx.get(f"{url}/api/health", timeout=2.0)
-        if response.status_code != 200:
-            raise _NotReady(f"GET /api/health answered {response.status_code}")
-
-    _wait_healthy(service, healthy, API_STARTUP_TIMEOUT_S)
-    return service
+    return _start_prefect("prefect-server", argv, state_dir, url, {"PREFECT_UI_API_URL": f"{url}/api"})
 
 
 def start_prefect_api(state_dir: Path) -> Service:
@@ -277,19 +264,23 @@ def start_prefect_api(state_dir: Path) -> Service:
     starts its other servers, so that it dies with the run however the run dies and a stale one is reaped."""
     import importlib.util
 
-    home = state_dir / "prefect"
-    home.mkdir(parents=True, exist_ok=True)
     (port,) = free_ports(1)
-    url = f"http://{HOST}:{port}"
     spec = importlib.util.find_spec("prefect")
     assert spec is not None and spec.submodule_search_locations
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    env.pop("PREFECT_API_URL", None)
     argv = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.submodule_search_locations[0]).parent),
             "--factory", "prefect.server.api.server:create_app", "--host", HOST, "--port", str(port),
             "--log-level", "error", "--lifespan", "on"]
-    service = _launch("prefect-api", argv, state_dir, env=env, url=url)
+    return _start_prefect("prefect-api", argv, state_dir, f"http://{HOST}:{port}",
+                          {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
+
+
+def _start_prefect(name: str, argv: list[str], state_dir: Path, url: str, extra_env: dict[str, str]) -> Service:
+    """Run a Prefect server command with its database in `<state_dir>/prefect`; return once GET /api/health answers."""
+    home = state_dir / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra_env}
+    env.pop("PREFECT_API_URL", None)
+    service = _launch(name, argv, state_dir, env=env, url=url)
 
     def healthy() -> None:
         response = httpx.get(f"{url}/api/health", timeout=2.0)
