@@ -194,8 +194,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in (("gpu_workers", args.workers), ("api_port", args.port)) if v is not None}
     if changes:
         cfg = cfg.replace(orchestration=dataclasses.replace(cfg.orchestration, **changes))
-    with stop_on_signals(UP_STOP_DEADLINE_S):  # a stop mid-start stops what was started (up's own undo)
-        record = up(cfg, args.config)
+    try:
+        with stop_on_signals(UP_STOP_DEADLINE_S):  # a stop mid-start stops what was started (up's own undo)
+            record = up(cfg, args.config)
+    except RunStopped:
+        down(cfg, say=lambda line: None)  # a stop that arrived as `up` finished: undo what it recorded
+        raise
     print(f"Prefect UI: {record['ui_url']}")
     print(f"  a run now:  PREFECT_API_URL={record['api_url']} .venv/bin/prefect deployment run nightly/nightly --watch")
     print("  or:         .venv/bin/orchard run   (in-process, shown in the UI)")

@@ -79,12 +79,19 @@ def exit_now(code: int, why: str | None = None) -> None:
 def stop_on_signals(deadline_s: float = STOP_DEADLINE_S) -> Iterator[None]:
     """While the block runs in the main thread, SIGTERM and SIGINT ask the process to stop and raise RunStopped.
     Elsewhere (a thread), nothing is installed."""
+    received: list[int] = []
+
     def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
         request_stop(signum, deadline_s)
         raise RunStopped(signum)
 
     with _handlers(handler):
         yield
+    # Raised from a signal handler, RunStopped lands wherever the main thread was: in a finalizer (a socket closed by
+    # the garbage collector), Python reports and drops it. The block then ends as if nothing happened: stop here.
+    if received:
+        raise RunStopped(received[0])
 
 
 @contextlib.contextmanager
