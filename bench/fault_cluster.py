@@ -127,7 +127,7 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_worker(cfg: Config, worker: str) -> str:
+def kill_worker(cfg: Config, worker: str, run: object = None) -> str:
     """SIGKILL GPU worker `worker`'s process group and every process below it (its flow-run subprocess)."""
     process = _process(cfg, f"worker-{worker}")
     below = _descendants(process.pid)
@@ -139,7 +139,7 @@ def kill_worker(cfg: Config, worker: str) -> str:
     return f"SIGKILLed worker {worker} (pid {process.pid}) and {len(below)} process(es) below it"
 
 
-def kill_model_server(cfg: Config, worker: str) -> str:
+def kill_model_server(cfg: Config, worker: str, run: object = None) -> str:
     """SIGKILL the llama.cpp server(s) `orchard up` started for GPU worker `worker` (its worker keeps running)."""
     index = worker.rsplit("-", 1)[1]
     servers = [p for p in read_up(cfg)["processes"] if p.name.startswith(f"llama-gpu-{index}-") and p.running]
@@ -147,6 +147,30 @@ def kill_model_server(cfg: Config, worker: str) -> str:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)
     return f"SIGKILLed {', '.join(s.name for s in servers)} of worker {worker}"
+
+
+CANCEL_TIMEOUT_S = 60.0  # a cancelled run not Cancelled by then: the scenario says how long it waited
+
+
+def cancel_grow_run(cfg: Config, worker: str, run: object) -> dict[str, float | str]:
+    """Cancel grow-shard run `run` through the Prefect API, as the UI's Cancel button does (state Cancelling; its
+    worker sees it and sends its flow-run process SIGTERM); wait until it is final and that process is gone. Return
+    its final state and how long each took (None: not within CANCEL_TIMEOUT_S)."""
+    from prefect.states import Cancelling
+
+    below = _descendants(_process(cfg, f"worker-{worker}").pid)
+    started = time.monotonic()
+    final = gone = None
+    with _api(cfg) as client:
+        client.set_flow_run_state(run.id, Cancelling(message="fault scenario: cancelled, as the UI's Cancel does"))
+        while time.monotonic() - started < CANCEL_TIMEOUT_S and (gone is None or final is None):
+            if gone is None and not any(start_time(pid) for pid in below):
+                gone = time.monotonic() - started
+            state = client.read_flow_run(run.id).state
+            if final is None and state.is_final():
+                final = time.monotonic() - started
+            time.sleep(0.25)
+    return {"state": f"{state.type.value} {state.name!r}", "final_s": final, "gone_s": gone}
 
 
 def _process(cfg: Config, name: str) -> Process:
@@ -208,7 +232,7 @@ def _model_busy(cfg: Config, worker: str) -> bool:
     return False
 
 
-def faulted_run(cfg: Config, run_id: str, inject: Callable[[Config, str], str], *,
+def faulted_run(cfg: Config, run_id: str, inject: Callable[[Config, str, object], str], *,
                 spare: Callable[[str], bool] = lambda _: True, max_shards: int | None = None) -> FaultedRun:
     """Start the nightly deployment for `run_id`, `inject` the fault into the first worker (for which `spare`
     holds) seen mid-shard, and wait, bounded, for the nightly run to end."""
@@ -233,7 +257,7 @@ def faulted_run(cfg: Config, run_id: str, inject: Callable[[Config, str], str], 
         else:
             run, seen.victim = found
             seen.killed_run = run.name
-            seen.injected = inject(cfg, seen.victim)
+            seen.injected = inject(cfg, seen.victim, run)
         deadline = time.monotonic() + RUN_TIMEOUT_S
         state = client.read_flow_run(nightly.id).state
         while not state.is_final() and time.monotonic() < deadline:
@@ -259,10 +283,12 @@ def faulted_run(cfg: Config, run_id: str, inject: Callable[[Config, str], str], 
 # --- checks -------------------------------------------------------------------------------------
 
 
-def lake_problems(cfg: Config, run_id: str, shards: int, *, reused: bool = False) -> tuple[list[str], dict[str, int]]:
-    """What is wrong with `run_id` in the store and lake (empty: every shard once, whole, in one snapshot; its
-    `runs` row complete, with every shard published, or with `reused`, every shard reused), and the run's row
-    counts per table."""
+def lake_problems(cfg: Config, run_id: str, shards: int, *, reused: bool = False,
+                  runs_row: tuple[str, int, int, int] | None = None) -> tuple[list[str], dict[str, int]]:
+    """What is wrong with `run_id` in the store and lake (empty: every shard in it once, whole, in one snapshot; its
+    `runs` row (status, planned, published, reused) is `runs_row`: by default complete, with every shard published, or
+    with `reused`, every shard reused), and the run's row counts per table."""
+    want = runs_row or (("complete", shards, 0, shards) if reused else ("complete", shards, shards, 0))
     live = live_config(cfg)
     store = ObjectStore(live.object_store)
     problems: list[str] = []
@@ -282,8 +308,8 @@ def lake_problems(cfg: Config, run_id: str, shards: int, *, reused: bool = False
                            [run_id]).fetchall()
         snapshots = [s["snapshot_id"] for s in lake.snapshot_rows(con)]
     shard_ids = sorted(per_shard["trees"])
-    if len(shard_ids) != shards:
-        problems.append(f"{len(shard_ids)} shards in the lake, {shards} planned")
+    if len(shard_ids) != want[2] + want[3]:
+        problems.append(f"{len(shard_ids)} shards in the lake, {want[2] + want[3]} expected")
     for shard_id in shard_ids:
         manifest = landed_manifest(store, run_id, shard_id)
         if manifest is None:
@@ -294,7 +320,7 @@ def lake_problems(cfg: Config, run_id: str, shards: int, *, reused: bool = False
                 problems.append(f"shard {shard_id} {table}: {per_shard[table].get(shard_id, 0)} rows in the lake, "
                                 f"manifest says {manifest['files'][table]['rows']}")
     got = [tuple(r) for r in runs]
-    if got != [("complete", shards, 0, shards) if reused else ("complete", shards, shards, 0)]:
+    if got != [want]:
         problems.append(f"runs rows of {run_id} (status, planned, published, reused): {got}")
     for version in snapshots:  # every snapshot holds none or all of the run's rows
         with lake.connect(live, read_only=True, version=version) as con:
@@ -311,8 +337,9 @@ def lake_problems(cfg: Config, run_id: str, shards: int, *, reused: bool = False
 
 
 def rerun_problems(cfg: Config, run_id: str, shards: int, counts: dict[str, int],
-                   max_shards: int | None = None) -> tuple[list[str], str]:
-    """Run the nightly deployment for `run_id` again: it must complete, reuse every shard and add no row."""
+                   max_shards: int | None = None, *, left: int = 0) -> tuple[list[str], str]:
+    """Run the nightly deployment for `run_id` again: it must complete, grow the `left` shards the first run did not
+    publish, reuse every other and change none of its rows (with nothing left: add no row)."""
     from prefect.deployments import run_deployment
 
     with _api(cfg):
@@ -322,9 +349,9 @@ def rerun_problems(cfg: Config, run_id: str, shards: int, counts: dict[str, int]
     problems = []
     if not (again.state.is_completed() and again.state.name == "Completed"):
         problems.append(f"the re-run ended {again.state.type.value} {again.state.name!r}: {again.state.message}")
-    found, after = lake_problems(cfg, run_id, shards, reused=True)
+    found, after = lake_problems(cfg, run_id, shards, runs_row=("complete", shards, left, shards - left))
     problems += [f"after the re-run: {p}" for p in found]
-    if after != counts:
+    if (after != counts) if not left else any(after[t] < counts[t] for t in counts):
         problems.append(f"the re-run changed the run's rows: {counts} became {after}")
     return problems, again.state.name
 
@@ -382,6 +409,51 @@ def model_server_killed_on(cfg: Config, run_id: str = "fault-gpu-model", *, max_
             restart_model_server(cfg, seen.victim)
 
 
+def grow_run_cancelled_on(cfg: Config, run_id: str = "fault-gpu-cancel", *,
+                          max_shards: int | None = None) -> tuple[str, str, bool]:
+    """On a running cluster: cancel a grow-shard run mid-shard through the Prefect API; judge the run."""
+    from orchard.stop import STOP_DEADLINE_S
+
+    bound = STOP_DEADLINE_S + 3  # the stop's deadline, and the worker's poll for cancellations
+    cancel: dict[str, float | str] = {}
+
+    def inject(cfg: Config, worker: str, run: object) -> str:
+        cancel.update(cancel_grow_run(cfg, worker, run))
+        return (f"cancelled {run.name} on {worker}: {cancel['state']} after {cancel['final_s']} s, its process gone "
+                f"after {cancel['gone_s']} s")
+
+    seen = faulted_run(cfg, run_id, inject, max_shards=max_shards)
+    shards = _planned(cfg, max_shards)
+    expected = (f"the cancelled grow-shard run Cancelled and its process gone within {bound:.0f} s, its shard not "
+                f"grown again; nightly Completed 'Partial' (partial, {shards - 1}/{shards} shards published); no row "
+                f"lost or duplicated, no partial snapshot; a re-run completes, growing the cancelled shard and reusing "
+                f"the rest")
+    problems = list(seen.problems)
+    for what in ("final_s", "gone_s"):
+        if cancel and (cancel[what] is None or cancel[what] > bound):
+            problems.append(f"{what} {cancel[what]}: not within {bound:.0f} s")
+    if cancel and not str(cancel["state"]).startswith("CANCELLED"):
+        problems.append(f"the cancelled run ended {cancel['state']}")
+    attempts = [s for s in seen.grow_states if s[0] == seen.killed_run]
+    if [a[1] for a in attempts] != ["CANCELLED"]:
+        problems.append(f"grow-shard runs of the cancelled shard: {attempts}")
+    if not seen.hung and seen.nightly_state != "COMPLETED 'Partial'":
+        problems.append(f"nightly ended {seen.nightly_state}")
+    counts: dict[str, int] = {}
+    again = "not run"
+    if not seen.hung:
+        found, counts = lake_problems(cfg, run_id, shards, runs_row=("partial", shards, shards - 1, 0))
+        problems += found
+        if not found:
+            rerun, again = rerun_problems(cfg, run_id, shards, counts, max_shards, left=1)
+            problems += rerun
+    observed = (f"{seen.injected or 'nothing cancelled'}; nightly {seen.nightly_state}; lake "
+                f"{counts.get('trees', 0)} trees, {counts.get('pairs', 0)} pairs; re-run {again}")
+    if problems:
+        observed += "; PROBLEMS: " + "; ".join(problems)[:900]
+    return expected, observed, not problems
+
+
 def restart_model_server(cfg: Config, worker: str) -> None:
     """Start the killed llama.cpp server(s) of `worker` again, as `orchard up` did (same command, same port), and
     record them in up.json so `orchard down` stops them."""
@@ -420,9 +492,16 @@ def model_server_killed(work_dir: Path) -> tuple[str, str, bool]:
         return model_server_killed_on(cfg)
 
 
+def grow_run_cancelled(work_dir: Path) -> tuple[str, str, bool]:
+    """A grow-shard run cancelled through the Prefect API (the UI's Cancel) while it grows, on a cluster of two."""
+    with cluster_up(work_dir) as cfg:
+        return grow_run_cancelled_on(cfg)
+
+
 SCENARIOS: dict[str, Callable[[Path], tuple[str, str, bool]]] = {
     "gpu-worker-sigkilled-mid-dispatch": gpu_worker_killed,
     "gpu-model-server-sigkilled-mid-shard": model_server_killed,
+    "grow-shard-cancelled-mid-shard": grow_run_cancelled,
 }
 
 

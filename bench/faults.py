@@ -683,9 +683,11 @@ def disk_full(work_dir: Path) -> FaultResult:
         full = lab.run(target, "full.log", act=fill)
         failed = []
         said = [line for line in full.watch.log_text.splitlines() if line.startswith("orchard: ")]
-        space = any("No space left" in line or "ENOSPC" in line or "disk" in line.lower() for line in said)
+        space = bool(said) and ("is full" in said[-1] or "No space left" in said[-1])
         if full.code == 0:
             failed.append("exit 0 on a full disk")
+        if not space:
+            failed.append("its last line does not name the full disk")
         after = check_state(target, baseline.planned)
         failed += ["after the full disk: " + p for p in after.failed]
         filler.unlink()
@@ -694,7 +696,7 @@ def disk_full(work_dir: Path) -> FaultResult:
         expected = ("exit non-zero (nothing published) with one line naming the cause; nothing partial; space freed, "
                     "re-run exit 0 complete, plan counts = clean run")
         observed = (f"filled at {full.watch.events.get('filled', 0.0):.1f} s; {full.brief()}: "
-                    f"{(said[-1] if said else 'nothing said')[:140]}{'' if space else ' (the cause not named)'}; "
+                    f"{(said[-1] if said else 'nothing said')[:160]}; "
                     f"re-run {again.brief()}, {counts_text(again_check.counts)}")
         if failed:
             observed += " ! " + _problems(failed)

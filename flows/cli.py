@@ -99,29 +99,43 @@ def warn_of_literal_secrets(cfg: Config) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from flows.nightly import default_run_id
+
     cfg, api = joined(load_config(args.config))
     warn_of_literal_secrets(cfg)
     _prefect_env(cfg)
+    run_id = args.run_id or default_run_id()
     with stop_on_signals():
         try:
-            return _run(cfg, api, args.run_id)
+            code = _run(cfg, api, args.run_id)
         except httpx.HTTPError as exc:  # only Prefect's client speaks httpx in a run: its API went away or broke
-            from flows.nightly import default_run_id
-
-            run_id = args.run_id or default_run_id()
             print(f"orchard: run {run_id} failed: the Prefect API stopped answering ({type(exc).__name__}: "
                   f"{str(exc).splitlines()[0][:200]}); nothing half-landed was published; `orchard run --run-id "
                   f"{run_id}` resumes it (details: {cfg.state_path / 'logs' / 'orchard.log'})", file=sys.stderr)
-            return exit_code("failed")
+            code = exit_code("failed")
         except RunStopped as stopped:
-            from flows.nightly import default_run_id
-
-            run_id = args.run_id or default_run_id()
             print(f"orchard: run {run_id} stopped by {stopped.name}: growth cancelled, the servers it started stopped; "
                   f"nothing half-landed was published (a shard lands whole or not at all, the lake takes one snapshot "
                   f"or none); `orchard run --run-id {run_id}` resumes it", file=sys.stderr)
             exit_now(stopped.code)  # the run's threads may still wait on what was stopped: they are not waited for
-    raise AssertionError("unreachable")  # pragma: no cover
+    full = disk_full(cfg.state_path) if code else None
+    if full:  # what failed first (the Prefect API's database, a log, the catalog) hid the cause: say it last, once
+        print(f"orchard: run {run_id}: {full}; free space there, then `orchard run --run-id {run_id}` resumes it",
+              file=sys.stderr)
+    return code
+
+
+DISK_FULL_BYTES = 1 << 20  # under this much free space the state's disk takes no SQLite page, log line or catalog
+
+
+def disk_full(path: Path) -> str | None:
+    """Say that the disk holding `path` is full (under DISK_FULL_BYTES free to this user); None when it is not."""
+    try:
+        disk = os.statvfs(path)
+    except OSError:
+        return None
+    free = disk.f_bavail * disk.f_frsize
+    return f"the disk under {path} is full ({free // 1024} KiB free)" if free < DISK_FULL_BYTES else None
 
 
 def _run(cfg: Config, api: str | None, run_id: str | None) -> int:
@@ -186,16 +200,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-UP_STOP_DEADLINE_S = 60.0  # `up` undoing a half start, `down`: every process it stops gets its own grace period
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     changes = {k: v for k, v in (("gpu_workers", args.workers), ("api_port", args.port)) if v is not None}
     if changes:
         cfg = cfg.replace(orchestration=dataclasses.replace(cfg.orchestration, **changes))
     try:
-        with stop_on_signals(UP_STOP_DEADLINE_S):  # a stop mid-start stops what was started (up's own undo)
+        with stop_on_signals():  # a stop mid-start stops what was started (up's own undo)
             record = up(cfg, args.config)
     except RunStopped:
         down(cfg, say=lambda line: None)  # a stop that arrived as `up` finished: undo what it recorded
@@ -208,8 +219,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    with stop_on_signals(UP_STOP_DEADLINE_S):
-        down(load_config(args.config))
+    cfg = load_config(args.config)
+    try:
+        with stop_on_signals():
+            down(cfg)
+    except RunStopped:  # asked to stop while it stops the cluster: the rest is stopped now, without its grace period
+        down(cfg)
+        raise
     return 0
 
 

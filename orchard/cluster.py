@@ -36,6 +36,7 @@ from orchard.services import (
     start_time,
 )
 from schemas.errors import OrchardError
+from schemas.stopping import stop_requested
 
 UP_FILE = "up.json"
 API_STARTUP_TIMEOUT_S = 120.0  # Prefect's server migrates its database and builds the UI on first start
@@ -187,16 +188,22 @@ def down(cfg: Config, *, say: Callable[[str], None] = print) -> int:
     return stopped
 
 
+# A process asked to stop (orchard/stop.py) gives what it stops this long each, so that `up` undoing a half start or
+# `down` ends within the stop's deadline whatever it stops; a stop that ignores SIGTERM is killed.
+STOPPING_GRACE_S = 1.0
+
+
 def stop_processes(processes: list[Process], *, say: Callable[[str], None] = lambda _: None) -> int:
-    """Stop each process's group, last started first: SIGTERM, then SIGKILL after a grace period."""
+    """Stop each process's group, last started first: SIGTERM, then SIGKILL after a grace period (STOP_GRACE_S, or
+    STOPPING_GRACE_S once this process is asked to stop)."""
     stopped = 0
     for process in reversed(processes):
         if not process.running:
             continue
         _signal(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
+        deadline = time.monotonic() + (STOPPING_GRACE_S if stop_requested() else STOP_GRACE_S)
         while process.running and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.1 if stop_requested() else 0.2)
         _signal(process.pid, signal.SIGKILL)  # whatever is left of its group
         for pattern in process.leftovers:
             for path in Path("/").glob(pattern.lstrip("/")):

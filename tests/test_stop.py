@@ -109,3 +109,47 @@ def _has(process: Path, needle: bytes) -> bool:
         return needle in (process / "environ").read_bytes().split(b"\0")
     except OSError:
         return False
+
+
+def test_sigterm_while_orchard_down_stops_the_rest_without_its_grace_and_exits_143(tmp_path):
+    """`down` gives each process STOP_GRACE_S after SIGTERM; asked to stop itself, it kills the rest at once instead of
+    waiting out three processes that ignore SIGTERM, removes its record and says so."""
+    import json
+
+    from orchard.cluster import UP_FILE
+    from orchard.services import start_time
+
+    state = tmp_path / "state"
+    state.mkdir()
+    config = tmp_path / "orchard.toml"
+    config.write_text(f'state_dir = "{state}"\n')
+    stubborn = []
+    for i in range(3):  # real processes, each its own group as `up` starts them, noting the SIGTERM it ignores
+        noted = tmp_path / f"term-{i}"
+        stubborn.append(subprocess.Popen(["sh", "-c", f"trap 'echo term > {noted}' TERM; while :; do sleep 0.1; done"],
+                                         start_new_session=True))
+    time.sleep(0.3)  # each shell has set its trap
+    (state / UP_FILE).write_text(json.dumps({"api_url": "http://127.0.0.1:9/api", "ui_url": "http://127.0.0.1:9",
+                                             "config": None, "processes": [
+        {"name": f"stubborn-{i}", "pid": p.pid, "started": start_time(p.pid), "url": "-", "log": "-"}
+        for i, p in enumerate(stubborn)]}))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    down = subprocess.Popen([sys.executable, "-m", "flows.cli", "--config", str(config), "down"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "term-2").exists() and time.monotonic() < deadline:  # the last started is stopped first
+            time.sleep(0.05)
+        down.send_signal(signal.SIGTERM)
+        code = down.wait(timeout=60)
+        said = down.stdout.read()
+        for p in stubborn:
+            p.wait(timeout=5)  # reaped here: killed, not merely signalled
+    finally:
+        for p in [down, *stubborn]:
+            if p.poll() is None:
+                p.kill()
+    assert code == 143, said
+    assert said.splitlines()[-1] == "orchard: stopped by SIGTERM", said
+    assert [p.returncode for p in stubborn] == [-signal.SIGKILL] * 3
+    assert not (state / UP_FILE).exists()
