@@ -6,6 +6,7 @@ Bounded concurrency per endpoint, retries with backoff, timeouts, and token usag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import json
@@ -13,14 +14,14 @@ import random
 import re
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Coroutine, Iterable, Mapping, Protocol, Sequence
 
 import aiohttp
 import httpx
 
 from orchard.config import CHAT_FORMATS, EngineConfig, secret_value
 from schemas.errors import OrchardError
-from schemas.stopping import stop_requested
+from schemas.stopping import on_stop, stop_requested
 
 Message = dict[str, str]
 
@@ -347,6 +348,9 @@ class _Endpoints:
         # Whether the server honours `n` (vLLM and llama-server do; some answer one choice): None = not known yet.
         self.supports_n: bool | None = None
         self.http: aiohttp.ClientSession | None = None  # made on first use, inside the loop that uses it
+        # Resolved, in that loop, when this process is asked to stop: a request in flight is then abandoned.
+        self.stopping: asyncio.Future[None] | None = None
+        self.forget_stop: Callable[[], None] = lambda: None
 
     def session(self) -> aiohttp.ClientSession:
         # aiohttp, not httpx: at 64 in flight an httpx pool costs this process 3-7 ms of CPU per request (it scans
@@ -360,6 +364,9 @@ class _Endpoints:
                 connector=aiohttp.TCPConnector(limit=self.engine.max_concurrency * len(self.urls),
                                                limit_per_host=self.engine.max_concurrency),
             )
+            loop = asyncio.get_running_loop()
+            self.stopping = stopping = loop.create_future()
+            self.forget_stop = on_stop(lambda: _resolve_from_any_thread(loop, stopping))
         return self.http
 
 
@@ -402,6 +409,7 @@ class EngineClient:
     async def aclose(self) -> None:
         """Close the connections (a view's are its client's: closing a view closes nothing)."""
         if self._owner and self._endpoints.http is not None:
+            self._endpoints.forget_stop()
             await self._endpoints.http.close()
             self._endpoints.http = None
 
@@ -484,6 +492,26 @@ class EngineClient:
             body["response_format"] = {"type": "json_object", "schema": sampling.json_schema}
         return body
 
+    async def _send(self, url: str, body: dict[str, Any]) -> tuple[int, str]:
+        async with self._session().post(url, json=body) as response:
+            return response.status, await response.text(encoding="utf-8", errors="replace")
+
+    async def _unless_stopping(self, url: str, sending: Coroutine[Any, Any, tuple[int, str]]) -> tuple[int, str]:
+        """Await `sending`; abandon it (its connection closed, so the server stops generating) when the process is
+        asked to stop: a stop does not wait out the answers in flight."""
+        self._session()  # the connections, and the stop's future in this loop
+        sent = asyncio.ensure_future(sending)
+        stopping = self._endpoints.stopping
+        try:
+            if stopping is not None:
+                await asyncio.wait((sent, stopping), return_when=asyncio.FIRST_COMPLETED)
+            if not sent.done():
+                raise EngineError(f"{url}: abandoned: the run is stopping", "stopped")
+            return await sent
+        finally:
+            if not sent.done():
+                sent.cancel()
+
     async def _post(self, path: str, body: dict[str, Any], priority: int = 0) -> dict[str, Any]:
         index = next(self._endpoints.next_url)
         url = self._urls[index] + path
@@ -500,8 +528,7 @@ class EngineClient:
             if self.usage._first_start is None:
                 self.usage._first_start = started
             try:
-                async with self._session().post(url, json=body) as response:
-                    status, text = response.status, await response.text(encoding="utf-8", errors="replace")
+                status, text = await self._unless_stopping(url, self._send(url, body))
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 last_error = _transport_failure(exc)
                 continue
@@ -535,6 +562,11 @@ class EngineClient:
         # The server was down, busy or garbled through every retry: it may answer later.
         raise EngineError(f"{url}: gave up after {self.engine.retries + 1} attempts: {last_error}",
                           f"{_failure_kind(last_error)} after retries", transient=True)
+
+
+def _resolve_from_any_thread(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits on it
+        loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))
 
 
 def _transport_failure(exc: BaseException) -> str:

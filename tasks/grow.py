@@ -49,6 +49,7 @@ from schemas import rows
 from schemas.errors import is_transient
 from schemas.plan import Instruction, ShardPlan
 from schemas.shards import ShardReceipt, ShardStats
+from schemas.stopping import stop_requested
 from tasks import jury as juries
 from tasks.growth import Checker, GrowError, Phase, Progress, Shard
 from tasks.inject import Injection
@@ -521,7 +522,7 @@ def grow_shard_task(config: dict, run_id: str, shard: ShardRef) -> ShardReceipt:
             validation = host.validate(tables, plan.shard_id, shard_contamination(cfg, tables))
             validated = record_validation(store, run_id, plan.shard_id, validation)
         except Exception as error:  # noqa: BLE001 - a validation that cannot run is a fate: quarantined, with why
-            if is_transient(error):
+            if is_transient(error) or stop_requested():  # a stop took its processes: validated when the run resumes
                 raise
             logger.error("shard %s: validation could not run", plan.shard_id, exc_info=True)
             validated = record_unvalidated(store, run_id, plan.shard_id, error)

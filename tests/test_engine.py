@@ -416,3 +416,24 @@ def test_real_llama_server_reports_the_prompt_tokens_it_served_from_its_cache(ll
     assert usage.cached_tokens == first.cached_tokens + second.cached_tokens
     assert before == after == {} and counters_delta(before, after) is None
     assert PrefixCache.of_usage(usage.as_dict(), None).cached_share >= 0.4
+
+
+def test_a_request_in_flight_is_abandoned_when_the_process_is_asked_to_stop(monkeypatch):
+    from schemas import stopping
+
+    monkeypatch.setattr(stopping, "STOP_REQUESTED", threading.Event())  # this test's stop stays in this test
+    monkeypatch.setattr(stopping, "_ON_STOP", [])
+    silent = socket.socket()  # accepts the connection and never answers, as a server busy generating
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        threading.Timer(0.5, stopping.set_stopping).start()
+        with pytest.raises(EngineError) as raised:
+            chat(EngineConfig(model="m", base_urls=(url,), retries=2, backoff_s=0.01, timeout_s=60))
+    finally:
+        silent.close()
+    assert raised.value.reason == "stopped"
+    assert "abandoned: the run is stopping" in str(raised.value)  # not waited out (60 s), then refused a retry
+    assert not raised.value.transient
+    assert stopping._ON_STOP == []  # the client that registered for the stop let go of it when it closed
