@@ -173,6 +173,10 @@ def cancel_grow_run(cfg: Config, worker: str, run: object) -> dict[str, float | 
     return {"state": f"{state.type.value} {state.name!r}", "final_s": final, "gone_s": gone}
 
 
+def _seconds(value: float | str | None) -> str:
+    return "never" if value is None else f"{float(value):.1f} s"
+
+
 def _process(cfg: Config, name: str) -> Process:
     return next(p for p in read_up(cfg)["processes"] if p.name == name)
 
@@ -284,10 +288,12 @@ def faulted_run(cfg: Config, run_id: str, inject: Callable[[Config, str, object]
 
 
 def lake_problems(cfg: Config, run_id: str, shards: int, *, reused: bool = False,
-                  runs_row: tuple[str, int, int, int] | None = None) -> tuple[list[str], dict[str, int]]:
-    """What is wrong with `run_id` in the store and lake (empty: every shard in it once, whole, in one snapshot; its
-    `runs` row (status, planned, published, reused) is `runs_row`: by default complete, with every shard published, or
-    with `reused`, every shard reused), and the run's row counts per table."""
+                  runs_row: tuple[str, int, int, int] | None = None,
+                  earlier: dict[str, int] | None = None) -> tuple[list[str], dict[str, int]]:
+    """What is wrong with `run_id` in the store and lake (empty: every shard in it once, whole; each snapshot holds
+    none of the run's rows, all of them, or all an `earlier` publish of it had; its `runs` row (status, planned,
+    published, reused) is `runs_row`: by default complete, with every shard published, or with `reused`, every shard
+    reused), and the run's row counts per table."""
     want = runs_row or (("complete", shards, 0, shards) if reused else ("complete", shards, shards, 0))
     live = live_config(cfg)
     store = ObjectStore(live.object_store)
@@ -330,7 +336,7 @@ def lake_problems(cfg: Config, run_id: str, shards: int, *, reused: bool = False
                 if table not in tables:
                     continue
                 (rows,) = con.execute(f"SELECT count(*) FROM {table} WHERE run_id = ?", [run_id]).fetchone()
-                if rows not in (0, counts[table]):
+                if rows not in (0, counts[table], (earlier or {}).get(table, 0)):
                     problems.append(f"snapshot {version} holds {rows} of the run's {counts[table]} {table} rows")
                     break
     return problems, counts
@@ -349,7 +355,8 @@ def rerun_problems(cfg: Config, run_id: str, shards: int, counts: dict[str, int]
     problems = []
     if not (again.state.is_completed() and again.state.name == "Completed"):
         problems.append(f"the re-run ended {again.state.type.value} {again.state.name!r}: {again.state.message}")
-    found, after = lake_problems(cfg, run_id, shards, runs_row=("complete", shards, left, shards - left))
+    found, after = lake_problems(cfg, run_id, shards, runs_row=("complete", shards, left, shards - left),
+                                 earlier=counts)
     problems += [f"after the re-run: {p}" for p in found]
     if (after != counts) if not left else any(after[t] < counts[t] for t in counts):
         problems.append(f"the re-run changed the run's rows: {counts} became {after}")
@@ -419,19 +426,20 @@ def grow_run_cancelled_on(cfg: Config, run_id: str = "fault-gpu-cancel", *,
 
     def inject(cfg: Config, worker: str, run: object) -> str:
         cancel.update(cancel_grow_run(cfg, worker, run))
-        return (f"cancelled {run.name} on {worker}: {cancel['state']} after {cancel['final_s']} s, its process gone "
-                f"after {cancel['gone_s']} s")
+        return (f"cancelled {run.name} on {worker}: its process gone after {_seconds(cancel['gone_s'])}, the run "
+                f"{cancel['state']} after {_seconds(cancel['final_s'])}")
 
     seen = faulted_run(cfg, run_id, inject, max_shards=max_shards)
     shards = _planned(cfg, max_shards)
-    expected = (f"the cancelled grow-shard run Cancelled and its process gone within {bound:.0f} s, its shard not "
+    expected = (f"the cancelled grow-shard run's process gone within {bound:.0f} s and the run Cancelled, its shard not "
                 f"grown again; nightly Completed 'Partial' (partial, {shards - 1}/{shards} shards published); no row "
                 f"lost or duplicated, no partial snapshot; a re-run completes, growing the cancelled shard and reusing "
                 f"the rest")
     problems = list(seen.problems)
-    for what in ("final_s", "gone_s"):
-        if cancel and (cancel[what] is None or cancel[what] > bound):
-            problems.append(f"{what} {cancel[what]}: not within {bound:.0f} s")
+    if cancel and (cancel["gone_s"] is None or cancel["gone_s"] > bound):
+        problems.append(f"its process was still running {bound:.0f} s after the cancel")
+    if cancel and cancel["final_s"] is None:  # the state is Prefect's bookkeeping after the process ends (~10 s)
+        problems.append(f"the run was not final {CANCEL_TIMEOUT_S:.0f} s after the cancel")
     if cancel and not str(cancel["state"]).startswith("CANCELLED"):
         problems.append(f"the cancelled run ended {cancel['state']}")
     attempts = [s for s in seen.grow_states if s[0] == seen.killed_run]

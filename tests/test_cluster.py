@@ -297,6 +297,14 @@ def test_a_gpu_model_server_killed_mid_shard_fails_that_attempt_and_another_work
 
 
 @pytest.mark.integration
+def test_a_grow_shard_run_cancelled_mid_shard_stops_is_cancelled_and_its_shard_waits_for_the_rerun(
+        cluster: Config, nightly_run) -> None:
+    # Before the worker kill below: both workers are up.
+    expected, observed, passed = fault_cluster.grow_run_cancelled_on(cluster, max_shards=2)
+    assert passed, f"expected: {expected}\nobserved: {observed}"
+
+
+@pytest.mark.integration
 def test_a_gpu_worker_killed_mid_shard_is_crashed_and_another_worker_grows_the_shard(cluster: Config,
                                                                                      nightly_run) -> None:
     expected, observed, passed = fault_cluster.gpu_worker_killed_on(cluster, max_shards=2)
