@@ -77,7 +77,7 @@ var Orchard = (function () {
        " reused, " + run.shards_quarantined + " quarantined, " + run.shards_failed + " failed"]
     ].forEach(function (f) {
       var box = el("div", null, "figure");
-      box.appendChild(el("b", f[1]));
+      box.appendChild(el("b", f[1] === null || f[1] === undefined ? "–" : f[1]));
       box.appendChild(el("span", f[0]));
       figures.appendChild(box);
     });
