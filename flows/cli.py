@@ -1,5 +1,5 @@
-"""`orchard`: run the nightly flow on the embedded default (or a config file), query the lake, export datasets,
-and bring up a local Prefect server with workers (`up`, `down`, `status`)."""
+"""`orchard`: run the nightly flow on the embedded default (or a config file), query the lake, export datasets, see a
+run's trees (`view`), and bring up a local Prefect server with workers (`up`, `down`, `status`)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from orchard.stop import RunStopped, exit_now, stop_on_signals
 from schemas.errors import OrchardError
 from schemas.fates import exit_code
 from tasks.export import check_target, export_dataset, push_dataset
+from tasks.view import view_run
 
 
 def _prefect_env(cfg: Config) -> None:
@@ -200,6 +201,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    cfg, _ = joined(load_config(args.config))
+    with embedded_services(cfg, model=False) as live:
+        view = view_run(live, args.out_dir, run_id=args.run, version=args.version)
+    print(f"view of run {view.run_id} (lake snapshot {view.snapshot_id}, {view.trees} trees) in {view.seconds:.1f} s: "
+          f"{view.index}")
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     changes = {k: v for k, v in (("gpu_workers", args.workers), ("api_port", args.port)) if v is not None}
@@ -212,6 +222,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         down(cfg, say=lambda line: None)  # a stop that arrived as `up` finished: undo what it recorded
         raise
     print(f"Prefect UI: {record['ui_url']}")
+    print(f"Run views:  {record['views_url']}   (each run's trees, pairs and verdicts)")
     print(f"  a run now:  PREFECT_API_URL={record['api_url']} .venv/bin/prefect deployment run nightly/nightly --watch")
     print("  or:         .venv/bin/orchard run   (in-process, shown in the UI)")
     print("  stop it:    .venv/bin/orchard down")
@@ -319,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
     export.add_argument("--push", metavar="REPO", help="upload the directory to this Hugging Face dataset repo")
     export.set_defaults(func=cmd_export)
+    view = sub.add_parser("view", help="write a static site of a run's trees, pairs and verdicts")
+    view.add_argument("out_dir", type=Path, nargs="?", metavar="OUT_DIR",
+                      help="the folder to write (default: <state>/views/<run id>, which `orchard up` serves)")
+    view.add_argument("--run", help="the run to show (default: the latest run in the snapshot)")
+    view.add_argument("--version", type=int, help="read this lake snapshot (default: the newest)")
+    view.set_defaults(func=cmd_view)
     start = sub.add_parser("up", help="start the Prefect server and UI, the store, work pools, deployments and workers")
     start.add_argument("--workers", type=int, help="process workers on the GPU pool (default: orchestration.gpu_workers)")
     start.add_argument("--port", type=int, help="the Prefect API and UI port (default: orchestration.api_port)")

@@ -30,6 +30,7 @@ from tasks.materialise import check_run_id_task, materialise_task
 from tasks.plans import ShardRef, plan_shards_task
 from tasks.report import report_task, run_summary, summary_text
 from tasks.validate import check_shard_task, data_docs_task
+from tasks.view import view_task
 
 
 class RunFailed(OrchardError):
@@ -128,6 +129,8 @@ def publish_run(cfg: Config, run_id: str, max_shards: int | None = None) -> RunS
     stages.end("publish")
     summary = dataclasses.replace(summary, data_docs=data_docs_task(config, [checks[plan.shard_id] for plan in plans]))
     stages.end("data_docs")
+    summary = dataclasses.replace(summary, view=view_task(config, run_id, summary.snapshot_id))
+    stages.end("view")
     summary = dataclasses.replace(summary, report=report_task(config, summary))
     stages.end("report")
     summary = dataclasses.replace(summary, stages=stages.walls)

@@ -121,6 +121,9 @@ def _up(cfg: Config, config_path: Path | None, *, say: Callable[[str], None]) ->
         started.append(server)
         api = f"{server.url}/api"
         say(f"prefect server: {server.url} (log {server.log})")
+        views = _record(start_view_server(cfg.state_path, orch.view_port))
+        started.append(views)
+        say(f"run views: {views.url} (log {views.log})")
         env = {
             "PREFECT_API_URL": api,
             "PREFECT_HOME": str(cfg.state_path / "prefect"),
@@ -167,7 +170,7 @@ def _up(cfg: Config, config_path: Path | None, *, say: Callable[[str], None]) ->
             started.append(_record(workers[-1][0]))
         for worker, since in workers:  # started side by side: one wait for all
             wait_started(worker, since)
-        record = {"api_url": api, "ui_url": server.url, "config": env.get("ORCHARD_CONFIG"),
+        record = {"api_url": api, "ui_url": server.url, "views_url": views.url, "config": env.get("ORCHARD_CONFIG"),
                   "processes": [p.__dict__ for p in started]}
         up_file(cfg).write_text(json.dumps(record, indent=2))
         say(f"workers: {orch.cpu_pool} × 1, {orch.gpu_pool} × {orch.gpu_workers}")
@@ -263,6 +266,25 @@ def start_prefect_server(state_dir: Path, port: int) -> Service:
     url = f"http://{HOST}:{port}"
     argv = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", HOST, "--port", str(port)]
     return _start_prefect("prefect-server", argv, state_dir, url, {"PREFECT_UI_API_URL": f"{url}/api"})
+
+
+def start_view_server(state_dir: Path, port: int) -> Service:
+    """Serve the runs' views (`<state_dir>/views`, tasks/view.py writes them) as static files on 127.0.0.1:`port` (0: a
+    free port); return once it answers."""
+    views = state_dir / "views"
+    views.mkdir(parents=True, exist_ok=True)
+    port = port or free_ports(1)[0]
+    url = f"http://{HOST}:{port}"
+    argv = [sys.executable, "-m", "http.server", "--bind", HOST, "--directory", str(views), str(port)]
+    service = _launch("views", argv, state_dir, url=url)
+
+    def answers() -> None:
+        response = httpx.get(f"{url}/", timeout=2.0)
+        if response.status_code != 200:
+            raise _NotReady(f"GET / answered {response.status_code}")
+
+    _wait_healthy(service, answers, 30.0)
+    return service
 
 
 def start_prefect_api(state_dir: Path) -> Service:

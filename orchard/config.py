@@ -366,6 +366,7 @@ class OrchestrationConfig:
     # `orchard up` only: the API port, and the process workers it starts on the GPU pool (each with its own model
     # servers and a limit of one GPU slot).
     api_port: int = 4200
+    view_port: int = 0  # `orchard up` only: the port that serves the runs' views (0: a free one, printed by `up`)
     gpu_workers: int = 2
     cpu_pool: str = "orchard-cpu"
     gpu_pool: str = "orchard-gpu"

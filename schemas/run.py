@@ -64,6 +64,7 @@ class RunSummary:
     contaminated: Mapping[str, Any]  # instructions flagged, and by eval set
     snapshot_id: int | None = None  # set once published
     data_docs: str | None = None
+    view: str | None = None  # the run view's index.html (tasks/view.py)
     report: RunReport | None = None
     stages: Mapping[str, float] | None = None  # wall seconds of each stage, in order
 
@@ -106,7 +107,7 @@ class RunSummary:
             "prefix_cache_by_shard": dict(self.prefix_cache_by_shard), "trees_unanswered": self.trees_unanswered,
             "seeds": [source.to_dict() for source in self.seeds], "prm_min_rollouts": self.prm_min_rollouts,
             "drops_before_growth": dict(self.drops_before_growth), "contaminated": dict(self.contaminated),
-            "snapshot_id": self.snapshot_id, "data_docs": self.data_docs,
+            "snapshot_id": self.snapshot_id, "data_docs": self.data_docs, "view": self.view,
         }
         if self.report is not None:
             summary.update(dataclasses.asdict(self.report))

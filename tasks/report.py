@@ -147,6 +147,8 @@ def summary_text(summary: RunSummary) -> str:
         lines.append(f"  ! {problem}")
     if summary.data_docs:
         lines.append(f"  data docs: {summary.data_docs}")
+    if summary.view:
+        lines.append(f"  view: {summary.view}   (its trees, pairs and verdicts; `orchard up` serves it)")
     if summary.stages:
         lines.append("  stages: " + ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {wall:.1f} s"
                                             for name, wall in summary.stages.items()))
@@ -427,6 +429,7 @@ def report_markdown(summary: RunSummary, report: RunReport | None = None) -> str
                       for s in summary.seeds)
     problems = "\n".join(f"- {p}" for p in summary.problems) or "- none"
     docs = f"[Data Docs]({summary.data_docs})" if summary.data_docs else "no Data Docs"
+    view = f"[the run's trees, pairs and verdicts]({summary.view})" if summary.view else "no view"
     return f"""# Orchard run `{summary.run_id}` — {summary.status}
 
 | trees | nodes | pairs | pass rate | prompt tokens | prompt tokens cached | server prefix-cache hits | completion tokens | tokens/s | cost estimate | snapshot |
@@ -469,6 +472,8 @@ of other shards served meanwhile.
 {problems}
 
 Validation: {docs}
+
+View: {view}
 """
 
 

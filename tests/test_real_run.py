@@ -207,6 +207,46 @@ base_urls = ["{engine.base_urls[0]}"]
     assert "999" in capsys.readouterr().err
 
 
+def test_the_view_of_the_real_run_shows_its_trees_pairs_and_a_nodes_feedback(real_run):
+    """The run's view (tasks/view.py), built by the flow, opened from disk in headless Chromium: what a person sees
+    against the lake. Screenshots go to view-screenshots/."""
+    from selenium.webdriver.common.by import By
+
+    from test_view import chromium, screenshot, wait_ready
+
+    config, summary = real_run
+    index = Path(summary["view"])
+    assert index == config.state_path / "views" / REAL_RUN_ID / "index.html" and index.is_file()
+    trees = {row[0] for row in lake.query(config, f"SELECT tree_id FROM trees WHERE run_id = '{REAL_RUN_ID}'")[1]}
+    contaminated = {row[0] for row in lake.query(config, "SELECT instruction_id FROM contamination")[1]}
+    # The tree with the most pairs among those with a wrong answer the verifier explained, and that answer.
+    (tree, nodes, pairs, wrong, detail), = lake.query(config, f"""
+        SELECT t.tree_id, (SELECT count(*) FROM nodes n WHERE n.tree_id = t.tree_id),
+               (SELECT count(*) FROM pairs p WHERE p.tree_id = t.tree_id) AS pairs,
+               arg_min(w.node_id, w.node_id), arg_min(w.verifier_detail, w.node_id)
+        FROM trees t JOIN nodes w ON w.tree_id = t.tree_id AND w.verdict = 'incorrect' AND w.verifier_detail <> ''
+        WHERE t.run_id = '{REAL_RUN_ID}' GROUP BY t.tree_id ORDER BY pairs DESC, t.tree_id LIMIT 1""")[1]
+    assert pairs > 0
+    with chromium() as browser:
+        browser.get(index.as_uri())
+        wait_ready(browser, "run")
+        rows = browser.find_elements(By.CSS_SELECTOR, "#trees tbody tr")
+        assert {r.get_attribute("data-tree") for r in rows} - {""} == trees
+        not_grown = [r.text for r in rows if not r.get_attribute("data-tree")]
+        assert {i for i in contaminated if any(i in text and "contaminated" in text for text in not_grown)} == contaminated
+        assert f"Orchard run {REAL_RUN_ID} — complete" in browser.find_element(By.ID, "title").text
+        screenshot(browser, "real-run-page")
+        browser.find_element(By.CSS_SELECTOR, f'#trees tr[data-tree="{tree}"] a').click()
+        wait_ready(browser, "tree")
+        assert len(browser.find_elements(By.CSS_SELECTOR, "svg .node")) == nodes
+        assert len(browser.find_elements(By.CSS_SELECTOR, "svg .pair-arc")) == pairs
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#pairs tbody tr[data-pair]")) == pairs
+        browser.find_element(By.CSS_SELECTOR, f'svg .node[data-node="{wrong}"] > :first-child').click()
+        shown = browser.find_element(By.CSS_SELECTOR, '#details [data-field="verifier detail"]').text
+        assert " ".join(shown.split()) == " ".join(detail.split())
+        screenshot(browser, "real-run-tree")
+
+
 @pytest.mark.train
 def test_the_exports_of_a_real_run_train_with_trl(tmp_path, real_run):
     if not TRAIN_PYTHON.exists() or not (llama_build.train_model() / "model.safetensors").is_file():
