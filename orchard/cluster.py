@@ -146,7 +146,7 @@ def _up(cfg: Config, config_path: Path | None, *, say: Callable[[str], None]) ->
         # there are no GPU workers to dispatch to).
         grow = "deployment" if orch.gpu_workers else "inline"
         workers = [(start_worker(cfg.state_path, orch.cpu_pool, "cpu-0", {
-            **env, "ORCHARD__ORCHESTRATION__GROW": json.dumps(grow)}), time.monotonic())]
+            **env, "ORCHARD__ORCHESTRATION__GROW": json.dumps(grow)}), orch.cpu_pool, "cpu-0")]
         started.append(_record(workers[-1][0]))
         # The embedded model servers started here share this host's cores: each gets its share of its engine's
         # threads. Two servers of 2 threads on 2 cores (gpu_workers = 2 on a CPU host) grew a shard at 4-10 tokens/s
@@ -166,10 +166,10 @@ def _up(cfg: Config, config_path: Path | None, *, say: Callable[[str], None]) ->
                                key + "STRUCTURED_OUTPUT": json.dumps(engine.response_format)}
             # Besides the GPU limit, the worker itself takes one shard at a time: it never claims a run it must park.
             workers.append((start_worker(cfg.state_path, orch.gpu_pool, f"gpu-{i}", worker_env, limit=1),
-                            time.monotonic()))
+                            orch.gpu_pool, f"gpu-{i}"))
             started.append(_record(workers[-1][0]))
-        for worker, since in workers:  # started side by side: one wait for all
-            wait_started(worker, since)
+        for worker, pool, name in workers:  # started side by side: one wait for all
+            wait_started(worker, pool, name)
         record = {"api_url": api, "ui_url": server.url, "views_url": views.url, "config": env.get("ORCHARD_CONFIG"),
                   "processes": [p.__dict__ for p in started]}
         up_file(cfg).write_text(json.dumps(record, indent=2))
@@ -331,15 +331,19 @@ def start_worker(state_dir: Path, pool: str, name: str, env: dict[str, str], *, 
                    url=env["PREFECT_API_URL"])
 
 
-def wait_started(worker: Service, since: float) -> None:
-    """Return once `worker` (from start_worker at monotonic time `since`) is up: a worker serves nothing, so up
-    means it has run for a few seconds, polling its pool, without dying; raise (and stop it) if it dies first."""
+WORKER_START_TIMEOUT_S = 120.0  # a worker imports Prefect before it registers: tens of seconds on a busy 2-core host
 
-    def alive() -> None:
-        if time.monotonic() - since < 3.0:
-            raise _NotReady("starting")
 
-    _wait_healthy(worker, alive, 60.0)
+def wait_started(worker: Service, pool: str, name: str) -> None:
+    """Return once `worker` (start_worker's, named `name` on `pool`) is up: it has registered with its pool, so the
+    API, the UI and `orchard status` list it; raise (and stop it) if it dies first."""
+
+    def registered() -> None:
+        response = httpx.post(f"{worker.url}/work_pools/{pool}/workers/filter", json={}, timeout=5.0)
+        if response.status_code != 200 or name not in {w.get("name") for w in response.json()}:
+            raise _NotReady(f"not registered with pool {pool} yet")
+
+    _wait_healthy(worker, registered, WORKER_START_TIMEOUT_S)
 
 
 def create_pools_and_limits(api: str, pools: tuple[str, ...], limits: dict[str, int]) -> None:
