@@ -44,7 +44,7 @@ def train(method: str, model_dir: Path, export_dir: Path, out_dir: Path, out_jso
     rows = datasets.load_dataset(str(export_dir), split="train", cache_dir=str(scratch / "hf-cache"))
     common = dict(output_dir=str(scratch / method), num_train_epochs=epochs, max_steps=max_steps,
                   per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                  learning_rate=learning_rate, lr_scheduler_type="linear", warmup_ratio=0.1, logging_steps=1,
+                  learning_rate=learning_rate, lr_scheduler_type="linear", warmup_steps=0.1, logging_steps=1,
                   save_strategy="no", report_to=[], use_cpu=True, seed=seed, dataloader_num_workers=0,
                   max_length=MAX_LENGTH)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
