@@ -3,11 +3,18 @@
 (a) factory: the nightly flow (plan → grow every tree through its phases: turns with critiques and refinements,
     MCTS steps, rollouts and self-evaluations, the jury's verdicts → verify → land → validate → materialise) on
     `--instructions` trees, with its engine behind a recording proxy (bench/fault_lab.py: FaultProxy);
-(b) raw: every request body the flow sent, in the order it was sent, sent again straight to the same server with
-    the engine's concurrency (bench/gpu_sim.py: replay), all ready at once, with nothing else to do.
+(b) raw: every request body the flow sent, in the order it was sent, sent again with the engine's concurrency
+    (bench/gpu_sim.py: replay), all ready at once, with nothing else to do, to a FRESH llama-server started as the
+    flow's was (same model, slots, threads; warmed with the same one short request): llama-server keeps prompts in
+    host memory (--cache-ram), so a replay on the flow's own server finds most prompts already evaluated and runs
+    ~20 % faster than the flow could (issue 29).
 
 Prints completion tokens/s of both and their ratio (factory ÷ raw), over the growth phase (the flow's first
-request to its last answer) and over the whole flow. Usage:
+request to its last answer) and over the whole flow, the share of prompt tokens each side's server served from its
+cache, and where the rest goes: the engine's slot occupancy over time (GET /slots, sampled), the tail after the
+slots were last all busy, and the CPU each part of the process tree took (model server, this process, Prefect's
+server, the object store, verification and validation workers with their sandboxes).
+
     PYTHONPATH=. .venv/bin/python bench/engine_utilisation.py [--instructions 32] [--per-shard 32]
 """
 
@@ -24,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.fault_lab import FORWARD, FaultProxy  # noqa: E402
@@ -31,10 +40,11 @@ from bench.gpu_sim import replay  # noqa: E402
 from orchard.config import Config, RunConfig, SeedSource  # noqa: E402
 
 COMPLETIONS = ("/v1/chat/completions", "/v1/completions")
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
 class Recorder:
-    """What the proxy saw: every completion request's path and body, and when the first came and the last left."""
+    """What the proxy saw: every completion request's path and body, and when the first came."""
 
     def __init__(self) -> None:
         self.bodies: list[dict] = []
@@ -49,6 +59,138 @@ class Recorder:
         return FORWARD
 
 
+# --- where the time goes -----------------------------------------------------------------------------------------
+
+
+def part_of(cmdline: str, pid: int) -> str:
+    """The part of Orchard's process tree a process is, by its command line."""
+    if pid == os.getpid():
+        return "orchard (this process)"
+    if "llama-server" in cmdline:
+        return "model server"
+    if "prefect" in cmdline and ("server" in cmdline or "uvicorn" in cmdline):
+        return "prefect server"
+    if "weed" in cmdline:
+        return "object store"
+    if "multiprocessing" in cmdline or "forkserver" in cmdline:
+        return "workers + sandboxes"  # verification and validation processes; a sandbox's CPU is its worker's cutime
+    return "other"
+
+
+def tree_cpu() -> dict[str, float]:
+    """CPU seconds (own + reaped children's) of each part of this process's tree, from /proc."""
+    parents: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parents.setdefault(int(fields[1]), []).append(pid)
+        cpu[pid] = sum(int(f) for f in fields[11:15]) / _TICK  # utime, stime, cutime, cstime
+    parts: dict[str, float] = {}
+    todo = [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        part = part_of(cmdline, pid)
+        parts[part] = parts.get(part, 0.0) + cpu.get(pid, 0.0)
+        todo.extend(parents.get(pid, []))
+    return parts
+
+
+@dataclasses.dataclass
+class Sample:
+    at: float
+    busy: int  # slots processing a request
+    slots: int
+    cpu: dict[str, float]
+
+
+class Watcher:
+    """Samples a llama-server's slots (GET /slots) and the process tree's CPU every `every_s` on a thread."""
+
+    def __init__(self, server: str, every_s: float = 0.25) -> None:
+        self.server, self.every_s = server, every_s
+        self.samples: list[Sample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=2.0) as client:
+            while not self._stop.is_set():
+                try:
+                    slots = client.get(self.server + "/slots").json()
+                    busy, total = sum(bool(s.get("is_processing")) for s in slots), len(slots)
+                except (httpx.HTTPError, ValueError):
+                    busy, total = -1, 0
+                self.samples.append(Sample(time.monotonic(), busy, total, tree_cpu()))
+                self._stop.wait(self.every_s)
+
+    def __enter__(self) -> "Watcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def between(self, start: float, end: float) -> dict:
+        """Slot occupancy, the tail and CPU by part over [start, end]."""
+        inside = [s for s in self.samples if start <= s.at <= end and s.slots > 0]
+        if len(inside) < 2:
+            return {"samples": len(inside)}
+        slots = inside[0].slots
+        full = [s.at for s in inside if s.busy == slots]
+        last_full = full[-1] if full else start
+        tail = [s for s in inside if s.at > last_full]
+        first, last = inside[0].cpu, inside[-1].cpu
+        span = inside[-1].at - inside[0].at
+        return {
+            "samples": len(inside),
+            "occupancy": sum(s.busy for s in inside) / (slots * len(inside)),
+            "all_busy_share": sum(s.busy == slots for s in inside) / len(inside),
+            "idle_share": sum(s.busy == 0 for s in inside) / len(inside),
+            "tail_s": end - last_full,
+            "tail_occupancy": (sum(s.busy for s in tail) / (slots * len(tail))) if tail else None,
+            "cpu_s": {part: last.get(part, 0.0) - first.get(part, 0.0) for part in sorted(set(first) | set(last))},
+            "span_s": span,
+        }
+
+
+def describe(side: str, figures: dict) -> list[str]:
+    if figures.get("samples", 0) < 2:
+        return [f"{side}: too few samples"]
+    cpu = figures["cpu_s"]
+    total = sum(cpu.values())
+    cores = os.cpu_count() or 1
+    lines = [f"{side}: slots busy {100 * figures['occupancy']:.1f}% of the time (all busy {100 * figures['all_busy_share']:.1f}%,"
+             f" none {100 * figures['idle_share']:.1f}%); tail after the slots were last all busy: {figures['tail_s']:.1f} s"
+             + (f" at {100 * figures['tail_occupancy']:.1f}% occupancy" if figures["tail_occupancy"] is not None else "")]
+    lines.append(f"{side}: CPU over {figures['span_s']:.1f} s on {cores} cores ({cores * figures['span_s']:.1f} core-s): "
+                 + ", ".join(f"{part} {seconds:.1f} s ({100 * seconds / max(total, 1e-9):.0f}%)"
+                             for part, seconds in sorted(cpu.items(), key=lambda kv: -kv[1]) if seconds > 0.05))
+    return lines
+
+
+# --- the bench ---------------------------------------------------------------------------------------------------
+
+
+async def _warm(engine: object) -> None:
+    """The model's first answer loads it: not part of either side."""
+    from orchard.engine import EngineClient, Sampling
+
+    async with EngineClient(engine) as client:
+        await client.chat([{"role": "user", "content": "Say hi."}], Sampling(max_tokens=8))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instructions", type=int, default=32)
@@ -59,8 +201,7 @@ def main() -> None:
     os.environ["PREFECT_HOME"] = str(state / "prefect")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     from flows.nightly import nightly
-    from orchard.engine import EngineClient, Sampling
-    from orchard.services import embedded_services
+    from orchard.services import embedded_services, start_llama_server
 
     run = RunConfig(instructions_per_shard=args.per_shard, samples_per_strategy=2, turns=2, refine_per_tree=1,
                     refine_samples=2, max_tokens=96, critique_max_tokens=64)
@@ -69,30 +210,55 @@ def main() -> None:
     with embedded_services(cfg) as live:
         engine = live.engines["embedded"]
         server = engine.base_urls[0]
-
-        async def warm() -> None:  # the model's first answer loads it: not part of either side
-            async with EngineClient(engine) as client:
-                await client.chat([{"role": "user", "content": "Say hi."}], Sampling(max_tokens=8))
-
-        asyncio.run(warm())
+        asyncio.run(_warm(engine))
         recorder = Recorder()
-        with FaultProxy(lambda: server, recorder) as proxy:
+        with FaultProxy(lambda: server, recorder) as proxy, Watcher(server) as flow_watch:
             proxied = live.replace(engines={"embedded": dataclasses.replace(engine, base_urls=(proxy.url,))})
             flow_started = time.monotonic()
             summary = nightly(config=proxied.to_dict(), run_id="bench")
             flow_wall = time.monotonic() - flow_started
-        raw_started = time.monotonic()
-        raw_tokens = asyncio.run(replay(server, recorder.bodies, engine.max_concurrency))
-        raw_wall = time.monotonic() - raw_started
+    # The raw side: a fresh server, as cold as the flow's was (the flow's is stopped with the block above).
+    fresh = start_llama_server(engine, state, name="llama-replay")
+    try:
+        raw_engine = dataclasses.replace(engine, base_urls=(fresh.url,))
+        asyncio.run(_warm(raw_engine))
+        with Watcher(fresh.url) as raw_watch:
+            raw_started = time.monotonic()
+            raw = asyncio.run(replay(fresh.url, recorder.bodies, engine.max_concurrency))
+            raw_wall = time.monotonic() - raw_started
+    finally:
+        fresh.stop()
 
     tokens = summary["completion_tokens"]
-    raw, factory, whole = raw_tokens / raw_wall, tokens / summary["wall_s"], tokens / flow_wall
+    raw_rate, factory, whole = raw["completion_tokens"] / raw_wall, tokens / summary["wall_s"], tokens / flow_wall
+    flow_cache = summary["prefix_cache"]
+    raw_share = raw["cached_tokens"] / raw["prompt_tokens"] if raw["prompt_tokens"] else None
     print(f"shape: {args.instructions} trees in shards of {args.per_shard}; {len(recorder.bodies)} requests "
           f"(actions, critiques, refinements over {run.turns} turns; MCTS steps, rollouts, self-evaluations; verdicts)")
-    print(f"raw replay        : {raw_tokens} completion tokens in {raw_wall:.1f} s = {raw:.1f} tokens/s")
-    print(f"nightly flow      : {tokens} completion tokens in {summary['wall_s']:.1f} s of growth = {factory:.1f} tokens/s "
-          f"({flow_wall:.1f} s for the whole flow = {whole:.1f} tokens/s)")
-    print(f"ratio factory/raw : {factory / raw:.3f} (growth phase), {whole / raw:.3f} (whole flow)")
+    print(f"raw replay        : {raw['completion_tokens']} completion tokens in {raw_wall:.1f} s = {raw_rate:.1f} "
+          f"tokens/s (a fresh server; prompt tokens from its cache: {_share(raw_share)})")
+    print(f"nightly flow      : {tokens} completion tokens in {summary['wall_s']:.1f} s of growth = {factory:.1f} "
+          f"tokens/s ({flow_wall:.1f} s for the whole flow = {whole:.1f} tokens/s; prompt tokens from its cache: "
+          f"{_share(flow_cache.get('cached_share'))})")
+    print(f"ratio factory/raw : {factory / raw_rate:.3f} (growth phase), {whole / raw_rate:.3f} (whole flow)")
+    growth_start = recorder.first or flow_started
+    growth_end, flow_end = growth_start + summary["wall_s"], flow_started + flow_wall
+    for side, window in (("flow before growth (start, plan)", (flow_started, growth_start)),
+                         ("flow growth", (growth_start, growth_end)),
+                         ("flow after growth (validate, publish, report)", (growth_end, flow_end))):
+        for line in describe(side, flow_watch.between(*window)):
+            print(line)
+    for line in describe("raw replay", raw_watch.between(raw_started, raw_started + raw_wall)):
+        print(line)
+    (state / "utilisation.json").write_text(json.dumps({
+        "flow": [dataclasses.asdict(s) for s in flow_watch.samples], "raw": [dataclasses.asdict(s) for s in raw_watch.samples],
+        "growth": [growth_start, growth_start + summary["wall_s"]], "flow_wall": [flow_started, flow_started + flow_wall],
+        "raw_wall": [raw_started, raw_started + raw_wall]}))
+    print(f"(samples in {state / 'utilisation.json'})")
+
+
+def _share(value: float | None) -> str:
+    return "not reported" if value is None else f"{100 * value:.1f}%"
 
 
 if __name__ == "__main__":

@@ -477,9 +477,10 @@ class CpuSampler:
 # --- the benchmark ----------------------------------------------------------------------------------------------
 
 
-async def replay(url: str, bodies: Sequence[Mapping[str, Any]], concurrency: int) -> int:
+async def replay(url: str, bodies: Sequence[Mapping[str, Any]], concurrency: int) -> dict[str, int]:
     """Send every logged request body again, all ready at once: `concurrency` workers, each with its own kept
-    connection, take the next body as soon as their last answer came. Return the completion tokens answered.
+    connection, take the next body as soon as their last answer came. Return the tokens answered: completion,
+    prompt and cached prompt tokens (as the server reports them in usage).
 
     One client per worker, not one pool for all: httpcore's pool walks every waiting request on every release,
     which at hundreds in flight costs more CPU than the requests (the instant engine idled behind it).
@@ -489,19 +490,22 @@ async def replay(url: str, bodies: Sequence[Mapping[str, Any]], concurrency: int
     queue: asyncio.Queue[Mapping[str, Any]] = asyncio.Queue()
     for logged in bodies:
         queue.put_nowait(logged)
+    totals = {"completion_tokens": 0, "prompt_tokens": 0, "cached_tokens": 0}
 
-    async def worker() -> int:
-        tokens = 0
+    async def worker() -> None:
         async with httpx.AsyncClient(timeout=600.0, limits=httpx.Limits(max_connections=1),
                                      headers={"Authorization": "Bearer orchard"}) as client:
             while not queue.empty():
                 logged = queue.get_nowait()
                 response = await client.post(url + logged["path"], json=logged["body"])
                 response.raise_for_status()
-                tokens += int((response.json().get("usage") or {}).get("completion_tokens") or 0)
-        return tokens
+                usage = response.json().get("usage") or {}
+                totals["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+                totals["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
+                totals["cached_tokens"] += int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
 
-    return sum(await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies))))))
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(bodies)))))
+    return totals
 
 
 def sim_config(state: Path, url: str, instructions: int, per_shard: int, concurrency: int):
