@@ -36,11 +36,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.fault_lab import FORWARD, FaultProxy  # noqa: E402
-from bench.gpu_sim import replay  # noqa: E402
+from bench.gpu_sim import proc_tree, replay  # noqa: E402
 from orchard.config import Config, RunConfig, SeedSource  # noqa: E402
 
 COMPLETIONS = ("/v1/chat/completions", "/v1/completions")
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 class Recorder:
@@ -79,19 +78,7 @@ def part_of(cmdline: str, pid: int) -> str:
 
 def tree_cpu() -> dict[str, float]:
     """CPU seconds (own + reaped children's) of each part of this process's tree, from /proc."""
-    parents: dict[int, list[int]] = {}
-    cpu: dict[int, float] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(entry.name)
-        parents.setdefault(int(fields[1]), []).append(pid)
-        cpu[pid] = sum(int(f) for f in fields[11:15]) / _TICK  # utime, stime, cutime, cstime
+    parents, cpu = proc_tree()
     parts: dict[str, float] = {}
     todo = [os.getpid()]
     while todo:

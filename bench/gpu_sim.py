@@ -410,8 +410,8 @@ def sim_call(url: str, method: str, path: str) -> dict[str, Any]:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _proc_cpu(exclude: set[int]) -> float:
-    """CPU seconds of this process's live descendants (and their reaped children), subtrees of `exclude` left out."""
+def proc_tree() -> tuple[dict[int, list[int]], dict[int, float]]:
+    """Every live process's children, and its CPU seconds (its own and its reaped children's), from /proc."""
     parents: dict[int, list[int]] = {}
     times: dict[int, float] = {}
     for entry in os.scandir("/proc"):
@@ -424,7 +424,13 @@ def _proc_cpu(exclude: set[int]) -> float:
             continue
         pid = int(entry.name)
         parents.setdefault(int(fields[1]), []).append(pid)
-        times[pid] = sum(int(f) for f in fields[11:15]) / _TICK
+        times[pid] = sum(int(f) for f in fields[11:15]) / _TICK  # utime, stime, cutime, cstime
+    return parents, times
+
+
+def _proc_cpu(exclude: set[int]) -> float:
+    """CPU seconds of this process's live descendants (and their reaped children), subtrees of `exclude` left out."""
+    parents, times = proc_tree()
     total, todo = 0.0, list(parents.get(os.getpid(), []))
     while todo:
         pid = todo.pop()
