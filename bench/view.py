@@ -19,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.browser import chromium
 from orchard import lake
 from orchard.config import Config, LakeConfig, ObjectStoreConfig
 from tasks.view import view_run
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 RUN = "bench-view"
 # Node j of every tree: its parent (index), role and strategy.
 PARENTS = [None, 0, 0, 0, 0, 0, 0, 3, 7, 7, 0, 0, 10, 10, 12, 12, 11, 11, 12, 13, 14, 15, 16, 17, 0]
@@ -130,16 +130,9 @@ def synthesise(cfg: Config, trees: int) -> dict[str, int]:
 def page_load_ms(index: Path, tree_file: str) -> tuple[float, float]:
     """Open the run page and a tree page from disk in headless Chromium; return the ms from navigation start to each
     page's 'rendered' mark."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service as Driver
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1100"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Driver(CHROMEDRIVER), options=options)
-    try:
+    with chromium() as browser:
         def rendered(url: str, page: str, mark: str) -> float:
             browser.get(url)
             WebDriverWait(browser, 60).until(
@@ -150,8 +143,6 @@ def page_load_ms(index: Path, tree_file: str) -> tuple[float, float]:
         run_ms = rendered(index.as_uri(), "run", "orchard-table-rendered")
         tree_ms = rendered(index.with_name("tree.html").as_uri() + "#" + tree_file, "tree", "orchard-tree-rendered")
         return run_ms, tree_ms
-    finally:
-        browser.quit()
 
 
 def measure(trees: int, root: Path) -> dict[str, float]:

@@ -4,7 +4,6 @@ a person sees it (headless Chromium)."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from bench import fault_cluster
+from bench.browser import chromium
 from flows.grow_shard import DispatchError, dispatch_shard_task, dispatcher, grow_here, worker_config
 from orchard.cluster import CRASH_AUTOMATION, ClusterError, down, read_up, status, status_text, up
 from orchard.config import (
@@ -36,7 +36,6 @@ from tasks.plans import ShardRef, plan_key
 from tasks.report import cost_estimate
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 RUN_ID = "cluster-run"
 
 SMALL_RUN = """
@@ -251,11 +250,7 @@ def test_nightly_dispatches_shards_to_both_gpu_workers_and_the_lake_holds_each_o
 
 @pytest.mark.integration
 def test_the_prefect_ui_shows_the_run_its_progress_and_its_report(cluster: Config, nightly_run) -> None:
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        pytest.fail("Debian packages chromium and chromium-driver are missing: `make test` installs them")
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service as Driver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -263,12 +258,7 @@ def test_the_prefect_ui_shows_the_run_its_progress_and_its_report(cluster: Confi
     report_key = f"orchard-run-{RUN_ID}-report"
     with _api(cluster), _client() as client:
         (report,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[report_key])))
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Driver(CHROMEDRIVER), options=options)
-    try:
+    with chromium(window="1400,1000") as browser:
         page = lambda: browser.find_element(By.TAG_NAME, "body").text  # noqa: E731
         browser.get(f"{ui}/runs/flow-run/{nightly_run.id}")
         WebDriverWait(browser, 90).until(lambda _: nightly_run.name in page() and "Completed" in page())
@@ -281,8 +271,6 @@ def test_the_prefect_ui_shows_the_run_its_progress_and_its_report(cluster: Confi
         assert f"Orchard run {RUN_ID} — complete" in text
         assert "cost estimate" in text and "GPU-slot hours" in text
         assert "gpu-0" in text and "gpu-1" in text  # the shards table names the worker that grew each shard
-    finally:
-        browser.quit()
 
 
 # --- cluster faults (issue 12): the scenarios of bench/fault_cluster.py, on this cluster, two shards each ------

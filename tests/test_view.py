@@ -4,16 +4,14 @@ Chromium, that model text is shown as text. The real run's view is checked in a 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.browser import chromium
 from builders import run_summary
 from orchard import lake
 from orchard.config import Config
@@ -21,7 +19,6 @@ from tasks.report import report_markdown, summary_text
 from tasks.view import CALLBACK, ViewError, tree_file, view_run
 from test_lake import _open_ended_rows, _tree_rows, insert_rows
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "view-screenshots"  # gitignored: what the browser tests saw
 PLANTED = '<script>window.planted = 1</script><img src="x" onerror="window.planted = 2">'
 
@@ -148,25 +145,6 @@ def test_a_tree_id_that_is_not_a_plain_name_gets_a_hashed_file_name():
 
 
 # --- in a real browser -------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def chromium() -> Iterator[Any]:
-    """Headless Chromium through Debian's chromedriver, as tests/test_cluster.py drives it."""
-    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
-        pytest.fail("Debian packages chromium and chromium-driver are missing: `make test` installs them")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service as Driver
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1100"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Driver(CHROMEDRIVER), options=options)
-    try:
-        yield browser
-    finally:
-        browser.quit()
 
 
 def wait_ready(browser: Any, page: str) -> None:
