@@ -110,7 +110,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             code = _run(cfg, api, args.run_id)
         except httpx.HTTPError as exc:  # only Prefect's client speaks httpx in a run: its API went away or broke
-            print(f"orchard: run {run_id} failed: the Prefect API stopped answering ({type(exc).__name__}: "
+            # On a line of its own: Prefect's client leaves its last complaint ("All connection attempts failed")
+            # without a line end.
+            print(f"\norchard: run {run_id} failed: the Prefect API stopped answering ({type(exc).__name__}: "
                   f"{str(exc).splitlines()[0][:200]}); nothing half-landed was published; `orchard run --run-id "
                   f"{run_id}` resumes it (details: {cfg.state_path / 'logs' / 'orchard.log'})", file=sys.stderr)
             code = exit_code("failed")
