@@ -24,7 +24,6 @@ from orchard.stop import RunStopped, exit_now, stop_on_signals
 from schemas.errors import OrchardError
 from schemas.fates import exit_code
 from tasks.export import check_target, export_dataset, push_dataset
-from tasks.view import view_run
 
 
 def _prefect_env(cfg: Config) -> None:
@@ -100,11 +99,11 @@ def warn_of_literal_secrets(cfg: Config) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.nightly import default_run_id
-
     cfg, api = joined(load_config(args.config))
     warn_of_literal_secrets(cfg)
     _prefect_env(cfg)
+    from flows.nightly import default_run_id  # imports Prefect: after its environment
+
     run_id = args.run_id or default_run_id()
     with stop_on_signals():
         try:
@@ -204,6 +203,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
+    from tasks.view import view_run  # imports Prefect (its task): only for this command, after nothing else needs it
+
     cfg, _ = joined(load_config(args.config))
     with embedded_services(cfg, model=False) as live:
         view = view_run(live, args.out_dir, run_id=args.run, version=args.version)
