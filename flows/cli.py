@@ -16,7 +16,7 @@ from typing import Sequence
 
 import httpx
 
-from orchard.cluster import down, joined, start_prefect_api, status, status_text, up
+from orchard.cluster import down, joined, start_prefect_api, status, status_text, up, wait_prefect
 from orchard.config import Config, load_config
 from orchard.lake import query
 from orchard.services import embedded_services
@@ -145,11 +145,16 @@ def _run(cfg: Config, api: str | None, run_id: str | None) -> int:
         # The Prefect API: $PREFECT_API_URL, else the one `orchard up` runs here, else one started for this run (as
         # Orchard starts its other servers: it dies with the run, however the run dies).
         api = os.environ.get("PREFECT_API_URL") or api
-        if api is None:
-            server = start_prefect_api(cfg.state_path)
+        server = None
+        if api is None:  # started first, answering last: its seconds of start overlap the imports and servers below
+            server = start_prefect_api(cfg.state_path, wait=False)
             running.callback(server.stop)
             running.callback(_drain_to_api)  # before it stops: what the run logged and emitted reaches it
             api = f"{server.url}/api"
+        if cfg.orchestration.grow == "inline":
+            from tasks.verify import warm_workers
+
+            warm_workers()  # the verification workers' fork server imports its checkers meanwhile
         from prefect.settings import PREFECT_API_URL, temporary_settings  # imports Prefect: after its environment
 
         running.enter_context(temporary_settings(updates={PREFECT_API_URL: api}))
@@ -158,6 +163,8 @@ def _run(cfg: Config, api: str | None, run_id: str | None) -> int:
         log_file = _log_to_file(cfg)
         # The config travels as the flow's parameter: its secrets are references.
         live = running.enter_context(embedded_services(cfg))
+        if server is not None:
+            wait_prefect(server)
         state = nightly(config=live.to_dict(), run_id=run_id, return_state=True)
     summary = state.result(raise_on_failure=False)
     if isinstance(summary, RunFailed):  # the run ended without publishing a shard: its report said why

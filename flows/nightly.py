@@ -30,6 +30,7 @@ from tasks.materialise import check_run_id_task, materialise_task
 from tasks.plans import ShardRef, plan_shards_task
 from tasks.report import report_task, run_summary, summary_text
 from tasks.validate import check_shard_task, data_docs_task
+from tasks.verify import warm_workers
 from tasks.view import view_task
 
 
@@ -88,6 +89,8 @@ def publish_run(cfg: Config, run_id: str, max_shards: int | None = None) -> RunS
     started_at = datetime.now(timezone.utc)
     stages = Stages()
 
+    if cfg.orchestration.grow == "inline":
+        warm_workers()  # the verification workers' imports overlap planning (tasks/verify.py)
     check_run_id_task(config, run_id)  # a run id resumes its run: refuse one published under another config
     # Through the hygiene gate (decontaminated and deduplicated), written to the store: shards travel as references.
     seeds = plan_shards_task(config, run_id)

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +24,7 @@ from typing import Any, Callable
 import httpx
 
 from orchard.config import Config, ConfigError
+from orchard.llama_build import cache_root
 from orchard.services import (
     HOST,
     STOP_GRACE_S,
@@ -287,10 +292,13 @@ def start_view_server(state_dir: Path, port: int) -> Service:
     return service
 
 
-def start_prefect_api(state_dir: Path) -> Service:
+def start_prefect_api(state_dir: Path, *, wait: bool = True) -> Service:
     """Start Prefect's API alone (no UI) on a free port of 127.0.0.1, its database in `<state_dir>/prefect`: the server
     Prefect would start itself for `orchard run` (its ephemeral server, the same uvicorn command), started as Orchard
-    starts its other servers, so that it dies with the run however the run dies and a stale one is reaped."""
+    starts its other servers, so that it dies with the run however the run dies and a stale one is reaped.
+
+    Returns once it answers; with `wait` False, at once (its seconds of imports overlap what the caller starts next),
+    and `wait_prefect` waits for it."""
     import importlib.util
 
     (port,) = free_ports(1)
@@ -300,24 +308,81 @@ def start_prefect_api(state_dir: Path) -> Service:
             "--factory", "prefect.server.api.server:create_app", "--host", HOST, "--port", str(port),
             "--log-level", "error", "--lifespan", "on"]
     return _start_prefect("prefect-api", argv, state_dir, f"http://{HOST}:{port}",
-                          {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
+                          {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"},
+                          wait=wait)
 
 
-def _start_prefect(name: str, argv: list[str], state_dir: Path, url: str, extra_env: dict[str, str]) -> Service:
-    """Run a Prefect server command with its database in `<state_dir>/prefect`; return once GET /api/health answers."""
+def _start_prefect(name: str, argv: list[str], state_dir: Path, url: str, extra_env: dict[str, str], *,
+                   wait: bool = True) -> Service:
+    """Run a Prefect server command with its database in `<state_dir>/prefect`; return once GET /api/health answers
+    (`wait`), else at once."""
     home = state_dir / "prefect"
     home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra_env}
     env.pop("PREFECT_API_URL", None)
+    prefect_database(home, env)
     service = _launch(name, argv, state_dir, env=env, url=url)
+    if wait:
+        wait_prefect(service)
+    return service
+
+
+def wait_prefect(service: Service) -> None:
+    """Return once the Prefect server `service` answers GET /api/health; stop it and raise if it never does."""
 
     def healthy() -> None:
-        response = httpx.get(f"{url}/api/health", timeout=2.0)
+        response = httpx.get(f"{service.url}/api/health", timeout=2.0)
         if response.status_code != 200:
             raise _NotReady(f"GET /api/health answered {response.status_code}")
 
     _wait_healthy(service, healthy, API_STARTUP_TIMEOUT_S)
-    return service
+
+
+# Prefect's settings that put its database elsewhere than `$PREFECT_HOME/prefect.db` (a Postgres server, say).
+DATABASE_SETTINGS = ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL")
+DATABASE_FILE = "prefect.db"  # Prefect's default SQLite database, in $PREFECT_HOME
+
+
+def prefect_database(home: Path, env: Mapping[str, str]) -> None:
+    """Give the Prefect home `home` a migrated database if it has none: a copy of this machine's empty one for this
+    Prefect version (`prefect_template`). A fresh database's migrations take Prefect's server 8-10 s of CPU on every
+    first start (each run of a new state dir: the first `make run`, the tests', the benches'); a copy takes
+    milliseconds. Nothing is copied where `env` puts Prefect's database elsewhere."""
+    database = home / DATABASE_FILE
+    if database.exists() or any(env.get(name) for name in DATABASE_SETTINGS):
+        return
+    partial = database.with_name(f".{DATABASE_FILE}.{os.getpid()}")
+    shutil.copyfile(prefect_template(), partial)
+    os.replace(partial, database)  # a database appears whole or not at all
+
+
+def prefect_template() -> Path:
+    """Return this machine's empty, migrated Prefect database for the installed Prefect version, in Orchard's cache
+    (`orchard/llama_build.cache_root()`), migrating one first if there is none (`prefect server database upgrade`:
+    Prefect's own migrations, what its server would run on an empty database). `make setup` builds it."""
+    template = cache_root() / "prefect" / f"prefect-{importlib.metadata.version('prefect')}.db"
+    if template.exists():
+        return template
+    template.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=template.parent, prefix=".build-") as build:
+        partial = Path(build) / DATABASE_FILE
+        env = {**os.environ, "PREFECT_HOME": str(Path(build) / "home"),
+               "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{partial}"}
+        for name in ("PREFECT_API_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL"):
+            env.pop(name, None)
+        argv = [str(Path(sys.executable).with_name("prefect")), "server", "database", "upgrade", "-y"]
+        migrate = _launch("prefect-database-template", argv, Path(build), env=env, url="")
+        try:
+            code = migrate.process.wait(timeout=API_STARTUP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            migrate.stop()
+        if code != 0 or not partial.exists():
+            raise ClusterError(f"could not migrate an empty Prefect database ({' '.join(argv)}: "
+                               f"{'timed out' if code is None else f'exit {code}'}):\n{migrate.log_tail()}")
+        os.replace(partial, template)  # concurrent builders each replace it whole
+    return template
 
 
 def start_worker(state_dir: Path, pool: str, name: str, env: dict[str, str], *, limit: int | None = None) -> Service:

@@ -281,6 +281,7 @@ class GrowthHost:
         self._counters: dict[str, CacheCounters] | None = None  # the servers' prefix-cache counters, last read
         self._counters_lock: asyncio.Lock | None = None
         self._validator: ProcessPoolExecutor | None = None  # started by the first shard that grows
+        self._validator_starting = self._validator_closed = False
         self.validators = min(MAX_VALIDATORS, verify_workers(cfg))
         self._validator_lock = threading.Lock()
         # Shards waiting for a validation process, and one thread per process that hands them over in batches.
@@ -304,7 +305,7 @@ class GrowthHost:
         Waiting here holds no event loop: the caller may be any thread (a Prefect task's). If the wait is broken
         (the task is cancelled), the shard's growth is cancelled too.
         """
-        self._validation_pool()
+        self._start_validation_pool()
         constitution = load_constitution(cfg.run.constitution or None)
         events: queue.SimpleQueue = queue.SimpleQueue()
         grown = asyncio.run_coroutine_threadsafe(
@@ -331,11 +332,27 @@ class GrowthHost:
             grown.stats.engine, await self._cache_counters_gained()).as_dict())
         return grown
 
-    def _validation_pool(self) -> ProcessPoolExecutor:
-        """Return the validation processes, started by the first call (the first shard that grows here): each
-        builds its GX context while the shard grows (at VALIDATE_NICE), so the shards that land are validated at
-        once instead of after GX's seconds of imports."""
+    def _start_validation_pool(self) -> None:
+        """Start the validation processes on a thread of their own, once (the first shard that grows here): forking
+        them waits for the fork server's imports (seconds, on a run's first shard), which growth need not wait for.
+        Each builds its GX context while the shard grows (at VALIDATE_NICE), so the shards that land are validated
+        at once instead of after GX's seconds of imports. If they cannot start, `validate` says why."""
         with self._validator_lock:
+            if self._validator is not None or self._validator_starting:
+                return
+            self._validator_starting = True
+
+        def start() -> None:
+            with contextlib.suppress(Exception):  # the first validation starts them again and raises what failed
+                self._validation_pool()
+
+        threading.Thread(target=start, name="orchard-validate-start", daemon=True).start()
+
+    def _validation_pool(self) -> ProcessPoolExecutor:
+        """Return the validation processes, started by the first call."""
+        with self._validator_lock:
+            if self._validator_closed:
+                raise RuntimeError("the growth host closed: no validation process starts")
             if self._validator is None:
                 self._validator = ProcessPoolExecutor(max_workers=self.validators, mp_context=worker_context(),
                                                       initializer=_validation_process, initargs=owner())
@@ -410,8 +427,10 @@ class GrowthHost:
                 waiting, self._waiting = self._waiting, []
             for _, validated in waiting:
                 validated.set_exception(RuntimeError("the growth host closed before this shard was validated"))
-            if self._validator is not None:
-                self._validator.shutdown(wait=True, cancel_futures=True)
+            with self._validator_lock:  # a pool still starting (its thread holds the lock) is shut down once started
+                validator, self._validator, self._validator_closed = self._validator, None, True
+            if validator is not None:
+                validator.shutdown(wait=True, cancel_futures=True)
 
 
 def validate_each(batch: Sequence[ShardTables]) -> list[tuple[ShardValidation | None, Exception | None]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import multiprocessing.forkserver
 import re
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -199,6 +200,14 @@ WORKER_PRELOAD = ["math_verify", "tasks.constraints", "great_expectations", "tas
 
 def _answered() -> None:
     """A call that does nothing: its answer says a worker runs."""
+
+
+def warm_workers() -> None:
+    """Start the workers' fork server now, and return at once: it imports WORKER_PRELOAD (seconds of CPU) while this
+    process goes on (starting servers, planning), so the first shard's workers fork from it without waiting. It ends
+    when this process does (multiprocessing's fork server exits when its parent's end of its pipe closes)."""
+    worker_context()
+    multiprocessing.forkserver.ensure_running()
 
 
 def worker_context() -> multiprocessing.context.BaseContext:

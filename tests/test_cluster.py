@@ -4,17 +4,31 @@ a person sees it (headless Chromium)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import sqlite3
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
+import httpx
 import pytest
 import yaml
 
 from bench import fault_cluster
 from bench.browser import chromium
 from flows.grow_shard import DispatchError, dispatch_shard_task, dispatcher, grow_here, worker_config
-from orchard.cluster import CRASH_AUTOMATION, ClusterError, down, read_up, status, status_text, up
+from orchard.cluster import (
+    CRASH_AUTOMATION,
+    ClusterError,
+    down,
+    prefect_database,
+    prefect_template,
+    read_up,
+    start_prefect_api,
+    status,
+    status_text,
+    up,
+)
 from orchard.config import (
     HEARTBEAT_S,
     Config,
@@ -159,6 +173,50 @@ def test_an_unreadable_up_record_is_a_named_error(tmp_path: Path) -> None:
     (tmp_path / "up.json").write_text("{not json")
     with pytest.raises(ClusterError, match="up.json"):
         read_up(cfg)
+
+
+def test_a_fresh_prefect_home_gets_a_copy_of_the_migrated_template_and_no_other_home_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "prefect" / f"prefect-{importlib.metadata.version('prefect')}.db"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"migrated")
+    assert prefect_template() == cached  # there: not migrated again
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    prefect_database(fresh, {})
+    assert (fresh / "prefect.db").read_bytes() == b"migrated"
+    assert sorted(p.name for p in fresh.iterdir()) == ["prefect.db"]  # no partial copy left
+
+    used = tmp_path / "used"  # a home with its history keeps it
+    used.mkdir()
+    (used / "prefect.db").write_bytes(b"runs")
+    prefect_database(used, {})
+    assert (used / "prefect.db").read_bytes() == b"runs"
+
+    elsewhere = tmp_path / "elsewhere"  # Prefect's database is a Postgres server: nothing is copied
+    elsewhere.mkdir()
+    prefect_database(elsewhere, {"PREFECT_API_DATABASE_CONNECTION_URL": "postgresql+asyncpg://db/prefect"})
+    assert not any(elsewhere.iterdir())
+
+
+@pytest.mark.integration
+def test_the_prefect_template_is_migrated_by_prefect_and_a_server_starts_on_a_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path / "cache"))
+    template = prefect_template()
+    with sqlite3.connect(template) as db:
+        (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert revision and {"flow_run", "deployment", "work_pool"} <= tables
+    server = start_prefect_api(tmp_path / "state")
+    try:
+        assert (tmp_path / "state" / "prefect" / "prefect.db").exists()
+        flows = httpx.post(f"{server.url}/api/flows/filter", json={}, timeout=10.0)
+        assert flows.status_code == 200 and flows.json() == []
+    finally:
+        server.stop()
 
 
 # --- orchard up: real Prefect server, SeaweedFS, llama.cpp servers and process workers --------------
