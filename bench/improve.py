@@ -424,7 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY = VALUE",
                         help="a TOML line added under the training run's [run] table, e.g. 'pair_contrast = \"high\"'")
     parser.add_argument("--samples", type=int, default=2, help="answers per held-out prompt at the run's temperature")
-    parser.add_argument("--epochs", type=float, default=2.0)
+    # One epoch: on 2 cores an SFT epoch of ~160 rows takes ~5 min and a DPO epoch of ~260 pairs ~20 min (float32).
+    parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=-1, help="optimizer steps per trainer (-1: whole epochs)")
     parser.add_argument("--dpo-lr", type=float, default=5e-6)
     parser.add_argument("--sft-lr", type=float, default=1e-5)

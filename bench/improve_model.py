@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.train_check import MAX_LENGTH  # noqa: E402 - the repository root first
+from tests.train_check import CPU_TRAINING, MAX_LENGTH  # noqa: E402 - the repository root first
 
 
 def train(method: str, model_dir: Path, export_dir: Path, out_dir: Path, out_json: Path, *, epochs: float,
@@ -45,8 +45,8 @@ def train(method: str, model_dir: Path, export_dir: Path, out_dir: Path, out_jso
     common = dict(output_dir=str(scratch / method), num_train_epochs=epochs, max_steps=max_steps,
                   per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                   learning_rate=learning_rate, lr_scheduler_type="linear", warmup_steps=0.1, logging_steps=1,
-                  save_strategy="no", report_to=[], use_cpu=True, seed=seed, dataloader_num_workers=0,
-                  max_length=MAX_LENGTH)
+                  save_strategy="no", report_to=[], seed=seed, dataloader_num_workers=0, max_length=MAX_LENGTH,
+                  **CPU_TRAINING)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if method == "dpo":
         trainer = DPOTrainer(model=model, processing_class=tokenizer, train_dataset=rows,

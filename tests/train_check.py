@@ -36,6 +36,10 @@ def convert(gguf: Path, out_dir: Path) -> None:
 
 
 MAX_LENGTH = 4096  # tokens; SmolLM2 reads 8192
+# TRL's configs default to bf16 autocast and gradient checkpointing. On a CPU without bf16 instructions (no AVX512-BF16
+# or AMX: this workplace's machines have AVX2) torch's bf16 matrix products fall back to a scalar loop: a step of 8
+# short rows took 354 s against ~2 s in float32. A 135M model needs no checkpointing to fit in memory.
+CPU_TRAINING = dict(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False)
 
 
 def train(model_dir: Path, exports: Path, out_json: Path) -> None:
@@ -57,7 +61,7 @@ def train(model_dir: Path, exports: Path, out_json: Path) -> None:
         # trainer leaves out can only be one it could not read.
         return dict(output_dir=str(scratch / name), max_steps=2, per_device_train_batch_size=batch,
                     gradient_accumulation_steps=1, learning_rate=1e-5, logging_steps=1, save_strategy="no",
-                    report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0)
+                    report_to=[], seed=0, dataloader_num_workers=0, **CPU_TRAINING)
 
     runs = {
         "DPOTrainer": ("trl-dpo", lambda data: DPOTrainer(
