@@ -17,20 +17,27 @@ cache, and where the rest goes: the engine's slot occupancy over time (GET /slot
 slots were last all busy, and the CPU each part of the process tree took (model server, this process, Prefect's
 server, the object store, verification and validation workers with their sandboxes).
 
-    PYTHONPATH=. .venv/bin/python bench/engine_utilisation.py [--instructions 32] [--per-shard 32]
+    PYTHONPATH=. .venv/bin/python bench/engine_utilisation.py [--instructions 32] [--per-shard 32] [--profile]
+
+`--profile` also samples every Python process of the tree with py-spy (10 Hz, CPU time only) over the flow and prints
+the functions each part spends its samples in (py-spy's own CPU is printed as the part "profiler").
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -73,6 +80,8 @@ def part_of(cmdline: str, pid: int) -> str:
         return "prefect server"
     if "weed" in cmdline:
         return "object store"
+    if "py-spy" in cmdline:
+        return "profiler"
     if "multiprocessing" in cmdline or "forkserver" in cmdline:
         return "workers + sandboxes"  # verification and validation processes; a sandbox's CPU is its worker's cutime
     return "other"
@@ -169,6 +178,53 @@ def describe(side: str, figures: dict) -> list[str]:
     return lines
 
 
+class Profiler:
+    """py-spy sampling this process and its Python children (CPU time only) while the block runs."""
+
+    def __init__(self, out: Path, rate: int = 10) -> None:
+        self.out = out
+        self.argv = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(os.getpid()),
+                     "--subprocesses", "--rate", str(rate), "--format", "raw", "--nonblocking", "-o", str(out)]
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Profiler":
+        self.process = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGINT)  # py-spy writes what it sampled on SIGINT
+        self.process.wait(timeout=60)
+
+    def summary(self, top: int = 6) -> list[str]:
+        """Each part's samples and its `top` leaf functions (where the CPU went), from py-spy's raw stacks."""
+        leaves: dict[str, Counter] = {}
+        for stack, count in _raw_stacks(self.out.read_text(errors="replace")):
+            process = [frame for frame in stack if frame.startswith("process ")][-1:]
+            pid, _, cmdline = process[0][len("process "):].partition(":") if process else ("0", "", "")
+            part = part_of(cmdline, int(pid))
+            code = [frame for frame in stack if not frame.startswith("process ")]
+            leaves.setdefault(part, Counter())[code[-1] if code else "(no Python frame)"] += count
+        lines = []
+        for part, counter in sorted(leaves.items(), key=lambda kv: -sum(kv[1].values())):
+            total = sum(counter.values())
+            lines.append(f"profile: {part}: {total} samples ({total / 10:.1f} CPU-s at 10 Hz); where: "
+                         + "; ".join(f"{frame} {100 * n / total:.0f}%" for frame, n in counter.most_common(top)))
+        return lines
+
+
+def _raw_stacks(text: str) -> list[tuple[list[str], int]]:
+    """py-spy's raw format: `frame;frame;... COUNT` per line (a command line may hold newlines: joined back)."""
+    stacks, pending = [], ""
+    for line in text.splitlines():
+        pending = f"{pending}\n{line}" if pending else line
+        head, _, count = pending.rpartition(" ")
+        if count.isdigit():
+            stacks.append((head.split(";"), int(count)))
+            pending = ""
+    return stacks
+
+
 # --- the bench ---------------------------------------------------------------------------------------------------
 
 
@@ -184,6 +240,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instructions", type=int, default=32)
     parser.add_argument("--per-shard", type=int, default=32)
+    parser.add_argument("--profile", action="store_true", help="sample the process tree with py-spy over the flow")
     args = parser.parse_args()
 
     state = Path(tempfile.mkdtemp(prefix="orchard-bench-"))
@@ -211,7 +268,9 @@ def main() -> None:
         server = engine.base_urls[0]
         asyncio.run(_warm(engine))
         recorder = Recorder()
-        with FaultProxy(lambda: server, recorder) as proxy, Watcher(server) as flow_watch:
+        profiler = Profiler(state / "profile.txt") if args.profile else None
+        with FaultProxy(lambda: server, recorder) as proxy, Watcher(server) as flow_watch, \
+                (profiler or contextlib.nullcontext()):
             proxied = live.replace(engines={"embedded": dataclasses.replace(engine, base_urls=(proxy.url,))})
             flow_started = time.monotonic()
             wait_prefect(api)
@@ -254,6 +313,8 @@ def main() -> None:
         for line in describe(side, flow_watch.between(*window)):
             print(line)
     for line in describe("raw replay", raw_watch.between(raw_started, raw_started + raw_wall)):
+        print(line)
+    for line in profiler.summary() if profiler else []:
         print(line)
     (state / "utilisation.json").write_text(json.dumps({
         "flow": [dataclasses.asdict(s) for s in flow_watch.samples], "raw": [dataclasses.asdict(s) for s in raw_watch.samples],
