@@ -446,12 +446,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(work / "train.toml", environ={})
     grown = stages.run("grow", "kept" if args.skip_grow else seed_inputs, lambda: grow(work, json.dumps(seed_inputs)))
     exported = stages.run("export", [seed_inputs, args.pairs, grown], lambda: export(cfg, work, args.pairs))
-    train_inputs = [exported, args.epochs, args.max_steps, args.batch, args.accumulation]
-    tag = hashlib.sha256(json.dumps([args.pairs, seed_inputs]).encode()).hexdigest()[:8]
+    steps = [args.epochs, args.max_steps, args.batch, args.accumulation]
+    # SFT reads no pairs: a `--pairs` run reuses its model and figures (the sft export is the same), and redoes DPO.
+    sft_tag = hashlib.sha256(json.dumps(seed_inputs).encode()).hexdigest()[:8]
+    dpo_tag = hashlib.sha256(json.dumps([args.pairs, seed_inputs]).encode()).hexdigest()[:8]
     trained = {
-        "sft": stages.run("train-sft", [train_inputs, args.sft_lr, exported["sft_rows"]],
-                          lambda: train("sft", work, args, tag)),
-        "dpo": stages.run("train-dpo", [train_inputs, args.dpo_lr, args.beta], lambda: train("dpo", work, args, tag)),
+        "sft": stages.run("train-sft", [seed_inputs, grown, steps, args.sft_lr, exported["sft_rows"]],
+                          lambda: train("sft", work, args, sft_tag)),
+        "dpo": stages.run("train-dpo", [exported, steps, args.dpo_lr, args.beta],
+                          lambda: train("dpo", work, args, dpo_tag)),
     }
     dirs = {"base": str(llama_build.train_model()), **{m: trained[m]["model_dir"] for m in ("sft", "dpo")}}
     served = {m: stages.run(f"gguf-{m}", [dirs[m], trained.get(m)], lambda m=m: gguf(m, Path(dirs[m]), work))
