@@ -461,7 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               for m in MODELS}
     prompts = heldout(work)
     for m in MODELS:
-        stages.run(f"eval-{m}", [seeds, served[m], args.samples, cfg.run.max_tokens, cfg.run.temperature],
+        # The served file's name is the model's ("dpo.Q8_0.gguf"), whatever trained it: its training is in the key.
+        stages.run(f"eval-{m}", [seeds, served[m], trained.get(m), args.samples, cfg.run.max_tokens,
+                                 cfg.run.temperature],
                    lambda m=m: evaluate(m, Path(served[m]["gguf"]), prompts, cfg, work, args.samples))
 
     out = [f"bench/improve.py: SmolLM2-135M-Instruct, trained from the float32 checkpoint, served as "
